@@ -1,0 +1,55 @@
+"""Runtime adapters: load a bundle's artifact and run it. One module per runtime, discovered at first use.
+
+The compiler's verifier uses these same adapters on the host, so what is verified is what the device runs.
+"""
+
+import importlib.util
+import sys
+from abc import ABC, abstractmethod
+from functools import cache
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from edgekit.errors import BadInput, OperationFailed
+from edgekit.plugins import discover
+
+
+class Session(Protocol):
+    device: str
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Outputs in the model's output order."""
+
+
+class Runtime(ABC):
+    name: ClassVar[str]
+    module: ClassVar[str]  # import name of the wrapped library
+
+    @classmethod
+    def available(cls) -> bool:
+        return importlib.util.find_spec(cls.module) is not None
+
+    @classmethod
+    def version(cls) -> str:
+        return importlib.import_module(cls.module).__version__
+
+    @abstractmethod
+    def load(self, model: Path, target: dict[str, Any], threads: int | None = None) -> Session:
+        """Load an artifact for the device named in `target`, falling back to what this machine has."""
+
+
+@cache
+def runtimes() -> dict[str, type[Runtime]]:
+    return discover(sys.modules[__name__], Runtime)
+
+
+def get_runtime(name: str) -> Runtime:
+    known = runtimes()
+    if name not in known:
+        raise BadInput(f"unknown runtime '{name}' (known: {', '.join(sorted(known))})")
+    runtime = known[name]
+    if not runtime.available():
+        raise OperationFailed(f"runtime '{name}' needs the Python package '{runtime.module}', which is not installed")
+    return runtime()

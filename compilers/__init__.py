@@ -1,0 +1,84 @@
+"""Compiler backends: one module per backend, discovered at first use.
+
+A backend declares which profiles and precisions it can build and turns a prepared fp32 model (plus
+calibration data for int8) into artifacts that a runtime adapter in `edgekit.agents.runtimes` can load.
+Adding a backend is adding a module here with one `Backend` subclass; its heavy imports stay inside methods.
+"""
+
+import importlib.util
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import ValidationError
+
+from edgekit.calibration import SampleSet
+from edgekit.errors import BadInput
+from edgekit.intake import PreparedModel
+from edgekit.plugins import discover
+from edgekit.profiles import Profile
+from edgekit.progress import Progress
+from edgekit.schema import Precision, StrictModel, describe_validation_error
+
+
+class BackendOptions(StrictModel):
+    """Per-candidate options a profile may set; each backend subclasses this with its own fields."""
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    model: PreparedModel
+    profile: Profile
+    precision: Precision
+    calibration: SampleSet | None
+    options: BackendOptions
+    outdir: Path
+    progress: Progress
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    entrypoint: Path
+    runtime: str
+    target: dict[str, Any]
+    param_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    module: ClassVar[str]  # import name the build needs
+    precisions: ClassVar[frozenset[str]]
+    Options: ClassVar[type[BackendOptions]] = BackendOptions
+
+    @classmethod
+    def available(cls) -> bool:
+        return importlib.util.find_spec(cls.module) is not None
+
+    def parse_options(self, options: dict[str, Any], where: str) -> BackendOptions:
+        try:
+            return self.Options.model_validate(options)
+        except ValidationError as error:
+            raise BadInput(f"{where}: options for backend '{self.name}': {describe_validation_error(error)}") from None
+
+    def unsupported_reason(self, profile: Profile, precision: Precision) -> str | None:
+        """None when this backend can build for the profile at that precision, else why not."""
+        if precision not in self.precisions:
+            return f"{self.name} does not build {precision}"
+        return None
+
+    @abstractmethod
+    def build(self, request: BuildRequest) -> BuildResult:
+        """Write artifacts under request.outdir; return the entrypoint and how to run it."""
+
+    @abstractmethod
+    def versions(self) -> dict[str, str]:
+        """Versions of the tools this backend used, for the manifest."""
+
+
+@cache
+def backends() -> dict[str, type[Backend]]:
+    return discover(sys.modules[__name__], Backend)

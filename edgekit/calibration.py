@@ -1,0 +1,163 @@
+"""Calibration and verification samples: an `.npz` file or a folder of images, split into calibration and held-out.
+
+Samples are stored item-major (`N, *input_shape[1:]`) and grouped into batches of the model's batch size.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import BadInput
+from edgekit.manifest import TensorSpec
+from edgekit.profiles import Preprocessing
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+LABEL_KEYS = ("labels", "y")
+SINGLE_INPUT_KEYS = ("inputs", "x", "arr_0")
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    origin: str
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def subset(self, indices: np.ndarray) -> "SampleSet":
+        labels = self.labels[indices] if self.labels is not None else None
+        return SampleSet({k: v[indices] for k, v in self.inputs.items()}, labels, self.origin)
+
+    def split(self, holdout_fraction: float, seed: int = 0) -> tuple["SampleSet", "SampleSet"]:
+        """(calibration, held-out): a seeded shuffle, so class-sorted data still splits fairly."""
+        count = len(self)
+        if count < 2:
+            raise BadInput(f"{self.origin}: {count} sample(s); need at least 2 (calibration plus held-out)")
+        order = np.random.default_rng(seed).permutation(count)
+        held = min(count - 1, max(1, round(count * holdout_fraction)))
+        return self.subset(np.sort(order[held:])), self.subset(np.sort(order[:held]))
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds of exactly `batch_size` items; a remainder smaller than one batch is left out."""
+        for start in range(0, len(self) - batch_size + 1, batch_size):
+            yield {name: array[start : start + batch_size] for name, array in self.inputs.items()}
+
+    def batch_labels(self, batch_size: int) -> np.ndarray | None:
+        if self.labels is None:
+            return None
+        return self.labels[: (len(self) // batch_size) * batch_size]
+
+
+def load_samples(path: Path, inputs: list[TensorSpec], preprocessing: Preprocessing) -> SampleSet:
+    if path.is_dir():
+        return _load_image_folder(path, inputs, preprocessing)
+    if path.is_file() and path.suffix == ".npz":
+        return _load_npz(path, inputs)
+    if not path.exists():
+        raise BadInput(f"{path}: calibration data not found")
+    raise BadInput(f"{path}: calibration data must be a folder of images or an .npz file")
+
+
+def synthetic_samples(inputs: list[TensorSpec], count: int, seed: int = 0) -> SampleSet:
+    """Standard-normal inputs, only for comparing fp32/fp16 builds when the user gave no data."""
+    rng = np.random.default_rng(seed)
+    arrays = {spec.name: rng.standard_normal((count, *spec.shape[1:])).astype(spec.dtype) for spec in inputs}
+    return SampleSet(arrays, None, "synthetic")
+
+
+def _load_npz(path: Path, inputs: list[TensorSpec]) -> SampleSet:
+    try:
+        archive = np.load(path, allow_pickle=False)
+        data = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as error:
+        raise BadInput(f"{path}: not a readable .npz file ({error})") from None
+    labels = next((data.pop(key) for key in LABEL_KEYS if key in data), None)
+    arrays = {}
+    for spec in inputs:
+        key = spec.name if spec.name in data else _single_input_key(path, data, inputs)
+        arrays[spec.name] = _conform(path, key, data[key], spec)
+    counts = {name: len(array) for name, array in arrays.items()}
+    if len(set(counts.values())) != 1:
+        raise BadInput(f"{path}: inputs have different sample counts: {counts}")
+    if labels is not None and len(labels) != len(next(iter(arrays.values()))):
+        raise BadInput(f"{path}: 'labels' has {len(labels)} entries, inputs have {next(iter(counts.values()))} samples")
+    return SampleSet(arrays, labels.astype(np.int64) if labels is not None else None, str(path))
+
+
+def _single_input_key(path: Path, data: dict[str, np.ndarray], inputs: list[TensorSpec]) -> str:
+    names = ", ".join(spec.name for spec in inputs)
+    if len(inputs) == 1:
+        for key in (*SINGLE_INPUT_KEYS, *data):
+            if key in data:
+                return key
+    raise BadInput(f"{path}: no array named after the model inputs ({names}); arrays present: {', '.join(data)}")
+
+
+def _conform(path: Path, key: str, array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    item_shape = tuple(spec.shape[1:])
+    if array.ndim == len(item_shape) + 1 and tuple(array.shape[1:]) != item_shape:
+        flat = int(np.prod(item_shape))
+        if int(np.prod(array.shape[1:])) == flat:
+            array = array.reshape(len(array), *item_shape)
+    if tuple(array.shape[1:]) != item_shape:
+        raise BadInput(
+            f"{path}: array '{key}' has shape {tuple(array.shape)}; model input '{spec.name}' "
+            f"needs (N, {', '.join(map(str, item_shape))})"
+        )
+    return array.astype(spec.dtype, copy=False)
+
+
+def _image_geometry(path: Path, spec: TensorSpec) -> tuple[int, int, int]:
+    """(height, width, channels) of an image input, or BadInput when the input is not image-shaped."""
+    if spec.layout == "NCHW":
+        _, channels, height, width = spec.shape
+    elif spec.layout == "NHWC":
+        _, height, width, channels = spec.shape
+    else:
+        raise BadInput(
+            f"{path}: a folder of images needs a 4-D NCHW or NHWC model input; '{spec.name}' is {spec.shape} (use an .npz)"
+        )
+    return height, width, channels
+
+
+def _load_image_folder(path: Path, inputs: list[TensorSpec], preprocessing: Preprocessing) -> SampleSet:
+    import cv2
+
+    if len(inputs) != 1:
+        raise BadInput(f"{path}: a folder of images can feed a single-input model only; this one has {len(inputs)}")
+    spec = inputs[0]
+    height, width, channels = _image_geometry(path, spec)
+    if (preprocessing.color == "gray") != (channels == 1):
+        raise BadInput(f"{path}: --color {preprocessing.color} does not fit input '{spec.name}' with {channels} channel(s)")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise BadInput(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    images = [preprocess_image(_read_image(cv2, file, preprocessing), height, width, preprocessing) for file in files]
+    batch = np.stack(images)
+    if spec.layout == "NCHW":
+        batch = batch.transpose(0, 3, 1, 2)
+    return SampleSet({spec.name: np.ascontiguousarray(batch, dtype=spec.dtype)}, None, str(path))
+
+
+def _read_image(cv2, file: Path, preprocessing: Preprocessing) -> np.ndarray:
+    flag = cv2.IMREAD_GRAYSCALE if preprocessing.color == "gray" else cv2.IMREAD_COLOR
+    image = cv2.imread(str(file), flag)
+    if image is None:
+        raise BadInput(f"{file}: cannot decode image")
+    return image
+
+
+def preprocess_image(image: np.ndarray, height: int, width: int, preprocessing: Preprocessing) -> np.ndarray:
+    """BGR/gray uint8 image (as OpenCV decodes it) → float32 HWC, resized, colour-ordered and normalised."""
+    import cv2
+
+    if preprocessing.color == "rgb":
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    scaled = image.astype(np.float32) / preprocessing.scale
+    return (scaled - np.asarray(preprocessing.mean, np.float32)) / np.asarray(preprocessing.std, np.float32)

@@ -1,0 +1,86 @@
+"""Human-readable tables for compile reports, manifests and benchmarks."""
+
+from rich.table import Table
+
+from edgekit.manifest import Manifest
+from edgekit.report import CompileReport
+
+STATUS_STYLE = {"chosen": "bold green", "passed": "green", "rejected": "yellow", "failed": "red", "skipped": "dim"}
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def compile_table(report: CompileReport) -> Table:
+    ref = report.reference
+    table = Table(
+        title=f"{report.model} → profile {report.profile}",
+        caption=(
+            f"reference: onnxruntime fp32 on host {report.host}, p50 {ref.latency_p50_ms:.3f} ms, "
+            f"{_size(ref.param_bytes)} params"
+            + (f", accuracy {ref.accuracy:.4f}" if ref.accuracy is not None else "")
+            + f"; data: {report.data}"
+        ),
+    )
+    for column in ("candidate", "status", "size (compr.)", "max|err| / cosine", "top-1 agr. / acc.",
+                   "p50 / p95 ms", "vs fp32", "peak MB"):
+        left = column in ("candidate", "status")
+        table.add_column(column, justify="left" if left else "right", no_wrap=column == "candidate")
+    for c in report.candidates:
+        m = c.metrics
+        status = f"[{STATUS_STYLE[c.status]}]{c.status}[/]" + (f"\n[dim]{c.reason}[/]" if c.reason else "")
+        name = f"{c.backend} {c.precision}"
+        if m is None:
+            table.add_row(name, status)
+            continue
+        speed = m.latency_p50_ms / ref.latency_p50_ms if m.latency_p50_ms and ref.latency_p50_ms else None
+        table.add_row(
+            name,
+            status,
+            f"{_size(m.model_bytes)} ({m.compression_ratio:.1f}x)",
+            f"{_num(m.max_abs_error, '.1e')} / {_num(m.cosine, '.4f')}",
+            f"{_num(m.top1_agreement, '.3f')} / {_num(m.accuracy, '.3f')}",
+            f"{_num(m.latency_p50_ms, '.3f')} / {_num(m.latency_p95_ms, '.3f')}",
+            _num(speed, ".2f") + "x",
+            _num(m.peak_memory_mb, ".1f"),
+        )
+    return table
+
+
+def manifest_table(manifest: Manifest) -> Table:
+    table = Table(show_header=False, title=f"bundle {manifest.name} {manifest.version}")
+    table.add_column(style="bold")
+    table.add_column()
+    v = manifest.verification
+    rows = {
+        "profile": manifest.profile,
+        "backend": f"{manifest.backend} {manifest.precision} (runtime {manifest.runtime}, target {manifest.target})",
+        "inputs": "; ".join(f"{t.name} {t.dtype}{t.shape} {t.layout}" for t in manifest.inputs),
+        "outputs": "; ".join(f"{t.name} {t.dtype}{t.shape}" for t in manifest.outputs),
+        "preprocessing": manifest.preprocessing.model_dump_json() if manifest.preprocessing else "-",
+        "verified on": f"{v.verified_on}, {v.samples} samples ({v.data})",
+        "agreement": f"max|err| {_num(v.max_abs_error, '.2e')}, cosine {_num(v.cosine, '.5f')}, "
+        f"top-1 {_num(v.top1_agreement, '.3f')}, accuracy {_num(v.accuracy, '.4f')} "
+        f"(fp32 {_num(v.reference_accuracy, '.4f')})",
+        "latency": f"p50 {_num(v.latency_p50_ms, '.3f')} ms, p95 {_num(v.latency_p95_ms, '.3f')} ms",
+        "size": f"{_size(v.model_bytes)} artifacts, params {_size(v.param_bytes)} "
+        f"(fp32 {_size(v.reference_param_bytes)}, {v.compression_ratio:.2f}x smaller)",
+        "self-test": f"{manifest.selftest.count} vectors, atol {manifest.selftest.atol:.3g}",
+        "compiler": ", ".join(f"{k} {val}" for k, val in manifest.compiler.items()),
+        "signed by": f"key {manifest.signing_key_id}",
+        "files": "\n".join(f"{f.path}  {_size(f.size)}  {f.sha256[:16]}…" for f in manifest.files),
+    }
+    for key, value in rows.items():
+        table.add_row(key, value)
+    return table

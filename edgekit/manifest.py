@@ -1,0 +1,80 @@
+"""The bundle manifest: what a device needs to trust, load, feed and self-test a compiled model."""
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field
+
+from edgekit.profiles import Preprocessing
+from edgekit.schema import Precision, StrictModel
+
+SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
+Layout = Literal["NCHW", "NHWC", "NC", "other"]
+
+
+class TensorSpec(StrictModel):
+    name: str
+    shape: list[int]
+    dtype: str = Field(description="numpy dtype name, e.g. float32")
+    layout: Layout = "other"
+
+
+class FileEntry(StrictModel):
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class Metrics(StrictModel):
+    """How one candidate compares with the fp32 ONNX Runtime reference on held-out samples."""
+
+    verified_on: str = Field(description="Where the candidate ran, e.g. 'host x86_64 CPU', or why it did not")
+    samples: int = 0
+    data: Literal["held-out calibration split", "synthetic", "none"] = "none"
+    max_abs_error: float | None = None
+    cosine: float | None = None
+    top1_agreement: float | None = Field(None, description="Fraction of samples whose argmax matches; classifiers")
+    accuracy: float | None = Field(None, description="Top-1 accuracy against labels, when labels were given")
+    reference_accuracy: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    throughput_per_s: float | None = None
+    peak_memory_mb: float | None = None
+    model_bytes: int
+    param_bytes: int
+    reference_model_bytes: int
+    reference_param_bytes: int
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.reference_param_bytes / self.param_bytes if self.param_bytes else 0.0
+
+
+class SelfTest(StrictModel):
+    """Inputs and expected outputs the device checks before it activates the bundle."""
+
+    file: str
+    count: int = Field(ge=1)
+    atol: float = Field(ge=0)
+    rtol: float = Field(ge=0)
+
+
+class Manifest(StrictModel):
+    schema_version: Literal[1] = 1
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(pattern=SEMVER)
+    created: datetime
+    profile: str
+    backend: str
+    precision: Precision
+    runtime: str = Field(description="Runtime adapter key on the device, e.g. onnxruntime")
+    target: dict[str, Any] = Field(description="Backend-specific target, e.g. execution providers or device")
+    entrypoint: str = Field(description="Main artifact, relative to the bundle root")
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    preprocessing: Preprocessing | None = None
+    files: list[FileEntry]
+    compiler: dict[str, str] = Field(description="Versions of edgekit and every tool that produced the artifacts")
+    verification: Metrics
+    selftest: SelfTest
+    signing_key_id: str

@@ -1,0 +1,41 @@
+"""The compile report: every candidate tried, why it was kept or not, and how it measured. Also report.json."""
+
+from typing import Literal
+
+from edgekit.manifest import Metrics
+from edgekit.schema import Precision, StrictModel
+
+Status = Literal["chosen", "passed", "rejected", "failed", "skipped", "unverified"]
+
+
+class CandidateReport(StrictModel):
+    backend: str
+    precision: Precision
+    status: Status
+    reason: str = ""
+    build_seconds: float | None = None
+    metrics: Metrics | None = None
+
+
+class ReferenceReport(StrictModel):
+    """The fp32 ONNX Runtime run every candidate is compared with."""
+
+    latency_p50_ms: float
+    latency_p95_ms: float
+    model_bytes: int
+    param_bytes: int
+    accuracy: float | None = None
+
+
+class CompileReport(StrictModel):
+    model: str
+    profile: str
+    host: str
+    data: str
+    reference: ReferenceReport
+    candidates: list[CandidateReport]
+    bundle: str | None = None
+
+    @property
+    def chosen(self) -> CandidateReport | None:
+        return next((c for c in self.candidates if c.status == "chosen"), None)

@@ -1,0 +1,68 @@
+"""edgekit: compile, verify, sign and ship ONNX models to edge devices, then run and watch them there."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+
+def read_version() -> str:
+    for line in (ROOT / "edgekit" / "__init__.py").read_text().splitlines():
+        if line.startswith("__version__"):
+            return line.split("=", 1)[1].strip().strip('"')
+    raise RuntimeError("edgekit/__init__.py has no __version__")
+
+
+# The user's top-level folders map into the edgekit namespace so that no bare `agents` or
+# `compilers` import name is claimed (an `agents` distribution already exists on PyPI).
+PACKAGE_DIRS = {
+    "edgekit": "edgekit",
+    "edgekit.cli": "edgekit/cli",
+    "edgekit.compilers": "compilers",
+    "edgekit.agents": "agents",
+    "edgekit.agents.runtimes": "agents/runtimes",
+    "edgekit.firmware_profiles": "firmware_profiles",
+}
+
+RUNTIME_ORT = ["onnxruntime>=1.20"]
+EXTRAS = {
+    # Workstation side: ONNX intake, quantization and the compiler backends.
+    "compile": [
+        "onnx>=1.16",
+        "onnxslim>=0.1.40",
+        *RUNTIME_ORT,
+        "openvino>=2025.0",
+        "nncf>=2.14",
+        "opencv-python-headless>=4.8",
+    ],
+    # Device side: runtimes only, never the compiler stack.
+    "agent": [*RUNTIME_ORT, "paho-mqtt>=2.0", "pyserial>=3.5", "opencv-python-headless>=4.8"],
+    "hub": ["fastapi>=0.110", "uvicorn>=0.29", "sqlalchemy>=2.0", "amqtt>=0.11", "paho-mqtt>=2.0"],
+    "tflite": ["tensorflow-cpu>=2.15", "onnx2tf>=1.20", "tf_keras>=2.15", "ai-edge-litert>=1.0", "ethos-u-vela>=4.0"],
+    "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "scikit-learn>=1.4"],
+}
+EXTRAS["all"] = sorted({req for name in ("compile", "agent", "hub", "tflite") for req in EXTRAS[name]})
+
+setup(
+    name="edgekit",
+    version=read_version(),
+    description=__doc__,
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else __doc__,
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=list(PACKAGE_DIRS),
+    package_dir=PACKAGE_DIRS,
+    package_data={"edgekit.firmware_profiles": ["*.yaml"]},
+    install_requires=[
+        "numpy>=1.24",
+        "pydantic>=2.6",
+        "pyyaml>=6.0",
+        "typer>=0.12",
+        "rich>=13.7",
+        "cryptography>=42",
+        "platformdirs>=4.0",
+    ],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["edgekit=edgekit.cli:main"]},
+)
