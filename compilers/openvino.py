@@ -59,6 +59,8 @@ class OpenVinoBackend(Backend):
                 model,
                 nncf.Dataset(feeds),
                 subset_size=len(feeds),
-                preset=nncf.QuantizationPreset.MIXED if options.preset == "mixed" else nncf.QuantizationPreset.PERFORMANCE,
+                preset=nncf.QuantizationPreset.MIXED
+                if options.preset == "mixed"
+                else nncf.QuantizationPreset.PERFORMANCE,
                 fast_bias_correction=options.fast_bias_correction,
             )

@@ -26,14 +26,26 @@ class BenchResult(StrictModel):
     selftest: str | None = None
 
 
-def _measure(subject: Path, runtime: str, session: Session, feed: dict[str, np.ndarray], seconds: float,
-             selftest: str | None = None) -> BenchResult:
+def _measure(
+    subject: Path,
+    runtime: str,
+    session: Session,
+    feed: dict[str, np.ndarray],
+    seconds: float,
+    selftest: str | None = None,
+) -> BenchResult:
     latency = measure_latency(lambda: session.run(feed), max_seconds=seconds)
     batch = len(next(iter(feed.values())))
     return BenchResult(
-        subject=str(subject), runtime=runtime, device=session.device, batch_size=batch,
-        iterations=latency.iterations, latency_p50_ms=latency.p50_ms, latency_p95_ms=latency.p95_ms,
-        throughput_per_s=latency.throughput_per_s * batch, selftest=selftest,
+        subject=str(subject),
+        runtime=runtime,
+        device=session.device,
+        batch_size=batch,
+        iterations=latency.iterations,
+        latency_p50_ms=latency.p50_ms,
+        latency_p95_ms=latency.p95_ms,
+        throughput_per_s=latency.throughput_per_s * batch,
+        selftest=selftest,
     )
 
 

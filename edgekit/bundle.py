@@ -68,10 +68,20 @@ def unpack(bundle: Path, dest: Path) -> None:
     try:
         with tarfile.open(bundle, "r:") as tar:
             tar.extractall(dest, filter="data")
+            archive_end = tar.offset
     except tarfile.FilterError as error:
         raise OperationFailed(f"{bundle}: unsafe member rejected: {error}") from None
     except (tarfile.TarError, EOFError) as error:
         raise OperationFailed(f"{bundle}: truncated or not an edgekit bundle ({error})") from None
+    _check_archive_end(bundle, archive_end)
+
+
+def _check_archive_end(bundle: Path, archive_end: int) -> None:
+    """tarfile accepts an archive cut after its last member; a complete one has the two zero blocks and whole
+    512-byte blocks, so anything shorter was truncated in transfer."""
+    size = bundle.stat().st_size
+    if size % tarfile.BLOCKSIZE or size < archive_end + 2 * tarfile.BLOCKSIZE:
+        raise OperationFailed(f"{bundle}: truncated ({size} bytes; the archive's end-of-file marker is missing)")
 
 
 def _read_manifest_bytes(bundle: Path, root: Path) -> bytes:

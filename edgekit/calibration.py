@@ -118,7 +118,8 @@ def _image_geometry(path: Path, spec: TensorSpec) -> tuple[int, int, int]:
         _, height, width, channels = spec.shape
     else:
         raise BadInput(
-            f"{path}: a folder of images needs a 4-D NCHW or NHWC model input; '{spec.name}' is {spec.shape} (use an .npz)"
+            f"{path}: a folder of images needs a 4-D NCHW or NHWC model input; "
+            f"'{spec.name}' is {spec.shape} (use an .npz)"
         )
     return height, width, channels
 
@@ -131,7 +132,9 @@ def _load_image_folder(path: Path, inputs: list[TensorSpec], preprocessing: Prep
     spec = inputs[0]
     height, width, channels = _image_geometry(path, spec)
     if (preprocessing.color == "gray") != (channels == 1):
-        raise BadInput(f"{path}: --color {preprocessing.color} does not fit input '{spec.name}' with {channels} channel(s)")
+        raise BadInput(
+            f"{path}: --color {preprocessing.color} does not fit input '{spec.name}' with {channels} channel(s)"
+        )
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise BadInput(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")

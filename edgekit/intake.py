@@ -44,7 +44,9 @@ def parse_shape_overrides(specs: list[str]) -> dict[str, list[int]]:
         except ValueError:
             shape = []
         if not sep or not name or not shape or any(d <= 0 for d in shape):
-            raise BadInput(f"--input-shape '{spec}': expected NAME:D1xD2x... with positive dims, e.g. input:1x3x224x224")
+            raise BadInput(
+                f"--input-shape '{spec}': expected NAME:D1xD2x... with positive dims, e.g. input:1x3x224x224"
+            )
         shapes[name] = shape
     return shapes
 
@@ -105,11 +107,14 @@ def _fix_input_shapes(path: Path, model, overrides: dict[str, list[int]], batch_
         wanted = overrides.get(graph_input.name)
         if wanted is not None:
             if len(wanted) != len(dims):
-                raise BadInput(f"--input-shape {graph_input.name}: rank {len(wanted)} given, model input has rank {len(dims)}")
-            for position, (dim, value) in enumerate(zip(dims, wanted)):
+                raise BadInput(
+                    f"--input-shape {graph_input.name}: rank {len(wanted)} given, model input has rank {len(dims)}"
+                )
+            for position, (dim, value) in enumerate(zip(dims, wanted, strict=False)):
                 if not _is_dynamic(dim) and dim.dim_value != value:
                     raise BadInput(
-                        f"--input-shape {graph_input.name}: dim {position} is fixed to {dim.dim_value} in the model, got {value}"
+                        f"--input-shape {graph_input.name}: dim {position} is fixed to {dim.dim_value} "
+                        f"in the model, got {value}"
                     )
                 dim.Clear()
                 dim.dim_value = value
@@ -128,7 +133,9 @@ def _fix_input_shapes(path: Path, model, overrides: dict[str, list[int]], batch_
 
 
 def _dim_hint(dims, batch_size: int) -> list[str]:
-    return [str(d.dim_value) if not _is_dynamic(d) else (str(batch_size) if i == 0 else "N") for i, d in enumerate(dims)]
+    return [
+        str(d.dim_value) if not _is_dynamic(d) else (str(batch_size) if i == 0 else "N") for i, d in enumerate(dims)
+    ]
 
 
 def _infer_shapes(path: Path, model):

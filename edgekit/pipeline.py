@@ -42,7 +42,7 @@ class CompileRequest:
     backend: str = "auto"
     calibration: Path | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
-    preprocessing: Preprocessing = Preprocessing()
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
     sign_key: Path | None = None
     name: str | None = None
     version: str = "0.1.0"
@@ -197,8 +197,14 @@ class _Verifier:
 
 
 def _build_and_verify(
-    plan: _Plan, index: int, request: CompileRequest, model: PreparedModel, calibration: SampleSet | None,
-    verifier: _Verifier, workdir: Path, progress: Progress,
+    plan: _Plan,
+    index: int,
+    request: CompileRequest,
+    model: PreparedModel,
+    calibration: SampleSet | None,
+    verifier: _Verifier,
+    workdir: Path,
+    progress: Progress,
 ) -> _Built | CandidateReport:
     candidate = plan.candidate
     assert plan.backend is not None
@@ -218,13 +224,22 @@ def _build_and_verify(
         )
     except (EdgekitError, Exception) as error:  # one backend failing must not stop the others
         log.debug("build failed", exc_info=True)
-        return CandidateReport(backend=candidate.backend, precision=candidate.precision, status="failed",
-                               reason=f"build: {_one_line(error)}")
+        return CandidateReport(
+            backend=candidate.backend,
+            precision=candidate.precision,
+            status="failed",
+            reason=f"build: {_one_line(error)}",
+        )
     seconds = time.perf_counter() - started
     _remove_intermediates(outdir / "artifacts", result.entrypoint)
-    built = _Built(plan, result, outdir / "artifacts",
-                   CandidateReport(backend=candidate.backend, precision=candidate.precision, status="passed",
-                                   build_seconds=seconds))
+    built = _Built(
+        plan,
+        result,
+        outdir / "artifacts",
+        CandidateReport(
+            backend=candidate.backend, precision=candidate.precision, status="passed", build_seconds=seconds
+        ),
+    )
     try:
         with progress.task(f"{candidate.backend} {candidate.precision}: verifying against fp32", total=1):
             metrics = verifier.verify(built)
@@ -263,7 +278,11 @@ def _choose(built: list[_Built], profile: Profile) -> _Built | None:
 
 
 def _package(
-    request: CompileRequest, model: PreparedModel, chosen: _Built, verifier: _Verifier, report: CompileReport,
+    request: CompileRequest,
+    model: PreparedModel,
+    chosen: _Built,
+    verifier: _Verifier,
+    report: CompileReport,
     workdir: Path,
 ) -> Manifest:
     root = workdir / "bundle"
@@ -319,7 +338,9 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
         for index, plan in enumerate(plans):
             if plan.skip:
                 c = plan.candidate
-                outcomes.append(CandidateReport(backend=c.backend, precision=c.precision, status="skipped", reason=plan.skip))
+                outcomes.append(
+                    CandidateReport(backend=c.backend, precision=c.precision, status="skipped", reason=plan.skip)
+                )
                 continue
             outcomes.append(_build_and_verify(plan, index, request, model, calibration, verifier, workdir, progress))
         built = [o for o in outcomes if isinstance(o, _Built)]
@@ -335,7 +356,9 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
             candidates=[o.report if isinstance(o, _Built) else o for o in outcomes],
         )
         if chosen is None:
-            raise CompileFailed("no candidate built and passed verification; see the table for each one's reason", report)
+            raise CompileFailed(
+                "no candidate built and passed verification; see the table for each one's reason", report
+            )
         report = report.model_copy(update={"bundle": str(request.out)})
         manifest = _package(request, model, chosen, verifier, report, workdir)
     return report, manifest

@@ -48,5 +48,8 @@ class RichProgress:
         task_id = self._bars.add_task(description, total=total)
         try:
             yield lambda steps=1: self._bars.advance(task_id, steps)
-        finally:
-            self._bars.update(task_id, completed=total if total is not None else 1, total=total or 1)
+        except BaseException:
+            # The error message that follows names the failure; a half-drawn bar would only repeat it.
+            self._bars.remove_task(task_id)
+            raise
+        self._bars.update(task_id, completed=total if total is not None else 1, total=total or 1)

@@ -45,11 +45,11 @@ def run_selftest(session: Session, root: Path, manifest: Manifest) -> SelfTestRe
     count = len(next(iter(inputs.values())))
     got_parts = [session.run({k: v[s : s + batch] for k, v in inputs.items()}) for s in range(0, count, batch)]
     got = [np.concatenate([part[i] for part in got_parts]) for i in range(len(expected))]
-    for index, (g, e) in enumerate(zip(got, expected)):
+    for index, (g, e) in enumerate(zip(got, expected, strict=False)):
         if g.shape != e.shape:
             return SelfTestResult(False, float("inf"), f"output {index} has shape {g.shape}, expected {e.shape}")
-    worst = max(float(np.max(np.abs(g.astype(np.float64) - e))) for g, e in zip(got, expected))
-    for index, (g, e) in enumerate(zip(got, expected)):
+    worst = max(float(np.max(np.abs(g.astype(np.float64) - e))) for g, e in zip(got, expected, strict=False))
+    for index, (g, e) in enumerate(zip(got, expected, strict=False)):
         if not np.allclose(g, e, atol=manifest.selftest.atol, rtol=manifest.selftest.rtol):
             return SelfTestResult(
                 False, worst, f"output {index} differs by up to {worst:.3g} (atol {manifest.selftest.atol:.3g})"

@@ -38,9 +38,18 @@ def verify_command(
 
     manifest = verify_bundle(bundle, load_public_key(trust_key))
     if json:
-        print_json(jsonlib.dumps({"bundle": str(bundle), "ok": True, "name": manifest.name,
-                                  "version": manifest.version, "files": len(manifest.files),
-                                  "signing_key_id": manifest.signing_key_id}))
+        print_json(
+            jsonlib.dumps(
+                {
+                    "bundle": str(bundle),
+                    "ok": True,
+                    "name": manifest.name,
+                    "version": manifest.version,
+                    "files": len(manifest.files),
+                    "signing_key_id": manifest.signing_key_id,
+                }
+            )
+        )
     else:
         console.print(
             f"[bold green]OK[/] {bundle}: {manifest.name} {manifest.version} signed by key "
@@ -52,7 +61,9 @@ def bench_command(
     subject: Annotated[Path, typer.Argument(help="A bundle (.ekb) or an ONNX model (.onnx).")],
     seconds: Annotated[float, typer.Option(help="How long to measure.")] = 5.0,
     threads: Annotated[Optional[int], typer.Option(help="Runtime threads [default: runtime's choice].")] = None,
-    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="For models with dynamic inputs: NAME:1x3x224x224.")] = None,
+    input_shape: Annotated[
+        Optional[list[str]], typer.Option("--input-shape", help="For models with dynamic inputs: NAME:1x3x224x224.")
+    ] = None,
     json: JsonFlag = False,
 ) -> None:
     """Latency p50/p95 and throughput on this host. A bundle runs through its own runtime after its self-test."""
@@ -66,8 +77,15 @@ def bench_command(
         print_json(result.model_dump_json(indent=2))
         return
     table = Table("subject", "runtime", "batch", "p50 ms", "p95 ms", "throughput/s", "runs", title="edgekit bench")
-    table.add_row(result.subject, result.device, str(result.batch_size), f"{result.latency_p50_ms:.3f}",
-                  f"{result.latency_p95_ms:.3f}", f"{result.throughput_per_s:.1f}", str(result.iterations))
+    table.add_row(
+        result.subject,
+        result.device,
+        str(result.batch_size),
+        f"{result.latency_p50_ms:.3f}",
+        f"{result.latency_p95_ms:.3f}",
+        f"{result.throughput_per_s:.1f}",
+        str(result.iterations),
+    )
     console.print(table)
     if result.selftest:
         console.print(f"self-test: {result.selftest}")

@@ -21,23 +21,52 @@ def _floats(flag: str, text: str | None) -> list[float] | None:
 
 def compile_command(
     model: Annotated[Path, typer.Argument(help="The ONNX model to compile.")],
-    profile: Annotated[str, typer.Option("--profile", "-p", help="Device profile name or .yaml path (`edgekit profiles list`).")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Bundle to write [default: MODEL-PROFILE.ekb].")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="Only build this precision: fp32, fp16 or int8 [default: every one the profile lists].")] = None,
-    backend: Annotated[str, typer.Option(help="'auto' tries the profile's candidates in order; or name one backend.")] = "auto",
-    calibration: Annotated[Optional[Path], typer.Option(help="Folder of images or .npz (arrays named after the inputs, optional 'labels'). Required for int8; 20% is held out for verification.")] = None,
-    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Fix a dynamic input: NAME:1x3x224x224. Repeatable.")] = None,
-    mean: Annotated[Optional[str], typer.Option(help="Image mean per channel after scaling, e.g. 0.485,0.456,0.406.")] = None,
-    std: Annotated[Optional[str], typer.Option(help="Image std per channel after scaling, e.g. 0.229,0.224,0.225.")] = None,
+    profile: Annotated[
+        str, typer.Option("--profile", "-p", help="Device profile name or .yaml path (`edgekit profiles list`).")
+    ],
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Bundle to write [default: MODEL-PROFILE.ekb].")
+    ] = None,
+    precision: Annotated[
+        Optional[str],
+        typer.Option(help="Only build this precision: fp32, fp16 or int8 [default: every one the profile lists]."),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="'auto' tries the profile's candidates in order; or name one backend.")
+    ] = "auto",
+    calibration: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Folder of images or .npz (arrays named after the inputs, optional 'labels'). "
+            "Required for int8; 20% is held out for verification."
+        ),
+    ] = None,
+    input_shape: Annotated[
+        Optional[list[str]], typer.Option("--input-shape", help="Fix a dynamic input: NAME:1x3x224x224. Repeatable.")
+    ] = None,
+    mean: Annotated[
+        Optional[str], typer.Option(help="Image mean per channel after scaling, e.g. 0.485,0.456,0.406.")
+    ] = None,
+    std: Annotated[
+        Optional[str], typer.Option(help="Image std per channel after scaling, e.g. 0.229,0.224,0.225.")
+    ] = None,
     scale: Annotated[Optional[float], typer.Option(help="Divide pixels by this first [default: 255].")] = None,
     color: Annotated[Optional[str], typer.Option(help="Channel order the model expects: rgb, bgr or gray.")] = None,
-    sign_key: Annotated[Optional[Path], typer.Option(help="Ed25519 private key [default: per-user key, created on first use].")] = None,
+    sign_key: Annotated[
+        Optional[Path], typer.Option(help="Ed25519 private key [default: per-user key, created on first use].")
+    ] = None,
     name: Annotated[Optional[str], typer.Option(help="Bundle name [default: model file name].")] = None,
     bundle_version: Annotated[str, typer.Option(help="Bundle semver version.")] = "0.1.0",
-    min_cosine: Annotated[float, typer.Option(help="Reject candidates whose outputs' cosine to fp32 is below this.")] = 0.99,
-    min_top1: Annotated[float, typer.Option(help="Reject classifiers whose top-1 agreement with fp32 is below this.")] = 0.97,
+    min_cosine: Annotated[
+        float, typer.Option(help="Reject candidates whose outputs' cosine to fp32 is below this.")
+    ] = 0.99,
+    min_top1: Annotated[
+        float, typer.Option(help="Reject classifiers whose top-1 agreement with fp32 is below this.")
+    ] = 0.97,
     bench_seconds: Annotated[float, typer.Option(help="Seconds of latency measurement per candidate.")] = 2.0,
-    threads: Annotated[Optional[int], typer.Option(help="Runtime threads on this host [default: runtime's choice].")] = None,
+    threads: Annotated[
+        Optional[int], typer.Option(help="Runtime threads on this host [default: runtime's choice].")
+    ] = None,
     json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Build every candidate the profile lists, verify each against fp32, and bundle the best, signed.
@@ -45,14 +74,13 @@ def compile_command(
     The model is checked and simplified; int8 candidates are calibrated on --calibration data, of which 20% is
     held out: every candidate runs on it on this host and is compared with the ONNX Runtime fp32 reference.
     """
+    from edgekit.cli.render import compile_table
     from edgekit.errors import BadInput
     from edgekit.intake import parse_shape_overrides
     from edgekit.pipeline import CompileFailed, CompileRequest, compile_model
     from edgekit.profiles import Preprocessing, load_profile
     from edgekit.progress import RichProgress
     from edgekit.schema import PRECISIONS, validate_file
-
-    from edgekit.cli.render import compile_table
 
     if precision is not None and precision not in PRECISIONS:
         raise BadInput(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")

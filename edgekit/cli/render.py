@@ -33,8 +33,16 @@ def compile_table(report: CompileReport) -> Table:
             + f"; data: {report.data}"
         ),
     )
-    for column in ("candidate", "status", "size (compr.)", "max|err| / cosine", "top-1 agr. / acc.",
-                   "p50 / p95 ms", "vs fp32", "peak MB"):
+    for column in (
+        "candidate",
+        "status",
+        "size (compr.)",
+        "max|err| / cosine",
+        "top-1 agr. / acc.",
+        "p50 / p95 ms",
+        "vs fp32",
+        "peak MB",
+    ):
         left = column in ("candidate", "status")
         table.add_column(column, justify="left" if left else "right", no_wrap=column == "candidate")
     for c in report.candidates:

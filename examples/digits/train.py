@@ -7,7 +7,8 @@ Writes into OUT (default ./digits-out):
     images/            the first 200 training images as PNG, to try image-folder calibration
 
 Run:  python examples/digits/train.py OUT
-Then: edgekit compile OUT/digits.onnx --profile x86-64-avx512 --precision int8 --calibration OUT/calibration.npz -o digits.ekb
+Then: edgekit compile OUT/digits.onnx --profile x86-64-avx512 --precision int8 \
+          --calibration OUT/calibration.npz -o digits.ekb
 """
 
 import argparse
@@ -38,7 +39,7 @@ def to_onnx(classifier: MLPClassifier) -> onnx.ModelProto:
     """Flatten → (Gemm → Relu)* → Gemm → Softmax, with the trained weights as initializers."""
     nodes = [helper.make_node("Flatten", ["image"], ["x0"], name="flatten", axis=1)]
     initializers = []
-    layers = list(zip(classifier.coefs_, classifier.intercepts_))
+    layers = list(zip(classifier.coefs_, classifier.intercepts_, strict=False))
     current = "x0"
     for index, (weights, bias) in enumerate(layers):
         w_name, b_name, out = f"fc{index}.weight", f"fc{index}.bias", f"fc{index}"

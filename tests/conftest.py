@@ -1,0 +1,62 @@
+"""Shared fixtures: an isolated EDGEKIT_HOME, generated models, the digits example, and a CLI runner."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import CliResult
+from typer.testing import CliRunner
+
+from edgekit.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def edgekit_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keys and caches go to a per-test folder, never the developer's own."""
+    home = tmp_path_factory.mktemp("edgekit-home")
+    monkeypatch.setenv("EDGEKIT_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def cli():
+    """Run `edgekit ARGS` in-process; returns exit code, stdout and stderr separately."""
+
+    def run(*args: str | Path) -> CliResult:
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return CliResult(result.exit_code, result.stdout, result.stderr)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def small_cnn_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import onnx
+
+    from edgekit.synthetic import small_cnn
+
+    path = tmp_path_factory.mktemp("models") / "small_cnn.onnx"
+    onnx.save(small_cnn(), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_cnn_calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calibration.npz"
+    rng = np.random.default_rng(1)
+    np.savez(path, input=rng.random((40, 3, 32, 32), dtype=np.float32))
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits example, trained and exported once per session, run as a user would."""
+    out = tmp_path_factory.mktemp("digits")
+    subprocess.run([sys.executable, str(REPO / "examples" / "digits" / "train.py"), str(out)], check=True)
+    return out

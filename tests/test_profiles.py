@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+from helpers import assert_user_error
+
+from edgekit.errors import BadInput
+from edgekit.profiles import builtin_profile_names, load_profile, load_profile_file
+
+REQUIRED = {
+    "x86-64-avx2",
+    "x86-64-avx512",
+    "rpi4",
+    "rpi5",
+    "jetson-nano",
+    "jetson-orin-nano",
+    "intel-core-ultra-npu",
+    "ethos-u55",
+}
+
+
+def test_every_required_profile_ships_and_validates():
+    assert set(builtin_profile_names()) >= REQUIRED
+    for name in builtin_profile_names():
+        profile = load_profile(name)
+        assert profile.name == name
+        assert profile.candidates and profile.runtime_packages
+
+
+@pytest.mark.parametrize(
+    ("name", "cpu", "accel_arch"),
+    [
+        ("rpi4", "cortex-a72", None),
+        ("rpi5", "cortex-a76", None),
+        ("jetson-nano", "cortex-a57", "sm_53"),
+        ("jetson-orin-nano", "cortex-a78ae", "sm_87"),
+        ("ethos-u55", "cortex-m55", "ethos-u55-128"),
+    ],
+)
+def test_profiles_describe_their_hardware(name, cpu, accel_arch):
+    profile = load_profile(name)
+    assert profile.cpu.model == cpu
+    assert profile.accelerator.arch == accel_arch
+
+
+def test_profiles_list_and_show(cli):
+    listing = cli("profiles", "list")
+    assert listing.exit_code == 0
+    for name in REQUIRED:
+        assert name in listing.stdout
+    shown = cli("profiles", "show", "jetson-orin-nano", "--json")
+    assert shown.exit_code == 0 and '"arch":"sm_87"' in shown.stdout.replace(" ", "")
+
+
+def test_unknown_profile_is_a_clear_usage_error(cli, small_cnn_model):
+    assert_user_error(cli("compile", small_cnn_model, "--profile", "rpi9"), "unknown profile 'rpi9'", "rpi4")
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD = load_profile("rpi4").model_dump(mode="json")
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path, cli, small_cnn_model):
+    path = write(tmp_path, "board", "name: board\ncpu: {arch: aarch64\n  model: [\n")
+    result = cli("compile", small_cnn_model, "--profile", path)
+    assert_user_error(result, str(path), "malformed YAML", "line")
+
+
+def test_invalid_field_names_file_and_field(tmp_path, cli, small_cnn_model):
+    import yaml
+
+    data = {**GOOD, "name": "board", "candidates": [{"backend": "onnxruntime", "precision": "int4"}]}
+    path = write(tmp_path, "board", yaml.safe_dump(data))
+    assert_user_error(cli("compile", small_cnn_model, "--profile", path), str(path), "candidates.0.precision")
+
+
+def test_unknown_field_is_rejected_not_ignored(tmp_path):
+    import yaml
+
+    data = {**GOOD, "name": "board", "memroy": {"ram_mb": 1}}
+    with pytest.raises(BadInput, match="memroy"):
+        load_profile_file(write(tmp_path, "board", yaml.safe_dump(data)))
+
+
+def test_profile_name_must_match_file(tmp_path):
+    import yaml
+
+    with pytest.raises(BadInput, match="must match the file name"):
+        load_profile_file(write(tmp_path, "other", yaml.safe_dump({**GOOD, "name": "board"})))
+
+
+def test_bad_backend_options_name_the_candidate(tmp_path, cli, small_cnn_model):
+    import yaml
+
+    data = {
+        **GOOD,
+        "name": "board",
+        "candidates": [{"backend": "onnxruntime", "precision": "fp32", "options": {"per_chanel": True}}],
+    }
+    path = write(tmp_path, "board", yaml.safe_dump(data))
+    assert_user_error(cli("compile", small_cnn_model, "--profile", path), "candidate #1", "per_chanel")
