@@ -98,10 +98,9 @@ def _single_input_key(path: Path, data: dict[str, np.ndarray], inputs: list[Tens
 
 def _conform(path: Path, key: str, array: np.ndarray, spec: TensorSpec) -> np.ndarray:
     item_shape = tuple(spec.shape[1:])
-    if array.ndim == len(item_shape) + 1 and tuple(array.shape[1:]) != item_shape:
-        flat = int(np.prod(item_shape))
-        if int(np.prod(array.shape[1:])) == flat:
-            array = array.reshape(len(array), *item_shape)
+    # Flattened samples (e.g. (N, 64) for a (N, 1, 8, 8) input) are accepted when the element count fits.
+    if array.ndim >= 1 and tuple(array.shape[1:]) != item_shape and np.prod(array.shape[1:]) == np.prod(item_shape):
+        array = array.reshape(len(array), *item_shape)
     if tuple(array.shape[1:]) != item_shape:
         raise BadInput(
             f"{path}: array '{key}' has shape {tuple(array.shape)}; model input '{spec.name}' "

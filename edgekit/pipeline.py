@@ -1,8 +1,10 @@
 """`edgekit compile`: model → checked fp32 model → candidates → verified against fp32 → signed bundle."""
 
+import contextlib
 import logging
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from edgekit.agents.runtimes import Session, get_runtime
 from edgekit.bundle import file_entries, write_bundle
 from edgekit.calibration import SampleSet, load_samples, synthetic_samples
 from edgekit.compilers import Backend, BuildRequest, BuildResult, backends
-from edgekit.errors import BadInput, EdgekitError, OperationFailed
+from edgekit.errors import BadInput, OperationFailed
 from edgekit.intake import PreparedModel, prepare_model
 from edgekit.manifest import Manifest, Metrics, SelfTest
 from edgekit.measure import compare, is_classifier_output, measure_latency, peak_memory, run_batches
@@ -196,6 +198,31 @@ class _Verifier:
         return None
 
 
+def _build(
+    plan: _Plan,
+    request: CompileRequest,
+    model: PreparedModel,
+    calibration: SampleSet | None,
+    outdir: Path,
+    progress: Progress,
+) -> BuildResult:
+    assert plan.backend is not None
+    build_request = BuildRequest(
+        model=model,
+        profile=request.profile,
+        precision=plan.candidate.precision,
+        calibration=calibration,
+        options=plan.backend.parse_options(plan.candidate.options, f"profile {request.profile.name}"),
+        outdir=outdir,
+        progress=progress,
+    )
+    # Libraries print their own progress; stdout is reserved for the report (--json).
+    with contextlib.redirect_stdout(sys.stderr):
+        result = plan.backend.build(build_request)
+    _remove_intermediates(outdir, result.entrypoint)
+    return result
+
+
 def _build_and_verify(
     plan: _Plan,
     index: int,
@@ -206,47 +233,23 @@ def _build_and_verify(
     workdir: Path,
     progress: Progress,
 ) -> _Built | CandidateReport:
+    """A failing backend or runtime becomes a failed candidate in the report; the other candidates go on."""
     candidate = plan.candidate
-    assert plan.backend is not None
-    outdir = workdir / f"{index:02d}-{candidate.backend}-{candidate.precision}"
+    report = CandidateReport(backend=candidate.backend, precision=candidate.precision, status="passed")
+    outdir = workdir / f"{index:02d}-{candidate.backend}-{candidate.precision}" / "artifacts"
     started = time.perf_counter()
     try:
-        result = plan.backend.build(
-            BuildRequest(
-                model=model,
-                profile=request.profile,
-                precision=candidate.precision,
-                calibration=calibration,
-                options=plan.backend.parse_options(candidate.options, f"profile {request.profile.name}"),
-                outdir=outdir / "artifacts",
-                progress=progress,
-            )
-        )
-    except (EdgekitError, Exception) as error:  # one backend failing must not stop the others
+        result = _build(plan, request, model, calibration, outdir, progress)
+    except Exception as error:
         log.debug("build failed", exc_info=True)
-        return CandidateReport(
-            backend=candidate.backend,
-            precision=candidate.precision,
-            status="failed",
-            reason=f"build: {_one_line(error)}",
-        )
-    seconds = time.perf_counter() - started
-    _remove_intermediates(outdir / "artifacts", result.entrypoint)
-    built = _Built(
-        plan,
-        result,
-        outdir / "artifacts",
-        CandidateReport(
-            backend=candidate.backend, precision=candidate.precision, status="passed", build_seconds=seconds
-        ),
-    )
+        return report.model_copy(update={"status": "failed", "reason": f"build: {_one_line(error)}"})
+    built = _Built(plan, result, outdir, report.model_copy(update={"build_seconds": time.perf_counter() - started}))
     try:
         with progress.task(f"{candidate.backend} {candidate.precision}: verifying against fp32", total=1):
             metrics = verifier.verify(built)
-    except Exception as error:  # a runtime that cannot load its own artifact is a failed candidate
+    except Exception as error:
         log.debug("verification failed", exc_info=True)
-        built.report = built.report.model_copy(update={"status": "failed", "reason": f"run: {_one_line(error)}"})
-        return built.report
+        return built.report.model_copy(update={"status": "failed", "reason": f"run: {_one_line(error)}"})
     rejected = verifier.gate(metrics)
     built.report = built.report.model_copy(
         update={"metrics": metrics, "status": "rejected" if rejected else "passed", "reason": rejected or ""}
