@@ -123,6 +123,14 @@ def _image_geometry(path: Path, spec: TensorSpec) -> tuple[int, int, int]:
     return height, width, channels
 
 
+def resolve_preprocessing(preprocessing: Preprocessing, spec: TensorSpec) -> Preprocessing:
+    """Fill in the colour order from the input's channel count when neither profile nor flags set it."""
+    if preprocessing.color is not None or spec.layout not in ("NCHW", "NHWC"):
+        return preprocessing
+    channels = spec.shape[1] if spec.layout == "NCHW" else spec.shape[3]
+    return preprocessing.model_copy(update={"color": "gray" if channels == 1 else "rgb"})
+
+
 def _load_image_folder(path: Path, inputs: list[TensorSpec], preprocessing: Preprocessing) -> SampleSet:
     import cv2
 
@@ -130,6 +138,7 @@ def _load_image_folder(path: Path, inputs: list[TensorSpec], preprocessing: Prep
         raise BadInput(f"{path}: a folder of images can feed a single-input model only; this one has {len(inputs)}")
     spec = inputs[0]
     height, width, channels = _image_geometry(path, spec)
+    preprocessing = resolve_preprocessing(preprocessing, spec)
     if (preprocessing.color == "gray") != (channels == 1):
         raise BadInput(
             f"{path}: --color {preprocessing.color} does not fit input '{spec.name}' with {channels} channel(s)"

@@ -16,7 +16,7 @@ import numpy as np
 from edgekit import __version__
 from edgekit.agents.runtimes import Session, get_runtime
 from edgekit.bundle import file_entries, write_bundle
-from edgekit.calibration import SampleSet, load_samples, synthetic_samples
+from edgekit.calibration import SampleSet, load_samples, resolve_preprocessing, synthetic_samples
 from edgekit.compilers import Backend, BuildRequest, BuildResult, backends
 from edgekit.errors import BadInput, OperationFailed
 from edgekit.intake import PreparedModel, prepare_model
@@ -315,7 +315,7 @@ def _package(
         entrypoint=f"artifacts/{chosen.result.entrypoint.name}",
         inputs=model.inputs,
         outputs=model.outputs,
-        preprocessing=request.preprocessing if image_input else None,
+        preprocessing=resolve_preprocessing(request.preprocessing, model.inputs[0]) if image_input else None,
         files=file_entries(root),
         compiler={"edgekit": __version__, **chosen.plan.backend.versions()},
         verification=chosen.report.metrics,

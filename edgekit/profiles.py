@@ -39,7 +39,7 @@ class Memory(StrictModel):
 class Preprocessing(StrictModel):
     """How raw images become model input; stored in the bundle so the device does exactly the same."""
 
-    color: Literal["rgb", "bgr", "gray"] = "rgb"
+    color: Literal["rgb", "bgr", "gray"] | None = Field(None, description="Unset: gray for 1 channel, else rgb")
     scale: float = Field(255.0, gt=0, description="Pixels are divided by this before mean/std")
     mean: list[float] = [0.0]
     std: list[float] = [1.0]

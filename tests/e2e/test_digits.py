@@ -81,6 +81,7 @@ def test_image_folder_calibration_and_preprocessing_reach_the_manifest(cli, digi
     )
     assert result.exit_code == 0, result.output
     manifest = json.loads(cli("inspect", bundle, "--json").stdout)
+    # No --color given: a 1-channel image input is read as grayscale.
     assert manifest["preprocessing"] == {"color": "gray", "scale": 255.0, "mean": [0.0], "std": [1.0]}
     assert manifest["verification"]["data"] == "held-out calibration split"
     assert manifest["verification"]["samples"] == 40  # 20% of the 200 images
