@@ -110,27 +110,21 @@ def rewrite_without(bundle: Path, target: Path, skip: str, extra: tuple[str, byt
             dst.addfile(info, io.BytesIO(extra[1]))
 
 
-def test_missing_file_is_rejected(cli, signed, tmp_path):
-    damaged = tmp_path / "missing.ekb"
-    rewrite_without(signed[0], damaged, "selftest/vectors.npz")
+@pytest.mark.parametrize(
+    ("skip", "extra", "message"),
+    [
+        ("selftest/vectors.npz", None, "missing file selftest/vectors.npz"),
+        ("", ("artifacts/payload.so", b"\x7fELF"), "not listed in the manifest: artifacts/payload.so"),
+        ("", ("../escape.txt", b"x"), "unsafe member rejected"),
+    ],
+    ids=["missing-file", "unlisted-file", "path-traversal"],
+)
+def test_repacked_bundle_is_rejected(cli, signed, tmp_path, skip, extra, message):
+    damaged = tmp_path / "damaged.ekb"
+    rewrite_without(signed[0], damaged, skip, extra)
     result = cli("verify", damaged, "--trust-key", signed[1])
     assert result.exit_code == 1
-    assert "missing file selftest/vectors.npz" in result.stderr
-
-
-def test_unlisted_extra_file_is_rejected(cli, signed, tmp_path):
-    damaged = tmp_path / "extra.ekb"
-    rewrite_without(signed[0], damaged, "", extra=("artifacts/payload.so", b"\x7fELF"))
-    result = cli("verify", damaged, "--trust-key", signed[1])
-    assert result.exit_code == 1
-    assert "not listed in the manifest: artifacts/payload.so" in result.stderr
-
-
-def test_path_traversal_member_is_rejected(cli, signed, tmp_path):
-    damaged = tmp_path / "escape.ekb"
-    rewrite_without(signed[0], damaged, "", extra=("../escape.txt", b"x"))
-    result = cli("verify", damaged, "--trust-key", signed[1])
-    assert result.exit_code == 1
+    assert message in result.stderr
     assert not (tmp_path / "escape.txt").exists()
 
 

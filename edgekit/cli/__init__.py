@@ -5,6 +5,7 @@ import logging
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from edgekit import __version__
@@ -19,7 +20,7 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except EdgekitError as error:
-            err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")

@@ -1,5 +1,6 @@
 """Human-readable tables for compile reports, manifests and benchmarks."""
 
+from rich.markup import escape
 from rich.table import Table
 
 from edgekit.manifest import Manifest
@@ -47,7 +48,7 @@ def compile_table(report: CompileReport) -> Table:
         table.add_column(column, justify="left" if left else "right", no_wrap=column == "candidate")
     for c in report.candidates:
         m = c.metrics
-        status = f"[{STATUS_STYLE[c.status]}]{c.status}[/]" + (f"\n[dim]{c.reason}[/]" if c.reason else "")
+        status = f"[{STATUS_STYLE[c.status]}]{c.status}[/]" + (f"\n[dim]{escape(c.reason)}[/]" if c.reason else "")
         name = f"{c.backend} {c.precision}"
         if m is None:
             table.add_row(name, status)
