@@ -5,7 +5,6 @@ calibration data for int8) into artifacts that a runtime adapter in `edgekit.age
 Adding a backend is adding a module here with one `Backend` subclass; its heavy imports stay inside methods.
 """
 
-import importlib.util
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pydantic import ValidationError
 from edgekit.calibration import SampleSet
 from edgekit.errors import BadInput
 from edgekit.intake import PreparedModel
-from edgekit.plugins import discover
+from edgekit.plugins import discover, installed
 from edgekit.profiles import Profile
 from edgekit.progress import Progress
 from edgekit.schema import Precision, StrictModel, describe_validation_error
@@ -56,7 +55,7 @@ class Backend(ABC):
 
     @classmethod
     def available(cls) -> bool:
-        return importlib.util.find_spec(cls.module) is not None
+        return installed(cls.module)
 
     def parse_options(self, options: dict[str, Any], where: str) -> BackendOptions:
         try:

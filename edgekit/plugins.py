@@ -5,6 +5,7 @@ methods, so discovery stays fast and works where those libraries are not install
 """
 
 import importlib
+import importlib.util
 import pkgutil
 from types import ModuleType
 from typing import TypeVar
@@ -23,3 +24,8 @@ def discover(package: ModuleType, base: type[T]) -> dict[str, type[T]]:
             if isinstance(value, type) and issubclass(value, base) and value.__module__ == module.__name__:
                 found[value.name] = value
     return found
+
+
+def installed(module: str) -> bool:
+    """Whether a plugin's library can be imported here, without importing it."""
+    return importlib.util.find_spec(module) is not None

@@ -35,7 +35,3 @@ class CompileReport(StrictModel):
     reference: ReferenceReport
     candidates: list[CandidateReport]
     bundle: str | None = None
-
-    @property
-    def chosen(self) -> CandidateReport | None:
-        return next((c for c in self.candidates if c.status == "chosen"), None)

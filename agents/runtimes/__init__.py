@@ -3,7 +3,6 @@
 The compiler's verifier uses these same adapters on the host, so what is verified is what the device runs.
 """
 
-import importlib.util
 import sys
 from abc import ABC, abstractmethod
 from functools import cache
@@ -13,7 +12,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from edgekit.errors import BadInput, OperationFailed
-from edgekit.plugins import discover
+from edgekit.plugins import discover, installed
 
 
 class Session(Protocol):
@@ -29,11 +28,7 @@ class Runtime(ABC):
 
     @classmethod
     def available(cls) -> bool:
-        return importlib.util.find_spec(cls.module) is not None
-
-    @classmethod
-    def version(cls) -> str:
-        return importlib.import_module(cls.module).__version__
+        return installed(cls.module)
 
     @abstractmethod
     def load(self, model: Path, target: dict[str, Any], threads: int | None = None) -> Session:

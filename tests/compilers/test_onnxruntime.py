@@ -102,3 +102,27 @@ def test_compile_reports_every_candidate(cli, tmp_path, small_cnn_model, small_c
             m = c["metrics"]
             assert m["latency_p50_ms"] > 0 and m["cosine"] > 0.9 and m["param_bytes"] > 0
             assert m["data"] == "held-out calibration split" and m["samples"] == 8
+
+
+def test_no_passing_candidate_fails_with_the_table(cli, tmp_path, small_cnn_model):
+    out = tmp_path / "never.ekb"
+    result = cli(
+        "compile",
+        small_cnn_model,
+        "-p",
+        "x86-64-avx2",
+        "--backend",
+        "onnxruntime",
+        "--precision",
+        "fp32",
+        "--min-cosine",
+        "1.01",
+        "--bench-seconds",
+        "0.05",
+        "-o",
+        out,
+    )
+    assert result.exit_code == 1
+    assert "rejected" in result.stdout and "cosine" in result.stdout
+    assert "no candidate built and passed verification" in result.stderr
+    assert not out.exists()
