@@ -39,12 +39,25 @@ class BuildRequest:
 
 
 @dataclass(frozen=True)
+class HostStandIn:
+    """What the verifier runs on the workstation when the device artifact itself cannot run here
+    (e.g. the int8 TFLite that vela compiled for an Ethos-U NPU)."""
+
+    entrypoint: Path
+    runtime: str
+    target: dict[str, Any]
+    note: str
+
+
+@dataclass(frozen=True)
 class BuildResult:
     entrypoint: Path
     runtime: str
     target: dict[str, Any]
     param_bytes: int
-    notes: list[str] = field(default_factory=list)
+    host_stand_in: HostStandIn | None = None
+    details: dict[str, Any] = field(default_factory=dict)  # backend facts for the report, e.g. NPU op counts
+    unfit: list[str] = field(default_factory=list)  # why the build cannot serve the device, e.g. SRAM overflow
 
 
 class Backend(ABC):

@@ -76,5 +76,6 @@ class Manifest(StrictModel):
     files: list[FileEntry]
     compiler: dict[str, str] = Field(description="Versions of edgekit and every tool that produced the artifacts")
     verification: Metrics
+    build_details: dict[str, Any] = Field(default_factory=dict, description="Backend facts, e.g. NPU op placement")
     selftest: SelfTest
     signing_key_id: str

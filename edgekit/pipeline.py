@@ -17,7 +17,7 @@ from edgekit import __version__
 from edgekit.agents.runtimes import Session, get_runtime
 from edgekit.bundle import file_entries, write_bundle
 from edgekit.calibration import SampleSet, load_samples, resolve_preprocessing, synthetic_samples
-from edgekit.compilers import Backend, BuildRequest, BuildResult, backends
+from edgekit.compilers import Backend, BuildRequest, BuildResult, HostStandIn, backends
 from edgekit.errors import BadInput, OperationFailed
 from edgekit.intake import PreparedModel, prepare_model
 from edgekit.manifest import Manifest, Metrics, SelfTest
@@ -49,8 +49,8 @@ class CompileRequest:
     name: str | None = None
     version: str = "0.1.0"
     holdout_fraction: float = 0.2
-    min_cosine: float = 0.99
-    min_top1: float = 0.97
+    max_accuracy_drop: float = 1.0  # top-1 points, for classifiers
+    min_cosine: float = 0.999  # for other outputs
     bench_seconds: float = 2.0
     threads: int | None = None
 
@@ -161,17 +161,15 @@ class _Verifier:
         return float(np.mean(outputs[0].argmax(axis=1) == self.labels))
 
     def verify(self, built: _Built) -> Metrics:
-        runtime = get_runtime(built.result.runtime)
+        stand_in = built.result.host_stand_in
+        run = stand_in or built.result
         with peak_memory() as peak:
-            session = runtime.load(built.result.entrypoint, built.result.target, self.request.threads)
+            session = get_runtime(run.runtime).load(run.entrypoint, run.target, self.request.threads)
             built.outputs = run_batches(session, self.feeds)
         agreement = compare(self.reference_outputs, built.outputs)
         latency = self.latency(session)
-        where = f"host {host_arch()} {session.device}"
-        if not self.request.profile.runs_on_this_host():
-            where += f" (stand-in for the {self.request.profile.cpu.arch} device)"
         return Metrics(
-            verified_on=where,
+            verified_on=self._where(session, built.result, stand_in),
             samples=sum(len(next(iter(f.values()))) for f in self.feeds),
             data=self.data,
             max_abs_error=agreement.max_abs_error,
@@ -189,12 +187,33 @@ class _Verifier:
             reference_param_bytes=self.reference.param_bytes,
         )
 
+    def _where(self, session: Session, result: BuildResult, stand_in: HostStandIn | None) -> str:
+        """Say exactly what ran, and what about the device it does not show."""
+        where = f"host {host_arch()} {session.device}"
+        if stand_in is not None:
+            return f"{where}: {stand_in.note}"
+        if not self.request.profile.runs_on_this_host():
+            return f"{where} (stand-in for the {self.request.profile.cpu.arch} device)"
+        asked = result.target.get("device")
+        if asked and asked.split(":")[-1].split(",")[0] not in session.device:
+            return f"{where} (the device asks for {asked}; not present here)"
+        return where
+
     def gate(self, metrics: Metrics) -> str | None:
-        """Why a candidate is too far from the reference to ship, or None."""
+        """Why a candidate is outside the accuracy budget, or None."""
+        budget = self.request.max_accuracy_drop
+        if metrics.top1_agreement is not None:
+            if metrics.accuracy is not None and metrics.reference_accuracy is not None:
+                drop = (metrics.reference_accuracy - metrics.accuracy) * 100
+                return f"top-1 accuracy drops {drop:.2f} points (budget {budget})" if drop > budget else None
+            disagree = (1 - metrics.top1_agreement) * 100
+            return (
+                f"top-1 differs from fp32 on {disagree:.2f}% of samples (budget {budget})"
+                if disagree > budget
+                else None
+            )
         if metrics.cosine is not None and metrics.cosine < self.request.min_cosine:
-            return f"cosine {metrics.cosine:.4f} < {self.request.min_cosine}"
-        if metrics.top1_agreement is not None and metrics.top1_agreement < self.request.min_top1:
-            return f"top-1 agreement {metrics.top1_agreement:.3f} < {self.request.min_top1}"
+            return f"cosine {metrics.cosine:.5f} < {self.request.min_cosine}"
         return None
 
 
@@ -250,9 +269,14 @@ def _build_and_verify(
     except Exception as error:
         log.debug("verification failed", exc_info=True)
         return built.report.model_copy(update={"status": "failed", "reason": f"run: {_one_line(error)}"})
-    rejected = verifier.gate(metrics)
+    problems = [p for p in (verifier.gate(metrics), *result.unfit) if p]
     built.report = built.report.model_copy(
-        update={"metrics": metrics, "status": "rejected" if rejected else "passed", "reason": rejected or ""}
+        update={
+            "metrics": metrics,
+            "details": result.details,
+            "status": "rejected" if problems else "passed",
+            "reason": "; ".join(problems),
+        }
     )
     return built
 
@@ -270,14 +294,32 @@ def _remove_intermediates(artifacts: Path, entrypoint: Path) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _choose(built: list[_Built], profile: Profile) -> _Built | None:
-    """Fastest passing candidate when host timings speak for the device; else the profile's own order."""
+def _rank(built: list[_Built], profile: Profile) -> str:
+    """Rank the passing candidates (rank 1 is chosen), tell each loser why it lost, and return the basis."""
     passed = [b for b in built if b.report.status == "passed"]
-    if not passed:
-        return None
-    if profile.runs_on_this_host():
-        return min(passed, key=lambda b: b.report.metrics.latency_p50_ms)
-    return passed[0]
+    native = profile.runs_on_this_host() and profile.accelerator.kind == "none"
+    if native:
+        passed.sort(key=lambda b: b.report.metrics.latency_p50_ms)
+        basis = "fastest host p50 within the accuracy budget (this host has the device's CPU architecture)"
+    else:
+        missing = f"{profile.accelerator.kind} {profile.accelerator.arch}" if profile.accelerator.kind != "none" else ""
+        hardware = missing or f"{profile.cpu.arch} CPU"
+        basis = (
+            f"profile order within the accuracy budget: this {host_arch()} host has no {hardware}, "
+            "so device latency was not measured"
+        )
+    for rank, b in enumerate(passed, 1):
+        update: dict = {"rank": rank, "status": "chosen" if rank == 1 else "passed"}
+        if rank > 1:
+            winner = passed[0].report
+            update["reason"] = (
+                f"slower: p50 {b.report.metrics.latency_p50_ms:.3f} ms vs {winner.backend} {winner.precision} "
+                f"{winner.metrics.latency_p50_ms:.3f} ms"
+                if native
+                else f"after {winner.backend} {winner.precision} in the profile's order"
+            )
+        b.report = b.report.model_copy(update=update)
+    return basis
 
 
 def _package(
@@ -319,6 +361,7 @@ def _package(
         files=file_entries(root),
         compiler={"edgekit": __version__, **chosen.plan.backend.versions()},
         verification=chosen.report.metrics,
+        build_details=chosen.result.details,
         selftest=SelfTest(file="selftest/vectors.npz", count=count, atol=atol, rtol=rtol),
         signing_key_id=key_id(private_key.public_key()),
     )
@@ -347,14 +390,14 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
                 continue
             outcomes.append(_build_and_verify(plan, index, request, model, calibration, verifier, workdir, progress))
         built = [o for o in outcomes if isinstance(o, _Built)]
-        chosen = _choose(built, request.profile)
-        if chosen is not None:
-            chosen.report = chosen.report.model_copy(update={"status": "chosen"})
+        ranking = _rank(built, request.profile)
+        chosen = next((b for b in built if b.report.status == "chosen"), None)
         report = CompileReport(
             model=str(request.model),
             profile=request.profile.name,
             host=f"{host_arch()}",
             data=f"{data} ({len(held_out)} samples)",
+            ranking=ranking,
             reference=verifier.reference,
             candidates=[o.report if isinstance(o, _Built) else o for o in outcomes],
         )

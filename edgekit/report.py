@@ -1,6 +1,8 @@
 """The compile report: every candidate tried, why it was kept or not, and how it measured. Also report.json."""
 
-from typing import Literal
+from typing import Any, Literal
+
+from pydantic import Field
 
 from edgekit.manifest import Metrics
 from edgekit.schema import Precision, StrictModel
@@ -14,7 +16,9 @@ class CandidateReport(StrictModel):
     status: Status
     reason: str = ""
     build_seconds: float | None = None
+    rank: int | None = Field(None, description="1 is the chosen candidate; only passing candidates are ranked")
     metrics: Metrics | None = None
+    details: dict[str, Any] = Field(default_factory=dict, description="Backend facts, e.g. NPU/CPU op placement")
 
 
 class ReferenceReport(StrictModel):
@@ -32,6 +36,7 @@ class CompileReport(StrictModel):
     profile: str
     host: str
     data: str
+    ranking: str = Field("", description="How passing candidates were ranked, and what could not be measured")
     reference: ReferenceReport
     candidates: list[CandidateReport]
     bundle: str | None = None

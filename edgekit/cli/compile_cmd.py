@@ -57,12 +57,16 @@ def compile_command(
     ] = None,
     name: Annotated[Optional[str], typer.Option(help="Bundle name [default: model file name].")] = None,
     bundle_version: Annotated[str, typer.Option(help="Bundle semver version.")] = "0.1.0",
+    max_accuracy_drop: Annotated[
+        float,
+        typer.Option(
+            help="Classifiers: reject a candidate whose top-1 accuracy (with labels) or top-1 agreement with fp32 "
+            "(without) is more than this many points below fp32."
+        ),
+    ] = 1.0,
     min_cosine: Annotated[
-        float, typer.Option(help="Reject candidates whose outputs' cosine to fp32 is below this.")
-    ] = 0.99,
-    min_top1: Annotated[
-        float, typer.Option(help="Reject classifiers whose top-1 agreement with fp32 is below this.")
-    ] = 0.97,
+        float, typer.Option(help="Other models: reject a candidate whose outputs' cosine to fp32 is below this.")
+    ] = 0.999,
     bench_seconds: Annotated[float, typer.Option(help="Seconds of latency measurement per candidate.")] = 2.0,
     threads: Annotated[
         Optional[int], typer.Option(help="Runtime threads on this host [default: runtime's choice].")
@@ -101,8 +105,8 @@ def compile_command(
         sign_key=sign_key,
         name=name,
         version=bundle_version,
+        max_accuracy_drop=max_accuracy_drop,
         min_cosine=min_cosine,
-        min_top1=min_top1,
         bench_seconds=bench_seconds,
         threads=threads,
     )

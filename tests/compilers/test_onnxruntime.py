@@ -115,14 +115,14 @@ def test_no_passing_candidate_fails_with_the_table(cli, tmp_path, small_cnn_mode
         "onnxruntime",
         "--precision",
         "fp32",
-        "--min-cosine",
-        "1.01",
+        "--max-accuracy-drop",
+        "-1",
         "--bench-seconds",
         "0.05",
         "-o",
         out,
     )
     assert result.exit_code == 1
-    assert "rejected" in result.stdout and "cosine" in result.stdout
+    assert "rejected" in result.stdout and "top-1 differs from fp32" in result.stdout
     assert "no candidate built and passed verification" in result.stderr
     assert not out.exists()
