@@ -63,6 +63,7 @@ class BuildResult:
 class Backend(ABC):
     name: ClassVar[str]
     module: ClassVar[str]  # import name the build needs
+    extra: ClassVar[str] = "compile"  # the pip extra that installs it
     precisions: ClassVar[frozenset[str]]
     Options: ClassVar[type[BackendOptions]] = BackendOptions
 

@@ -53,12 +53,16 @@ def write_bundle(root: Path, manifest: Manifest, private_key: Ed25519PrivateKey,
     manifest_bytes = manifest.model_dump_json(indent=2).encode()
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    with tarfile.open(partial, "w") as tar:
-        _add_bytes(tar, MANIFEST_FILE, manifest_bytes)
-        _add_bytes(tar, SIGNATURE_FILE, sign(private_key, manifest_bytes))
-        for entry in manifest.files:
-            _add_bytes(tar, entry.path, (root / entry.path).read_bytes())
-    partial.replace(out)
+    try:
+        with tarfile.open(partial, "w") as tar:
+            _add_bytes(tar, MANIFEST_FILE, manifest_bytes)
+            _add_bytes(tar, SIGNATURE_FILE, sign(private_key, manifest_bytes))
+            for entry in manifest.files:
+                _add_bytes(tar, entry.path, (root / entry.path).read_bytes())
+        partial.replace(out)
+    finally:
+        # Interrupted (Ctrl-C) or failed: never leave a half-written bundle behind.
+        partial.unlink(missing_ok=True)
 
 
 def unpack(bundle: Path, dest: Path) -> None:

@@ -32,6 +32,7 @@ from edgekit.signing import default_signing_key, key_id, load_private_key
 log = logging.getLogger(__name__)
 
 SYNTHETIC_SAMPLES = 16
+PRECISION_PREFERENCE = ("int8", "fp16", "fp32")
 SELFTEST_BATCHES = 4
 
 
@@ -91,7 +92,13 @@ def plan_candidates(request: CompileRequest) -> list[_Plan]:
         if (request.precision in (None, c.precision)) and request.backend in ("auto", c.backend)
     ]
     if not wanted and request.backend != "auto":
-        wanted = [Candidate(backend=request.backend, precision=request.precision or "fp32")]
+        # A backend the profile does not list: try it at the asked precision, or at each it builds.
+        offered = (
+            [request.precision]
+            if request.precision
+            else [p for p in PRECISION_PREFERENCE if p in known[request.backend].precisions]
+        )
+        wanted = [Candidate(backend=request.backend, precision=p) for p in offered]
     if not wanted:
         listed = ", ".join(f"{c.backend}/{c.precision}" for c in profile.candidates)
         raise BadInput(f"profile {profile.name} has no {request.precision} candidate (it lists: {listed})")
@@ -108,7 +115,11 @@ def _plan_one(request: CompileRequest, index: int, candidate: Candidate, known: 
     if backend_class is None:
         return _Plan(candidate, None, f"this edgekit has no '{candidate.backend}' backend")
     if not backend_class.available():
-        return _Plan(candidate, None, f"needs Python package '{backend_class.module}' (pip install 'edgekit[compile]')")
+        return _Plan(
+            candidate,
+            None,
+            f"needs Python package '{backend_class.module}' (pip install 'edgekit[{backend_class.extra}]')",
+        )
     backend = backend_class()
     backend.parse_options(candidate.options, f"profile {request.profile.name}: candidate #{index + 1}")
     reason = backend.unsupported_reason(request.profile, candidate.precision)

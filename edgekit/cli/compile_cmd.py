@@ -78,7 +78,7 @@ def compile_command(
     The model is checked and simplified; int8 candidates are calibrated on --calibration data, of which 20% is
     held out: every candidate runs on it on this host and is compared with the ONNX Runtime fp32 reference.
     """
-    from edgekit.cli.render import compile_table
+    from edgekit.cli.render import compile_report
     from edgekit.errors import BadInput
     from edgekit.intake import parse_shape_overrides
     from edgekit.pipeline import CompileFailed, CompileRequest, compile_model
@@ -114,14 +114,14 @@ def compile_command(
         with RichProgress() as progress:
             report, manifest = compile_model(request, progress)
     except CompileFailed as failure:
-        (err_console if json else console).print(compile_table(failure.report))
+        (err_console if json else console).print(compile_report(failure.report))
         if json:
             print_json(failure.report.model_dump_json(indent=2))
         raise
     if json:
         print_json(report.model_dump_json(indent=2))
         return
-    console.print(compile_table(report))
+    console.print(compile_report(report))
     console.print(
         f"[bold green]wrote[/] {request.out}: {manifest.backend} {manifest.precision}, "
         f"signed by key {manifest.signing_key_id}"

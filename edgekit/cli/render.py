@@ -1,7 +1,11 @@
 """Human-readable tables for compile reports, manifests and benchmarks."""
 
+from typing import Any
+
+from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from edgekit.manifest import Manifest
 from edgekit.report import CompileReport
@@ -21,6 +25,29 @@ def _size(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def _details_line(details: dict[str, Any]) -> str:
+    """One line of backend facts; vela's NPU placement and estimates get a readable summary."""
+    if "npu_ops" in details:
+        line = (
+            f"{details['npu_ops']} ops on the NPU, {details['cpu_ops']} on the CPU; "
+            f"SRAM {details['sram_kib']:.0f} KiB, flash {details['flash_kib']:.0f} KiB; "
+            f"vela estimate {details['estimated_inference_ms']:.2f} ms "
+            f"({details['npu_cycles']} cycles, {details['system_config']})"
+        )
+        if details["cpu_fallback"]:
+            line += "; CPU fallback: " + ", ".join(details["cpu_fallback"])
+        return line
+    return ", ".join(f"{key} {value}" for key, value in details.items())
+
+
+def compile_report(report: CompileReport) -> Group:
+    """The candidate table, then backend facts per candidate and how the winner was picked."""
+    notes = [Text(f"{c.backend} {c.precision}: {_details_line(c.details)}") for c in report.candidates if c.details]
+    if report.ranking:
+        notes.append(Text(f"ranking: {report.ranking}", style="dim"))
+    return Group(compile_table(report), *notes)
 
 
 def compile_table(report: CompileReport) -> Table:
@@ -87,6 +114,7 @@ def manifest_table(manifest: Manifest) -> Table:
         f"(fp32 {_size(v.reference_param_bytes)}, {v.compression_ratio:.2f}x smaller)",
         "self-test": f"{manifest.selftest.count} vectors, atol {manifest.selftest.atol:.3g}",
         "compiler": ", ".join(f"{k} {val}" for k, val in manifest.compiler.items()),
+        "build": _details_line(manifest.build_details) if manifest.build_details else "-",
         "signed by": f"key {manifest.signing_key_id}",
         "files": "\n".join(f"{f.path}  {_size(f.size)}  {f.sha256[:16]}…" for f in manifest.files),
     }

@@ -1,0 +1,66 @@
+"""LiteRT adapter: runs `.tflite` with `ai-edge-litert` or the older `tflite-runtime`, whichever is installed.
+
+Integer-quantized inputs and outputs are (de)quantized here with each tensor's scale and zero point, so callers
+always exchange float32 tensors in the ONNX model's layout and order.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.agents.runtimes import Runtime
+from edgekit.plugins import installed
+
+
+def _interpreter_class():
+    if installed("ai_edge_litert"):
+        from ai_edge_litert.interpreter import Interpreter
+    else:
+        from tflite_runtime.interpreter import Interpreter
+    return Interpreter
+
+
+def _quantize(array: np.ndarray, detail: dict) -> np.ndarray:
+    if detail["dtype"] == np.float32:
+        return array.astype(np.float32, copy=False)
+    scale, zero_point = detail["quantization"]
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.round(array / scale + zero_point), info.min, info.max).astype(detail["dtype"])
+
+
+def _dequantize(array: np.ndarray, detail: dict) -> np.ndarray:
+    if detail["dtype"] == np.float32:
+        return array
+    scale, zero_point = detail["quantization"]
+    return (array.astype(np.float32) - zero_point) * scale
+
+
+class LiteSession:
+    def __init__(self, interpreter, device: str) -> None:
+        self._interpreter = interpreter
+        self._inputs = interpreter.get_input_details()
+        self._outputs = interpreter.get_output_details()
+        self.device = device
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        # onnx2tf keeps the ONNX input/output order; names are not kept without flatc, so match by position.
+        for detail, array in zip(self._inputs, feeds.values(), strict=True):
+            self._interpreter.set_tensor(detail["index"], _quantize(array, detail))
+        self._interpreter.invoke()
+        return [_dequantize(self._interpreter.get_tensor(d["index"]), d) for d in self._outputs]
+
+
+class LiteRt(Runtime):
+    name = "litert"
+    module = "ai_edge_litert"
+
+    @classmethod
+    def available(cls) -> bool:
+        return installed("ai_edge_litert") or installed("tflite_runtime")
+
+    def load(self, model: Path, target: dict[str, Any], threads: int | None = None) -> LiteSession:
+        interpreter = _interpreter_class()(model_path=str(model), num_threads=threads or os.cpu_count())
+        interpreter.allocate_tensors()
+        return LiteSession(interpreter, "litert XNNPACK CPU")
