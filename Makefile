@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS := compile,agent,dev
+EXTRAS := compile,agent,tflite,dev
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma  := ,
 # pytest-xdist workers: CI machines have 2 cores.
@@ -22,11 +22,12 @@ $(STAMP): setup.py
 demo: install
 	$(BIN)/python examples/demo.py
 
+# Tests run with networking unavailable (tests/offline) to prove nothing downloads at run time.
 test: install
-	$(BIN)/python -m pytest -m "not slow" -n $(WORKERS)
+	tests/offline $(BIN)/python -m pytest -m "not slow" -n $(WORKERS)
 
 test-all: install
-	$(BIN)/python -m pytest -n $(WORKERS)
+	tests/offline $(BIN)/python -m pytest -n $(WORKERS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -39,7 +39,16 @@ EXTRAS = {
     # Device side: runtimes only, never the compiler stack.
     "agent": [*RUNTIME_ORT, "paho-mqtt>=2.0", "pyserial>=3.5", "opencv-python-headless>=4.8"],
     "hub": ["fastapi>=0.110", "uvicorn>=0.29", "sqlalchemy>=2.0", "amqtt>=0.11", "paho-mqtt>=2.0"],
-    "tflite": ["tensorflow-cpu>=2.15", "onnx2tf>=1.20", "tf_keras>=2.15", "ai-edge-litert>=1.0", "ethos-u-vela>=4.0"],
+    # onnx2tf imports onnx_graphsurgeon and sng4onnx without declaring them.
+    "tflite": [
+        "tensorflow-cpu>=2.15",
+        "tf_keras>=2.15",
+        "onnx2tf>=1.20",
+        "onnx-graphsurgeon>=0.5",
+        "sng4onnx>=1.0",
+        "ai-edge-litert>=1.0",
+        "ethos-u-vela>=4.0",
+    ],
     "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "scikit-learn>=1.4"],
 }
 EXTRAS["all"] = sorted({req for name in ("compile", "agent", "hub", "tflite") for req in EXTRAS[name]})

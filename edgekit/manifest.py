@@ -46,8 +46,11 @@ class Metrics(StrictModel):
     reference_param_bytes: int
 
     @property
-    def compression_ratio(self) -> float:
-        return self.reference_param_bytes / self.param_bytes if self.param_bytes else 0.0
+    def compression_ratio(self) -> float | None:
+        """fp32 weight bytes over this candidate's; None for a model without weights."""
+        return (
+            self.reference_param_bytes / self.param_bytes if self.param_bytes and self.reference_param_bytes else None
+        )
 
 
 class SelfTest(StrictModel):

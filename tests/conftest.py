@@ -60,3 +60,17 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("digits")
     subprocess.run([sys.executable, str(REPO / "examples" / "digits" / "train.py"), str(out)], check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def mobilenet_small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model, calibration .npz): MobileNetV2 architecture at width 0.35 and 96x96, random weights."""
+    import onnx
+
+    from edgekit.synthetic import mobilenet_v2
+
+    folder = tmp_path_factory.mktemp("mobilenet")
+    onnx.save(mobilenet_v2(resolution=96, width=0.35), str(folder / "mobilenet_v2.onnx"))
+    images = np.random.default_rng(2).random((30, 3, 96, 96), dtype=np.float32)
+    np.savez(folder / "calibration.npz", input=images)
+    return folder / "mobilenet_v2.onnx", folder / "calibration.npz"

@@ -170,3 +170,46 @@ def test_keys_generate_refuses_to_overwrite(cli, tmp_path):
     assert first.exit_code == 0
     assert (tmp_path / "k" / "edgekit.key").stat().st_mode & 0o777 == 0o600
     assert_user_error(cli("keys", "generate", tmp_path / "k"), "already exists")
+
+
+def test_interrupted_write_leaves_no_bundle(monkeypatch, tmp_path, signed):
+    """Ctrl-C while the bundle is being written: neither the bundle nor a partial file remains."""
+    import edgekit.bundle as bundle_module
+    from edgekit.bundle import open_bundle, write_bundle
+    from edgekit.signing import load_private_key
+
+    root = tmp_path / "root"
+    manifest = open_bundle(signed[0], root, trust_key=None)
+    calls = []
+
+    def interrupt_on_second(tar, name, data):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        original(tar, name, data)
+
+    original = bundle_module._add_bytes
+    monkeypatch.setattr(bundle_module, "_add_bytes", interrupt_on_second)
+    out = tmp_path / "out.ekb"
+    key = generate_keypair(tmp_path / "k")[0]
+    with pytest.raises(KeyboardInterrupt):
+        write_bundle(root, manifest, load_private_key(key), out)
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_ctrl_c_during_compile_exits_130_and_leaves_nothing(tmp_path, small_cnn_model, small_cnn_calibration):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    edgekit = Path(sys.executable).with_name("edgekit")
+    out = tmp_path / "never.ekb"
+    command = [edgekit, "compile", small_cnn_model, "-p", "x86-64-avx2", "--calibration", small_cnn_calibration]
+    process = subprocess.Popen([*command, "-o", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)  # well inside the build: it runs every x86 candidate
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))

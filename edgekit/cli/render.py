@@ -84,7 +84,7 @@ def compile_table(report: CompileReport) -> Table:
         table.add_row(
             name,
             status,
-            f"{_size(m.model_bytes)} ({m.compression_ratio:.1f}x)",
+            f"{_size(m.model_bytes)} ({_num(m.compression_ratio, '.1f')}x)",
             f"{_num(m.max_abs_error, '.1e')} / {_num(m.cosine, '.4f')}",
             f"{_num(m.top1_agreement, '.3f')} / {_num(m.accuracy, '.3f')}",
             f"{_num(m.latency_p50_ms, '.3f')} / {_num(m.latency_p95_ms, '.3f')}",
@@ -111,7 +111,7 @@ def manifest_table(manifest: Manifest) -> Table:
         f"(fp32 {_num(v.reference_accuracy, '.4f')})",
         "latency": f"p50 {_num(v.latency_p50_ms, '.3f')} ms, p95 {_num(v.latency_p95_ms, '.3f')} ms",
         "size": f"{_size(v.model_bytes)} artifacts, params {_size(v.param_bytes)} "
-        f"(fp32 {_size(v.reference_param_bytes)}, {v.compression_ratio:.2f}x smaller)",
+        f"(fp32 {_size(v.reference_param_bytes)}, {_num(v.compression_ratio, '.2f')}x smaller)",
         "self-test": f"{manifest.selftest.count} vectors, atol {manifest.selftest.atol:.3g}",
         "compiler": ", ".join(f"{k} {val}" for k, val in manifest.compiler.items()),
         "build": _details_line(manifest.build_details) if manifest.build_details else "-",

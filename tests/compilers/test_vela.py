@@ -1,0 +1,86 @@
+"""Ethos-U backend: vela on full-integer TFLite, NPU/CPU placement and memory reported, verified via a stand-in."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from onnx import helper
+
+from edgekit.compilers import backends
+from edgekit.profiles import load_profile
+
+
+def compile_json(cli, model: Path, calibration: Path, profile: str | Path, out: Path) -> dict:
+    # Random weights: agreement is reported, not gated, since these tests are about NPU placement.
+    result = cli("compile", model, "-p", profile, "--calibration", calibration, "--max-accuracy-drop", "100",
+                 "--bench-seconds", "0.05", "-o", out, "--json")  # fmt: skip
+    assert result.exit_code in (0, 1), result.output
+    return json.loads(result.stdout)
+
+
+def test_mobilenet_runs_entirely_on_the_ethos_u55(cli, mobilenet_small, tmp_path):
+    model, calibration = mobilenet_small
+    bundle = tmp_path / "mnv2-u55.ekb"
+    report = compile_json(cli, model, calibration, "ethos-u55", bundle)
+    chosen = report["candidates"][0]
+    assert chosen["status"] == "chosen", chosen
+    details = chosen["details"]
+    assert details["npu_ops"] > 50 and details["cpu_ops"] == 0 and details["cpu_fallback"] == []
+    assert details["sram_kib"] > 0 and details["flash_kib"] > 0 and details["npu_cycles"] > 0
+    assert "pre-vela int8 TFLite" in chosen["metrics"]["verified_on"]
+    assert "no npu ethos-u55-128" in report["ranking"]
+    manifest = json.loads(cli("inspect", bundle, "--json").stdout)
+    assert manifest["runtime"] == "ethos-u" and manifest["entrypoint"] == "artifacts/model_vela.tflite"
+    assert manifest["target"]["accelerator"] == "ethos-u55-128"
+    assert manifest["build_details"]["npu_ops"] == details["npu_ops"]
+    text = cli("compile", model, "-p", "ethos-u55", "--calibration", calibration, "--max-accuracy-drop", "100",
+               "--bench-seconds", "0.05", "-o", tmp_path / "again.ekb").stdout  # fmt: skip
+    assert f"{details['npu_ops']} ops on the NPU, 0 on the CPU" in text
+
+
+def with_sin(model_path: Path, out: Path) -> Path:
+    """The same network with a Sin after the first activation: an op Ethos-U55 cannot run."""
+    model = onnx.load(str(model_path))
+    clip = next(n for n in model.graph.node if n.op_type == "Clip")
+    original = clip.output[0]
+    clip.output[0] = f"{original}_pre_sin"
+    index = list(model.graph.node).index(clip)
+    model.graph.node.insert(index + 1, helper.make_node("Sin", [clip.output[0]], [original], name="wave"))
+    onnx.save(model, str(out))
+    return out
+
+
+def test_unsupported_op_is_listed_as_cpu_fallback(cli, small_cnn_model, small_cnn_calibration, tmp_path):
+    model = with_sin(small_cnn_model, tmp_path / "sin.onnx")
+    report = compile_json(cli, model, small_cnn_calibration, "ethos-u55", tmp_path / "sin.ekb")
+    details = report["candidates"][0]["details"]
+    assert details["cpu_ops"] >= 1
+    assert any(entry.startswith("SIN ") for entry in details["cpu_fallback"]), details["cpu_fallback"]
+
+
+def test_sram_overflow_marks_the_build_unfit(cli, mobilenet_small, tmp_path):
+    model, calibration = mobilenet_small
+    tiny = load_profile("ethos-u55").model_dump(mode="json") | {"name": "tiny-u55"}
+    tiny["memory"] = {"ram_mb": 1, "sram_kb": 16, "flash_kb": 4096}
+    profile = tmp_path / "tiny-u55.yaml"
+    profile.write_text(yaml.safe_dump(tiny))
+    report = compile_json(cli, model, calibration, profile, tmp_path / "tiny.ekb")
+    candidate = report["candidates"][0]
+    assert candidate["status"] == "rejected"
+    assert "KiB SRAM, tiny-u55 has 16" in candidate["reason"]
+    assert not (tmp_path / "tiny.ekb").exists()
+
+
+@pytest.mark.parametrize("profile", ["x86-64-avx2", "rpi4", "jetson-nano"])
+def test_vela_only_targets_ethos_u(profile):
+    assert "Ethos-U" in backends()["vela"]().unsupported_reason(load_profile(profile), "int8")
+
+
+def test_vela_stand_in_uses_integer_io(cli, small_cnn_model, small_cnn_calibration, tmp_path):
+    """The stand-in has int8 input/output tensors; the LiteRT adapter quantizes and dequantizes around them."""
+    report = compile_json(cli, small_cnn_model, small_cnn_calibration, "ethos-u55", tmp_path / "s.ekb")
+    metrics = report["candidates"][0]["metrics"]
+    assert metrics["cosine"] > 0.95 and np.isfinite(metrics["max_abs_error"])
