@@ -1,12 +1,12 @@
 """Every candidate bundle for a MobileNetV2-224 model vs plain ONNX Runtime fp32, measured side by side.
 
 Each candidate is compiled into a real bundle (`edgekit compile --backend B --precision P`), then all bundles
-and the ORT fp32 baseline are loaded together and timed in interleaved rounds, so drift on a shared machine
-hits every candidate alike. The model is generated in code (random weights, exact MobileNetV2 architecture)
-and calibrated on synthetic images: speed numbers are representative; agreement only shows the quantizer works.
+and the ORT fp32 baseline are loaded together and timed in interleaved rounds (see `interleaved`). The model is
+generated in code (random weights, exact MobileNetV2 architecture) and calibrated on synthetic images: speed
+numbers are representative; agreement only shows the quantizer works.
 Target (issue #2): best int8 candidate <= 0.40x ONNX Runtime fp32 latency.
 
-    python benchmarks/compile_bench.py [--profile x86-64-avx512] [--rounds 5] [--seconds 1]
+    python benchmarks/compile_bench.py [--profile x86-64-avx512] [--rounds 10] [--block 0.5]
 """
 
 import argparse
@@ -19,7 +19,7 @@ import onnx
 from rich.console import Console
 from rich.table import Table
 
-from edgekit.agents.runtimes import get_runtime
+from edgekit.agents.runtimes import Session, get_runtime
 from edgekit.bundle import open_bundle
 from edgekit.measure import measure_latency
 from edgekit.pipeline import CompileRequest, compile_model
@@ -60,20 +60,28 @@ def compile_candidates(work: Path, profile: str, progress: RichProgress) -> list
     return built
 
 
-def interleaved_p50(sessions: dict[str, object], feed: dict, rounds: int, seconds: float) -> dict[str, float]:
-    """Median over rounds of each session's per-round p50; every round visits every session."""
+def interleaved(sessions: dict[str, Session], feed: dict, baseline: str, rounds: int, block: float):
+    """Per session: (median p50 over rounds, median ratio to the baseline's p50 in the same round).
+
+    Each round times every session for `block` seconds in turn. Blocks, not single inferences, because the
+    runtimes' thread pools keep spinning briefly after a call and would slow whichever runtime runs next;
+    same-round ratios, because load from elsewhere on a shared machine drifts between rounds."""
     per_round: dict[str, list[float]] = {label: [] for label in sessions}
     for _ in range(rounds):
         for label, session in sessions.items():
-            per_round[label].append(measure_latency(lambda s=session: s.run(feed), max_seconds=seconds).p50_ms)
-    return {label: float(np.median(values)) for label, values in per_round.items()}
+            per_round[label].append(measure_latency(lambda s=session: s.run(feed), max_seconds=block).p50_ms)
+    ratios = {
+        label: float(np.median(np.asarray(values) / np.asarray(per_round[baseline])))
+        for label, values in per_round.items()
+    }
+    return {label: (float(np.median(values)), ratios[label]) for label, values in per_round.items()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="x86-64-avx512")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=1.0, help="per candidate per round")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--block", type=float, default=0.5, help="seconds per candidate per round")
     parser.add_argument("--samples", type=int, default=64, help="synthetic calibration images")
     args = parser.parse_args()
     console = Console(width=120)
@@ -92,21 +100,18 @@ def main() -> int:
             sessions[label] = get_runtime(manifest.runtime).load(root / manifest.entrypoint, manifest.target)
             sizes[label] = sum(f.size for f in manifest.files if f.path.startswith("artifacts/"))
         feed = {"input": synthetic_images(1, 224)}
-        p50 = interleaved_p50(sessions, feed, args.rounds, args.seconds)
+        timed = interleaved(sessions, feed, baseline, args.rounds, args.block)
     cosines = {label: cosine for label, _, cosine in built}
-    table = Table(title=f"MobileNetV2-224, batch 1, profile {args.profile}, {args.rounds} interleaved rounds")
+    title = f"MobileNetV2-224, batch 1, profile {args.profile}, {args.rounds} interleaved rounds of {args.block} s"
+    table = Table(title=title)
     for column in ("candidate", "p50 ms", "vs ORT fp32", "artifact size", "cosine vs fp32"):
         table.add_column(column, justify="left" if column == "candidate" else "right")
-    for label, value in p50.items():
+    for label, (p50, ratio) in timed.items():
         table.add_row(
-            label,
-            f"{value:.2f}",
-            f"{value / p50[baseline]:.2f}x",
-            f"{sizes[label] / 1e6:.1f} MB",
-            f"{cosines.get(label, 1.0):.4f}",
+            label, f"{p50:.2f}", f"{ratio:.2f}x", f"{sizes[label] / 1e6:.1f} MB", f"{cosines.get(label, 1.0):.4f}"
         )
     console.print(table)
-    int8 = {label: value / p50[baseline] for label, value in p50.items() if label.endswith("int8")}
+    int8 = {label: ratio for label, (_, ratio) in timed.items() if label.endswith("int8")}
     if not int8:
         console.print("no int8 candidate was built")
         return 1
