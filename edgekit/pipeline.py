@@ -17,7 +17,7 @@ from edgekit import __version__
 from edgekit.agents.runtimes import Session, get_runtime
 from edgekit.bundle import file_entries, write_bundle
 from edgekit.calibration import SampleSet, load_samples, resolve_preprocessing, synthetic_samples
-from edgekit.compilers import Backend, BuildRequest, BuildResult, HostStandIn, backends
+from edgekit.compilers import Backend, BackendOptions, BuildRequest, BuildResult, HostStandIn, backends
 from edgekit.errors import BadInput, OperationFailed
 from edgekit.intake import PreparedModel, prepare_model
 from edgekit.manifest import Manifest, Metrics, SelfTest
@@ -69,6 +69,7 @@ class _Plan:
     candidate: Candidate
     backend: Backend | None
     skip: str | None = None
+    options: BackendOptions | None = None
 
 
 @dataclass
@@ -121,11 +122,11 @@ def _plan_one(request: CompileRequest, index: int, candidate: Candidate, known: 
             f"needs Python package '{backend_class.module}' (pip install 'edgekit[{backend_class.extra}]')",
         )
     backend = backend_class()
-    backend.parse_options(candidate.options, f"profile {request.profile.name}: candidate #{index + 1}")
+    options = backend.parse_options(candidate.options, f"profile {request.profile.name}: candidate #{index + 1}")
     reason = backend.unsupported_reason(request.profile, candidate.precision)
     if reason is None and candidate.precision == "int8" and request.calibration is None:
         reason = "int8 needs --calibration data"
-    return _Plan(candidate, backend, reason)
+    return _Plan(candidate, backend, reason, options)
 
 
 def _bundle_name(request: CompileRequest) -> str:
@@ -236,13 +237,13 @@ def _build(
     outdir: Path,
     progress: Progress,
 ) -> BuildResult:
-    assert plan.backend is not None
+    assert plan.backend is not None and plan.options is not None, "skipped plans are never built"
     build_request = BuildRequest(
         model=model,
         profile=request.profile,
         precision=plan.candidate.precision,
         calibration=calibration,
-        options=plan.backend.parse_options(plan.candidate.options, f"profile {request.profile.name}"),
+        options=plan.options,
         outdir=outdir,
         progress=progress,
     )
