@@ -23,3 +23,8 @@ def assert_user_error(result: CliResult, *fragments: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, (fragment, result.stderr)
+
+
+def compile_args(model, profile: str, *extra, out=None, seconds: str = "0.05") -> list:
+    """`edgekit compile` arguments with a short latency measurement, as most tests want."""
+    return ["compile", model, "-p", profile, "--bench-seconds", seconds, *(["-o", out] if out else []), *extra]

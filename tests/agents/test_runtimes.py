@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import compile_args
 
 from edgekit.agents.runtimes import get_runtime, runtimes
 from edgekit.agents.runtimes.openvino import pick_device
@@ -47,23 +48,10 @@ def test_cli_and_agent_side_start_without_the_compiler_stack():
 
 def test_selftest_passes_on_the_bundle_and_catches_a_wrong_model(cli, digits, tmp_path):
     bundle = tmp_path / "d.ekb"
-    assert (
-        cli(
-            "compile",
-            digits / "digits.onnx",
-            "-p",
-            "x86-64-avx2",
-            "--backend",
-            "onnxruntime",
-            "--precision",
-            "fp32",
-            "--bench-seconds",
-            "0.05",
-            "-o",
-            bundle,
-        ).exit_code
-        == 0
+    args = compile_args(
+        digits / "digits.onnx", "x86-64-avx2", "--backend", "onnxruntime", "--precision", "fp32", out=bundle
     )
+    assert cli(*args).exit_code == 0
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         manifest = open_bundle(bundle, root, trust_key=None)

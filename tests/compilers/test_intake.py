@@ -6,9 +6,14 @@ import numpy as np
 import onnx
 import pytest
 from helpers import assert_user_error
+from helpers import compile_args as base_args
 from onnx import TensorProto, helper
 
 from edgekit.intake import parse_shape_overrides, prepare_model
+
+
+def compile_args(model: Path, *extra: str) -> list:
+    return base_args(model, "x86-64-avx2", *extra)
 
 
 def save(model, path: Path) -> Path:
@@ -26,10 +31,6 @@ def tiny(op_type: str = "Relu", domain: str = "", opset: int = 17, dims=("N", 4)
     )
     imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
     return helper.make_model(graph, opset_imports=imports)
-
-
-def compile_args(model: Path, *extra: str) -> list:
-    return ["compile", model, "--profile", "x86-64-avx2", "--bench-seconds", "0.05", *extra]
 
 
 def test_garbage_file(cli, tmp_path):

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import compile_args
 
 from edgekit.calibration import load_samples
 from edgekit.compilers import BuildRequest, backends
@@ -106,22 +107,8 @@ def test_compile_reports_every_candidate(cli, tmp_path, small_cnn_model, small_c
 
 def test_no_passing_candidate_fails_with_the_table(cli, tmp_path, small_cnn_model):
     out = tmp_path / "never.ekb"
-    result = cli(
-        "compile",
-        small_cnn_model,
-        "-p",
-        "x86-64-avx2",
-        "--backend",
-        "onnxruntime",
-        "--precision",
-        "fp32",
-        "--max-accuracy-drop",
-        "-1",
-        "--bench-seconds",
-        "0.05",
-        "-o",
-        out,
-    )
+    args = compile_args(small_cnn_model, "x86-64-avx2", "--backend", "onnxruntime", "--precision", "fp32", out=out)
+    result = cli(*args, "--max-accuracy-drop", "-1")
     assert result.exit_code == 1
     assert "rejected" in result.stdout and "top-1 differs from fp32" in result.stdout
     assert "no candidate built and passed verification" in result.stderr
