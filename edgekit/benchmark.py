@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.agents.runtimes import Session, get_runtime
+from edgekit.agents.runtimes import Session, get_runtime, runtimes
 from edgekit.bundle import open_bundle
 from edgekit.calibration import synthetic_samples
 from edgekit.errors import BadInput, OperationFailed
@@ -54,6 +54,11 @@ def bench_bundle(path: Path, seconds: float, threads: int | None) -> BenchResult
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as scratch:
         root = Path(scratch)
         manifest = open_bundle(path, root, trust_key=None)
+        if manifest.runtime not in runtimes():
+            raise BadInput(
+                f"{path}: this {manifest.profile} bundle runs with '{manifest.runtime}' on the device, which this host "
+                f"cannot run; its compile-time estimate is in `edgekit inspect` (build details)"
+            )
         session = get_runtime(manifest.runtime).load(root / manifest.entrypoint, manifest.target, threads)
         selftest = run_selftest(session, root, manifest)
         if not selftest.passed:

@@ -39,6 +39,8 @@ def test_mobilenet_runs_entirely_on_the_ethos_u55(cli, mobilenet_small, tmp_path
     text = cli("compile", model, "-p", "ethos-u55", "--calibration", calibration, "--max-accuracy-drop", "100",
                "--bench-seconds", "0.05", "-o", tmp_path / "again.ekb").stdout  # fmt: skip
     assert f"{details['npu_ops']} ops on the NPU, 0 on the CPU" in text
+    bench = cli("bench", bundle)
+    assert bench.exit_code == 2 and "runs with 'ethos-u' on the device" in bench.stderr
 
 
 def with_sin(model_path: Path, out: Path) -> Path:
