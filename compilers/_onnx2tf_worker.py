@@ -33,6 +33,18 @@ def main(job_path: str) -> None:
         not_use_onnxsim=True,
         non_verbose=True,
     )
+    write_weight_bytes(Path(job["output"]))
+
+
+def write_weight_bytes(folder: Path) -> None:
+    """Bytes of constant buffers (weights) per .tflite: the file size also counts the graph and metadata."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    sizes = {}
+    for path in folder.glob("*.tflite"):
+        model = flatbuffer_utils.read_model(str(path))
+        sizes[path.name] = sum(len(buffer.data) for buffer in model.buffers if buffer.data is not None)
+    (folder / "weights.json").write_text(json.dumps(sizes))
 
 
 if __name__ == "__main__":

@@ -53,12 +53,13 @@ class TfliteBackend(Backend):
         options: TfliteOptions = request.options  # type: ignore[assignment]
         variant = "int8-io" if request.precision == "int8" and options.integer_io else request.precision
         artifact = request.outdir / "model.tflite"
-        convert(request, variant, artifact)
-        return BuildResult(entrypoint=artifact, runtime="litert", target={}, param_bytes=artifact.stat().st_size)
+        weight_bytes = convert(request, variant, artifact)
+        return BuildResult(entrypoint=artifact, runtime="litert", target={}, param_bytes=weight_bytes)
 
 
-def convert(request: BuildRequest, variant: str, artifact: Path) -> None:
-    """Convert request.model to the TFLite variant (fp32, fp16, int8, int8-io) and write it to artifact."""
+def convert(request: BuildRequest, variant: str, artifact: Path) -> int:
+    """Convert request.model to the TFLite variant (fp32, fp16, int8, int8-io), write it to artifact, and
+    return its weight bytes."""
     work = artifact.parent.parent / f"onnx2tf-{variant}"
     work.mkdir(parents=True, exist_ok=True)
     calibration = {}
@@ -88,6 +89,7 @@ def convert(request: BuildRequest, variant: str, artifact: Path) -> None:
         raise RuntimeError(f"onnx2tf failed (exit {done.returncode}): {_last_error(log)}")
     artifact.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(produced, artifact)
+    return json.loads((work / "out" / "weights.json").read_text())[produced.name]
 
 
 def _last_error(log: Path) -> str:

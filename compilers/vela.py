@@ -54,7 +54,7 @@ class VelaBackend(Backend):
     def build(self, request: BuildRequest) -> BuildResult:
         options: VelaOptions = request.options  # type: ignore[assignment]
         stand_in = request.outdir.parent / "host" / "model.int8.tflite"
-        convert(request, "int8-io", stand_in)
+        weight_bytes = convert(request, "int8-io", stand_in)
         accelerator = request.profile.accelerator.arch
         with request.progress.task(f"vela: compiling for {accelerator}", total=1):
             output = _run_vela(stand_in, request.outdir, accelerator, options)
@@ -71,7 +71,7 @@ class VelaBackend(Backend):
                 "system_config": options.system_config,
                 "memory_mode": options.memory_mode,
             },
-            param_bytes=stand_in.stat().st_size,
+            param_bytes=weight_bytes,
             host_stand_in=HostStandIn(
                 entrypoint=stand_in,
                 runtime="litert",

@@ -27,6 +27,9 @@ def test_digits_tflite_int8_within_one_point_of_fp32(cli, digits, tmp_path):
     with tempfile.TemporaryDirectory() as scratch:
         manifest = open_bundle(bundle, Path(scratch), trust_key=None)
         assert (manifest.backend, manifest.precision, manifest.runtime) == ("tflite", "int8", "litert")
+        weights = manifest.verification
+        assert weights.param_bytes < weights.reference_param_bytes / 3  # int8 weights
+        assert weights.param_bytes < weights.model_bytes  # counts the weight buffers, not the whole file
         session = get_runtime("litert").load(Path(scratch) / manifest.entrypoint, manifest.target)
         int8 = accuracy(session, test["image"], test["labels"])
     print(f"digits test split: fp32 {fp32:.4f}, tflite int8 {int8:.4f}")
