@@ -8,9 +8,16 @@ comma  := ,
 # pytest-xdist workers: CI machines have 2 cores.
 WORKERS ?= 2
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install sysdeps demo test test-all lint bench clean
 
-install: $(STAMP)
+install: sysdeps $(STAMP)
+
+# Debian tools the compile path shells out to: the aarch64 cross linker for TVM builds of ARM profiles.
+# Installed when running as root with apt-get; otherwise the TVM candidates for ARM profiles report what is missing.
+sysdeps:
+	@if ! command -v aarch64-linux-gnu-gcc >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu >/dev/null; \
+	fi
 
 $(STAMP): setup.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "edgekit needs Python >= 3.10")'

@@ -35,6 +35,13 @@ EXTRAS = {
         "openvino>=2025.0",
         "nncf>=2.14",
         "opencv-python-headless>=4.8",
+        # TVM pinned with its FFI: newer pairs crash or fail in MetaSchedule tuning (docs/tvm.md).
+        "apache-tvm==0.25.0",
+        "apache-tvm-ffi==0.1.12",
+        "psutil>=5.9",
+        "cloudpickle>=2.0",
+        "tornado>=6.0",
+        "xgboost-cpu>=2.0",
     ],
     # Device side: runtimes only, never the compiler stack.
     "agent": [*RUNTIME_ORT, "paho-mqtt>=2.0", "pyserial>=3.5", "opencv-python-headless>=4.8"],

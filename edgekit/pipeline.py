@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +55,7 @@ class CompileRequest:
     min_cosine: float = 0.999  # for other outputs
     bench_seconds: float = 2.0
     threads: int | None = None
+    backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # CLI overrides, e.g. TVM tune_trials
 
 
 class CompileFailed(OperationFailed):
@@ -122,7 +124,8 @@ def _plan_one(request: CompileRequest, index: int, candidate: Candidate, known: 
             f"needs Python package '{backend_class.module}' (pip install 'edgekit[{backend_class.extra}]')",
         )
     backend = backend_class()
-    options = backend.parse_options(candidate.options, f"profile {request.profile.name}: candidate #{index + 1}")
+    settings = {**candidate.options, **request.backend_options.get(candidate.backend, {})}
+    options = backend.parse_options(settings, f"profile {request.profile.name}: candidate #{index + 1}")
     reason = backend.unsupported_reason(request.profile, candidate.precision)
     if reason is None and candidate.precision == "int8" and request.calibration is None:
         reason = "int8 needs --calibration data"
@@ -271,6 +274,16 @@ def _build_and_verify(
     started = time.perf_counter()
     try:
         result = _build(plan, request, model, calibration, outdir, progress)
+    except BadInput as error:
+        if request.backend != "auto":
+            raise  # the one backend the user asked for cannot take this model: their input, exit 2
+        log.warning(
+            "%s %s cannot build this model (%s); trying the next candidate",
+            candidate.backend,
+            candidate.precision,
+            error,
+        )
+        return report.model_copy(update={"status": "failed", "reason": f"build: {_one_line(error)}"})
     except Exception as error:
         log.debug("build failed", exc_info=True)
         return report.model_copy(update={"status": "failed", "reason": f"build: {_one_line(error)}"})

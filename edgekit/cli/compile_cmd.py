@@ -68,6 +68,13 @@ def compile_command(
         float, typer.Option(help="Other models: reject a candidate whose outputs' cosine to fp32 is below this.")
     ] = 0.999,
     bench_seconds: Annotated[float, typer.Option(help="Seconds of latency measurement per candidate.")] = 2.0,
+    tune_trials: Annotated[
+        Optional[int],
+        typer.Option(
+            help="TVM: MetaSchedule trials in all, on this host (host-architecture profiles only); tuned tasks are "
+            "kept in a per-profile database and not tuned again [default: profile's, else 0 = database only]."
+        ),
+    ] = None,
     threads: Annotated[
         Optional[int], typer.Option(help="Runtime threads on this host [default: runtime's choice].")
     ] = None,
@@ -109,6 +116,7 @@ def compile_command(
         min_cosine=min_cosine,
         bench_seconds=bench_seconds,
         threads=threads,
+        backend_options={"tvm": {"tune_trials": tune_trials}} if tune_trials is not None else {},
     )
     try:
         with RichProgress() as progress:

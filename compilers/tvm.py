@@ -1,0 +1,240 @@
+"""Apache TVM backend: Relax import, targets from the profile (x86 / aarch64 CPUs, CUDA for Jetson), MetaSchedule
+tuning with a reusable per-profile database, and a shared library the device loads with only the TVM runtime.
+
+Tuning measures candidate schedules by running them, so it happens only when this host has the profile's CPU
+architecture; for a foreign target the database (filled by an earlier tuning run, or copied in) is applied and
+the report says what was not measured. CUDA builds are scheduled with dlight's GPU rules: no GPU is here to time.
+Foreign builds are verified through a host build of the same Relax module (the report says so).
+
+Pinned to apache-tvm 0.25 with apache-tvm-ffi 0.1.12: with 0.27 and the ffi that pip picks (0.1.15) MetaSchedule
+segfaults, and with ffi 0.1.14 its MultiLevelTiling fails on every fused conv/matmul task (see docs/tvm.md).
+"""
+
+import importlib.metadata
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edgekit.compilers import Backend, BackendOptions, BuildRequest, BuildResult, HostStandIn
+from edgekit.errors import BadInput
+from edgekit.paths import edgekit_cache
+from edgekit.profiles import Profile, host_arch
+from edgekit.schema import Precision
+
+CROSS_LINKERS = {"aarch64": "aarch64-linux-gnu-gcc"}
+
+
+class TvmOptions(BackendOptions):
+    tune_trials: int = 0  # MetaSchedule trials in all (0: apply the database only); CLI --tune-trials
+    trials_per_task: int = 64
+    database: str | None = None  # tuning database folder [default: per profile in the user cache]
+
+
+class UnsupportedByTvm(BadInput):
+    """The model uses an op TVM's ONNX importer lacks (exit 2 when TVM was the only backend asked for)."""
+
+
+class TvmBackend(Backend):
+    name = "tvm"
+    module = "tvm"
+    precisions = frozenset({"fp32", "fp16"})
+    Options = TvmOptions
+
+    def unsupported_reason(self, profile: Profile, precision: Precision) -> str | None:
+        if profile.cpu.arch not in ("x86_64", "aarch64"):
+            return f"TVM builds here target x86-64 and aarch64, not {profile.cpu.arch}"
+        if precision == "fp16" and profile.accelerator.kind != "cuda":
+            return "fp16 with TVM is for CUDA profiles (CPU fp16 arithmetic is slower than fp32 here)"
+        return super().unsupported_reason(profile, precision)
+
+    def versions(self) -> dict[str, str]:
+        return {name: importlib.metadata.version(name) for name in ("apache-tvm", "apache-tvm-ffi")}
+
+    def build(self, request: BuildRequest) -> BuildResult:
+        options: TvmOptions = request.options  # type: ignore[assignment]
+        profile = request.profile
+        database = Path(options.database) if options.database else edgekit_cache() / "tvm" / profile.name
+        target = device_target(profile)
+        with request.progress.task(f"tvm {request.precision}: importing and lowering", total=1):
+            imported = import_onnx(request.model.path)
+            module = lower(imported, request.precision, target)
+        details: dict[str, Any] = {"target": describe(profile), "database": str(database)}
+        if profile.accelerator.kind == "cuda":
+            scheduled = schedule_gpu(module, target)
+            details["tuning"] = (
+                "none: CUDA kernels use dlight's default GPU schedules (no GPU here to time them); without a CUDA "
+                "driver on the build host TVM embeds them as CUDA C source, compiled on the device"
+            )
+        else:
+            details.update(tune_on_host(module, profile, database, options, request))
+            scheduled = apply_database(module, target, database)
+        artifact = request.outdir / "model.so"
+        with request.progress.task(f"tvm {request.precision}: compiling for {profile.cpu.arch}", total=1):
+            export(compile_module(scheduled, target), artifact, profile.cpu.arch)
+        return BuildResult(
+            entrypoint=artifact,
+            runtime="tvm",
+            target={"device": "cuda", "arch": profile.accelerator.arch}
+            if profile.accelerator.kind == "cuda"
+            else {"device": "cpu"},
+            param_bytes=request.model.param_bytes // (2 if request.precision == "fp16" else 1),
+            host_stand_in=self._host_stand_in(imported, request, database),
+            details=details,
+        )
+
+    @staticmethod
+    def _host_stand_in(imported, request: BuildRequest, database: Path) -> HostStandIn | None:
+        profile = request.profile
+        if profile.runs_on_this_host() and profile.accelerator.kind == "none":
+            return None
+        stand_in = request.outdir.parent / "host" / "model.so"
+        host = host_target()
+        with request.progress.task("tvm: host build of the same module, for verification", total=1):
+            module = lower(imported, request.precision, host)
+            export(compile_module(apply_database(module, host, database), host), stand_in, host_arch())
+        what = "CUDA kernels compile only here" if profile.accelerator.kind == "cuda" else f"the {profile.cpu.arch} .so"
+        return HostStandIn(
+            entrypoint=stand_in, runtime="tvm", target={"device": "cpu"},
+            note=f"an x86 CPU build of the same TVM module ({what} cannot run on this host)",
+        )  # fmt: skip
+
+
+def import_onnx(path: Path):
+    import onnx
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        return from_onnx(onnx.load(str(path)), keep_params_in_input=False)
+    except Exception as error:  # TVM raises assorted error types for unsupported ops
+        message = str(error).strip().splitlines()
+        raise UnsupportedByTvm(
+            f"TVM cannot import this model: {message[0] if message else type(error).__name__}"
+        ) from None
+
+
+def lower(module, precision: Precision, target):
+    """Decompose, canonicalize and legalize to TIR for the target (what MetaSchedule tunes and dlight schedules)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import transform
+
+    passes = [transform.DecomposeOpsForInference(), transform.CanonicalizeBindings()]
+    if precision == "fp16":
+        passes.append(transform.ToMixedPrecision(out_dtype="float16"))
+    passes.append(relax.pipeline.zero_pipeline())
+    with target:
+        return tvm.transform.Sequential(passes)(module)
+
+
+def _llvm(profile_arch: str, triple: str, cpu: str, isa: list[str], cores: int) -> dict[str, Any]:
+    target: dict[str, Any] = {"kind": "llvm", "mtriple": triple, "mcpu": cpu, "num-cores": cores}
+    if profile_arch == "aarch64":
+        target["mattr"] = ["+neon"] + [
+            f"+{flag}" for flag in ("dotprod", "fullfp16") if flag.replace("full", "") in isa
+        ]
+    return target
+
+
+def describe(profile: Profile) -> str:
+    cpu = _llvm(profile.cpu.arch, profile.cpu.triple, profile.cpu.model, profile.cpu.isa, profile.cpu.cores)
+    text = f"llvm {cpu['mtriple']} {cpu['mcpu']} {' '.join(cpu.get('mattr', []))}".rstrip()
+    return f"cuda {profile.accelerator.arch} with host {text}" if profile.accelerator.kind == "cuda" else text
+
+
+def host_target():
+    import tvm
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": "native", "num-cores": os.cpu_count() or 1})
+
+
+def device_target(profile: Profile):
+    import tvm
+
+    cores = min(profile.cpu.cores, os.cpu_count() or 1) if profile.runs_on_this_host() else profile.cpu.cores
+    cpu = _llvm(profile.cpu.arch, profile.cpu.triple, profile.cpu.model, profile.cpu.isa, cores)
+    if profile.accelerator.kind == "cuda":
+        return tvm.target.Target({"kind": "cuda", "arch": profile.accelerator.arch}, host=tvm.target.Target(cpu))
+    return tvm.target.Target(cpu)
+
+
+def schedule_gpu(module, target):
+    from tvm.s_tir import dlight
+
+    gpu = dlight.gpu
+    rules = (gpu.Matmul(), gpu.GEMV(), gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback())
+    with target:
+        return dlight.ApplyDefaultSchedule(*rules)(module)
+
+
+def tune_on_host(module, profile: Profile, database: Path, options: TvmOptions, request: BuildRequest) -> dict:
+    """Tune only the tasks the database has no record for, one progress step per task."""
+    from tvm.s_tir import meta_schedule as ms
+
+    target = device_target(profile)
+    database.mkdir(parents=True, exist_ok=True)
+    db = ms.database.JSONDatabase(work_dir=str(database))
+    tasks = ms.relax_integration.extract_tasks(module, target)
+    missing = [t for t in tasks if db.query_tuning_record(t.dispatched[0], target, t.task_name) is None]
+    facts: dict[str, Any] = {"tasks": len(tasks), "tuned_before": len(tasks) - len(missing)}
+    if not profile.runs_on_this_host():
+        facts["tuning"] = (
+            f"not on this {host_arch()} host, which cannot time {profile.cpu.arch} code; "
+            f"applied {facts['tuned_before']} of {len(tasks)} task records from the database"
+        )
+        return facts
+    if not options.tune_trials or not missing:
+        facts["tuning"] = f"none this run; {facts['tuned_before']} of {len(tasks)} tasks have database records"
+        return facts
+    per_task = max(8, min(options.trials_per_task, options.tune_trials // len(missing)))
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    with request.progress.task(f"tvm: tuning {len(missing)} tasks, {per_task} trials each", total=len(missing)) as step:
+        for task in missing:
+            context = ms.TuneContext(
+                mod=task.dispatched[0], target=target, space_generator="post-order-apply",
+                search_strategy=search_strategy(per_task), task_name=task.task_name,
+            )  # fmt: skip
+            ms.tune_tasks(
+                tasks=[context], task_weights=[1.0], work_dir=str(database), max_trials_global=per_task,
+                num_trials_per_iter=min(64, per_task), database=db,
+            )  # fmt: skip
+            step(1)
+    facts.update(tuning=f"tuned {len(missing)} tasks x {per_task} trials on this host", trials=per_task * len(missing))
+    return facts
+
+
+def search_strategy(trials: int):
+    """MetaSchedule's evolutionary search, with its population scaled to the trial budget: the default 512
+    candidates per generation cost a minute per task on 2 cores even when only a few trials are measured."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, trials * 8)))
+
+
+def apply_database(module, target, database: Path):
+    from tvm.relax import transform
+
+    if not (database / "database_tuning_record.json").exists():
+        return module
+    with target:
+        return transform.MetaScheduleApplyDatabase(str(database))(module)
+
+
+def compile_module(module, target):
+    import tvm
+
+    return tvm.compile(module, target=target)
+
+
+def export(executable, path: Path, arch: str) -> None:
+    from tvm.support import cc
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if arch == host_arch():
+        executable.export_library(str(path))
+        return
+    linker = CROSS_LINKERS[arch]
+    if shutil.which(linker) is None:
+        raise RuntimeError(f"linking for {arch} needs {linker} (Debian: apt-get install gcc-aarch64-linux-gnu)")
+    executable.export_library(str(path), fcompile=cc.cross_compiler(linker))
