@@ -94,7 +94,7 @@ class TvmBackend(Backend):
         with request.progress.task("tvm: host build of the same module, for verification", total=1):
             module = lower(imported, request.precision, host)
             export(compile_module(apply_database(module, host, database), host), stand_in, host_arch())
-        what = "CUDA kernels compile only here" if profile.accelerator.kind == "cuda" else f"the {profile.cpu.arch} .so"
+        what = "the CUDA kernels" if profile.accelerator.kind == "cuda" else f"the {profile.cpu.arch} .so"
         return HostStandIn(
             entrypoint=stand_in, runtime="tvm", target={"device": "cpu"},
             note=f"an x86 CPU build of the same TVM module ({what} cannot run on this host)",
