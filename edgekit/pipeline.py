@@ -33,6 +33,7 @@ from edgekit.signing import default_signing_key, key_id, load_private_key
 log = logging.getLogger(__name__)
 
 SYNTHETIC_SAMPLES = 16
+EMULATED_FEEDS = 8  # each emulated run costs ~20 s of qemu start-up plus slow inference
 PRECISION_PREFERENCE = ("int8", "fp16", "fp32")
 SELFTEST_BATCHES = 4
 
@@ -56,6 +57,7 @@ class CompileRequest:
     bench_seconds: float = 2.0
     threads: int | None = None
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # CLI overrides, e.g. TVM tune_trials
+    verify_emulated: bool = False  # also run aarch64 TVM libraries under qemu-user (edgekit.emulation)
 
 
 class CompileFailed(OperationFailed):
@@ -214,6 +216,20 @@ class _Verifier:
             return f"{where} (the device asks for {asked}; not present here)"
         return where
 
+    def emulate(self, built: _Built) -> dict[str, Any] | None:
+        """Run an aarch64 TVM library itself under qemu-user on the first held-out feeds, if it is one."""
+        from edgekit import emulation
+
+        result = built.result
+        if result.runtime != "tvm" or self.request.profile.cpu.arch != "aarch64" or host_arch() == "aarch64":
+            return None
+        feeds = self.feeds[:EMULATED_FEEDS]
+        outputs = emulation.run_tvm_library(result.entrypoint, feeds)
+        count = sum(len(next(iter(f.values()))) for f in feeds)
+        agreement = compare([o[:count] for o in self.reference_outputs], outputs)
+        return {"samples": count, "max_abs_error": agreement.max_abs_error, "cosine": agreement.cosine,
+                "top1_agreement": agreement.top1_agreement}  # fmt: skip
+
     def gate(self, metrics: Metrics) -> str | None:
         """Why a candidate is outside the accuracy budget, or None."""
         budget = self.request.max_accuracy_drop
@@ -295,6 +311,16 @@ def _build_and_verify(
         log.debug("verification failed", exc_info=True)
         return built.report.model_copy(update={"status": "failed", "reason": f"run: {_one_line(error)}"})
     problems = [p for p in (verifier.gate(metrics), *result.unfit) if p]
+    if request.verify_emulated:
+        emulated = verifier.emulate(built)
+        if emulated is not None:
+            result.details["emulated_aarch64"] = emulated
+            metrics = metrics.model_copy(
+                update={"verified_on": f"{metrics.verified_on}; the aarch64 .so itself ran under qemu-user on "
+                        f"{emulated['samples']} samples, max|err| {emulated['max_abs_error']:.2e} vs fp32"}
+            )  # fmt: skip
+            if emulated["cosine"] < request.min_cosine:
+                problems.append(f"emulated aarch64 output cosine {emulated['cosine']:.5f} < {request.min_cosine}")
     built.report = built.report.model_copy(
         update={
             "metrics": metrics,

@@ -78,6 +78,13 @@ def compile_command(
     threads: Annotated[
         Optional[int], typer.Option(help="Runtime threads on this host [default: runtime's choice].")
     ] = None,
+    verify_emulated: Annotated[
+        bool,
+        typer.Option(
+            "--verify-emulated",
+            help="Also run aarch64 TVM builds under an emulated arm64 device (qemu-user; `make arm64-sysroot`).",
+        ),
+    ] = False,
     json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Build every candidate the profile lists, verify each against fp32, and bundle the best, signed.
@@ -117,6 +124,7 @@ def compile_command(
         bench_seconds=bench_seconds,
         threads=threads,
         backend_options={"tvm": {"tune_trials": tune_trials}} if tune_trials is not None else {},
+        verify_emulated=verify_emulated,
     )
     try:
         with RichProgress() as progress:

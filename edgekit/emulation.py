@@ -1,0 +1,138 @@
+"""An emulated arm64 device on an x86 workstation: Debian arm64 Python + aarch64 wheels under qemu-user.
+
+`make arm64-sysroot` (python -m edgekit.emulation) assembles it once from Debian's and PyPI's packages (install
+time, never during a compile); `edgekit compile --verify-emulated` then runs aarch64 TVM libraries in it, so the
+report holds agreement numbers from real aarch64 execution. Location: $EDGEKIT_ARM64_SYSROOT, else the user cache.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import BadInput, OperationFailed
+from edgekit.paths import edgekit_cache
+
+QEMU = "qemu-aarch64-static"
+DEBIAN_PACKAGES = [
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+    "libc6",
+    "libstdc++6",
+    "libgcc-s1",
+    "libssl3",
+    "libffi8",
+    "zlib1g",
+    "libexpat1",
+    "libbz2-1.0",
+    "liblzma5",
+    "libsqlite3-0",
+    "libzstd1",
+    "libgomp1",
+    "libncursesw6",
+    "libtinfo6",
+    "libreadline8",
+    "libuuid1",
+    "libnsl2",
+    "libtirpc3",
+    "libgssapi-krb5-2",
+    "libkrb5-3",
+    "libk5crypto3",
+    "libcom-err2",
+    "libkrb5support0",
+    "libkeyutils1",
+    "libcrypt1",
+    "libdb5.3",
+]
+WHEELS = ("apache-tvm==0.25.0", "apache-tvm-ffi==0.1.12", "numpy", "ml_dtypes", "typing_extensions", "psutil")
+AARCH64_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
+
+# Runs inside the emulated device with only numpy and the TVM runtime: load the library, run every feed.
+RUNNER = """
+import sys, numpy as np, tvm
+from tvm import relax
+vm = relax.VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())
+feeds = np.load(sys.argv[2])
+outputs = {}
+for i in range(int(feeds["count"])):
+    result = vm["main"](*[tvm.runtime.tensor(feeds[f"feed{i}.{j}"]) for j in range(int(feeds["inputs"]))])
+    for k, out in enumerate([result] if hasattr(result, "numpy") else list(result)):
+        outputs[f"out{i}.{k}"] = out.numpy()
+np.savez(sys.argv[3], **outputs)
+"""
+
+
+def sysroot() -> Path:
+    return Path(os.environ.get("EDGEKIT_ARM64_SYSROOT") or edgekit_cache() / "arm64-sysroot")
+
+
+def _run(command: list[str], what: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+        raise OperationFailed(f"{what} failed: {tail}")
+
+
+def build_sysroot(dest: Path) -> None:
+    """Debian arm64 packages unpacked into dest/root, aarch64 wheels unpacked into dest/site."""
+    for tool in ("apt-get", "dpkg", QEMU):
+        if shutil.which(tool) is None:
+            raise BadInput(f"building the arm64 sysroot needs {tool} (Debian: apt-get install qemu-user-static)")
+    apt = [
+        "apt-get",
+        "-q",
+        "-oAPT::Architecture=arm64",
+        "-oAPT::Architectures=arm64",
+        f"-oDir::State::Lists={dest}/lists",
+    ]
+    (dest / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    (dest / "debs").mkdir(exist_ok=True)
+    _run([*apt, "update"], "apt-get update (arm64 lists)")
+    subprocess.run([*apt, "download", *DEBIAN_PACKAGES], cwd=dest / "debs", capture_output=True, check=True)
+    for deb in sorted((dest / "debs").glob("*.deb")):
+        _run(["dpkg", "-x", str(deb), str(dest / "root")], f"unpacking {deb.name}")
+    platforms = [flag for platform in AARCH64_PLATFORMS for flag in ("--platform", platform)]
+    _run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", *platforms, "--python-version", "3.11",
+          "--implementation", "cp", "-d", str(dest / "wheels"), *WHEELS], "pip download (aarch64 wheels)")  # fmt: skip
+    for wheel in sorted((dest / "wheels").glob("*.whl")):
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(dest / "site")
+    (dest / "READY").write_text("ok\n")
+
+
+def run_tvm_library(library: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """Run an aarch64 TVM library on the feeds under qemu; outputs concatenated over feeds, in output order."""
+    root = sysroot()
+    if not (root / "READY").exists():
+        raise BadInput(f"no arm64 sysroot at {root}: run `make arm64-sysroot` (or set EDGEKIT_ARM64_SYSROOT)")
+    with tempfile.TemporaryDirectory(prefix="edgekit-emulated-") as scratch:
+        work = Path(scratch)
+        arrays = {f"feed{i}.{j}": a for i, feed in enumerate(feeds) for j, a in enumerate(feed.values())}
+        np.savez(work / "feeds.npz", count=len(feeds), inputs=len(feeds[0]), **arrays)
+        (work / "runner.py").write_text(RUNNER)
+        python = root / "root" / "usr" / "bin" / "python3.11"
+        command = [QEMU, "-L", str(root / "root"), str(python), str(work / "runner.py"), str(library),
+                   str(work / "feeds.npz"), str(work / "outputs.npz")]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(root / "site")}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        if done.returncode != 0:
+            tail = (done.stderr.strip() or "no output").splitlines()[-1]
+            raise OperationFailed(f"emulated aarch64 run of {library.name} failed: {tail}")
+        with np.load(work / "outputs.npz") as outputs:
+            count = sum(1 for key in outputs.files if key.startswith("out0."))
+            return [np.concatenate([outputs[f"out{i}.{k}"] for i in range(len(feeds))]) for k in range(count)]
+
+
+if __name__ == "__main__":
+    target = sysroot()
+    if (target / "READY").exists():
+        print(f"arm64 sysroot ready at {target}")
+    else:
+        build_sysroot(target)
+        print(f"built arm64 sysroot at {target}")
