@@ -1,0 +1,87 @@
+"""TVM on MobileNetV2-224 (x86 profile): untuned vs tuned vs ONNX Runtime fp32 vs the best other candidate, and
+what the tuning database saves on a second compile — all in one run, timed side by side.
+
+    python benchmarks/tvm_bench.py [--trials 2000] [--rounds 10] [--block 0.5]
+
+Issue #3 targets: tuned TVM <= 1.5x ORT fp32 within a 30-minute tuning budget on this 2-core machine; a second
+compile with the database >= 5x faster than the first tuned compile, at the same latency within noise.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from compile_bench import interleaved, synthetic_images
+from rich.console import Console
+from rich.table import Table
+
+from edgekit.agents.runtimes import get_runtime
+from edgekit.bundle import open_bundle
+from edgekit.pipeline import CompileRequest, compile_model
+from edgekit.profiles import Candidate, load_profile
+from edgekit.progress import RichProgress
+from edgekit.synthetic import mobilenet_v2
+
+
+def compile_bundle(work: Path, name: str, candidate: Candidate, progress: RichProgress) -> tuple[Path, float]:
+    """(bundle, seconds) for one candidate on the x86-64-avx512 profile."""
+    profile = load_profile("x86-64-avx512").model_copy(update={"candidates": [candidate]})
+    request = CompileRequest(
+        model=work / "mobilenet_v2.onnx", profile=profile, out=work / f"{name}.ekb", backend=candidate.backend,
+        precision=candidate.precision, calibration=work / "calibration.npz", max_accuracy_drop=100.0, min_cosine=0.0,
+        bench_seconds=0.2,
+    )  # fmt: skip
+    started = time.perf_counter()
+    compile_model(request, progress)
+    return request.out, time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=2000, help="MetaSchedule trials for the tuned build")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--block", type=float, default=0.5)
+    args = parser.parse_args()
+    console = Console(width=120)
+    with tempfile.TemporaryDirectory(prefix="edgekit-tvm-bench-") as scratch:
+        work = Path(scratch)
+        onnx.save(mobilenet_v2(), str(work / "mobilenet_v2.onnx"))
+        np.savez(work / "calibration.npz", input=synthetic_images(64, 224))
+        db = str(work / "tuning-db")
+        untuned = Candidate(backend="tvm", precision="fp32", options={"database": str(work / "empty-db")})
+        tuned = Candidate(backend="tvm", precision="fp32", options={"database": db, "tune_trials": args.trials})
+        with RichProgress() as progress:
+            builds = {
+                "tvm fp32 untuned": compile_bundle(work, "untuned", untuned, progress),
+                f"tvm fp32 tuned ({args.trials} trials)": compile_bundle(work, "tuned", tuned, progress),
+                "tvm fp32 tuned, 2nd compile (database)": compile_bundle(work, "again", tuned, progress),
+                "openvino int8": compile_bundle(work, "ov", Candidate(backend="openvino", precision="int8"), progress),
+            }
+        baseline = "onnxruntime fp32"
+        sessions = {baseline: get_runtime("onnxruntime").load(work / "mobilenet_v2.onnx", {})}
+        for label, (bundle, _) in builds.items():
+            root = work / bundle.stem
+            manifest = open_bundle(bundle, root, trust_key=None)
+            sessions[label] = get_runtime(manifest.runtime).load(root / manifest.entrypoint, manifest.target)
+        timed = interleaved(sessions, {"input": synthetic_images(1, 224)}, baseline, args.rounds, args.block)
+    table = Table(title=f"MobileNetV2-224 on x86-64-avx512, {args.rounds} interleaved rounds of {args.block} s")
+    for column in ("build", "compile s", "p50 ms", "vs ORT fp32"):
+        table.add_column(column, justify="left" if column == "build" else "right")
+    for label, (p50, ratio) in timed.items():
+        seconds = f"{builds[label][1]:.1f}" if label in builds else "-"
+        table.add_row(label, seconds, f"{p50:.2f}", f"{ratio:.2f}x")
+    console.print(table)
+    first = builds[f"tvm fp32 tuned ({args.trials} trials)"][1]
+    second = builds["tvm fp32 tuned, 2nd compile (database)"][1]
+    console.print(
+        f"database reuse: second compile {second:.1f} s vs first {first:.1f} s = {first / second:.1f}x faster"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
