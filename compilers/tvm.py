@@ -68,7 +68,7 @@ class TvmBackend(Backend):
                 "driver on the build host TVM embeds them as CUDA C source, compiled on the device"
             )
         else:
-            details.update(tune_on_host(module, profile, database, options, request))
+            details.update(tune_on_host(module, target, database, options, request))
             scheduled = apply_database(module, target, database)
         artifact = request.outdir / "model.so"
         with request.progress.task(f"tvm {request.precision}: compiling for {profile.cpu.arch}", total=1):
@@ -168,11 +168,11 @@ def schedule_gpu(module, target):
         return dlight.ApplyDefaultSchedule(*rules)(module)
 
 
-def tune_on_host(module, profile: Profile, database: Path, options: TvmOptions, request: BuildRequest) -> dict:
+def tune_on_host(module, target, database: Path, options: TvmOptions, request: BuildRequest) -> dict:
     """Tune only the tasks the database has no record for, one progress step per task."""
     from tvm.s_tir import meta_schedule as ms
 
-    target = device_target(profile)
+    profile = request.profile
     database.mkdir(parents=True, exist_ok=True)
     db = ms.database.JSONDatabase(work_dir=str(database))
     tasks = ms.relax_integration.extract_tasks(module, target)
