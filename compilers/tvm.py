@@ -187,20 +187,24 @@ def tune_on_host(module, target, database: Path, options: TvmOptions, request: B
     if not options.tune_trials or not missing:
         facts["tuning"] = f"none this run; {facts['tuned_before']} of {len(tasks)} tasks have database records"
         return facts
-    per_task = max(8, min(options.trials_per_task, options.tune_trials // len(missing)))
+    trials = max(options.tune_trials, 8 * len(missing))
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    with request.progress.task(f"tvm: tuning {len(missing)} tasks, {per_task} trials each", total=len(missing)) as step:
-        for task in missing:
-            context = ms.TuneContext(
+    # One tuning session for all missing tasks: its builder/runner worker pools start once, and the gradient
+    # task scheduler spends the trials where latency improves most.
+    with request.progress.task(f"tvm: tuning {len(missing)} tasks, {trials} trials", total=1):
+        contexts = [
+            ms.TuneContext(
                 mod=task.dispatched[0], target=target, space_generator="post-order-apply",
-                search_strategy=search_strategy(per_task), task_name=task.task_name,
-            )  # fmt: skip
-            ms.tune_tasks(
-                tasks=[context], task_weights=[1.0], work_dir=str(database), max_trials_global=per_task,
-                num_trials_per_iter=min(64, per_task), database=db,
-            )  # fmt: skip
-            step(1)
-    facts.update(tuning=f"tuned {len(missing)} tasks x {per_task} trials on this host", trials=per_task * len(missing))
+                search_strategy=search_strategy(trials // len(missing)), task_name=task.task_name,
+            )
+            for task in missing
+        ]  # fmt: skip
+        ms.tune_tasks(
+            tasks=contexts, task_weights=[float(task.weight) for task in missing], work_dir=str(database),
+            max_trials_global=trials, max_trials_per_task=options.trials_per_task,
+            num_trials_per_iter=min(64, options.trials_per_task, max(8, trials // len(missing))), database=db,
+        )  # fmt: skip
+    facts.update(tuning=f"tuned {len(missing)} tasks on this host, {trials} trials budget", trials=trials)
     return facts
 
 
