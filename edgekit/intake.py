@@ -28,10 +28,7 @@ class PreparedModel:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     opset: int
-
-    @property
-    def param_bytes(self) -> int:
-        return initializer_bytes(self.path)
+    param_bytes: int  # weight (initializer) bytes, counted once when the model is prepared
 
 
 def parse_shape_overrides(specs: list[str]) -> dict[str, list[int]]:
@@ -179,9 +176,13 @@ def _tensor_specs(path: Path, values, initializers: set[str]) -> list[TensorSpec
 def initializer_bytes(path: Path) -> int:
     """Bytes of weights (initializers) stored in an ONNX file."""
     import onnx
+
+    return _weight_bytes(onnx.load(str(path)))
+
+
+def _weight_bytes(model) -> int:
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
     return sum(numpy_helper.to_array(init).nbytes for init in model.graph.initializer)
 
 
@@ -211,4 +212,5 @@ def prepare_model(
         inputs=_tensor_specs(path, model.graph.input, initializers),
         outputs=_tensor_specs(path, model.graph.output, initializers),
         opset=opset,
+        param_bytes=_weight_bytes(model),
     )

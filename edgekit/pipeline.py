@@ -311,10 +311,11 @@ def _build_and_verify(
         log.debug("verification failed", exc_info=True)
         return built.report.model_copy(update={"status": "failed", "reason": f"run: {_one_line(error)}"})
     problems = [p for p in (verifier.gate(metrics), *result.unfit) if p]
+    details = dict(result.details)
     if request.verify_emulated:
         emulated = verifier.emulate(built)
         if emulated is not None:
-            result.details["emulated_aarch64"] = emulated
+            details["emulated_aarch64"] = emulated
             metrics = metrics.model_copy(
                 update={"verified_on": f"{metrics.verified_on}; the aarch64 .so itself ran under qemu-user on "
                         f"{emulated['samples']} samples, max|err| {emulated['max_abs_error']:.2e} vs fp32"}
@@ -324,7 +325,7 @@ def _build_and_verify(
     built.report = built.report.model_copy(
         update={
             "metrics": metrics,
-            "details": result.details,
+            "details": details,
             "status": "rejected" if problems else "passed",
             "reason": "; ".join(problems),
         }
@@ -412,7 +413,7 @@ def _package(
         files=file_entries(root),
         compiler={"edgekit": __version__, **chosen.plan.backend.versions()},
         verification=chosen.report.metrics,
-        build_details=chosen.result.details,
+        build_details=chosen.report.details,
         selftest=SelfTest(file="selftest/vectors.npz", count=count, atol=atol, rtol=rtol),
         signing_key_id=key_id(private_key.public_key()),
     )
