@@ -24,6 +24,7 @@ from edgekit.profiles import Profile, host_arch
 from edgekit.schema import Precision
 
 CROSS_LINKERS = {"aarch64": "aarch64-linux-gnu-gcc"}
+AARCH64_ATTRS = {"dotprod": "+dotprod", "fp16": "+fullfp16"}  # profile ISA name → LLVM attribute
 
 
 class TvmOptions(BackendOptions):
@@ -131,9 +132,7 @@ def lower(module, precision: Precision, target):
 def _llvm(profile_arch: str, triple: str, cpu: str, isa: list[str], cores: int) -> dict[str, Any]:
     target: dict[str, Any] = {"kind": "llvm", "mtriple": triple, "mcpu": cpu, "num-cores": cores}
     if profile_arch == "aarch64":
-        target["mattr"] = ["+neon"] + [
-            f"+{flag}" for flag in ("dotprod", "fullfp16") if flag.replace("full", "") in isa
-        ]
+        target["mattr"] = ["+neon"] + [attr for flag, attr in AARCH64_ATTRS.items() if flag in isa]
     return target
 
 
