@@ -1,0 +1,251 @@
+"""The MQTT contract between agents and the hub: topic names and every payload's schema.
+
+Payloads are JSON with `schema_version`; consumers validate with these models and reject (and report) what
+does not validate. Bundle chunks are the one binary payload: a small validated JSON header, then raw bytes
+(docs/protocol.md).
+"""
+
+import struct
+import time
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+
+from edgekit.schema import StrictModel, describe_validation_error
+
+PREFIX = "edgekit/v1"
+DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+SHA256 = r"^[0-9a-f]{64}$"
+# A payload larger than this is refused before it is parsed (chunks have their own bound).
+DEFAULT_MAX_PAYLOAD = 256 * 1024
+CHUNK_MAGIC = b"EKC1"
+
+
+class Topic:
+    """Topic names under `edgekit/v1/<device_id>/`; `device_topic` builds them, `parse_topic` splits them."""
+
+    STATUS = "status"
+    TELEMETRY = "telemetry"
+    RESULTS = "results"
+    EVENTS = "events"
+    DESIRED = "config/desired"
+    REPORTED = "config/reported"
+    TRANSFER_REQUEST = "transfer/request"
+    TRANSFER_CHUNK = "transfer/chunk"
+    INPUT = "input"
+
+
+def device_topic(device_id: str, name: str) -> str:
+    return f"{PREFIX}/{device_id}/{name}"
+
+
+def parse_topic(topic: str) -> tuple[str, str] | None:
+    """(device_id, name) for a topic under the prefix, else None."""
+    head = PREFIX + "/"
+    if not topic.startswith(head):
+        return None
+    device_id, sep, name = topic[len(head) :].partition("/")
+    return (device_id, name) if sep and device_id else None
+
+
+class Payload(StrictModel):
+    schema_version: Literal[1] = 1
+
+
+class PayloadRejected(ValueError):
+    """A payload that does not match its schema; the message says which field and why."""
+
+
+def decode(model: type[Payload], data: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Any:
+    """Validate a JSON payload; oversized ones are refused unread."""
+    if len(data) > max_bytes:
+        raise PayloadRejected(f"payload of {len(data)} bytes is over the {max_bytes}-byte maximum; not read")
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as error:
+        raise PayloadRejected(describe_validation_error(error)) from None
+
+
+def encode(payload: Payload) -> bytes:
+    return payload.model_dump_json(exclude_none=True).encode()
+
+
+class BundleRef(StrictModel):
+    """A bundle as devices and the hub name it: the sha256 of the .ekb file is its id."""
+
+    id: str = Field(pattern=SHA256)
+    name: str
+    version: str
+    size: int = Field(ge=1)
+
+
+class Status(Payload):
+    state: Literal["online", "offline"]
+    ts: float = Field(default_factory=time.time)
+    agent_version: str | None = None
+    profile: str | None = None
+    runtimes: list[str] = []
+    bundle: BundleRef | None = None
+
+
+class Sequenced(Payload):
+    """Every device → hub message after `status` carries a per-device seq so the hub can drop duplicates."""
+
+    seq: int = Field(ge=1)
+    ts: float
+
+
+class Telemetry(Sequenced):
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    fps: float = 0.0
+    inferences: int = 0
+    cpu_percent: float | None = None
+    memory_mb: float | None = None
+    temperature_c: float | None = None
+    queue_depth: int = 0
+    dropped_frames: int = 0
+    store_depth: int = 0
+    store_dropped: int = 0
+    rejected_payloads: int = 0
+    bundle: str | None = Field(None, description="name@version of the active bundle")
+
+
+class Detection(StrictModel):
+    box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2")
+    score: float
+    label: int
+
+
+class Score(StrictModel):
+    label: int
+    score: float
+
+
+class Result(Sequenced):
+    frame_ts: float
+    bundle: str
+    latency_ms: float
+    task: Literal["classifier", "detector", "raw"]
+    top: list[Score] | None = None
+    detections: list[Detection] | None = None
+    values: list[float] | None = None
+    source: dict[str, Any] = {}
+
+
+EventType = Literal[
+    "agent.started",
+    "agent.stopping",
+    "source.error",
+    "source.recovered",
+    "payload.rejected",
+    "store.overflow",
+    "config.applied",
+    "config.rejected",
+    "update.started",
+    "update.progress",
+    "update.downloaded",
+    "update.refused",
+    "update.selftest",
+    "update.activated",
+    "update.healthy",
+    "update.rolled_back",
+    "update.failed",
+    "inference.error",
+]
+
+
+class Event(Sequenced):
+    type: EventType
+    level: Literal["info", "warning", "error"] = "info"
+    message: str
+    data: dict[str, Any] = {}
+
+
+class Thresholds(StrictModel):
+    score: float = Field(0.5, ge=0, le=1, description="Detections below this score are dropped")
+    top_k: int = Field(5, ge=1, le=100)
+    iou: float = Field(0.5, ge=0, le=1, description="NMS overlap for detectors")
+
+
+class Rates(StrictModel):
+    telemetry_s: float = Field(5.0, gt=0, le=3600)
+    max_fps: float | None = Field(None, gt=0, description="Cap on inferences per second; unset: as fast as frames come")
+    results_qos: Literal[0, 1] = 1
+
+
+class DesiredBundle(BundleRef):
+    allow_downgrade: bool = False
+
+
+class DesiredState(Payload):
+    """What the hub wants a device to run; `rev` orders updates so stale or repeated ones are no-ops."""
+
+    rev: int = Field(ge=0)
+    bundle: DesiredBundle | None = None
+    source: str | dict[str, Any] | None = None
+    task: Literal["auto", "classifier", "detector", "raw"] = "auto"
+    thresholds: Thresholds = Thresholds()
+    rates: Rates = Rates()
+    health_checks: int = Field(20, ge=1, le=10_000, description="Inferences that must succeed after a switch")
+
+
+UpdatePhase = Literal[
+    "idle", "downloading", "verifying", "testing", "switching", "healthy", "refused", "rolled_back", "failed"
+]
+
+
+class UpdateState(StrictModel):
+    state: UpdatePhase
+    bundle: str | None = Field(None, description="sha256 of the bundle this update is about")
+    detail: str = ""
+
+
+class ReportedState(Payload):
+    rev: int = Field(ge=-1, description="The desired rev last converged to; -1 before any")
+    ts: float = Field(default_factory=time.time)
+    bundle: BundleRef | None = None
+    previous_bundle: BundleRef | None = None
+    source: dict[str, Any] | None = None
+    task: str = "auto"
+    thresholds: Thresholds = Thresholds()
+    rates: Rates = Rates()
+    update: UpdateState = UpdateState(state="idle")
+
+
+class ChunkRequest(Payload):
+    """Device → server: send `count` chunks of the bundle starting at `index`."""
+
+    bundle: str = Field(pattern=SHA256)
+    index: int = Field(ge=0)
+    count: int = Field(ge=1, le=64)
+    chunk_size: int = Field(ge=1024, le=4 * 1024 * 1024)
+
+
+class ChunkHeader(Payload):
+    bundle: str = Field(pattern=SHA256)
+    index: int = Field(ge=0)
+    total: int = Field(ge=1)
+    size: int = Field(ge=1, description="Bundle size in bytes")
+    sha256: str = Field(pattern=SHA256, description="Of this chunk's data")
+    error: str | None = Field(None, description="Set (and no data) when the server cannot serve the bundle")
+
+
+def encode_chunk(header: ChunkHeader, data: bytes) -> bytes:
+    head = header.model_dump_json(exclude_none=True).encode()
+    return CHUNK_MAGIC + struct.pack(">I", len(head)) + head + data
+
+
+def decode_chunk(payload: bytes, max_bytes: int) -> tuple[ChunkHeader, bytes]:
+    if len(payload) > max_bytes:
+        raise PayloadRejected(f"chunk of {len(payload)} bytes is over the {max_bytes}-byte maximum; not read")
+    if len(payload) < 8 or payload[:4] != CHUNK_MAGIC:
+        raise PayloadRejected("not a bundle chunk: expected the EKC1 magic and a header length")
+    (length,) = struct.unpack(">I", payload[4:8])
+    if length > min(len(payload) - 8, 4096):
+        raise PayloadRejected(f"chunk header length {length} does not fit the {len(payload)}-byte payload")
+    try:
+        header = ChunkHeader.model_validate_json(payload[8 : 8 + length])
+    except ValidationError as error:
+        raise PayloadRejected(f"chunk header: {describe_validation_error(error)}") from None
+    return header, payload[8 + length :]
