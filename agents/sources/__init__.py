@@ -24,6 +24,7 @@ from edgekit.plugins import discover
 from edgekit.schema import StrictModel, describe_validation_error
 
 DropPolicy = Literal["latest", "none"]
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class SourceUnavailable(Exception):
@@ -59,6 +60,7 @@ class SourceConfig(StrictModel):
 
 class Source(ABC):
     kind: ClassVar[str]
+    name: ClassVar[str]  # = kind: edgekit.plugins.discover keys plugins by `name`
     config_class: ClassVar[type[SourceConfig]]
     # latest: a slow model skips stale frames (video); none: every sample is kept, up to the queue bound (sensors).
     drop_policy: ClassVar[DropPolicy] = "latest"
@@ -86,15 +88,10 @@ class Source(ABC):
     def close(self) -> None:
         """Release the device or file; safe to call more than once."""
 
-    @property
-    def name(self) -> str:
-        return self.config.kind
-
 
 @cache
 def sources() -> dict[str, type[Source]]:
-    found = discover(sys.modules[__name__], Source)
-    return {source.kind: source for source in found.values()}
+    return discover(sys.modules[__name__], Source)
 
 
 @cache
@@ -117,8 +114,59 @@ def parse_source(spec: str | dict[str, Any]) -> SourceConfig:
         raise BadInput(f"source {spec}: {describe_validation_error(error)}") from None
 
 
+class Pacer:
+    """Releases a recorded source's frames at `fps`, so a file plays at its own speed, not as fast as it decodes."""
+
+    def __init__(self, fps: float) -> None:
+        self.period = 1.0 / fps
+        self._due = time.monotonic()
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until the next frame is due; False, after sleeping `timeout`, when it is not due by then."""
+        delay = self._due - time.monotonic()
+        if delay > timeout:
+            time.sleep(max(timeout, 0.0))
+            return False
+        time.sleep(max(delay, 0.0))
+        now = time.monotonic()
+        # On time: keep the cadence without drift. Late (slow reader): restart it, rather than burst to catch up.
+        self._due = self._due + self.period if now - self._due < self.period else now + self.period
+        return True
+
+
+def checked_values(values: list[float]) -> list[float]:
+    """`values` unchanged; ValueError for NaN, inf or a number float32 cannot hold."""
+    # Such values come from a glitching sensor or sender and would silently poison the model's output.
+    if not all(abs(v) <= FLOAT32_MAX for v in values):
+        raise ValueError("values must be finite float32 numbers")
+    return values
+
+
+def json_values(data: Any) -> list[float]:
+    """The numbers of a parsed JSON `[...]` or `{"values": [...]}` (serial lines, MQTT payloads); else ValueError."""
+    if isinstance(data, dict):
+        data = data.get("values")
+    # JSON true/false arrive as bool, which is an int subclass.
+    numbers = isinstance(data, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in data)
+    if not numbers or not data:
+        raise ValueError('expected a list of numbers or {"values": [...]}')
+    try:
+        return checked_values([float(v) for v in data])
+    except OverflowError:
+        raise ValueError("values must be finite float32 numbers") from None
+
+
 def create_source(config: SourceConfig, context: SourceContext) -> Source:
     return sources()[config.kind](config, context)
+
+
+def imread_flag(spec: TensorSpec) -> int:
+    """How to decode an image file for this input: gray for one channel, as calibration read its images."""
+    import cv2
+
+    # A decoder's own gray conversion (libpng's, JPEG's luma) differs from converting BGR afterwards.
+    channels = {"NCHW": spec.shape[1:2], "NHWC": spec.shape[3:4]}.get(spec.layout)
+    return cv2.IMREAD_GRAYSCALE if channels == [1] else cv2.IMREAD_COLOR
 
 
 def to_feeds(frame: Frame, spec: TensorSpec, preprocessing) -> dict[str, np.ndarray]:
@@ -126,13 +174,17 @@ def to_feeds(frame: Frame, spec: TensorSpec, preprocessing) -> dict[str, np.ndar
     from edgekit.calibration import preprocess_image, resolve_preprocessing
 
     if frame.kind == "image":
+        # Here, not above: a values-only device (a serial sensor) may run without OpenCV.
+        import cv2
+
         if spec.layout not in ("NCHW", "NHWC"):
             raise ValueError(f"an image frame cannot feed input '{spec.name}' {spec.shape} (layout {spec.layout})")
         height, width = (spec.shape[2], spec.shape[3]) if spec.layout == "NCHW" else (spec.shape[1], spec.shape[2])
         prep = resolve_preprocessing(preprocessing, spec)
         image = frame.data
         if prep.color == "gray" and image.ndim == 3:
-            image = image.mean(axis=2).astype(np.uint8)
+            # Luma weights, as decoders' gray conversion uses; a plain channel mean would shift every pixel.
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
         elif prep.color != "gray" and image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
         item = preprocess_image(image, height, width, prep)

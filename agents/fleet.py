@@ -1,0 +1,82 @@
+"""`edgekit fleet simulate`: N real agents in one process — each with its own MQTT connection, outbox, bundle
+store and inference loop — for tests, benchmarks and demos without N devices.
+
+What is shared is only the process: each agent runs with one inference thread and small backoffs.
+"""
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgekit.agents.agent import Agent, AgentSettings
+from edgekit.agents.link import Backoff
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    count: int
+    broker: str
+    data_dir: Path
+    trust_key: Path | None = None
+    bundle: Path | None = None
+    source: str | dict[str, Any] | None = None
+    prefix: str = "sim"
+    telemetry_s: float = 5.0
+    profile: str | None = None
+
+
+def device_ids(prefix: str, count: int) -> list[str]:
+    width = len(str(count - 1))
+    return [f"{prefix}-{index:0{width}d}" for index in range(count)]
+
+
+class Fleet:
+    def __init__(self, settings: FleetSettings) -> None:
+        self.settings = settings
+        self.agents = [
+            Agent(
+                AgentSettings(
+                    device_id=device_id,
+                    broker=settings.broker,
+                    data_dir=settings.data_dir / device_id,
+                    trust_key=settings.trust_key,
+                    bundle=settings.bundle,
+                    source=settings.source,
+                    profile=settings.profile,
+                    threads=1,
+                    telemetry_s=settings.telemetry_s,
+                    backoff=Backoff(initial_s=0.5, max_s=10.0),
+                )
+            )
+            for device_id in device_ids(settings.prefix, settings.count)
+        ]
+
+    def start(self) -> None:
+        starters = [threading.Thread(target=agent.start) for agent in self.agents]
+        for thread in starters:
+            thread.start()
+        for thread in starters:
+            thread.join()
+
+    def wait_connected(self, timeout: float) -> int:
+        """How many agents are connected once all are, or when `timeout` runs out."""
+        deadline = time.monotonic() + timeout
+        for agent in self.agents:
+            agent.link.wait_connected(max(0.0, deadline - time.monotonic()))
+        return sum(agent.link.connected for agent in self.agents)
+
+    def stop(self) -> None:
+        stoppers = [threading.Thread(target=agent.stop) for agent in self.agents]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
+
+    def __enter__(self) -> "Fleet":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

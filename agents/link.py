@@ -1,0 +1,257 @@
+"""The agent's MQTT connection: connect and reconnect with jittered backoff, Last Will, retained status,
+persistent session, subscriptions restored on every connect, and the outbox drained in seq order.
+
+A message leaves the outbox only when the broker acknowledged it (QoS 1 PUBACK). After a reconnect every
+unacknowledged message is published again from the oldest, so the hub may see a seq twice (it de-duplicates)
+but never out of order and never missing.
+"""
+
+import logging
+import random
+import ssl
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import unquote, urlparse
+
+import paho.mqtt.client as mqtt
+
+from edgekit.agents.store import Outbox
+from edgekit.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str, bytes], None]
+# Unacknowledged messages handed to paho at once; bounds memory when a long outage backlog is replayed.
+MAX_IN_FLIGHT = 200
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """`mqtt://[user:pass@]host[:1883]` or `mqtts://…[:8883]`; BadInput names what is wrong."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise BadInput(f"broker URL '{url}': expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+    tls = parsed.scheme == "mqtts"
+    try:
+        port = parsed.port or (8883 if tls else 1883)
+    except ValueError:
+        raise BadInput(f"broker URL '{url}': the port must be a number from 1 to 65535") from None
+    user = unquote(parsed.username) if parsed.username else None
+    password = unquote(parsed.password) if parsed.password else None
+    return BrokerAddress(parsed.hostname, port, tls, user, password)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial_s: float = 1.0
+    max_s: float = 30.0
+
+    def delays(self):
+        """Exponential with full jitter, so a fleet that lost the broker together does not return together."""
+        ceiling = self.initial_s
+        while True:
+            yield random.uniform(ceiling / 2, ceiling)
+            ceiling = min(ceiling * 2, self.max_s)
+
+
+class Link:
+    def __init__(
+        self,
+        address: BrokerAddress,
+        client_id: str,
+        outbox: Outbox,
+        will: tuple[str, bytes],
+        on_connect: Callable[[], None],
+        tls_files: TlsFiles | None = None,
+        backoff: Backoff = Backoff(),
+        keepalive: int = 30,
+    ) -> None:
+        self.address = address
+        self.outbox = outbox
+        self.backoff = backoff
+        self.keepalive = keepalive
+        self._on_connect_hook = on_connect
+        self._handlers: dict[str, Handler] = {}
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._wake = threading.Condition()
+        # Only the drain thread touches these: paho calls on_publish holding its own lock, so acks are passed
+        # over in a deque instead of taking a lock that publish() would need too.
+        self._in_flight: dict[int, int] = {}  # paho mid -> outbox seq
+        self._acked: deque[int] = deque()
+        self._cursor = 0  # highest seq handed to paho since the last connect
+        self._restart_drain = threading.Event()
+        self.connects = 0
+        self._client = self._make_client(client_id, will, tls_files)
+        self._threads: list[threading.Thread] = []
+
+    def _make_client(self, client_id: str, will: tuple[str, bytes], tls_files: TlsFiles | None) -> mqtt.Client:
+        # clean_session=False: the broker keeps our subscriptions and queues QoS 1 messages (desired state,
+        # bundle chunks) while we are away.
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+        client.will_set(will[0], will[1], qos=1, retain=True)
+        if self.address.username:
+            client.username_pw_set(self.address.username, self.address.password)
+        if self.address.tls:
+            files = tls_files or TlsFiles()
+            client.tls_set(ca_certs=files.ca, certfile=files.cert, keyfile=files.key)
+        client.max_inflight_messages_set(MAX_IN_FLIGHT)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def subscribe(self, topic: str, handler: Handler) -> None:
+        """Route messages on `topic` (exact name) to `handler`; restored after every reconnect."""
+        self._handlers[topic] = handler
+        if self.connected:
+            self._client.subscribe(topic, qos=1)
+
+    def publish_state(self, topic: str, payload: bytes) -> None:
+        """Retained state (status, reported config): only the latest matters, so it bypasses the outbox."""
+        if self.connected:
+            self._client.publish(topic, payload, qos=1, retain=True)
+
+    def publish_direct(self, topic: str, payload: bytes, qos: int = 1) -> bool:
+        """Requests that are meaningless later (e.g. asking for bundle chunks); False when offline."""
+        return self.connected and self._client.publish(topic, payload, qos=qos).rc == mqtt.MQTT_ERR_SUCCESS
+
+    def notify(self) -> None:
+        """The outbox has something new."""
+        with self._wake:
+            self._wake.notify()
+
+    def start(self) -> None:
+        for target, name in ((self._network_loop, "mqtt-network"), (self._drain_loop, "mqtt-outbox")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, goodbye: tuple[str, bytes] | None = None) -> None:
+        """Disconnect cleanly; `goodbye` (e.g. status offline) is published first, since a clean disconnect
+        does not fire the Last Will."""
+        if goodbye and self.connected:
+            info = self._client.publish(goodbye[0], goodbye[1], qos=1, retain=True)
+            info.wait_for_publish(timeout=2)
+        self._stop.set()
+        self.notify()
+        self._client.disconnect()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def _network_loop(self) -> None:
+        delays = self.backoff.delays()
+        first = True
+        while not self._stop.is_set():
+            try:
+                if first:
+                    self._client.connect(self.address.host, self.address.port, self.keepalive)
+                    first = False
+                else:
+                    self._client.reconnect()
+            except (OSError, ssl.SSLError) as error:
+                log.info("broker %s:%s unreachable: %s", self.address.host, self.address.port, error)
+                self._stop.wait(next(delays))
+                continue
+            delays = self.backoff.delays()
+            while not self._stop.is_set() and self._client.loop(timeout=0.2) == mqtt.MQTT_ERR_SUCCESS:
+                pass
+            self._connected.clear()
+            if not self._stop.is_set():
+                self._stop.wait(next(delays))
+        self._connected.clear()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the connection: %s", reason_code)
+            return
+        self.connects += 1
+        for topic in self._handlers:
+            client.subscribe(topic, qos=1)
+        self._restart_drain.set()
+        self._connected.set()
+        self._on_connect_hook()
+        self.notify()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        handler = self._handlers.get(message.topic)
+        if handler is None:
+            return
+        try:
+            handler(message.topic, message.payload)
+        except Exception:
+            # A handler bug must not take the network thread (and with it the whole link) down.
+            log.exception("handler for %s failed", message.topic)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self._acked.append(mid)
+        self.notify()
+
+    def _drain_loop(self) -> None:
+        while not self._stop.is_set():
+            self._settle_acks()
+            if self._restart_drain.is_set():
+                # Whatever was in flight before the reconnect is sent again, from the oldest unacknowledged.
+                self._restart_drain.clear()
+                self._in_flight.clear()
+                self._cursor = 0
+            if not self.connected or not self._send_batch():
+                with self._wake:
+                    self._wake.wait(timeout=0.5)
+
+    def _settle_acks(self) -> None:
+        seqs = []
+        while self._acked:
+            seq = self._in_flight.pop(self._acked.popleft(), None)
+            if seq is not None:
+                seqs.append(seq)
+        if seqs:
+            self.outbox.ack(seqs)
+
+    def _send_batch(self) -> bool:
+        """Hand the next queued messages to paho; False when there was nothing to send or no room."""
+        room = MAX_IN_FLIGHT - len(self._in_flight)
+        if room <= 0:
+            return False
+        batch = self.outbox.peek(after=self._cursor, limit=room)
+        for message in batch:
+            if not self.connected:
+                return False
+            info = self._client.publish(message.topic, message.payload, qos=message.qos)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                return False
+            self._cursor = message.seq
+            if message.qos == 0:
+                self.outbox.ack([message.seq])
+            else:
+                self._in_flight[info.mid] = message.seq
+        return bool(batch)

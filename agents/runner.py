@@ -1,0 +1,264 @@
+"""The inference loop: a source thread fills a bounded queue, a worker runs the model and emits results.
+
+Video sources keep only the latest frame (a slow model skips stale frames, counted as dropped); sensor sources
+keep every sample up to the queue bound, then drop the oldest (counted). A lost source is retried with backoff
+and reported as an event, never a crash.
+"""
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edgekit.agents.bundles import Installed
+from edgekit.agents.link import Backoff
+from edgekit.agents.postprocess import Task, infer_task, outputs_are_sane, postprocess
+from edgekit.agents.runtimes import Session
+from edgekit.agents.sources import (
+    Frame,
+    SourceConfig,
+    SourceContext,
+    SourceExhausted,
+    SourceUnavailable,
+    create_source,
+    to_feeds,
+)
+from edgekit.agents.stats import InferenceStats
+from edgekit.errors import EdgekitError
+from edgekit.protocol import Rates, Thresholds
+
+log = logging.getLogger(__name__)
+
+SENSOR_QUEUE = 1024
+ERROR_EVENT_INTERVAL_S = 10.0
+
+Report = Callable[..., None]  # report(event_type, message, level="info", **data)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    bundle: Installed
+    session: Session
+
+
+class HealthCheck:
+    """The first `needed` inferences after a switch must all succeed with finite outputs."""
+
+    def __init__(self, needed: int) -> None:
+        self.needed = needed
+        self.passed = 0
+        self.failure: str | None = None
+        self.done = threading.Event()
+
+    def record(self, failure: str | None) -> None:
+        if self.done.is_set():
+            return
+        if failure:
+            self.failure = failure
+            self.done.set()
+        else:
+            self.passed += 1
+            if self.passed >= self.needed:
+                self.done.set()
+
+
+class Runner:
+    def __init__(
+        self,
+        device_id: str,
+        emit_result: Callable[[dict[str, Any], int], None],
+        report: Report,
+        subscribe: Callable[[str, Callable[[bytes], None]], None] | None,
+    ) -> None:
+        self.device_id = device_id
+        self._emit_result = emit_result
+        self._report = report
+        self._subscribe = subscribe
+        self.stats = InferenceStats()
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._model: LoadedModel | None = None
+        self._health: HealthCheck | None = None
+        self._task_setting = "auto"
+        self._thresholds = Thresholds()
+        self._rates = Rates()
+        self._source_config: SourceConfig | None = None
+        self._source_thread: threading.Thread | None = None
+        self._source_stop = threading.Event()
+        self._frames: queue.Queue[Frame] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="inference", daemon=True)
+        self._last_error_event = 0.0
+        self._errors_since_event = 0
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self._model
+
+    @property
+    def source_config(self) -> SourceConfig | None:
+        return self._source_config
+
+    @property
+    def queue_depth(self) -> int:
+        return self._frames.qsize()
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._stop_source()
+        self._worker.join(timeout=5)
+
+    def configure(self, task: str, thresholds: Thresholds, rates: Rates) -> None:
+        self._task_setting, self._thresholds, self._rates = task, thresholds, rates
+
+    def use_model(self, model: LoadedModel, health_checks: int | None = None) -> HealthCheck | None:
+        """Switch models between two inferences; with `health_checks`, watch the next ones."""
+        with self._lock:
+            previous_input = self._model.bundle.manifest.inputs[0] if self._model else None
+            self._model = model
+            self._health = HealthCheck(health_checks) if health_checks else None
+            health = self._health
+        if self._source_config and previous_input != model.bundle.manifest.inputs[0]:
+            self._restart_source()  # e.g. a serial window size follows the model's input
+        return health
+
+    def use_source(self, config: SourceConfig | None) -> None:
+        if config == self._source_config and (config is None or self._source_thread):
+            return
+        self._source_config = config
+        self._restart_source()
+
+    def _restart_source(self) -> None:
+        self._stop_source()
+        if self._source_config is None or self._model is None:
+            return
+        self._source_stop = threading.Event()
+        bound = 1 if self._source_kind_drops() else SENSOR_QUEUE
+        self._frames = queue.Queue(maxsize=bound)
+        self._source_thread = threading.Thread(
+            target=self._read_source, args=(self._source_config, self._source_stop), name="source", daemon=True
+        )
+        self._source_thread.start()
+
+    def _source_kind_drops(self) -> bool:
+        from edgekit.agents.sources import sources
+
+        return sources()[self._source_config.kind].drop_policy == "latest"
+
+    def _stop_source(self) -> None:
+        if self._source_thread:
+            self._source_stop.set()
+            self._source_thread.join(timeout=5)
+            self._source_thread = None
+
+    def _read_source(self, config: SourceConfig, stop: threading.Event) -> None:
+        context = SourceContext(self.device_id, self._model.bundle.manifest.inputs[0], self._subscribe)
+        try:
+            source = create_source(config, context)
+        except EdgekitError as error:  # e.g. a serial window that does not fit the model
+            self._report("source.error", str(error), level="error", source=config.kind)
+            return
+        delays = Backoff(initial_s=1.0, max_s=30.0).delays()
+        failing = False
+        while not stop.is_set():
+            try:
+                source.open()
+                if failing:
+                    self._report("source.recovered", f"source {config.kind} is back", source=config.kind)
+                    failing = False
+                delays = Backoff(initial_s=1.0, max_s=30.0).delays()
+                self._pump(source, stop)
+            except SourceExhausted:
+                self._report("source.error", f"source {config.kind} has ended", level="warning", source=config.kind)
+                break
+            except SourceUnavailable as error:
+                if not failing:
+                    # The message, not the config: a stream URL may carry a password.
+                    self._report("source.error", str(error), level="warning", source=config.kind)
+                failing = True
+                stop.wait(next(delays))
+            finally:
+                source.close()
+
+    def _pump(self, source, stop: threading.Event) -> None:
+        while not stop.is_set():
+            frame = source.read(timeout=0.2)
+            if frame is not None:
+                self._enqueue(frame)
+
+    def _enqueue(self, frame: Frame) -> None:
+        frames = self._frames
+        while True:
+            try:
+                frames.put_nowait(frame)
+                return
+            except queue.Full:
+                try:
+                    frames.get_nowait()
+                    self.dropped += 1
+                except queue.Empty:
+                    pass
+
+    def _work(self) -> None:
+        next_allowed = 0.0
+        while not self._stop.is_set():
+            try:
+                frame = self._frames.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if self._rates.max_fps:
+                time.sleep(max(0.0, next_allowed - time.monotonic()))
+                next_allowed = time.monotonic() + 1.0 / self._rates.max_fps
+            with self._lock:
+                model, health = self._model, self._health
+            if model is None:
+                self.dropped += 1
+                continue
+            failure = self._infer(model, frame)
+            if health:
+                health.record(failure)
+
+    def _infer(self, model: LoadedModel, frame: Frame) -> str | None:
+        manifest = model.bundle.manifest
+        try:
+            feeds = to_feeds(frame, manifest.inputs[0], manifest.preprocessing)
+            started = time.perf_counter()
+            outputs = model.session.run(feeds)
+            latency = time.perf_counter() - started
+        except Exception as error:  # a bad frame or a broken model must not stop the loop
+            return self._inference_failed(model, f"{type(error).__name__}: {error}")
+        if not outputs_are_sane(outputs):
+            return self._inference_failed(model, "the model produced NaN or infinite outputs")
+        self.stats.record(latency)
+        task = self._task(model)
+        result = {
+            "frame_ts": frame.ts,
+            "bundle": model.bundle.label,
+            "latency_ms": round(latency * 1000, 3),
+            "task": task,
+            "source": frame.meta,
+            **postprocess(task, outputs, self._thresholds),
+        }
+        self._emit_result(result, self._rates.results_qos)
+        return None
+
+    def _task(self, model: LoadedModel) -> Task:
+        if self._task_setting != "auto":
+            return self._task_setting
+        return infer_task([o.shape for o in model.bundle.manifest.outputs])
+
+    def _inference_failed(self, model: LoadedModel, reason: str) -> str:
+        """Report the first failure, then at most one summary per interval, so a broken stream cannot flood."""
+        self._errors_since_event += 1
+        now = time.monotonic()
+        if now - self._last_error_event >= ERROR_EVENT_INTERVAL_S:
+            self._report("inference.error", reason, level="error", bundle=model.bundle.label,
+                         failures=self._errors_since_event)  # fmt: skip
+            self._last_error_event, self._errors_since_event = now, 0
+        return reason

@@ -1,0 +1,154 @@
+"""`edgekit agent` (run the device agent), `edgekit agent install` (systemd unit) and `edgekit fleet simulate`.
+
+Only the runtime side is imported here: the agent must start on a device that has no compiler stack.
+"""
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgekit.cli.console import console, err_console
+from edgekit.errors import BadInput
+
+BrokerOpt = Annotated[str, typer.Option("--broker", "-b", help="mqtt://[user:pass@]HOST[:PORT] or mqtts://…")]
+DeviceOpt = Annotated[str, typer.Option("--device-id", "-d", help="This device's id: letters, digits, . _ -")]
+SourceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--source",
+        "-s",
+        help="Input until config/desired names one: camera:0, video:FILE|URL, folder:DIR, "
+        "serial:/dev/ttyUSB0?baud=115200, mqtt:, synthetic:?fps=5",
+    ),
+]
+TrustOpt = Annotated[
+    Path | None, typer.Option("--trust-key", "-k", help="Ed25519 public key (edgekit.pub) bundles must be signed with.")
+]
+BundleOpt = Annotated[Path | None, typer.Option("--bundle", help="A .ekb to verify, install and run at start-up.")]
+ProfileOpt = Annotated[str | None, typer.Option("--profile", help="Profile name reported to the hub.")]
+
+app = typer.Typer(
+    help="Run the device agent: the active bundle on an input, telemetry and results over MQTT, safe updates.",
+    invoke_without_command=True,
+)
+fleet_app = typer.Typer(help="Simulated fleets for tests, benchmarks and demos.", no_args_is_help=True)
+
+
+def _agent_logging() -> None:
+    """The agent's own INFO lines go to stderr (journald on a device); libraries stay at WARNING."""
+    logging.getLogger("edgekit.agents").setLevel(logging.INFO)
+
+
+def _run_until_signal(start, stop) -> None:
+    """Start, then stop cleanly on SIGTERM (systemd) or Ctrl-C."""
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    start()
+    try:
+        done.wait()
+    finally:
+        stop()
+
+
+@app.callback()
+def agent(
+    ctx: typer.Context,
+    broker: BrokerOpt = "",
+    device_id: DeviceOpt = "",
+    source: SourceOpt = None,
+    data: Annotated[Path, typer.Option("--data", help="State folder: bundles, outbox, desired state.")] = Path(
+        "edgekit-agent"
+    ),
+    trust_key: TrustOpt = None,
+    bundle: BundleOpt = None,
+    profile: ProfileOpt = None,
+    telemetry: Annotated[float, typer.Option("--telemetry-s", help="Seconds between telemetry messages.")] = 5.0,
+    tls_ca: Annotated[Path | None, typer.Option("--tls-ca", help="CA certificate for mqtts://.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="Client certificate (mutual TLS).")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="Client certificate's private key.")] = None,
+) -> None:
+    """Run the agent until SIGTERM or Ctrl-C. It keeps running through broker outages (messages wait on disk)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not broker or not device_id:
+        raise BadInput("edgekit agent needs --broker and --device-id (see edgekit agent --help)")
+    from edgekit.agents.agent import Agent, AgentSettings
+    from edgekit.agents.link import TlsFiles, parse_broker_url
+    from edgekit.agents.sources import parse_source
+    from edgekit.schema import validate_file
+
+    parse_broker_url(broker)
+    if source:
+        parse_source(source)
+    tls = TlsFiles(*(str(p) if p else None for p in (tls_ca, tls_cert, tls_key))) if tls_ca or tls_cert else None
+    fields = dict(device_id=device_id, broker=broker, data_dir=data, trust_key=trust_key, source=source,
+                  bundle=bundle, profile=profile, telemetry_s=telemetry, tls=tls)  # fmt: skip
+    settings = validate_file(AgentSettings, fields, "agent settings")
+    _agent_logging()
+    agent = Agent(settings)
+    err_console.print(f"agent {device_id}: broker {broker}, data {data}")
+    _run_until_signal(agent.start, agent.stop)
+
+
+@app.command("install")
+def install(
+    broker: BrokerOpt,
+    device_id: DeviceOpt,
+    trust_key: Annotated[Path, typer.Option("--trust-key", "-k", help="Ed25519 public key (edgekit.pub).")],
+    source: SourceOpt = None,
+    data: Annotated[Path, typer.Option("--data", help="State folder (absolute).")] = Path("/var/lib/edgekit"),
+    bundle: BundleOpt = None,
+    profile: ProfileOpt = None,
+    user: Annotated[str, typer.Option("--user", help="Account the service runs as.")] = "edgekit",
+    unit_dir: Annotated[Path, typer.Option("--unit-dir", help="Where to write the unit.")] = Path(
+        "/etc/systemd/system"
+    ),
+) -> None:
+    """Write a systemd unit that runs this agent at boot and restarts it on failure."""
+    from edgekit.agents.install import InstallSettings, write_unit
+    from edgekit.agents.link import parse_broker_url
+
+    parse_broker_url(broker)
+    settings = InstallSettings(device_id, broker, trust_key, data, source, bundle, profile, user)
+    path = write_unit(settings, unit_dir)
+    console.print(f"wrote {path}")
+    console.print("enable it with:  systemctl daemon-reload && systemctl enable --now edgekit-agent")
+
+
+@fleet_app.command("simulate")
+def simulate(
+    broker: BrokerOpt,
+    n: Annotated[int, typer.Option("--n", "-n", min=1, max=10_000, help="Number of simulated devices.")] = 10,
+    source: SourceOpt = "synthetic:?fps=1",
+    trust_key: TrustOpt = None,
+    bundle: BundleOpt = None,
+    prefix: Annotated[str, typer.Option("--prefix", help="Device ids are PREFIX-000 …")] = "sim",
+    data: Annotated[Path, typer.Option("--data", help="Parent of each device's state folder.")] = Path("edgekit-fleet"),
+    telemetry: Annotated[float, typer.Option("--telemetry-s", help="Seconds between telemetry messages.")] = 5.0,
+    duration: Annotated[float, typer.Option("--duration", help="Stop after this many seconds; 0: until Ctrl-C.")] = 0,
+) -> None:
+    """Run N real agents in this process against a broker (real MQTT connections, real bundles)."""
+    from edgekit.agents.fleet import Fleet, FleetSettings
+    from edgekit.agents.link import parse_broker_url
+
+    parse_broker_url(broker)
+    fleet = Fleet(FleetSettings(n, broker, data, trust_key, bundle, source, prefix, telemetry))
+
+    def start() -> None:
+        fleet.start()
+        connected = fleet.wait_connected(timeout=30)
+        err_console.print(f"{connected}/{n} simulated devices connected to {broker}")
+        if duration:
+            threading.Timer(duration, lambda: signal.raise_signal(signal.SIGTERM)).start()
+
+    _run_until_signal(start, fleet.stop)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="agent")
+    root.add_typer(fleet_app, name="fleet")
