@@ -13,13 +13,20 @@ WORKERS ?= 2
 install: sysdeps $(STAMP)
 
 # Debian tools the compile path shells out to: the aarch64 cross linker for TVM builds of ARM profiles and
-# qemu-user for the emulated arm64 device. Installed when running as root with apt-get; otherwise the TVM
-# candidates for ARM profiles and --verify-emulated report what is missing.
+# qemu-user for the emulated arm64 device. Also mosquitto, the MQTT broker `edgekit hub` embeds when no external
+# broker is given (without it the hub falls back to the ~10x slower amqtt and the mosquitto tests skip).
+# Installed when running as root with apt-get; otherwise the TVM candidates for ARM profiles and
+# --verify-emulated report what is missing. Debian puts mosquitto in /usr/sbin, off a non-root user's PATH.
 sysdeps:
 	@if ! { command -v aarch64-linux-gnu-gcc && command -v qemu-aarch64-static; } >/dev/null \
 		&& command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			gcc-aarch64-linux-gnu qemu-user-static >/dev/null; \
+	fi
+	@if ! { command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null \
+		&& command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			mosquitto mosquitto-clients >/dev/null; \
 	fi
 
 # The emulated arm64 device (Debian arm64 Python + aarch64 wheels), built once into .cache/ (~1 min, ~300 MB).

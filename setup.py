@@ -22,6 +22,7 @@ PACKAGE_DIRS = {
     "edgekit.compilers": "compilers",
     "edgekit.agents": "agents",
     "edgekit.agents.runtimes": "agents/runtimes",
+    "edgekit.agents.sources": "agents/sources",
     "edgekit.firmware_profiles": "firmware_profiles",
 }
 
@@ -44,7 +45,7 @@ EXTRAS = {
         "xgboost-cpu>=2.0",
     ],
     # Device side: runtimes only, never the compiler stack.
-    "agent": [*RUNTIME_ORT, "paho-mqtt>=2.0", "pyserial>=3.5", "opencv-python-headless>=4.8"],
+    "agent": [*RUNTIME_ORT, "paho-mqtt>=2.0", "pyserial>=3.5", "opencv-python-headless>=4.8", "psutil>=5.9"],
     "hub": ["fastapi>=0.110", "uvicorn>=0.29", "sqlalchemy>=2.0", "amqtt>=0.11", "paho-mqtt>=2.0"],
     # onnx2tf imports onnx_graphsurgeon and sng4onnx without declaring them.
     "tflite": [
@@ -56,7 +57,7 @@ EXTRAS = {
         "ai-edge-litert>=1.0",
         "ethos-u-vela>=4.0",
     ],
-    "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "scikit-learn>=1.4"],
+    "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "scikit-learn>=1.4", "amqtt>=0.11", "hypothesis>=6.100"],
 }
 EXTRAS["all"] = sorted({req for name in ("compile", "agent", "hub", "tflite") for req in EXTRAS[name]})
 
@@ -69,7 +70,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    package_data={"edgekit.firmware_profiles": ["*.yaml"]},
+    package_data={"edgekit.firmware_profiles": ["*.yaml"], "edgekit.agents": ["systemd/*.service"]},
     install_requires=[
         "numpy>=1.24",
         "pydantic>=2.6",

@@ -1,14 +1,17 @@
-"""Shared fixtures: an isolated EDGEKIT_HOME, generated models, the digits example, and a CLI runner."""
+"""Shared fixtures: an isolated EDGEKIT_HOME, generated models, the digits example, a CLI runner, MQTT brokers."""
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from brokers import BROKER_KINDS, started_broker
 from helpers import CliResult
 from typer.testing import CliRunner
 
+from edgekit.broker import EmbeddedBroker
 from edgekit.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,3 +77,20 @@ def mobilenet_small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     images = np.random.default_rng(2).random((30, 3, 96, 96), dtype=np.float32)
     np.savez(folder / "calibration.npz", input=images)
     return folder / "mobilenet_v2.onnx", folder / "calibration.npz"
+
+
+@pytest.fixture(params=BROKER_KINDS, ids=BROKER_KINDS)
+def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    """A started broker on a free loopback port, once per kind (see tests/brokers.py for clients)."""
+    yield from started_broker(request.param, tmp_path_factory.mktemp("broker"))
+
+
+@pytest.fixture
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    """A started mosquitto with persistence; skips where it is not installed."""
+    yield from started_broker("mosquitto", tmp_path_factory.mktemp("broker"))
+
+
+@pytest.fixture
+def amqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    yield from started_broker("amqtt", tmp_path_factory.mktemp("broker"))

@@ -348,7 +348,7 @@ def test_spec_strings_parse_into_each_kinds_config():
 @pytest.mark.parametrize(
     ("spec", "fragments"),
     [
-        ("webcam:0", ["webcam:0", "camera, folder, mqtt, serial, video"]),
+        ("webcam:0", ["webcam:0", "camera, folder, mqtt, serial, synthetic, video"]),
         ("no-colon", ["no-colon", "KIND:TARGET"]),
         ("camera:front", ["camera.index"]),
         ("serial:/dev/ttyUSB0?baud=fast", ["serial.baud"]),

@@ -1,0 +1,371 @@
+"""Embedded MQTT brokers for `edgekit hub` without an external broker, for tests and for benchmarks.
+
+Mosquitto (a child process) is preferred: it is ~10x faster than amqtt and keeps sessions, queued messages and
+retained messages across restarts. amqtt (pure Python, in a thread of this process) is the fallback when the
+Debian package is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from edgekit.errors import BadInput, OperationFailed
+
+LOOPBACK = "127.0.0.1"
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
+# Debian installs mosquitto in /usr/sbin, which is not on a non-root user's PATH.
+MOSQUITTO_FALLBACK = Path("/usr/sbin/mosquitto")
+# A persistent-session subscriber must not lose messages while it is away during an outage replay (~30 s of
+# telemetry from a fleet); mosquitto's default of 1000 queued messages per client would drop most of them.
+MAX_QUEUED_MESSAGES = 100_000
+MAX_INFLIGHT_MESSAGES = 100
+AMQTT_AUTH_PLUGIN = "AmqttOpenAuthPlugin"
+
+
+def mosquitto_binary() -> Path | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return Path(found)
+    return MOSQUITTO_FALLBACK if os.access(MOSQUITTO_FALLBACK, os.X_OK) else None
+
+
+def mosquitto_available() -> bool:
+    return mosquitto_binary() is not None
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port nothing listens on right now; another process may still take it before the broker binds it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """Fail early: a broker started on a taken port would look ready because the other listener answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR so that connections of a just-stopped broker in TIME_WAIT do not count as "in use".
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OperationFailed(
+                    f"cannot start an MQTT broker on {host}:{port}: the port is already in use; "
+                    "choose another port or stop the process listening there"
+                ) from None
+            raise OperationFailed(f"cannot start an MQTT broker on {host}:{port}: {exc.strerror}") from None
+
+
+def accepts_connections(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class EmbeddedBroker(ABC):
+    """An MQTT broker owned by this process. `start()` returns once clients can connect to `url`."""
+
+    kind: str
+
+    def __init__(self, port: int | None, host: str) -> None:
+        self.host = host
+        # Chosen on the first start and kept, so that restart() comes back where clients reconnect.
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the broker has no port until it is started")
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    @abstractmethod
+    def running(self) -> bool: ...
+
+    @abstractmethod
+    def start(self) -> EmbeddedBroker: ...
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+    def restart(self) -> None:
+        """Stop and start again on the same port, e.g. to test how clients live through a broker outage."""
+        self.stop()
+        self.start()
+
+    def _claim_port(self) -> int:
+        if self.port is None:
+            self.port = free_port(self.host)
+        else:
+            ensure_port_free(self.host, self.port)
+        return self.port
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.host}:{self.port} {'running' if self.running else 'stopped'}>"
+
+
+class MosquittoBroker(EmbeddedBroker):
+    """Debian's mosquitto as a child process, configured and logged under `data_dir`.
+
+    With `persistence`, subscriptions of clean_session=False clients, their queued QoS 1/2 messages and retained
+    messages are saved on stop() and every second, and come back after restart().
+    """
+
+    kind = "mosquitto"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        host: str = LOOPBACK,
+        persistence: bool = True,
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
+        max_packet_size: int | None = None,
+    ) -> None:
+        super().__init__(port, host)
+        self.data_dir = Path(data_dir)
+        self.persistence = persistence
+        self.password_file = password_file
+        self.acl_file = acl_file
+        self.max_packet_size = max_packet_size
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.data_dir / "mosquitto.conf"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "mosquitto.log"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def config(self) -> str:
+        lines = [
+            f"listener {self.port} {self.host}",
+            f"allow_anonymous {'false' if self.password_file else 'true'}",
+            f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+            f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
+            f"log_dest file {self.log_path}",
+            *(f"log_type {kind}" for kind in ("error", "warning", "notice", "information")),
+            "connection_messages true",
+        ]
+        if self.persistence:
+            # A trailing slash: mosquitto concatenates the location and the file name.
+            lines += ["persistence true", f"persistence_location {self.data_dir}/", "autosave_interval 1"]
+        if self.password_file:
+            lines.append(f"password_file {self.password_file}")
+        if self.acl_file:
+            lines.append(f"acl_file {self.acl_file}")
+        if self.max_packet_size:
+            lines.append(f"max_packet_size {self.max_packet_size}")
+        if os.geteuid() == 0:
+            # As root mosquitto would switch to the `mosquitto` user, which cannot write to our data_dir.
+            lines.append("user root")
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> MosquittoBroker:
+        if self.running:
+            return self
+        binary = mosquitto_binary()
+        if binary is None:
+            raise OperationFailed("mosquitto is not installed (Debian: apt-get install mosquitto, or `make sysdeps`)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._claim_port()
+        self.config_path.write_text(self.config())
+        # Messages printed before the log file is opened (bad config, root warning) land in the same log.
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [str(binary), "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # a Ctrl-C meant for the hub must not kill the broker before the hub
+            )
+        self._wait_listening()
+        return self
+
+    def _wait_listening(self) -> None:
+        assert self._process is not None and self.port is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                code = self._process.returncode
+                self._process = None
+                raise OperationFailed(f"mosquitto exited with code {code} at start; {self._log_tail()}")
+            if accepts_connections(self.host, self.port):
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise OperationFailed(
+            f"mosquitto did not listen on {self.host}:{self.port} in {START_TIMEOUT_S:g} s; {self._log_tail()}"
+        )
+
+    def _log_tail(self, lines: int = 10) -> str:
+        try:
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-lines:]
+        except OSError:
+            return f"no log at {self.log_path}"
+        return f"last lines of {self.log_path}:\n" + "\n".join(tail)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        # SIGTERM, not SIGKILL: mosquitto writes its persistence database on the way out.
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class AmqttBroker(EmbeddedBroker):
+    """amqtt's broker on its own event loop in a daemon thread of this process.
+
+    Anonymous clients are accepted, topics are not checked. Gaps compared to MosquittoBroker:
+    - nothing survives stop() or restart(): sessions, queued messages and retained messages live in memory only;
+    - no maximum packet size: any payload is accepted;
+    - MQTT 3.1.1 only.
+    Persistent sessions (clean_session=False) work while the broker runs, thanks to AmqttOpenAuthPlugin.
+    """
+
+    kind = "amqtt"
+
+    def __init__(self, port: int | None = None, host: str = LOOPBACK) -> None:
+        super().__init__(port, host)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._broker: Any = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._broker is not None
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            # Only our auth plugin: the default list adds $SYS publishing and per-packet logging.
+            "plugins": {f"{__name__}.{AMQTT_AUTH_PLUGIN}": {}},
+        }
+
+    def start(self) -> AmqttBroker:
+        if self.running:
+            return self
+        self._claim_port()
+        started: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._serve, args=(self._loop, started), name=f"amqtt-{self.port}", daemon=True
+        )
+        self._thread.start()
+        try:
+            self._broker = started.result(timeout=START_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            self.stop()
+            raise OperationFailed(f"amqtt did not listen on {self.host}:{self.port} in {START_TIMEOUT_S:g} s") from None
+        except Exception as exc:
+            self._thread.join(STOP_TIMEOUT_S)
+            self._thread = self._loop = None
+            raise OperationFailed(f"cannot start amqtt on {self.host}:{self.port}: {exc.__cause__ or exc}") from exc
+        return self
+
+    def _serve(self, loop: asyncio.AbstractEventLoop, started: concurrent.futures.Future[Any]) -> None:
+        from amqtt.broker import Broker
+
+        async def start() -> Broker:
+            broker = Broker(self.config())
+            await broker.start()
+            return broker
+
+        asyncio.set_event_loop(loop)
+        try:
+            started.set_result(loop.run_until_complete(start()))
+        except Exception as exc:
+            started.set_exception(exc)
+        else:
+            loop.run_forever()
+        finally:
+            self._close_loop(loop)
+
+    @staticmethod
+    def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+    def stop(self) -> None:
+        loop, thread, broker = self._loop, self._thread, self._broker
+        self._loop = self._thread = self._broker = None
+        if loop is None or thread is None or not thread.is_alive():
+            return
+        if broker is not None:
+            shutdown = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)
+            # A broker that cannot shut down cleanly still has its loop stopped below.
+            with contextlib.suppress(Exception):
+                shutdown.result(timeout=STOP_TIMEOUT_S)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(STOP_TIMEOUT_S)
+
+
+def _open_auth_plugin() -> type:
+    from amqtt.plugins.base import BaseAuthPlugin
+
+    class OpenAuthPlugin(BaseAuthPlugin):
+        """Accept every client without flagging it anonymous.
+
+        amqtt's AnonymousAuthPlugin flags the sessions it accepts as anonymous, and amqtt then drops a disconnected
+        anonymous session (its subscriptions and queued QoS 1/2 messages) even with clean_session=False.
+        """
+
+        async def authenticate(self, *, session: Any) -> bool:
+            return True
+
+    return OpenAuthPlugin
+
+
+def __getattr__(name: str) -> Any:
+    # amqtt loads plugins by dotted path; building the class on first lookup keeps amqtt out of `import edgekit.broker`.
+    if name == AMQTT_AUTH_PLUGIN:
+        plugin = globals()[name] = _open_auth_plugin()
+        return plugin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def start_embedded_broker(data_dir: Path, port: int | None = None, prefer: str = "mosquitto") -> EmbeddedBroker:
+    """A started broker: mosquitto when installed and preferred, amqtt otherwise; `kind` says which."""
+    if prefer not in ("mosquitto", "amqtt"):
+        raise BadInput(f"unknown MQTT broker {prefer!r}; choose mosquitto or amqtt")
+    if prefer == "mosquitto" and mosquitto_available():
+        return MosquittoBroker(data_dir, port=port).start()
+    return AmqttBroker(port=port).start()
