@@ -92,6 +92,7 @@ class Agent:
         self._download: Download | None = None
         self._jobs: queue.Queue[DesiredState | None] = queue.Queue()
         self._stop = threading.Event()
+        self._stopped = False
         self._threads: list[threading.Thread] = []
         self.link = Link(
             parse_broker_url(settings.broker),
@@ -211,6 +212,10 @@ class Agent:
         self.report("agent.started", f"agent {__version__} started", bundle=active.bundle.label if active else None)
 
     def stop(self) -> None:
+        """Stop cleanly: publish `offline`, flush what can be flushed; safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.report("agent.stopping", "agent stopping")
         self._stop.set()
         self._jobs.put(None)
@@ -318,8 +323,8 @@ class Agent:
             self._update(desired)
         self._applied_rev = desired.rev
         self._save_state()
-        self.report("config.applied", f"converged to rev {desired.rev}", rev=desired.rev)
         self.publish_state()
+        self.report("config.applied", f"converged to rev {desired.rev}", rev=desired.rev)
 
     def _apply_config(self, desired: DesiredState) -> None:
         self.runner.configure(desired.task, desired.thresholds, desired.rates)
@@ -333,7 +338,7 @@ class Agent:
 
     def _set_update(self, state: str, bundle: str | None, detail: str = "") -> None:
         self._update_state = UpdateState(state=state, bundle=bundle, detail=detail)
-        self.publish_state()
+        self.link.publish_state(self._topic(Topic.REPORTED), encode(self._reported()))
 
     def _update(self, desired: DesiredState) -> None:
         target = desired.bundle

@@ -370,4 +370,4 @@ def test_discovery_does_not_import_opencv_or_pyserial():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert sorted(sources()) == ["camera", "folder", "mqtt", "serial", "video"]
+    assert sorted(sources()) == ["camera", "folder", "mqtt", "serial", "synthetic", "video"]

@@ -1,0 +1,49 @@
+"""Helpers for agent tests (importable because pytest.ini puts tests/ on the path)."""
+
+import sys
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from brokers import host_port
+
+from edgekit.broker import EmbeddedBroker
+from edgekit.bundle import sha256_file
+from edgekit.protocol import DesiredBundle, DesiredState
+from edgekit.transfer import BundleServer
+
+
+def desired_for(bundle: Path, rev: int, version: str, name: str = "digits", **fields) -> DesiredState:
+    """A desired state that asks for `bundle`; extra fields (source, health_checks, rates …) pass through."""
+    allow = fields.pop("allow_downgrade", False)
+    ref = DesiredBundle(id=sha256_file(bundle), name=name, version=version, size=bundle.stat().st_size,
+                        allow_downgrade=allow)  # fmt: skip
+    return DesiredState(rev=rev, bundle=ref, **fields)
+
+
+class ServedBundles:
+    """A BundleServer on its own MQTT connection; `add(path)` makes a bundle downloadable by its sha256."""
+
+    def __init__(self, broker: EmbeddedBroker) -> None:
+        self.files: dict[str, Path] = {}
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-bundle-server")
+        self.server = BundleServer(self.client, self.files.get)
+        self.client.on_connect = lambda *args: self.server.start()
+        self.client.reconnect_delay_set(0.1, 1)
+        self.client.connect(*host_port(broker.url))
+        self.client.loop_start()
+
+    def add(self, path: Path) -> str:
+        bundle_id = sha256_file(path)
+        self.files[bundle_id] = path
+        return bundle_id
+
+    def close(self) -> None:
+        self.server.stop()
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def agent_command(broker_url: str, data_dir: Path, trust_key: Path, *extra: str, device_id: str = "dev-1") -> list:
+    """`edgekit agent …` as a separate process (for kill -9 and restart tests)."""
+    return [sys.executable, "-m", "edgekit", "agent", "--broker", broker_url, "--device-id", device_id,
+            "--data", str(data_dir), "--trust-key", str(trust_key), "--telemetry-s", "0.5", *extra]  # fmt: skip

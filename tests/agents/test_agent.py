@@ -1,0 +1,51 @@
+"""The agent against a real broker (Mosquitto and amqtt): inputs in, results and telemetry out, updates applied."""
+
+import json
+
+import numpy as np
+from agent_helpers import desired_for
+from brokers import Subscriber, publish
+
+from edgekit.protocol import Event, ReportedState, Result, Status, Telemetry, device_topic, encode
+
+TOPICS = "edgekit/v1/dev-1/#"
+
+
+def _events(sub: Subscriber) -> list[Event]:
+    return [Event.model_validate_json(p) for _, p in sub.messages("edgekit/v1/dev-1/events")]
+
+
+def test_mqtt_input_gives_results_telemetry_and_status(broker, start_agent, digits_bundle, digits):
+    with Subscriber(broker.url, TOPICS) as sub:
+        start_agent(broker, bundle=digits_bundle("1.0.0"), source="mqtt:")
+        status = Status.model_validate_json(sub.wait_count(1, "edgekit/v1/dev-1/status", timeout=10)[0][1])
+        assert status.state == "online" and status.bundle.version == "1.0.0"
+        test = np.load(digits / "test.npz")
+        images, labels = test["image"], test["labels"]
+        for image in images[:10]:
+            publish(broker.url, device_topic("dev-1", "input"), json.dumps({"values": image.ravel().tolist()}))
+        results = [Result.model_validate_json(p) for _, p in sub.wait_count(10, "edgekit/v1/dev-1/results")]
+        predicted = [r.top[0].label for r in results]
+        assert sum(p == t for p, t in zip(predicted, labels[:10], strict=True)) >= 9
+        telemetry = [Telemetry.model_validate_json(p) for _, p in sub.wait_count(2, "edgekit/v1/dev-1/telemetry")]
+        assert all(t.bundle == "digits@1.0.0" for t in telemetry)
+        sub.wait_for(lambda ms: sum(Telemetry.model_validate_json(p).inferences for _, p in ms) >= 10,
+                     topic_filter="edgekit/v1/dev-1/telemetry")  # fmt: skip
+
+
+def test_update_over_mqtt_switches_and_reports(broker, start_agent, served, digits_bundle):
+    new = digits_bundle("1.1.0")
+    served.add(new)
+    with Subscriber(broker.url, TOPICS) as sub:
+        agent = start_agent(broker, bundle=digits_bundle("1.0.0"), source="synthetic:?fps=50")
+        desired = desired_for(new, rev=1, version="1.1.0", health_checks=5)
+        publish(broker.url, device_topic("dev-1", "config/desired"), encode(desired), retain=True)
+        sub.wait_for(lambda ms: any(b'"config.applied"' in p for _, p in ms), timeout=20, topic_filter=TOPICS)
+        sub.wait_for(lambda ms: any(b'"rev":1' in p for _, p in ms), topic_filter="edgekit/v1/dev-1/config/reported")
+        kinds = [e.type for e in _events(sub)]
+        for step in ("update.started", "update.downloaded", "update.selftest", "update.activated", "update.healthy"):
+            assert step in kinds, kinds
+        reported = ReportedState.model_validate_json(sub.messages("edgekit/v1/dev-1/config/reported")[-1][1])
+        assert reported.rev == 1 and reported.bundle.version == "1.1.0" and reported.update.state == "healthy"
+        assert reported.previous_bundle.version == "1.0.0"
+        assert agent.runner.model.bundle.manifest.version == "1.1.0"
