@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edgekit import __version__
 from edgekit.agents.bundles import ActiveRecord, BundleStore, Installed, semver_key, write_atomically
@@ -22,7 +22,7 @@ from edgekit.agents.sources import parse_source
 from edgekit.agents.stats import HostVitals
 from edgekit.agents.store import Outbox
 from edgekit.agents.transfer import Download
-from edgekit.errors import BadInput, EdgekitError
+from edgekit.errors import EdgekitError
 from edgekit.protocol import (
     DEFAULT_MAX_PAYLOAD,
     DEVICE_ID,
@@ -67,6 +67,12 @@ class AgentSettings(StrictModel):
     telemetry_s: float = Field(5.0, gt=0)
     health_timeout_s: float = Field(120.0, gt=0)
     backoff: Backoff = Backoff()
+
+    @model_validator(mode="after")
+    def _bundle_needs_trust(self) -> "AgentSettings":
+        if self.bundle is not None and self.trust_key is None:
+            raise ValueError("--bundle needs --trust-key: the agent only runs bundles it can verify")
+        return self
 
 
 class UpdateFailed(Exception):
@@ -190,7 +196,8 @@ class Agent:
             return
         download = self._download
         if download is None or header.bundle != download.ref.id:
-            self._reject(topic, f"chunk {header.index} of bundle {header.bundle[:12]}: no such transfer running", 0)
+            reason = f"chunk {header.index} of bundle {header.bundle[:12]}: no such transfer running"
+            self._reject(topic, reason, len(payload))
             return
         problem = download.on_chunk(header, data)
         if problem:
@@ -272,8 +279,6 @@ class Agent:
 
     def _install_local(self, bundle_file: Path) -> None:
         """`--bundle FILE`: verified exactly like an update (needs --trust-key) and made active."""
-        if self._trust_key is None:
-            raise BadInput("--bundle needs --trust-key: the agent only runs bundles it can verify")
         installed = self.store.install(bundle_file, self._trust_key)
         record = self.store.record()
         if record.active != installed.id:

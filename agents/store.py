@@ -40,6 +40,8 @@ class Outbox:
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         self._last_seq = max(self._meta("last_seq"), self._max_queued_seq())
+        # Kept in memory: counting the table on every append would cost O(backlog) per message.
+        self._depth = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         self.dropped = self._meta("dropped")
 
     def _meta(self, key: str) -> int:
@@ -64,16 +66,17 @@ class Outbox:
                     (seq, kind, topic, make_payload(seq), qos),
                 )
                 self._set_meta("last_seq", seq)
-                dropped = self._enforce_bound()
+                dropped = self._enforce_bound(self._depth + 1)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._last_seq = seq
+            self._depth += 1 - dropped
             return seq, dropped
 
-    def _enforce_bound(self) -> int:
-        excess = self._depth() - self.max_messages
+    def _enforce_bound(self, depth: int) -> int:
+        excess = depth - self.max_messages
         dropped = 0
         for kind in DROP_ORDER:
             if excess - dropped <= 0:
@@ -88,12 +91,8 @@ class Outbox:
             self._set_meta("dropped", self.dropped)
         return dropped
 
-    def _depth(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-
     def depth(self) -> int:
-        with self._lock:
-            return self._depth()
+        return self._depth
 
     def peek(self, after: int, limit: int) -> list[Queued]:
         """The oldest queued messages with seq > `after`, in seq order."""
@@ -104,8 +103,16 @@ class Outbox:
         return [Queued(seq, topic, bytes(payload), qos) for seq, topic, payload, qos in rows]
 
     def ack(self, seqs: list[int]) -> None:
+        """Delete acknowledged messages, in one transaction (one commit, not one per message)."""
         with self._lock:
-            self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                deleted = sum(self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount for seq in seqs)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._depth -= deleted
 
     def close(self) -> None:
         with self._lock:

@@ -130,3 +130,26 @@ def small_cnn(resolution: int = 32, classes: int = 10, seed: int = 0, batch: int
         g.initializers,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgekit.synthetic")
+
+
+def wide_mlp(megabytes: float = 20.0, inputs: int = 64, classes: int = 10, seed: int = 0):
+    """A classifier whose fp32 weights take about `megabytes`: a stand-in for a big model in transfer tests."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    hidden = max(16, int(megabytes * 2**20 / 4 / (inputs + classes)))
+    w1 = (rng.standard_normal((inputs, hidden)) / np.sqrt(inputs)).astype(np.float32)
+    w2 = (rng.standard_normal((hidden, classes)) / np.sqrt(hidden)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["input", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "wide_mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, inputs])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -25,6 +25,7 @@ class Session(Protocol):
 class Runtime(ABC):
     name: ClassVar[str]
     module: ClassVar[str]  # import name of the wrapped library
+    install: ClassVar[str]  # what makes it importable, for the error a device without it gets
 
     @classmethod
     def available(cls) -> bool:
@@ -46,5 +47,7 @@ def get_runtime(name: str) -> Runtime:
         raise BadInput(f"unknown runtime '{name}' (known: {', '.join(sorted(known))})")
     runtime = known[name]
     if not runtime.available():
-        raise OperationFailed(f"runtime '{name}' needs the Python package '{runtime.module}', which is not installed")
+        raise OperationFailed(
+            f"runtime '{name}' needs the Python package '{runtime.module}', which is not installed: {runtime.install}"
+        )
     return runtime()

@@ -55,6 +55,7 @@ class LiteSession:
 class LiteRt(Runtime):
     name = "litert"
     module = "ai_edge_litert"
+    install = "pip install ai-edge-litert (or tflite-runtime)"
 
     @classmethod
     def available(cls) -> bool:

@@ -22,6 +22,7 @@ class OrtSession:
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
     module = "onnxruntime"
+    install = 'pip install "edgekit[agent]" (or: pip install onnxruntime)'
 
     def load(self, model: Path, target: dict[str, Any], threads: int | None = None) -> OrtSession:
         import onnxruntime as ort

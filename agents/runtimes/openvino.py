@@ -31,6 +31,7 @@ class OvSession:
 class OpenVino(Runtime):
     name = "openvino"
     module = "openvino"
+    install = "pip install openvino"
 
     def load(self, model: Path, target: dict[str, Any], threads: int | None = None) -> OvSession:
         import openvino as ov

@@ -25,6 +25,7 @@ class TvmSession:
 class TvmRuntime(Runtime):
     name = "tvm"
     module = "tvm"
+    install = "pip install apache-tvm==0.25.0 apache-tvm-ffi==0.1.12"
 
     def load(self, model: Path, target: dict[str, Any], threads: int | None = None) -> TvmSession:
         import tvm
