@@ -19,6 +19,7 @@ def read_version() -> str:
 PACKAGE_DIRS = {
     "edgekit": "edgekit",
     "edgekit.cli": "edgekit/cli",
+    "edgekit.hub": "edgekit/hub",
     "edgekit.compilers": "compilers",
     "edgekit.agents": "agents",
     "edgekit.agents.runtimes": "agents/runtimes",
@@ -46,7 +47,16 @@ EXTRAS = {
     ],
     # Device side: runtimes only, never the compiler stack.
     "agent": [*RUNTIME_ORT, "paho-mqtt>=2.0", "pyserial>=3.5", "opencv-python-headless>=4.8", "psutil>=5.9"],
-    "hub": ["fastapi>=0.110", "uvicorn>=0.29", "sqlalchemy>=2.0", "amqtt>=0.11", "paho-mqtt>=2.0"],
+    "hub": [
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "sqlalchemy>=2.0",
+        "amqtt>=0.11",
+        "paho-mqtt>=2.0",
+        # /metrics exposition, and the HTTP client `edgekit push/deploy/devices` talk to the hub with.
+        "prometheus-client>=0.20",
+        "httpx>=0.27",
+    ],
     # onnx2tf imports onnx_graphsurgeon and sng4onnx without declaring them.
     "tflite": [
         "tensorflow-cpu>=2.15",
@@ -70,7 +80,11 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    package_data={"edgekit.firmware_profiles": ["*.yaml"], "edgekit.agents": ["systemd/*.service"]},
+    package_data={
+        "edgekit.firmware_profiles": ["*.yaml"],
+        "edgekit.agents": ["systemd/*.service"],
+        "edgekit.hub": ["static/*", "static/**/*"],
+    },
     install_requires=[
         "numpy>=1.24",
         "pydantic>=2.6",

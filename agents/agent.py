@@ -278,9 +278,14 @@ class Agent:
         write_atomically(self._state_path, state.model_dump_json().encode())
 
     def _install_local(self, bundle_file: Path) -> None:
-        """`--bundle FILE`: verified exactly like an update (needs --trust-key) and made active."""
-        installed = self.store.install(bundle_file, self._trust_key)
+        """`--bundle FILE`: the bundle to start with, verified exactly like an update (needs --trust-key) and made
+        active, unless an installed bundle already is: the systemd unit passes --bundle on every start, and a
+        restart after an update (or a crash in its health check) must come back on what active.json names."""
         record = self.store.record()
+        if record.active and self.store.has(record.active):
+            log.info("--bundle %s not installed: bundle %s is already active", bundle_file, record.active[:12])
+            return
+        installed = self.store.install(bundle_file, self._trust_key)
         if record.active != installed.id:
             self.store.set_record(ActiveRecord(active=installed.id, previous=record.active))
 
@@ -505,9 +510,7 @@ class Agent:
     def _telemetry_interval(self) -> float:
         """The desired state's rate when it sets one, else the command line's."""
         desired = self._desired
-        if desired and "telemetry_s" in desired.rates.model_fields_set:
-            return desired.rates.telemetry_s
-        return self.settings.telemetry_s
+        return (desired.rates.telemetry_s if desired else None) or self.settings.telemetry_s
 
     def _telemetry_fields(self) -> dict[str, Any]:
         p50, p95, fps, count = self.runner.stats.take()

@@ -28,6 +28,7 @@ from edgekit.agents.sources import (
 )
 from edgekit.agents.stats import InferenceStats
 from edgekit.errors import EdgekitError
+from edgekit.manifest import TensorSpec
 from edgekit.protocol import Rates, Thresholds
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,9 @@ class Runner:
         self._source_config: SourceConfig | None = None
         self._source_thread: threading.Thread | None = None
         self._source_stop = threading.Event()
-        self._frames: queue.Queue[Frame] = queue.Queue(maxsize=1)
+        # Each frame with the model input its source made it for: after a switch to a model with another input,
+        # frames made for the old one may still be queued or in hand, and must not reach (and fail) the new one.
+        self._frames: queue.Queue[tuple[TensorSpec, Frame]] = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="inference", daemon=True)
         self._last_error_event = 0.0
@@ -173,7 +176,7 @@ class Runner:
                     self._report("source.recovered", f"source {config.kind} is back", source=config.kind)
                     failing = False
                 delays = Backoff(initial_s=1.0, max_s=30.0).delays()
-                self._pump(source, stop)
+                self._pump(source, stop, context.input)
             except SourceExhausted:
                 self._report("source.error", f"source {config.kind} has ended", level="warning", source=config.kind)
                 break
@@ -186,17 +189,17 @@ class Runner:
             finally:
                 source.close()
 
-    def _pump(self, source, stop: threading.Event) -> None:
+    def _pump(self, source, stop: threading.Event, made_for: TensorSpec) -> None:
         while not stop.is_set():
             frame = source.read(timeout=0.2)
             if frame is not None:
-                self._enqueue(frame)
+                self._enqueue((made_for, frame))
 
-    def _enqueue(self, frame: Frame) -> None:
+    def _enqueue(self, item: tuple[TensorSpec, Frame]) -> None:
         frames = self._frames
         while True:
             try:
-                frames.put_nowait(frame)
+                frames.put_nowait(item)
                 return
             except queue.Full:
                 try:
@@ -208,17 +211,20 @@ class Runner:
     def _work(self) -> None:
         next_allowed = 0.0
         while not self._stop.is_set():
+            # Wait out the rate cap before taking a frame, so a latest-wins queue hands over the newest one, not
+            # one that aged a whole period here; an interruptible wait, so a low cap cannot delay stop().
+            if self._rates.max_fps and self._stop.wait(max(0.0, next_allowed - time.monotonic())):
+                break
             try:
-                frame = self._frames.get(timeout=0.2)
+                made_for, frame = self._frames.get(timeout=0.2)
             except queue.Empty:
                 continue
             if self._rates.max_fps:
-                time.sleep(max(0.0, next_allowed - time.monotonic()))
                 next_allowed = time.monotonic() + 1.0 / self._rates.max_fps
             with self._lock:
                 model, health = self._model, self._health
-            if model is None:
-                self.dropped += 1
+            if model is None or made_for != model.bundle.manifest.inputs[0]:
+                self.dropped += 1  # no model yet, or a frame made for the previous model's input
                 continue
             failure = self._infer(model, frame)
             if health:

@@ -169,7 +169,7 @@ class Thresholds(StrictModel):
 
 
 class Rates(StrictModel):
-    telemetry_s: float = Field(5.0, gt=0, le=3600)
+    telemetry_s: float | None = Field(None, gt=0, le=3600, description="Unset: the agent's own --telemetry-s")
     max_fps: float | None = Field(None, gt=0, description="Cap on inferences per second; unset: as fast as frames come")
     results_qos: Literal[0, 1] = 1
 
@@ -181,7 +181,9 @@ class DesiredBundle(BundleRef):
 class DesiredState(Payload):
     """What the hub wants a device to run; `rev` orders updates so stale or repeated ones are no-ops."""
 
-    rev: int = Field(ge=0)
+    # Strict and bounded: "1", true or a 500-digit rev would otherwise be applied, and an absurd rev would make
+    # every later (sane) desired state look stale.
+    rev: int = Field(ge=0, lt=2**63, strict=True)
     bundle: DesiredBundle | None = None
     source: str | dict[str, Any] | None = None
     task: Literal["auto", "classifier", "detector", "raw"] = "auto"
