@@ -1,6 +1,8 @@
 """The agent against a real broker (Mosquitto and amqtt): inputs in, results and telemetry out, updates applied."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 from agent_helpers import desired_for
@@ -49,3 +51,17 @@ def test_update_over_mqtt_switches_and_reports(broker, start_agent, served, digi
         assert reported.rev == 1 and reported.bundle.version == "1.1.0" and reported.update.state == "healthy"
         assert reported.previous_bundle.version == "1.0.0"
         assert agent.runner.model.bundle.manifest.version == "1.1.0"
+
+
+def test_the_agent_never_imports_the_compiler_stack():
+    """`pip install edgekit[agent]` has no onnx/openvino/TVM/TF: importing the agent and its plugins must not need
+    them (the runtime a bundle needs is imported only when that bundle loads)."""
+    code = (
+        "import sys, edgekit.agents.agent, edgekit.agents.fleet, edgekit.cli.agent_cmd\n"
+        "from edgekit.agents.sources import sources; from edgekit.agents.runtimes import runtimes\n"
+        "sources(); runtimes()\n"
+        "print(sorted(m for m in ('onnx', 'openvino', 'nncf', 'tvm', 'tensorflow', 'onnxruntime', 'cv2', 'sklearn')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
