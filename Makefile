@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS := compile,agent,tflite,dev
+EXTRAS := compile,agent,tflite,hub,dev
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma  := ,
 # pytest-xdist workers: CI machines have 2 cores.
@@ -12,21 +12,19 @@ WORKERS ?= 2
 
 install: sysdeps $(STAMP)
 
-# Debian tools the compile path shells out to: the aarch64 cross linker for TVM builds of ARM profiles and
-# qemu-user for the emulated arm64 device. Also mosquitto, the MQTT broker `edgekit hub` embeds when no external
-# broker is given (without it the hub falls back to the ~10x slower amqtt and the mosquitto tests skip).
-# Installed when running as root with apt-get; otherwise the TVM candidates for ARM profiles and
-# --verify-emulated report what is missing. Debian puts mosquitto in /usr/sbin, off a non-root user's PATH.
+# Debian packages edgekit shells out to or tests against: the aarch64 cross linker (TVM builds for ARM profiles)
+# and qemu-user (the emulated arm64 device); mosquitto (the broker `edgekit hub` embeds; without it the hub falls
+# back to the slower amqtt); chromium (the dashboard tests' headless browser) and postgresql (the hub's scale
+# path). Installed with apt-get when running as root; otherwise what is missing is named and the tests that need
+# it skip, saying which package to install.
+SYSDEPS := gcc-aarch64-linux-gnu qemu-user-static mosquitto mosquitto-clients chromium postgresql
 sysdeps:
-	@if ! { command -v aarch64-linux-gnu-gcc && command -v qemu-aarch64-static; } >/dev/null \
-		&& command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			gcc-aarch64-linux-gnu qemu-user-static >/dev/null; \
-	fi
-	@if ! { command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null \
-		&& command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			mosquitto mosquitto-clients >/dev/null; \
+	@missing=$$(for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	elif [ -n "$$missing" ]; then \
+		echo "missing Debian packages (the tests that need them skip):" $$missing; \
 	fi
 
 # The emulated arm64 device (Debian arm64 Python + aarch64 wheels), built once into .cache/ (~1 min, ~300 MB).
@@ -42,7 +40,7 @@ $(STAMP): setup.py
 	touch $@
 
 demo: install
-	$(BIN)/python examples/demo.py
+	$(BIN)/edgekit demo
 
 # Tests run with networking unavailable (tests/offline) to prove nothing downloads at run time.
 test: install

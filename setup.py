@@ -56,6 +56,8 @@ EXTRAS = {
         # /metrics exposition, and the HTTP client `edgekit push/deploy/devices` talk to the hub with.
         "prometheus-client>=0.20",
         "httpx>=0.27",
+        # Swagger UI vendored, so /docs needs no CDN.
+        "fastapi-offline>=1.7",
     ],
     # onnx2tf imports onnx_graphsurgeon and sng4onnx without declaring them.
     "tflite": [
@@ -67,7 +69,17 @@ EXTRAS = {
         "ai-edge-litert>=1.0",
         "ethos-u-vela>=4.0",
     ],
-    "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "scikit-learn>=1.4", "amqtt>=0.11", "hypothesis>=6.100"],
+    # amqtt: the in-process broker tests run against; playwright drives Debian's chromium; psycopg for PostgreSQL.
+    "dev": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        "ruff>=0.6",
+        "scikit-learn>=1.4",
+        "amqtt>=0.11",
+        "hypothesis>=6.100",
+        "playwright>=1.40",
+        "psycopg[binary]>=3.1",
+    ],
 }
 EXTRAS["all"] = sorted({req for name in ("compile", "agent", "hub", "tflite") for req in EXTRAS[name]})
 

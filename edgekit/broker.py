@@ -330,12 +330,30 @@ class AmqttBroker(EmbeddedBroker):
         if loop is None or thread is None or not thread.is_alive():
             return
         if broker is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._disconnect_all(broker), loop).result(timeout=STOP_TIMEOUT_S)
             shutdown = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)
             # A broker that cannot shut down cleanly still has its loop stopped below.
             with contextlib.suppress(Exception):
                 shutdown.result(timeout=STOP_TIMEOUT_S)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(STOP_TIMEOUT_S)
+
+    @staticmethod
+    async def _disconnect_all(broker: Any) -> None:
+        """Stop listening and drop every client connection before amqtt's own shutdown.
+
+        That shutdown cancels each client's reader task and waits for it, but on Python 3.11 a reader that gets a
+        packet just as it is cancelled misses the cancellation and goes on serving a client that keeps publishing:
+        shutdown() then hung, never closed its listener, and the stopped broker's port kept accepting connections
+        that nobody served. A dropped connection ends every reader, and no publish is acknowledged after stop().
+        """
+        for server in getattr(broker, "_servers", {}).values():
+            if server.instance is not None:
+                server.instance.close()
+        for transport in list(getattr(asyncio.get_running_loop(), "_transports", {}).values()):
+            transport.abort()
+        await asyncio.sleep(0.05)  # the aborted connections' callbacks run, and their readers end
 
 
 def _open_auth_plugin() -> type:

@@ -63,13 +63,15 @@ def _root(
 
 
 def _register() -> None:
-    from edgekit.cli import agent_cmd, bundle_cmds, compile_cmd, keys_cmd, profiles_cmd
+    from edgekit.cli import agent_cmd, bundle_cmds, compile_cmd, demo_cmd, hub_cmd, keys_cmd, profiles_cmd
 
     compile_cmd.register(app)
     bundle_cmds.register(app)
     app.add_typer(profiles_cmd.app, name="profiles")
     app.add_typer(keys_cmd.app, name="keys")
     agent_cmd.register(app)
+    hub_cmd.register(app)
+    demo_cmd.register(app)
 
 
 _register()

@@ -1,0 +1,388 @@
+"""The hub's ingest throughput against a bare MQTT subscriber, and the dashboard's fleet page load time, in one run
+on loopback Mosquitto.
+
+1. Ingest: K publisher processes (paho, QoS 1, each with a window of unacknowledged messages) send valid telemetry
+   payloads (built with `edgekit.protocol`) from many device ids, as fast as the broker takes them:
+   a. for ~15 s to a bare paho subscriber in its own process, which only counts what arrives;
+   b. then exactly as many messages per publisher, again as fast as they can, to a real `Hub` (its MQTT client,
+      ingest and SQLite), until every one is stored.
+   The two phases run one after the other with identical load on fresh brokers, not side by side: on a machine
+   with few cores two consumers running at once would take CPU from each other and from the publishers, and the
+   ratio would measure the scheduler. Each rate is messages ÷ (last one received or stored − the publishers' start),
+   so a consumer that falls behind is charged for draining its backlog. The broker queues without limit, so nothing
+   is dropped for a slow consumer; "zero loss" is checked by counting the rows at the end.
+   Targets: stored/s ÷ bare received/s >= 0.5, and >= 10,000 stored msg/s on SQLite.
+2. Dashboard: `dashboard_load_time(hub, token, devices)` (below) on the same hub, which then knows `--devices`
+   devices.
+
+    python benchmarks/hub_bench.py [--seconds 15] [--publishers 2] [--devices 1000] [--db postgresql://…]
+"""
+
+import argparse
+import logging
+import multiprocessing as mp
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import func, select
+
+from edgekit.broker import MosquittoBroker, free_port
+from edgekit.protocol import Telemetry, Topic, device_topic, encode
+
+console = Console(stderr=True)
+WINDOW = 1000  # unacknowledged QoS 1 messages per publisher (our own flow control)
+DRAIN_IDLE_S = 20.0  # a consumer that makes no progress for this long has lost messages
+TOPIC_FILTER = f"edgekit/v1/+/{Topic.TELEMETRY}"
+
+
+class BenchBroker(MosquittoBroker):
+    """Mosquitto that queues without limit for a slow subscriber, so a consumer's speed, not the broker's queue
+    bound, decides whether messages are lost; no persistence, which would only add disk writes."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir, persistence=False)
+
+    def config(self) -> str:
+        lines = [line for line in super().config().splitlines() if not line.startswith("max_queued_messages")]
+        return "\n".join([*lines, "max_queued_messages 0", "max_queued_bytes 0"]) + "\n"
+
+
+def device_names(count: int) -> list[str]:
+    return [f"bench-{index:05d}" for index in range(count)]
+
+
+def telemetry_stream(devices: list[str]) -> Iterator[tuple[str, bytes]]:
+    """(topic, payload) round-robin over `devices`, each device's seq counting up from 1, endlessly."""
+    topics = [device_topic(device, Topic.TELEMETRY) for device in devices]
+    seq = 0
+    while True:
+        seq += 1
+        for index, topic in enumerate(topics):
+            sample = Telemetry(seq=seq, ts=time.time(), latency_p50_ms=3.0 + index % 7, latency_p95_ms=9.5,
+                               fps=30.0, inferences=seq * 30, cpu_percent=41.5, memory_mb=120.0,
+                               temperature_c=55.0 + index % 5, bundle="digits@1.0.0")  # fmt: skip
+            yield topic, encode(sample)
+
+
+def connect(url: str, client_id: str, protocol: int = mqtt.MQTTv311, inflight: int = 20) -> mqtt.Client:
+    host, port = url.removeprefix("mqtt://").split(":")
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+    client.max_inflight_messages_set(inflight)
+    connected = threading.Event()
+    client.on_connect = lambda *args: connected.set()
+    client.connect(host, int(port), keepalive=60)
+    client.loop_start()
+    if not connected.wait(10):
+        raise RuntimeError(f"{client_id} could not connect to {url}")
+    return client
+
+
+def publisher(url: str, index: int, devices: list[str], seconds: float, count: int | None, go, ready, results) -> None:
+    """One publishing process: for `seconds`, or exactly `count` messages, as fast as the broker acknowledges."""
+    # paho without an inflight limit: with one, it rescans every queued message on each PUBACK (quadratic).
+    client = connect(url, f"bench-pub-{index}", inflight=0)
+    acked = threading.Semaphore(0)
+    client.on_publish = lambda *args: acked.release()
+    stream = telemetry_stream(devices)
+    ready.set()
+    go.wait()
+    started, sent, outstanding = time.time(), 0, 0
+    while (sent < count) if count is not None else (time.time() - started < seconds):
+        if outstanding >= WINDOW:
+            acked.acquire()
+            outstanding -= 1
+        topic, payload = next(stream)
+        client.publish(topic, payload, qos=1)
+        sent += 1
+        outstanding += 1
+    for _ in range(outstanding):
+        if not acked.acquire(timeout=30):
+            break
+    client.disconnect()
+    client.loop_stop()
+    results.put((index, sent, time.time()))
+
+
+def bare_subscriber(url: str, ready, stop, results) -> None:
+    """What a paho client that does nothing with the messages receives: the reference for the hub."""
+    client = connect(url, "bench-bare", mqtt.MQTTv5)
+    state = {"count": 0, "last": 0.0}
+
+    def on_message(_client, _userdata, _message) -> None:
+        state["count"] += 1
+        state["last"] = time.time()
+
+    client.on_message = on_message
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *args: subscribed.set()
+    client.subscribe(TOPIC_FILTER, qos=1)
+    subscribed.wait(10)
+    ready.set()
+    while not stop.wait(0.05):
+        results.put(("progress", state["count"], state["last"]))
+    client.disconnect()
+    client.loop_stop()
+    results.put(("done", state["count"], state["last"]))
+
+
+def run_publishers(url: str, k: int, devices: list[str], seconds: float, counts: list[int] | None) -> tuple:
+    """Start K publishers on disjoint device sets at the same moment; (start time, sent per publisher, end time)."""
+    context = mp.get_context("spawn")  # a clean interpreter per publisher: no threads inherited from this one
+    go, results = context.Event(), context.Queue()
+    readies = [context.Event() for _ in range(k)]
+    processes = [
+        context.Process(
+            target=publisher,
+            args=(url, i, devices[i::k], seconds, counts[i] if counts else None, go, readies[i], results),
+            daemon=True,
+        )
+        for i in range(k)
+    ]
+    for process in processes:
+        process.start()
+    for ready, process in zip(readies, processes, strict=True):
+        while not ready.wait(0.1):
+            if not process.is_alive():
+                raise RuntimeError(f"publisher {process.name} exited before it connected (code {process.exitcode})")
+    started = time.time()
+    go.set()
+    return started, processes, results
+
+
+def collect_publishers(processes: list, results, k: int) -> tuple[list[int], float]:
+    sent, ended = [0] * k, 0.0
+    for _ in range(k):
+        index, count, at = results.get(timeout=600)
+        sent[index], ended = count, max(ended, at)
+    for process in processes:
+        process.join(timeout=30)
+    return sent, ended
+
+
+def bare_rate(work: Path, k: int, devices: list[str], seconds: float) -> dict[str, Any]:
+    context = mp.get_context("spawn")
+    with BenchBroker(work / "broker-bare") as broker:
+        ready, stop, results = context.Event(), context.Event(), context.Queue()
+        subscriber = context.Process(target=bare_subscriber, args=(broker.url, ready, stop, results), daemon=True)
+        subscriber.start()
+        if not ready.wait(30):
+            raise RuntimeError("the bare subscriber did not subscribe")
+        started, processes, pub_results = run_publishers(broker.url, k, devices, seconds, None)
+        sent, published = collect_publishers(processes, pub_results, k)
+        total, received, last = sum(sent), 0, 0.0
+        progress_at = time.monotonic()
+        while received < total and time.monotonic() - progress_at < DRAIN_IDLE_S:
+            _, count, last = results.get(timeout=DRAIN_IDLE_S)
+            if count > received:
+                received, progress_at = count, time.monotonic()
+        stop.set()
+        subscriber.join(timeout=30)
+    return {"sent": sent, "total": total, "received": received, "publish_s": published - started,
+            "seconds": last - started, "rate": received / (last - started)}  # fmt: skip
+
+
+def ingest_throughput(work: Path, k: int, devices: list[str], counts: list[int], db: str | None):
+    """The hub's stored msg/s for exactly `counts` messages per publisher; returns (result, running hub, broker)."""
+    from edgekit.hub.db import TelemetrySample
+    from edgekit.hub.service import Hub, HubSettings
+
+    broker = BenchBroker(work / "broker-hub").start()
+    hub = Hub(HubSettings(data_dir=work / "hub", broker=broker.url, db=db, http_port=free_port(), controller=False))
+    hub.start()
+    if not hub.wait_connected(15):
+        raise RuntimeError("the hub did not connect")
+    time.sleep(0.5)  # the subscriptions are sent from the connect callback
+    total = sum(counts)
+    started, processes, pub_results = run_publishers(broker.url, k, devices, 0.0, counts)
+    stats = hub.ingest.stats
+    stored, progress_at, done_at = 0, time.monotonic(), time.time()
+    while stats.stored < total and time.monotonic() - progress_at < DRAIN_IDLE_S:
+        time.sleep(0.01)
+        if stats.stored > stored:
+            stored, progress_at, done_at = stats.stored, time.monotonic(), time.time()
+    sent, published = collect_publishers(processes, pub_results, k)
+    with hub.sessions() as session:
+        rows = session.scalar(select(func.count()).select_from(TelemetrySample))
+        device_count = session.scalar(select(func.count(func.distinct(TelemetrySample.device_id))))
+    result = {"sent": sent, "total": total, "stored": stats.stored, "rows": rows, "devices": device_count,
+              "publish_s": published - started, "seconds": done_at - started, "rate": rows / (done_at - started),
+              "invalid": sum(stats.invalid.values()), "duplicates": stats.duplicates, "batches": stats.batches,
+              "lost": total - rows}  # fmt: skip
+    return result, hub, broker
+
+
+# ---- dashboard (owned by the dashboard part of the benchmark) ----------------------------------------------------
+CHROMIUM = "/usr/bin/chromium"
+# How long the browser took to fetch a path (query string ignored), from its resource timing; null before it has.
+RESOURCE_MS = """(path) => {
+    const entry = performance.getEntriesByType('resource').find((e) => new URL(e.name).pathname === path);
+    return entry ? entry.duration : null;
+}"""
+MEASURE_JS = (
+    "() => {\n    const timing = " + RESOURCE_MS + ";\n"
+    """    const nav = performance.getEntriesByType('navigation')[0];
+    return {rendered: window.__fleetRenderedAt, rows: Number(document.querySelector('#fleet').dataset.rows),
+            dom_rows: document.querySelectorAll('#fleet tbody tr[data-id]').length, api: timing('/api/devices'),
+            alerts: timing('/api/alerts'), dom: nav.domContentLoadedEventEnd};
+}"""
+)
+
+
+def fill_fleet(hub: Any, devices: int) -> int:
+    """Top the hub up to `devices` device rows with realistic latest values (what ingest keeps per device);
+    rows that ingest already made are left alone. Returns how many rows the hub then has."""
+    import random
+
+    from sqlalchemy import func, insert, select
+
+    from edgekit.hub.db import Device
+
+    with hub.sessions() as session:
+        existing = session.scalar(select(func.count()).select_from(Device))
+    missing = max(0, devices - existing)
+    rng, now = random.Random(7), time.time()
+    sites, bundles = ["plant-a", "plant-b", "lab", "store-12"], ["digits@1.0.0", "digits@1.1.0", "cnn@2.0.3"]
+    rows = [{"id": f"dash-{index:05d}", "labels": {"site": rng.choice(sites), "tier": rng.choice(["a", "b"])},
+             "online": rng.random() > 0.05, "first_seen": now - 86400, "last_seen": now - rng.uniform(0, 30),
+             "agent_version": "0.1.0", "profile": "x86-64-avx2", "runtimes": ["onnxruntime"],
+             "bundle_id": f"{index % 3:064x}", "bundle_label": bundles[index % 3],
+             "latency_p50_ms": rng.uniform(2, 40), "latency_p95_ms": rng.uniform(40, 90), "fps": rng.uniform(5, 30),
+             "cpu_percent": rng.uniform(5, 95), "memory_mb": rng.uniform(80, 400), "temperature_c": rng.uniform(35, 80),
+             "last_seq": 0, "desired_rev": 0} for index in range(missing)]  # fmt: skip
+    if rows:
+        with hub.sessions.begin() as session:
+            session.execute(insert(Device), rows)
+    return existing + missing
+
+
+def max_id(hub: Any) -> str:
+    """The last device id in the fleet table's default (by id) order."""
+    from sqlalchemy import func, select
+
+    from edgekit.hub.db import Device
+
+    with hub.sessions() as session:
+        return session.scalar(select(func.max(Device.id)))
+
+
+def dashboard_load_time(hub: Any, token: str, devices: int = 1000, runs: int = 5) -> dict[str, Any]:
+    """The fleet page's load time in headless Chromium with `devices` devices in the hub's database: from navigation
+    start until the table is painted with every device in it (the page records `performance.now()` in the frame after
+    it drew the table; the table renders the rows in view and spacers for the rest, and the count of devices it
+    holds is checked).
+
+    Logs in once through `POST /login` (the session cookie, as a person's browser would), then loads the page `runs`
+    times: the first load is cold (empty browser cache), the median over the rest warm. Also times `/api/devices`
+    and `/api/alerts` (the nav bar's badge, fetched after the table is drawn) as the browser saw them."""
+    import statistics
+
+    from playwright.sync_api import sync_playwright
+
+    count = fill_fleet(hub, devices)
+    url = hub.http_url + "/"
+    loads: list[dict[str, float]] = []
+    with sync_playwright() as playwright:
+        args = ["--no-sandbox"] if os.geteuid() == 0 else []
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 900})
+            login = context.request.post(hub.http_url + "/login", form={"token": token}, max_redirects=0)
+            if login.status != 303:
+                raise RuntimeError(f"login failed: HTTP {login.status} {login.text()[:200]}")
+            page = context.new_page()
+            for _ in range(runs):
+                page.goto(url)
+                page.wait_for_function("window.__fleetRenderedAt !== undefined", timeout=60_000)
+                page.wait_for_function(f"({RESOURCE_MS})('/api/alerts') !== null", timeout=60_000)
+                loads.append(page.evaluate(MEASURE_JS))
+            # The table holds only the rows in view: scrolled to the end, it must show the last device.
+            page.eval_on_selector(".table-wrap", "wrap => wrap.scrollTo(0, wrap.scrollHeight)")
+            last = max_id(hub)
+            page.wait_for_selector(f'#fleet tr[data-id="{last}"]', timeout=10_000)
+        finally:
+            browser.close()
+    if any(load["rows"] != count for load in loads):
+        raise RuntimeError(f"the fleet table held {[load['rows'] for load in loads]} devices, not {count}")
+    warm = loads[1:] or loads
+
+    def median(key: str) -> float:
+        return round(statistics.median(load[key] for load in warm), 1)
+
+    return {"devices in table": count, "fleet page load, cold (ms)": round(loads[0]["rendered"], 1),
+            "fleet page load, warm median (ms)": median("rendered"), "  of which GET /api/devices (ms)": median("api"),
+            "  DOMContentLoaded (ms)": median("dom"), "GET /api/alerts after it (ms)": median("alerts"),
+            "rows in the DOM (windowed)": loads[-1]["dom_rows"], "runs": len(loads)}  # fmt: skip
+
+
+# ---- end of dashboard part ----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=15.0, help="how long the publishers send in phase a")
+    parser.add_argument("--publishers", type=int, default=2)
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--db", default=None, help="hub database URL; default SQLite in a temp dir")
+    parser.add_argument("--no-dashboard", action="store_true", help="measure ingest only")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    devices = device_names(args.devices)
+    with tempfile.TemporaryDirectory(prefix="edgekit-hub-bench-") as scratch:
+        work = Path(scratch)
+        console.print(f"1a/2 bare paho subscriber: {args.publishers} publishers for {args.seconds:g} s …")
+        bare = bare_rate(work, args.publishers, devices, args.seconds)
+        console.print(f"1b/2 hub ingest: the same {bare['total']:,} messages …")
+        ingest, hub, broker = ingest_throughput(work, args.publishers, devices, bare["sent"], args.db)
+        try:
+            report_ingest(args, bare, ingest)  # first: the dashboard part may fail on its own
+            measure = None if args.no_dashboard else globals().get("dashboard_load_time")
+            if measure is not None:
+                from edgekit.hub.auth import create_token
+
+                console.print(f"2/2 dashboard fleet page with {args.devices} devices …")
+                report_dashboard(measure(hub, create_token(hub.sessions, "bench", "bench"), devices=args.devices))
+        finally:
+            hub.stop()
+            broker.stop()
+
+
+def report_ingest(args: argparse.Namespace, bare: dict, ingest: dict) -> None:
+    db = "SQLite" if not args.db else args.db.split(":")[0]
+    table = Table(title=f"edgekit hub ingest (loopback Mosquitto, {args.publishers} publishers, QoS 1, one run)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    ratio = ingest["rate"] / bare["rate"]
+    lost = f"{ingest['rows']:,} / {ingest['total']:,} ({ingest['lost']:,})"
+    table.add_row(f"hub stored msg/s ÷ bare subscriber msg/s ({db})", f"{ratio:.2f}", ">= 0.5")
+    table.add_row(f"hub stored msg/s, zero loss ({db})", f"{ingest['rate']:,.0f}", ">= 10,000")
+    table.add_row("  bare subscriber received msg/s", f"{bare['rate']:,.0f}", "")
+    table.add_row("  messages (unique telemetry) / devices", f"{ingest['total']:,} / {args.devices:,}", "")
+    table.add_row("  bare: received / sent", f"{bare['received']:,} / {bare['total']:,}", "")
+    table.add_row("  bare: publishing took / last received at", f"{bare['publish_s']:.1f} / {bare['seconds']:.1f} s", "")
+    table.add_row("  hub: rows stored / sent (lost)", lost, "0 lost")
+    table.add_row("  hub: publishing took / last stored at", f"{ingest['publish_s']:.1f} / {ingest['seconds']:.1f} s", "")
+    table.add_row("  hub: write batches / invalid / duplicates",
+                  f"{ingest['batches']:,} / {ingest['invalid']} / {ingest['duplicates']}", "")  # fmt: skip
+    Console().print(table)
+
+
+def report_dashboard(dashboard: dict[str, Any]) -> None:
+    table = Table(title="edgekit hub dashboard (headless Chromium)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, value in dashboard.items():
+        table.add_row(name, str(value))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,423 @@
+"""`edgekit hub` (run the hub), `edgekit hub token …`, and the commands that talk to a hub's REST API:
+`edgekit push`, `edgekit deploy`, `edgekit devices`, `edgekit deployments`.
+
+The API commands import only httpx and rich: they run on a workstation that has no hub stack.
+"""
+
+import json
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from edgekit.cli.console import console, err_console, print_json
+from edgekit.errors import BadInput, OperationFailed
+
+DEFAULT_DATA = Path("edgekit-hub")
+MQTT_PORT = 1883  # devices find an embedded broker on the standard port when it is free
+
+DataOpt = Annotated[Path, typer.Option("--data", help="The hub's folder: database, bundles, broker, secret.")]
+DbOpt = Annotated[
+    str | None, typer.Option("--db", help="sqlite:///PATH or postgresql://USER@HOST/DB; default: SQLite in --data.")
+]
+HubOpt = Annotated[
+    str | None,
+    typer.Option("--hub", envvar="EDGEKIT_HUB", help="The hub's URL [default: http://127.0.0.1:8080]."),
+]
+TokenOpt = Annotated[
+    str | None, typer.Option("--token", envvar="EDGEKIT_TOKEN", help="API token (edgekit hub token create NAME).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+app = typer.Typer(
+    help="Run the hub: broker (embedded or external), fleet database, bundle registry, rollouts, API and dashboard.",
+    invoke_without_command=True,
+)
+token_app = typer.Typer(help="API tokens for the REST API and the dashboard login.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+# ---------------------------------------------------------------- edgekit hub
+
+
+def parse_http(value: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT or PORT (on 127.0.0.1)."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", value
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadInput(f"--http '{value}': expected HOST:PORT, e.g. 0.0.0.0:8080")
+    return host, int(port)
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        _check_listen(host, port)
+    except BadInput:
+        return False
+    return True
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Fail before starting anything: uvicorn reports a taken port only from its own thread."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise BadInput(f"--http {host}:{port}: cannot listen there ({error.strerror})") from None
+
+
+def _redact(url: str) -> str:
+    """A broker URL without its password, for printing."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
+
+
+@app.callback()
+def hub(
+    ctx: typer.Context,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            "--broker", "-b", help="External broker: mqtt://HOST:PORT or mqtts://…, USER:PASS@HOST for a login."
+        ),
+    ] = None,
+    broker_port: Annotated[
+        int | None,
+        typer.Option("--broker-port", min=1, max=65535, help="Embedded broker's port [default: 1883, else any free]."),
+    ] = None,
+    db: DbOpt = None,
+    http: Annotated[str, typer.Option("--http", help="Where the API and dashboard listen, HOST:PORT.")] = (
+        "127.0.0.1:8080"
+    ),
+    data: DataOpt = DEFAULT_DATA,
+    trust_key: Annotated[
+        Path | None, typer.Option("--trust-key", "-k", help="Ed25519 public key pushed bundles must be signed with.")
+    ] = None,
+    share_group: Annotated[
+        str | None, typer.Option("--share-group", help="MQTT shared-subscription group, to run several hubs.")
+    ] = None,
+    no_controller: Annotated[
+        bool, typer.Option("--no-controller", help="Do not drive rollouts here (another hub process does).")
+    ] = False,
+) -> None:
+    """Run the hub until Ctrl-C or SIGTERM. With no --broker it starts an embedded one (Mosquitto, else amqtt)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from edgekit.hub.auth import ensure_admin_token
+    from edgekit.hub.service import Hub, HubSettings
+
+    host, port = parse_http(http)
+    if broker:
+        from edgekit.agents.link import parse_broker_url
+
+        parse_broker_url(broker)
+    if trust_key is not None and not trust_key.is_file():
+        raise BadInput(f"--trust-key {trust_key}: no such file")
+    _check_listen(host, port)
+    if broker_port is None and not broker:
+        broker_port = MQTT_PORT if _port_free(MQTT_PORT) else None
+    settings = HubSettings(data_dir=data, broker=broker, db=db, http_host=host, http_port=port, trust_key=trust_key,
+                           share_group=share_group, controller=not no_controller, broker_port=broker_port)  # fmt: skip
+    _hub_logging()
+    hub = Hub(settings)
+    admin = ensure_admin_token(hub.sessions)
+    _run_until_signal(hub, admin)
+
+
+def _hub_logging() -> None:
+    """The hub's own INFO lines (rollout progress, broker choice) go to stderr; libraries stay at WARNING."""
+    import logging
+
+    logging.getLogger("edgekit.hub").setLevel(logging.INFO)
+
+
+def _run_until_signal(hub, admin_token: str | None) -> None:
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        hub.start()
+        if not hub.wait_http(15):
+            raise OperationFailed(f"the hub's HTTP server did not start on {hub.http_url}")
+        _announce(hub, admin_token)
+        if not hub.wait_connected(10):
+            err_console.print(
+                f"[yellow]warning:[/] not connected to the broker {_redact(hub.broker_url)} yet; retrying"
+            )
+        done.wait()
+        err_console.print("stopping the hub")
+    finally:
+        hub.stop()
+
+
+def _announce(hub, admin_token: str | None) -> None:
+    settings = hub.settings
+    if hub.embedded is not None:
+        err_console.print(f"broker: embedded {hub.embedded.kind} on {hub.broker_url}")
+    else:
+        err_console.print(f"broker: external {_redact(hub.broker_url)}")
+    err_console.print(f"database: {settings.db or settings.data_dir / 'hub.sqlite'}; data in {settings.data_dir}")
+    if settings.trust_key is None:
+        err_console.print(
+            "[yellow]warning:[/] no --trust-key: pushed bundles are checked for integrity, not signatures"
+        )
+    else:
+        err_console.print(f"bundles must be signed by {settings.trust_key}")
+    if not settings.controller:
+        err_console.print("rollout controller: off here (--no-controller)")
+    console.print(f"dashboard: {hub.http_url}/   API docs: {hub.http_url}/docs", highlight=False)
+    if admin_token:
+        console.print(f"admin token (shown once; keep it): [bold]{admin_token}[/]", highlight=False)
+
+
+# ---------------------------------------------------------------- edgekit hub token …
+
+
+def _open_sessions(data: Path, db: str | None):
+    from edgekit.hub.db import database_url, open_database
+
+    # A mistyped --data must not quietly start a second, empty hub database.
+    if not db and not (data / "hub.sqlite").is_file():
+        raise BadInput(f"--data {data}: no hub database there (start `edgekit hub --data {data}` once, or pass --db)")
+    return open_database(database_url(db, data))
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Argument(help="Who or what uses it; the audit log shows this name.")],
+    data: DataOpt = DEFAULT_DATA,
+    db: DbOpt = None,
+) -> None:
+    """Create a token and print it once (only its hash is stored)."""
+    from edgekit.hub.auth import create_token, local_actor
+
+    engine, sessions = _open_sessions(data, db)
+    try:
+        token = create_token(sessions, name, local_actor())
+    finally:
+        engine.dispose()
+    err_console.print(f"token '{escape(name)}' created; it is shown once, keep it:")
+    print(token)
+
+
+@token_app.command("list")
+def token_list(data: DataOpt = DEFAULT_DATA, db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Tokens by name (the tokens themselves are not stored)."""
+    from dataclasses import asdict
+
+    from edgekit.hub.auth import list_tokens
+
+    engine, sessions = _open_sessions(data, db)
+    try:
+        tokens = list_tokens(sessions)
+    finally:
+        engine.dispose()
+    if as_json:
+        print_json(json.dumps([asdict(t) for t in tokens], indent=2))
+        return
+    table = Table("name", "created", "by", "state")
+    for t in tokens:
+        table.add_row(t.name, _when(t.created), t.created_by, "[red]revoked[/]" if t.revoked else "[green]active[/]")
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(name: Annotated[str, typer.Argument()], data: DataOpt = DEFAULT_DATA, db: DbOpt = None) -> None:
+    """Revoke a token: its API calls and dashboard sessions stop working at once."""
+    from edgekit.hub.auth import local_actor, revoke_token
+
+    engine, sessions = _open_sessions(data, db)
+    try:
+        revoke_token(sessions, name, local_actor())
+    finally:
+        engine.dispose()
+    console.print(f"token '{escape(name)}' revoked")
+
+
+# ---------------------------------------------------------------- API commands
+
+
+def _client(hub_url: str | None, token: str | None):
+    from edgekit.hub.client import HubClient
+
+    return HubClient(hub_url, token)
+
+
+def _when(ts: float | None) -> str:
+    return "-" if not ts else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    seconds = max(0.0, time.time() - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _num(value: Any, fmt: str = ".1f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024:.1f} KB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MB"
+
+
+def devices(
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE; repeat to AND them.")] = None,
+    online: Annotated[bool, typer.Option("--online", help="Only devices online now.")] = False,
+    hub_url: HubOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The fleet: each device's state, bundle and latest telemetry."""
+    with _client(hub_url, token) as client:
+        rows = client.devices(label or [], True if online else None)
+    if as_json:
+        print_json(json.dumps(rows, indent=2))
+        return
+    table = Table("device", "state", "bundle", "p50 ms", "fps", "CPU %", "temp °C", "last seen", "labels")
+    for d in rows:
+        state = "[green]online[/]" if d["online"] else "[red]offline[/]"
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))
+        table.add_row(escape(d["id"]), state, escape(d["bundle_label"] or "-"), _num(d["latency_p50_ms"], ".2f"),
+                      _num(d["fps"]), _num(d["cpu_percent"], ".0f"), _num(d["temperature_c"]), _ago(d["last_seen"]),
+                      escape(labels))  # fmt: skip
+    console.print(table)
+    console.print(f"{len(rows)} devices, {sum(d['online'] for d in rows)} online", highlight=False)
+
+
+def push(
+    bundle: Annotated[Path, typer.Argument(help="The .ekb file.")],
+    hub_url: HubOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload a bundle to the hub's registry; the hub verifies it before storing it."""
+    if not bundle.is_file():
+        raise BadInput(f"{bundle}: no such bundle file")
+    with _client(hub_url, token) as client:
+        record = client.push(bundle)
+    if as_json:
+        print_json(json.dumps(record, indent=2))
+        return
+    what = "pushed" if record["created"] else "already in the registry:"
+    console.print(f"{what} {escape(record['name'])}@{escape(record['version'])} ({_size(record['size'])}, "
+                  f"{record['profile']}/{record['backend']}/{record['precision']})", highlight=False)  # fmt: skip
+    console.print(f"bundle id {record['id']}", highlight=False)
+    console.print(f"deploy it:  edgekit deploy {record['id'][:12]} --to DEVICE|group:KEY=VALUE|all", highlight=False)
+
+
+def _fraction(value: str) -> float:
+    """0.2 or 20%: the fraction of a wave that may fail before the rollout halts."""
+    try:
+        number = float(value.removesuffix("%")) / (100 if value.endswith("%") else 1)
+    except ValueError:
+        raise BadInput(f"--max-failures '{value}': expected a fraction like 0.2 or a percentage like 20%") from None
+    if not 0 <= number <= 1:
+        raise BadInput(f"--max-failures '{value}': must be between 0 and 1 (or 0% and 100%)")
+    return number
+
+
+def deploy(
+    bundle_id: Annotated[str, typer.Argument(help="The bundle's sha256 or its first 8+ characters.")],
+    to: Annotated[str, typer.Option("--to", help="A device id, group:KEY[=VALUE] (by label), or all.")],
+    canary: Annotated[float | None, typer.Option("--canary", help="Percent of devices in the canary wave.")] = None,
+    wave: Annotated[float | None, typer.Option("--wave", help="Percent of devices per later wave.")] = None,
+    max_failures: Annotated[
+        str | None, typer.Option("--max-failures", help="Fraction (0.2) or percent (20%) of a wave that may fail.")
+    ] = None,
+    wave_timeout: Annotated[
+        float | None, typer.Option("--wave-timeout", help="Seconds a wave may take to report healthy.")
+    ] = None,
+    hub_url: HubOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a staged rollout: canary first, then waves; halts and rolls back past the failure threshold."""
+    threshold = _fraction(max_failures) if max_failures is not None else None
+    with _client(hub_url, token) as client:
+        deployment = client.deploy(bundle_id, to, canary_percent=canary, wave_percent=wave,
+                                   failure_threshold=threshold, wave_timeout_s=wave_timeout)  # fmt: skip
+    if as_json:
+        print_json(json.dumps(deployment, indent=2))
+        return
+    _print_deployment(deployment)
+    console.print(f"follow it:  edgekit deployments {deployment['id']}", highlight=False)
+
+
+STATE_STYLE = {"running": "cyan", "completed": "green", "halted": "red", "healthy": "green", "failed": "red",
+               "timed_out": "red", "rolled_back": "yellow", "sent": "cyan", "pending": "dim"}  # fmt: skip
+
+
+def _styled(state: str) -> str:
+    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
+
+
+def _print_deployment(d: dict[str, Any]) -> None:
+    bundle = d.get("bundle") or {}
+    label = f"{bundle['name']}@{bundle['version']}" if bundle else d["bundle_id"][:12]
+    head = f"deployment {d['id']}: {escape(label)} → {escape(d['target'])}, {_styled(d['state'])}"
+    console.print(f"{head}, wave {d['current_wave']} of {d['waves']}, {d['devices_total']} devices", highlight=False)
+    if d.get("reason"):
+        console.print(f"reason: {escape(d['reason'])}", highlight=False)
+    table = Table("wave", "devices", "states")
+    for w in d.get("wave_progress", []):
+        states = ", ".join(f"{_styled(s)} {n}" for s, n in sorted(w["states"].items()))
+        table.add_row("canary" if w["wave"] == 0 else str(w["wave"]), str(w["total"]), states)
+    console.print(table)
+
+
+def deployments(
+    deployment_id: Annotated[int | None, typer.Argument(help="Show one deployment with its waves.")] = None,
+    halt: Annotated[bool, typer.Option("--halt", help="Halt it (and roll back the devices it updated).")] = False,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why, for the audit log (with --halt).")] = None,
+    hub_url: HubOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rollouts: all of them, or one with its per-wave progress; --halt stops one."""
+    if halt and deployment_id is None:
+        raise BadInput("--halt needs a DEPLOYMENT_ID")
+    with _client(hub_url, token) as client:
+        if deployment_id is None:
+            data: Any = client.deployments()
+        else:
+            data = client.halt(deployment_id, reason) if halt else client.deployment(deployment_id)
+    if as_json:
+        print_json(json.dumps(data, indent=2))
+    elif deployment_id is not None:
+        _print_deployment(data)
+    else:
+        table = Table("id", "bundle", "target", "state", "wave", "devices", "created", "by")
+        for d in data:
+            table.add_row(str(d["id"]), d["bundle_id"][:12], escape(d["target"]), _styled(d["state"]),
+                          f"{d['current_wave']}/{d['waves']}", str(d["devices_total"]), _when(d["created"]),
+                          escape(d["created_by"]))  # fmt: skip
+        console.print(table)
+
+
+def register(root: typer.Typer) -> None:
+    from edgekit.cli.acl_cmd import acl
+
+    app.command("acl")(acl)
+    root.add_typer(app, name="hub")
+    root.command("push")(push)
+    root.command("deploy")(deploy)
+    root.command("devices")(devices)
+    root.command("deployments")(deployments)

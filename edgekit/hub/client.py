@@ -1,0 +1,134 @@
+"""The hub's REST API from the command line's side: one method per call, HTTP failures as one-line errors.
+
+Exit codes follow the CLI's rule: 2 when the caller can fix the request (bad token, unknown id, invalid field),
+1 when the hub could not be reached or failed.
+"""
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from edgekit.errors import BadInput, OperationFailed
+
+DEFAULT_HUB = "http://127.0.0.1:8080"
+UPLOAD_CHUNK = 1024 * 1024
+
+
+class HubClient:
+    def __init__(self, url: str | None, token: str | None, timeout_s: float = 30.0) -> None:
+        """`url`/`token` None: EDGEKIT_HUB / EDGEKIT_TOKEN from the environment (the hub default for the URL)."""
+        self.url = (url or os.environ.get("EDGEKIT_HUB") or DEFAULT_HUB).rstrip("/")
+        if not self.url.startswith(("http://", "https://")):
+            raise BadInput(f"--hub '{self.url}': expected http://HOST:PORT or https://…")
+        token = token or os.environ.get("EDGEKIT_TOKEN")
+        if not token:
+            raise BadInput("no API token: pass --token or set EDGEKIT_TOKEN (edgekit hub token create NAME)")
+        self._http = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s, trust_env=False
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "HubClient":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.ConnectError:
+            raise OperationFailed(
+                f"cannot reach the hub at {self.url} (is `edgekit hub` running? --hub / EDGEKIT_HUB)"
+            ) from None
+        except httpx.TimeoutException:
+            raise OperationFailed(f"the hub at {self.url} did not answer in {self._http.timeout.read:g} s") from None
+        except httpx.HTTPError as error:
+            raise OperationFailed(f"talking to the hub at {self.url}: {error}") from None
+        if response.is_success:
+            return response.json()
+        raise http_error(response, self.url)
+
+    def devices(self, labels: list[str] | None = None, online: bool | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"label": labels or []}
+        if online is not None:
+            params["online"] = str(online).lower()
+        return self._request("GET", "/api/devices", params=params)
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/api/devices/{device_id}")
+
+    def bundles(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/api/bundles")
+
+    def push(self, bundle: Path) -> dict[str, Any]:
+        """Upload a .ekb as the raw body, streamed; the record comes back with `created`."""
+        if not bundle.is_file():
+            raise BadInput(f"{bundle}: no such bundle file")
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(bundle.stat().st_size)}
+        # Uploads of big bundles over slow links take a while; only the connect phase keeps the short timeout.
+        timeout = httpx.Timeout(self._http.timeout.connect, read=600, write=600, pool=None)
+        return self._request("POST", "/api/bundles", content=_chunks(bundle), headers=headers, timeout=timeout)
+
+    def deploy(self, bundle_id: str, target: str, **options: Any) -> dict[str, Any]:
+        body = {"bundle_id": bundle_id, "target": target, **{k: v for k, v in options.items() if v is not None}}
+        return self._request("POST", "/api/deployments", json=body)
+
+    def deployments(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/api/deployments")
+
+    def deployment(self, deployment_id: int) -> dict[str, Any]:
+        return self._request("GET", f"/api/deployments/{deployment_id}")
+
+    def halt(self, deployment_id: int, reason: str | None = None) -> dict[str, Any]:
+        body = {"reason": reason} if reason else None
+        return self._request("POST", f"/api/deployments/{deployment_id}/halt", json=body)
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := handle.read(UPLOAD_CHUNK):
+            yield chunk
+
+
+def describe_detail(detail: Any) -> str:
+    """FastAPI's error body as one line: `field: reason; …` for validation errors, the text otherwise."""
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if not isinstance(item, dict):
+                parts.append(str(item))
+                continue
+            # loc is ["body", "field", …] or ["query", "name"]; the first element only says where.
+            loc = [str(p) for p in item.get("loc", [])]
+            field = ".".join(loc[1:]) if len(loc) > 1 else (loc[0] if loc else "")
+            message = str(item.get("msg", "invalid"))
+            parts.append(f"{field}: {message}" if field and field != "body" else message)
+        return "; ".join(parts)
+    return str(detail)
+
+
+def http_error(response: httpx.Response, url: str) -> Exception:
+    try:
+        raw = response.json().get("detail", response.text)
+    except (ValueError, AttributeError):
+        raw = response.text.strip()[:300] or response.reason_phrase
+    detail, status = describe_detail(raw), response.status_code
+    if status == 422 and isinstance(raw, list) and any(isinstance(i, dict) and i.get("type") == "bundle_invalid"
+                                                       for i in raw):  # fmt: skip
+        # A bundle that fails verification is a failed operation (exit 1), like `edgekit verify`.
+        return OperationFailed(f"the hub refused the bundle: {detail}")
+    if status == 401:
+        return BadInput(f"the hub refused the token ({detail}); check --token / EDGEKIT_TOKEN")
+    if status == 403:
+        return BadInput(f"the hub forbids this: {detail}")
+    if status == 422:
+        return BadInput(f"the hub rejected the request: {detail}")
+    if status in (404, 409, 413, 415):
+        return BadInput(detail)
+    return OperationFailed(f"the hub at {url} failed (HTTP {status}): {detail}")

@@ -1,0 +1,208 @@
+"""The hub's database: SQLAlchemy 2.0 models, one schema for SQLite (WAL) and PostgreSQL.
+
+Device → hub messages are keyed by (device_id, seq), which is unique per device across telemetry, results and
+events, so a replayed message is dropped by the primary key, whichever hub process receives it.
+"""
+
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text, create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from edgekit.errors import BadInput
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON, int: BigInteger}
+
+
+class Device(Base):
+    """One row per device: its identity and latest state, so the fleet table is one query."""
+
+    __tablename__ = "devices"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    online: Mapped[bool] = mapped_column(default=False)
+    first_seen: Mapped[float] = mapped_column(Float, default=time.time)
+    last_seen: Mapped[float] = mapped_column(Float, default=time.time)
+    agent_version: Mapped[str | None] = mapped_column(String(32))
+    profile: Mapped[str | None] = mapped_column(String(64))
+    runtimes: Mapped[list[str]] = mapped_column(default=list)
+    bundle_id: Mapped[str | None] = mapped_column(String(64))
+    bundle_label: Mapped[str | None] = mapped_column(String(160))
+    latency_p50_ms: Mapped[float | None] = mapped_column(Float)
+    latency_p95_ms: Mapped[float | None] = mapped_column(Float)
+    fps: Mapped[float | None] = mapped_column(Float)
+    cpu_percent: Mapped[float | None] = mapped_column(Float)
+    memory_mb: Mapped[float | None] = mapped_column(Float)
+    temperature_c: Mapped[float | None] = mapped_column(Float)
+    last_seq: Mapped[int] = mapped_column(default=0)
+    desired_rev: Mapped[int] = mapped_column(default=0)
+    # The last DesiredState the hub published for this device (JSON), so a rollout changes only the bundle.
+    desired: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    reported: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class TelemetrySample(Base):
+    __tablename__ = "telemetry"
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(primary_key=True)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    latency_p50_ms: Mapped[float | None] = mapped_column(Float)
+    latency_p95_ms: Mapped[float | None] = mapped_column(Float)
+    fps: Mapped[float | None] = mapped_column(Float)
+    inferences: Mapped[int | None] = mapped_column(Integer)
+    cpu_percent: Mapped[float | None] = mapped_column(Float)
+    memory_mb: Mapped[float | None] = mapped_column(Float)
+    temperature_c: Mapped[float | None] = mapped_column(Float)
+    queue_depth: Mapped[int | None] = mapped_column(Integer)
+    dropped_frames: Mapped[int | None] = mapped_column(Integer)
+    store_depth: Mapped[int | None] = mapped_column(Integer)
+    bundle: Mapped[str | None] = mapped_column(String(160))
+
+    __table_args__ = (Index("ix_telemetry_device_ts", "device_id", "ts"),)
+
+
+class TelemetryRollup(Base):
+    """Old telemetry, downsampled to one row per device and minute (retention keeps these longer)."""
+
+    __tablename__ = "telemetry_rollup"
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    minute: Mapped[int] = mapped_column(primary_key=True, comment="unix time // 60")
+    samples: Mapped[int] = mapped_column(Integer)
+    latency_p50_ms: Mapped[float | None] = mapped_column(Float)
+    fps: Mapped[float | None] = mapped_column(Float)
+    cpu_percent: Mapped[float | None] = mapped_column(Float)
+    temperature_c: Mapped[float | None] = mapped_column(Float)
+
+
+class ResultRecord(Base):
+    __tablename__ = "results"
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(primary_key=True)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    bundle: Mapped[str] = mapped_column(String(160))
+    latency_ms: Mapped[float] = mapped_column(Float)
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class EventRecord(Base):
+    __tablename__ = "events"
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(primary_key=True)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    type: Mapped[str] = mapped_column(String(32), index=True)
+    level: Mapped[str] = mapped_column(String(8))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class BundleRecord(Base):
+    """A pushed bundle, verified on upload and stored content-addressed (file name = sha256)."""
+
+    __tablename__ = "bundles"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column()
+    profile: Mapped[str] = mapped_column(String(64))
+    backend: Mapped[str] = mapped_column(String(32))
+    precision: Mapped[str] = mapped_column(String(8))
+    signing_key_id: Mapped[str] = mapped_column(String(32))
+    uploaded: Mapped[float] = mapped_column(Float, default=time.time)
+    uploaded_by: Mapped[str] = mapped_column(String(64))
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class Deployment(Base):
+    """A staged rollout: canary first, then waves; halts (and rolls back) past the failure threshold."""
+
+    __tablename__ = "deployments"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    bundle_id: Mapped[str] = mapped_column(ForeignKey("bundles.id"))
+    target: Mapped[str] = mapped_column(String(160), comment="device id, group:LABEL[=VALUE] or all")
+    canary_percent: Mapped[float] = mapped_column(Float)
+    wave_percent: Mapped[float] = mapped_column(Float)
+    failure_threshold: Mapped[float] = mapped_column(Float, comment="fraction of a wave that may fail")
+    wave_timeout_s: Mapped[float] = mapped_column(Float)
+    health_checks: Mapped[int | None] = mapped_column(Integer, comment="None: the device's current setting")
+    state: Mapped[str] = mapped_column(String(16), default="running", comment="running|completed|halted")
+    current_wave: Mapped[int] = mapped_column(Integer, default=0)
+    waves: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created: Mapped[float] = mapped_column(Float, default=time.time)
+    created_by: Mapped[str] = mapped_column(String(64))
+    updated: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class DeploymentDevice(Base):
+    __tablename__ = "deployment_devices"
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    wave: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(
+        String(16), default="pending", comment="pending|sent|healthy|failed|timed_out|rolled_back"
+    )
+    previous_bundle_id: Mapped[str | None] = mapped_column(String(64))
+    # The BundleRef (JSON) the device ran when the deployment was created: what a rollback asks for.
+    previous_bundle: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    rev: Mapped[int | None] = mapped_column()
+    detail: Mapped[str] = mapped_column(Text, default="")
+    sent_at: Mapped[float | None] = mapped_column(Float)
+    resolved_at: Mapped[float | None] = mapped_column(Float, comment="when it became healthy/failed/timed_out")
+    updated: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class ApiToken(Base):
+    __tablename__ = "tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_hash: Mapped[str] = mapped_column(
+        String(64), unique=True, comment="sha256 of the token; the token is shown once"
+    )
+    created: Mapped[float] = mapped_column(Float, default=time.time)
+    created_by: Mapped[str] = mapped_column(String(64))
+    revoked: Mapped[bool] = mapped_column(default=False)
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ts: Mapped[float] = mapped_column(Float, default=time.time, index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32), comment="push|deploy|halt|token.create|token.revoke|login")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+def database_url(db: str | None, data_dir: Path) -> str:
+    """`--db` as given (sqlite:///…, postgresql://…), or SQLite in the data dir."""
+    if not db:
+        return f"sqlite:///{data_dir / 'hub.sqlite'}"
+    if db.startswith("postgresql://"):
+        return "postgresql+psycopg://" + db.removeprefix("postgresql://")
+    if db.startswith(("sqlite:///", "postgresql+psycopg://")):
+        return db
+    raise BadInput(f"--db '{db}': expected sqlite:///PATH or postgresql://USER@HOST/DB")
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # WAL lets the API read while ingest writes; NORMAL sync is safe with WAL (no corruption on power loss).
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def open_database(url: str) -> tuple[Engine, sessionmaker]:
+    """Engine and session factory; creates the tables when they do not exist."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    Base.metadata.create_all(engine)
+    return engine, sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,437 @@
+"""MQTT → database: validate every device message, drop duplicates by (device, seq), write in batches.
+
+Telemetry, results and events arrive on a shared subscription when `share_group` is set (`$share/GROUP/…`), so
+several hub processes split them; de-duplication is the database's primary key, so a message that two
+processes both receive (a replay after reconnect) is stored once. Status and reported state are retained
+state, subscribed normally by every hub process: writing the latest twice is harmless.
+
+Throughput: paho's network thread only appends (topic, payload) to a deque; one writer thread validates and writes
+everything that queued up since its last batch in one transaction. The sequenced rows go in as multi-row
+`INSERT … ON CONFLICT DO NOTHING RETURNING` statements built once per table (the RETURNING rows are exactly the
+newly stored messages, so duplicates need no second query), and each device's row is updated once per batch
+with its newest values, not once per message.
+"""
+
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+from operator import attrgetter
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from sqlalchemy import BigInteger, case, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from edgekit.hub.db import Device, EventRecord, ResultRecord, TelemetrySample
+from edgekit.protocol import (
+    DEVICE_ID,
+    PREFIX,
+    Event,
+    PayloadRejected,
+    ReportedState,
+    Result,
+    Status,
+    Telemetry,
+    Topic,
+    decode,
+    parse_topic,
+)
+
+log = logging.getLogger(__name__)
+
+SEQUENCED = {Topic.TELEMETRY: Telemetry, Topic.RESULTS: Result, Topic.EVENTS: Event}
+STATE = {Topic.STATUS: Status, Topic.REPORTED: ReportedState}
+MODELS = SEQUENCED | STATE
+MAX_PAYLOAD = 256 * 1024
+# Messages waiting for the writer; past it paho's thread waits, so the broker's flow control holds the rest.
+QUEUE_BOUND = 200_000
+ROWS_PER_STATEMENT = 500  # 500 × 14 telemetry columns stays under SQLite's 32,766 bound parameters
+WRITE_ATTEMPTS = 3  # a deadlock between two hub processes or a busy SQLite file is retried, then the batch is lost
+MAX_SEQ = 2**63 - 1
+_DEVICE_ID = re.compile(DEVICE_ID)
+
+
+@dataclass
+class IngestStats:
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    invalid: Counter = field(default_factory=Counter)
+    batches: int = 0
+    failed: int = 0  # messages in batches the database refused WRITE_ATTEMPTS times
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"received": self.received, "stored": self.stored, "duplicates": self.duplicates,
+                "invalid": sum(self.invalid.values()), "invalid_by_reason": dict(self.invalid),
+                "batches": self.batches, "failed": self.failed}  # fmt: skip
+
+
+def subscriptions(share_group: str | None) -> list[str]:
+    shared = f"$share/{share_group}/" if share_group else ""
+    per_device = [f"{shared}{PREFIX}/+/{name}" for name in SEQUENCED]
+    return per_device + [f"{PREFIX}/+/{name}" for name in STATE]
+
+
+Message = tuple[str, str, Any]  # (device_id, kind, validated payload)
+
+
+class Ingest:
+    def __init__(
+        self,
+        sessions: sessionmaker,
+        batch_size: int = 20_000,
+        flush_s: float = 0.05,
+        on_stored: Callable[[list[Message]], None] | None = None,
+    ) -> None:
+        """`on_stored` gets (device_id, kind, payload) of what was newly stored, e.g. for the dashboard's live feed.
+
+        A batch is what queued up during the last write (at most `batch_size`); when little comes in, the writer
+        waits `flush_s` between batches, which bounds how stale the database and the live feed can be."""
+        self.sessions = sessions
+        self.batch_size = batch_size
+        self.flush_s = flush_s
+        self.stats = IngestStats()
+        self._on_stored = on_stored
+        # deque.append and popleft are atomic: paho's thread hands messages over without taking a lock.
+        self._inbox: deque[tuple[str, bytes]] = deque()
+        self._stopping = False
+        self._wake = threading.Event()
+        self._queued = 0  # appended by paho's thread
+        self._handled = 0  # taken off the inbox and written or dropped by the writer
+        self._known: set[str] = set()  # device ids whose row exists; the hub never deletes device rows
+        self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
+
+    def start(self) -> None:
+        self._writer.start()
+
+    def stop(self) -> None:
+        """Write what is queued, then end the writer."""
+        self._stopping = True
+        self._wake.set()
+        if self._writer.is_alive():
+            self._writer.join(timeout=30)
+
+    @property
+    def running(self) -> bool:
+        return self._writer.is_alive()
+
+    def on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        """paho callback: only queue here; parsing and writing happen in the writer thread. Never raises: an
+        exception would end paho's network thread."""
+        self.stats.received += 1
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            self.stats.invalid["unknown topic"] += 1
+            return
+        while len(self._inbox) >= QUEUE_BOUND and not self._stopping:
+            time.sleep(0.01)
+        self._inbox.append((topic, message.payload))
+        self._queued += 1
+
+    def pending(self) -> int:
+        return len(self._inbox)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued so far is written or dropped (for tests and benchmarks)."""
+        target = self._queued
+        deadline = time.monotonic() + timeout
+        while self._handled < target:
+            if time.monotonic() > deadline or not self.running:
+                return False
+            self._wake.set()
+            time.sleep(0.005)
+        return True
+
+    def _write_loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            batch = self._take()
+            if batch:
+                try:
+                    self._write_batch(batch)
+                except Exception:  # a bug must not end ingest; the batch is logged as lost
+                    self.stats.failed += len(batch)
+                    log.exception("ingest: a batch of %d messages was lost", len(batch))
+                self._handled += len(batch)
+            elif self._stopping:
+                return
+            if len(self._inbox) < self.batch_size and not self._stopping:
+                # Little is waiting: let more come, so that batches stay large and commits few.
+                self._wake.wait(max(0.0, self.flush_s - (time.monotonic() - started)))
+                self._wake.clear()
+
+    def _take(self) -> list[tuple[str, bytes]]:
+        inbox = self._inbox
+        count = min(len(inbox), self.batch_size)
+        return [inbox.popleft() for _ in range(count)]
+
+    def _write_batch(self, batch: list[tuple[str, bytes]]) -> None:
+        messages = self._parse(batch)
+        if not messages:
+            return
+        stored = self._store(messages)
+        if stored is None:
+            return
+        if self._on_stored:
+            try:
+                self._on_stored(stored)
+            except Exception:  # a live view's bug must not stop ingest
+                log.exception("ingest: an on_stored listener failed")
+
+    def _parse(self, batch: list[tuple[str, bytes]]) -> list[Message]:
+        """The valid messages in arrival order; the others counted in stats.invalid by reason."""
+        messages: list[Message] = []
+        invalid = self.stats.invalid
+        for topic, payload in batch:
+            parsed = parse_topic(topic)
+            model_type = MODELS.get(parsed[1]) if parsed else None
+            if model_type is None or not _DEVICE_ID.fullmatch(parsed[0]):
+                invalid["unknown topic"] += 1
+                continue
+            device_id, kind = parsed
+            if kind in STATE and not payload:
+                continue  # a retained message being cleared
+            try:
+                model = decode(model_type, payload, MAX_PAYLOAD)
+            except PayloadRejected as error:
+                invalid[f"{kind}: invalid"] += 1
+                log.debug("invalid %s from %s: %s", kind, device_id, error)
+                continue
+            if kind in SEQUENCED and not (model.seq <= MAX_SEQ and math.isfinite(model.ts)):
+                # Valid JSON for the model, but not storable: the key must fit a BIGINT, time must be a time.
+                invalid[f"{kind}: seq or ts out of range"] += 1
+                continue
+            messages.append((device_id, kind, model))
+        return messages
+
+    def _store(self, messages: list[Message]) -> list[Message] | None:
+        """Write in one transaction; what was newly stored (with the state messages), or None when lost.
+
+        Lock conflicts and a lost connection are retried. Anything else means some message the database will not
+        take (a bug in the fitting below, a value the other dialect refuses): the batch is halved until that
+        message is alone, and it is counted invalid, so one bad message never costs the others."""
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                return self._write(messages)
+            except OperationalError as error:
+                if attempt == WRITE_ATTEMPTS:
+                    self.stats.failed += len(messages)
+                    log.error("ingest: the database failed %d times on a batch of %d messages, dropped it: %s",
+                              attempt, len(messages), error)  # fmt: skip
+                    return None
+                log.warning("ingest: writing a batch failed (attempt %d), retrying: %s", attempt, error)
+                time.sleep(0.1 * attempt)
+            except Exception as error:
+                if len(messages) == 1:
+                    device_id, kind, _ = messages[0]
+                    self.stats.invalid["refused by the database"] += 1
+                    log.warning("ingest: the database refused a %s message from %s: %s", kind, device_id, error)
+                    return []
+                half = len(messages) // 2
+                first, second = self._store(messages[:half]), self._store(messages[half:])
+                return (first or []) + (second or [])
+        return None
+
+    def _write(self, messages: list[Message]) -> list[Message]:
+        """One transaction; the stats change only once it committed, so they never count a rolled-back row."""
+        rows: dict[str, list[tuple[str, Any]]] = {name: [] for name in SEQUENCED}
+        states: dict[tuple[str, str], Any] = {}
+        for device_id, kind, model in messages:
+            if kind in STATE:
+                states[(device_id, kind)] = model  # the newest one wins
+            else:
+                rows[kind].append((device_id, model))
+        stored: list[Message] = []
+        duplicates = 0
+        with self.sessions.begin() as session:
+            new_devices = {device_id for device_id, _, _ in messages} - self._known
+            if new_devices:
+                _ensure_devices(session, new_devices)
+            connection = session.connection()
+            for kind, kind_rows in rows.items():
+                if kind_rows:
+                    inserted = _insert(connection, kind, kind_rows)
+                    stored += inserted
+                    duplicates += len(kind_rows) - len(inserted)
+            _apply_latest(connection, rows)
+            _apply_states(session, states)
+        self._known |= new_devices
+        self.stats.stored += len(stored)
+        self.stats.duplicates += duplicates
+        self.stats.batches += 1
+        return stored + [(d, k, m) for (d, k), m in states.items()]
+
+
+def _ensure_devices(session: Session, devices: set[str]) -> None:
+    """Rows for devices seen for the first time, through the ORM table so every column gets its default."""
+    now = time.time()
+    # last_seen starts at 0: the device's first message, whatever its clock says, then counts as news.
+    rows = [{"id": d, "first_seen": now, "last_seen": 0.0, "labels": {}, "runtimes": []} for d in sorted(devices)]
+    session.execute(_insert_ignore(session, Device), rows)
+
+
+def _insert_ignore(session: Session, table):
+    """INSERT … ON CONFLICT DO NOTHING in the session's dialect."""
+    if session.bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table).on_conflict_do_nothing()
+
+
+# ---- sequenced rows: (column names, row builder) per kind --------------------------------------------------------
+# Values are fitted to their columns, so that what validated also stores in both dialects: counters clamped to
+# the column's integer range (PostgreSQL refuses an INTEGER over 2^31; SQLite would take it), strings cut to the
+# column's length (PostgreSQL enforces VARCHAR(n)) and without NUL characters (PostgreSQL text cannot hold them).
+
+
+def _int_bound(column) -> int:
+    return 2**63 - 1 if isinstance(column.type, BigInteger) else 2**31 - 1
+
+
+def _fit_int(value: int, bound: int) -> int:
+    return value if -bound <= value <= bound else max(-bound, min(bound, value))
+
+
+def _fit_text(value: str | None, length: int | None = None) -> str | None:
+    if value is None:
+        return None
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    return value[:length] if length is not None and len(value) > length else value
+
+
+_T = TelemetrySample.__table__.c
+TELEMETRY_COLUMNS = ("device_id", "seq", "ts", "latency_p50_ms", "latency_p95_ms", "fps", "inferences",
+                     "cpu_percent", "memory_mb", "temperature_c", "queue_depth", "dropped_frames", "store_depth",
+                     "bundle")  # fmt: skip
+_COUNT_BOUND = min(_int_bound(_T[name]) for name in ("inferences", "queue_depth", "dropped_frames", "store_depth"))
+_BUNDLE_LENGTH = _T.bundle.type.length
+_RESULT_BUNDLE_LENGTH = ResultRecord.__table__.c.bundle.type.length
+
+
+def _telemetry_row(device_id: str, m: Telemetry) -> tuple:
+    bound = _COUNT_BOUND
+    return (device_id, m.seq, m.ts, m.latency_p50_ms, m.latency_p95_ms, m.fps, _fit_int(m.inferences, bound),
+            m.cpu_percent, m.memory_mb, m.temperature_c, _fit_int(m.queue_depth, bound),
+            _fit_int(m.dropped_frames, bound), _fit_int(m.store_depth, bound),
+            _fit_text(m.bundle, _BUNDLE_LENGTH))  # fmt: skip
+
+
+def _result_row(device_id: str, m: Result) -> tuple:
+    summary = m.model_dump(include={"task", "top", "detections", "values", "source"}, exclude_none=True)
+    return (device_id, m.seq, m.ts, _fit_text(m.bundle, _RESULT_BUNDLE_LENGTH), m.latency_ms, json.dumps(summary))
+
+
+def _event_row(device_id: str, m: Event) -> tuple:
+    return (device_id, m.seq, m.ts, m.type, m.level, _fit_text(m.message[:4000]), json.dumps(m.data))
+
+
+TABLES: dict[str, tuple[str, tuple[str, ...], Callable[[str, Any], tuple]]] = {
+    Topic.TELEMETRY: (TelemetrySample.__tablename__, TELEMETRY_COLUMNS, _telemetry_row),
+    Topic.RESULTS: (ResultRecord.__tablename__, ("device_id", "seq", "ts", "bundle", "latency_ms", "summary"),
+                    _result_row),
+    Topic.EVENTS: (EventRecord.__tablename__, ("device_id", "seq", "ts", "type", "level", "message", "data"),
+                   _event_row),
+}  # fmt: skip
+
+
+def _placeholder(connection: Connection) -> str:
+    return "?" if connection.dialect.paramstyle == "qmark" else "%s"
+
+
+def _insert_sql(connection: Connection, table: str, columns: Sequence[str], rows: int) -> str:
+    mark = _placeholder(connection)
+    one = "(" + ", ".join([mark] * len(columns)) + ")"
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([one] * rows)} "
+            "ON CONFLICT DO NOTHING RETURNING device_id, seq")  # fmt: skip
+
+
+def _insert(connection: Connection, kind: str, kind_rows: list[tuple[str, Any]]) -> list[tuple[str, str, Any]]:
+    """Insert a batch's messages of one kind; the ones newly stored (not duplicates) as (device, kind, model)."""
+    table, columns, to_row = TABLES[kind]
+    # Duplicates inside the batch collapse here; sorted, so that two hub processes lock keys in the same order.
+    unique = dict(sorted(((d, m.seq), (d, m)) for d, m in kind_rows))
+    values = [to_row(d, m) for d, m in unique.values()]
+    inserted: set[tuple[str, int]] = set()
+    for start in range(0, len(values), ROWS_PER_STATEMENT):
+        chunk = values[start : start + ROWS_PER_STATEMENT]
+        sql = _insert_sql(connection, table, columns, len(chunk))
+        result = connection.exec_driver_sql(sql, tuple(chain.from_iterable(chunk)))
+        inserted.update((d, s) for d, s in result.fetchall())
+    return [(d, kind, m) for key, (d, m) in unique.items() if key in inserted]
+
+
+# ---- device rows -------------------------------------------------------------------------------------------------
+
+LATEST_COLUMNS = ("latency_p50_ms", "latency_p95_ms", "fps", "cpu_percent", "memory_mb", "temperature_c")
+_latest_values = attrgetter(*LATEST_COLUMNS)
+
+
+def _apply_latest(connection: Connection, rows: dict[str, list[tuple[str, Any]]]) -> None:
+    """The fleet table's columns, one UPDATE per device and batch (sent as an executemany each):
+    - `last_seen` and `online` from the device's newest message, when it is newer than what the row has;
+    - the latency/fps/CPU/… columns from its telemetry with the highest seq, when that seq is above `last_seq`
+      (the seq of the telemetry they show), so a replay of old telemetry never overwrites newer values."""
+    newest: dict[str, Telemetry] = {}
+    for device_id, m in rows[Topic.TELEMETRY]:
+        if device_id not in newest or m.seq > newest[device_id].seq:
+            newest[device_id] = m
+    seen: dict[str, float] = {}
+    for kind_rows in rows.values():
+        for device_id, m in kind_rows:
+            if m.ts > seen.get(device_id, -math.inf):
+                seen[device_id] = m.ts
+    mark = _placeholder(connection)
+    if seen:
+        activity = [(ts, True, d, ts) for d, ts in sorted(seen.items())]
+        sql = f"UPDATE devices SET last_seen = {mark}, online = {mark} WHERE id = {mark} AND last_seen < {mark}"
+        connection.exec_driver_sql(sql, activity)
+    if newest:
+        values = [(*_latest_values(m), m.seq, d, m.seq) for d, m in sorted(newest.items())]
+        columns = ", ".join(f"{c} = {mark}" for c in (*LATEST_COLUMNS, "last_seq"))
+        connection.exec_driver_sql(f"UPDATE devices SET {columns} WHERE id = {mark} AND last_seq < {mark}", values)
+
+
+_D = Device.__table__.c
+
+
+def _bundle_columns(bundle) -> dict[str, Any]:
+    if bundle is None:
+        return {}
+    return {
+        "bundle_id": bundle.id,
+        "bundle_label": _fit_text(f"{bundle.name}@{bundle.version}", _D.bundle_label.type.length),
+    }
+
+
+def _apply_states(session: Session, states: dict[tuple[str, str], Any]) -> None:
+    """After the telemetry: `status` decides `online` (an `offline` after the device's last telemetry in the same
+    batch must win). last_seen only moves forward: a Last Will carries the time its client connected."""
+    for (device_id, kind), model in sorted(states.items()):
+        if kind == Topic.STATUS:
+            ts = max(model.ts, 0.0)
+            values = {"online": model.state == "online", "last_seen": case((Device.last_seen < ts, ts),
+                                                                           else_=Device.last_seen)}  # fmt: skip
+            if model.state == "online":
+                values |= {"agent_version": _fit_text(model.agent_version, _D.agent_version.type.length),
+                           "profile": _fit_text(model.profile, _D.profile.type.length), "runtimes": model.runtimes,
+                           **_bundle_columns(model.bundle)}  # fmt: skip
+        else:
+            values = {"reported": model.model_dump(mode="json"), **_bundle_columns(model.bundle)}
+            values["last_seen"] = case((Device.last_seen < model.ts, model.ts), else_=Device.last_seen)
+        session.execute(update(Device).where(Device.id == device_id).values(**values))
+
+
+def device_ids(session: Session) -> list[str]:
+    return list(session.scalars(select(Device.id).order_by(Device.id)))

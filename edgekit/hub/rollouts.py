@@ -1,0 +1,466 @@
+"""Staged rollouts: a canary wave first, then waves of the rest; each wave waits until its devices report the new
+bundle healthy (or fail, or time out), and the rollout halts and rolls back when a wave's failures pass the threshold.
+
+Everything is in the database (Deployment, DeploymentDevice, Device.desired/desired_rev), and `tick()` only moves a
+deployment forward from what the database says, so a hub restarted mid-rollout picks up where it stopped. Desired
+states go out as retained messages with a rev above anything the device has seen; a device ignores a rev it has
+already applied, which makes re-sending harmless.
+
+Device outcomes come from `Device.reported` (the device's retained config/reported, stored by ingest):
+- healthy: it runs the bundle and says its update is healthy, or it converged to our rev already running it;
+- failed: it converged to our rev with the update refused (bad signature, self-test), rolled back (health check)
+  or failed (download) — the agent is back on its old bundle by itself;
+- timed_out: neither within `wave_timeout_s` of the send.
+Halting (automatic or `halt()`) asks every device the deployment touched for its previous bundle again, with
+`allow_downgrade`, so the fleet's desired state matches what it runs.
+
+Database writes are plain UPDATE/INSERT statements issued after all reads, in their own short transaction: on
+SQLite (WAL) a transaction that reads and then writes fails at once if ingest committed in between.
+"""
+
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.orm import sessionmaker
+
+from edgekit.errors import BadInput
+from edgekit.hub.db import BundleRecord, Deployment, DeploymentDevice, Device
+from edgekit.protocol import DEVICE_ID, DesiredState, Topic, device_topic, encode
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.5
+FAILED_PHASES = {"refused", "rolled_back", "failed"}
+IN_PROGRESS_PHASES = {"downloading", "verifying", "testing", "switching"}
+RESOLVED = {"healthy", "failed", "timed_out"}
+Publish = Callable[[str, bytes, bool], None]
+
+
+class UnknownDeployment(BadInput):
+    """No deployment with that id (the API answers 404)."""
+
+
+# ---- planning ---------------------------------------------------------------------------------------------------
+
+
+def _ceil_percent(percent: float, count: int) -> int:
+    # Rounded first: 30 % of 20 must be 6, not ceil(6.000000000000001) = 7.
+    return math.ceil(round(percent * count / 100, 9))
+
+
+def wave_sizes(count: int, canary_percent: float, wave_percent: float) -> list[int]:
+    """Wave 0 (the canary) is ceil(canary% × N), at least 1; then waves of ceil(wave% × N) until all are covered."""
+    canary = min(count, max(1, _ceil_percent(canary_percent, count)))
+    step = max(1, _ceil_percent(wave_percent, count))
+    sizes, rest = [canary], count - canary
+    while rest > 0:
+        sizes.append(min(step, rest))
+        rest -= sizes[-1]
+    return sizes
+
+
+def target_filter(target: str) -> Callable[[Device], bool]:
+    """`all`, `group:KEY=VALUE` (label KEY is VALUE), `group:KEY` (label KEY set) or one device id."""
+    if target == "all":
+        return lambda device: True
+    if target.startswith("group:"):
+        key, has_value, value = target.removeprefix("group:").partition("=")
+        if not key:
+            raise BadInput(f"target '{target}': expected group:LABEL or group:LABEL=VALUE")
+        if has_value:
+            return lambda device: key in (device.labels or {}) and str(device.labels[key]) == value
+        return lambda device: key in (device.labels or {})
+    if not re.match(DEVICE_ID, target):
+        raise BadInput(f"target '{target}': expected a device id, group:LABEL[=VALUE] or all")
+    return lambda device: device.id == target
+
+
+def _check_settings(canary_percent: float, wave_percent: float, failure_threshold: float, timeout_s: float) -> None:
+    for name, percent in (("canary percent", canary_percent), ("wave percent", wave_percent)):
+        if not 0 < percent <= 100:
+            raise BadInput(f"{name} {percent:g}: expected more than 0 and at most 100")
+    if not 0 <= failure_threshold <= 1:
+        raise BadInput(f"failure threshold {failure_threshold:g}: expected a fraction from 0 to 1")
+    if not timeout_s > 0:
+        raise BadInput(f"wave timeout {timeout_s:g} s: expected more than 0")
+
+
+# ---- device state -------------------------------------------------------------------------------------------------
+
+
+def _reported(device: Device | None) -> dict[str, Any]:
+    return (device.reported if device is not None else None) or {}
+
+
+def next_rev(device: Device) -> int:
+    """Above both what the hub last asked for and what the device last applied (it ignores rev <= applied)."""
+    return max(device.desired_rev or 0, int(_reported(device).get("rev", -1))) + 1
+
+
+def outcome(member: DeploymentDevice, device: Device | None, bundle_id: str) -> tuple[str, str] | None:
+    """(state, detail) once the device's reported state resolves this member, else None (still in flight)."""
+    if device is None:
+        return "failed", "the device is no longer known to the hub"
+    reported = _reported(device)
+    running = (reported.get("bundle") or {}).get("id")
+    update_state = reported.get("update") or {}
+    phase = update_state.get("state", "idle")
+    detail = update_state.get("detail", "")
+    if running == bundle_id and phase == "healthy" and update_state.get("bundle") == bundle_id:
+        return "healthy", detail or "healthy"
+    # Until it converged to our rev, a failure on record may be from an earlier attempt at the same bundle.
+    if int(reported.get("rev", -1)) < (member.rev or 0):
+        return None
+    if running == bundle_id and phase not in IN_PROGRESS_PHASES:
+        return "healthy", "already running it"
+    if update_state.get("bundle") == bundle_id and phase in FAILED_PHASES:
+        return "failed", f"{phase}: {detail}" if detail else phase
+    return "failed", f"converged to rev {reported.get('rev')} without the bundle (update state {phase})"
+
+
+def _desired_base(device: Device) -> dict[str, Any]:
+    """The last desired state the hub sent this device, the defaults if none or if it no longer validates."""
+    try:
+        return DesiredState.model_validate(device.desired or {"rev": 0}).model_dump(mode="json", exclude_none=True)
+    except ValidationError:
+        return {"rev": 0}
+
+
+# ---- buffered writes ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Writes:
+    """Changes applied to the loaded (detached) rows at once and replayed as UPDATEs in one short transaction."""
+
+    statements: list = field(default_factory=list)
+
+    def member(self, member: DeploymentDevice, **values: Any) -> None:
+        values["updated"] = time.time()
+        for name, value in values.items():
+            setattr(member, name, value)
+        statement = update(DeploymentDevice).where(
+            DeploymentDevice.deployment_id == member.deployment_id, DeploymentDevice.device_id == member.device_id
+        )
+        self.statements.append(statement.values(**values))
+
+    def device(self, device: Device, **values: Any) -> None:
+        for name, value in values.items():
+            setattr(device, name, value)
+        self.statements.append(update(Device).where(Device.id == device.id).values(**values))
+
+    def deployment(self, deployment: Deployment, **values: Any) -> None:
+        values["updated"] = time.time()
+        for name, value in values.items():
+            setattr(deployment, name, value)
+        # Only a running deployment changes: a halt from another hub process is never overwritten by this one.
+        running = (Deployment.id == deployment.id) & (Deployment.state == "running")
+        self.statements.append(update(Deployment).where(running).values(**values))
+
+    def commit(self, sessions: sessionmaker) -> None:
+        if not self.statements:
+            return
+        with sessions.begin() as session:
+            for statement in self.statements:
+                session.execute(statement)
+        self.statements.clear()
+
+
+@dataclass
+class _Loaded:
+    deployment: Deployment
+    members: list[DeploymentDevice]
+    devices: dict[str, Device]
+
+    def wave(self, number: int) -> list[DeploymentDevice]:
+        return [m for m in self.members if m.wave == number]
+
+
+# ---- the controller -----------------------------------------------------------------------------------------------
+
+
+class RolloutController:
+    def __init__(self, sessions: sessionmaker, publish: Publish, registry) -> None:
+        self.sessions = sessions
+        self.publish = publish
+        self.registry = registry
+        # One step at a time: the tick thread and API calls (create, halt) must not interleave on a deployment.
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._resume = True
+
+    # ---- life cycle ---------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._resume = True
+        self._thread = threading.Thread(target=self._loop, name="hub-rollouts", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(TICK_S):
+            try:
+                self.tick()
+            except Exception:  # the controller must outlive a bad row or a database hiccup; next tick retries
+                log.exception("rollout tick failed")
+
+    # ---- operator actions ---------------------------------------------------------------------------------------
+
+    def create(self, bundle_id: str, target: str, canary_percent: float = 10, wave_percent: float = 30,
+               failure_threshold: float = 0.2, wave_timeout_s: float = 600, actor: str = "hub",
+               health_checks: int | None = None) -> Deployment:  # fmt: skip
+        """Plan a rollout of a registry bundle to the devices `target` names now, and send the canary wave.
+
+        `health_checks` sets how many inferences each device must get through on the new bundle before it calls
+        it healthy; None keeps each device's current setting."""
+        _check_settings(canary_percent, wave_percent, failure_threshold, wave_timeout_s)
+        if health_checks is not None and not 1 <= health_checks <= 10_000:
+            raise BadInput(f"health checks {health_checks}: expected 1 to 10000")
+        bundle = self._bundle(bundle_id)
+        with self._lock:
+            chosen = self._resolve_target(target)
+            self._check_not_busy([d.id for d in chosen])
+            sizes = wave_sizes(len(chosen), canary_percent, wave_percent)
+            deployment = Deployment(
+                bundle_id=bundle.id, target=target, canary_percent=canary_percent, wave_percent=wave_percent,
+                failure_threshold=failure_threshold, wave_timeout_s=wave_timeout_s, health_checks=health_checks,
+                state="running", current_wave=0, waves=len(sizes), reason="", created_by=actor,
+            )  # fmt: skip
+            with self.sessions.begin() as session:
+                session.add(deployment)
+                session.flush()
+                waves = [number for number, size in enumerate(sizes) for _ in range(size)]
+                for number, device in zip(waves, chosen, strict=True):
+                    previous = _reported(device).get("bundle")
+                    session.add(DeploymentDevice(
+                        deployment_id=deployment.id, device_id=device.id, wave=number, state="pending",
+                        previous_bundle_id=previous["id"] if previous else None, previous_bundle=previous, detail="",
+                    ))  # fmt: skip
+            log.info("deployment #%d: %s@%s to %s (%d devices in waves %s) by %s", deployment.id, bundle.name,
+                     bundle.version, target, len(chosen), sizes, actor)  # fmt: skip
+            if self._thread is not None:
+                # The canary goes out now rather than at the next tick. An unstarted controller (a hub process
+                # run without one) only writes the plan: the controller in another process drives it.
+                self._step_safely(deployment.id, resume=False)
+            return self.get(deployment.id)
+
+    def halt(self, deployment_id: int, actor: str, reason: str) -> Deployment:
+        """Stop a running deployment and roll back every device it moved to the new bundle."""
+        with self._lock:
+            loaded = self._load(deployment_id)
+            if loaded.deployment.state != "running":
+                raise BadInput(f"deployment #{deployment_id} is {loaded.deployment.state}; only a running one halts")
+            writes = _Writes()
+            self._halt(loaded, writes, f"halted by {actor}: {reason or 'no reason given'}")
+            writes.commit(self.sessions)
+            return self.get(deployment_id)
+
+    def get(self, deployment_id: int) -> Deployment:
+        with self.sessions() as session:
+            deployment = session.get(Deployment, deployment_id)
+        if deployment is None:
+            raise UnknownDeployment(f"no deployment #{deployment_id}")
+        return deployment
+
+    def progress(self, deployment_id: int) -> list[dict[str, Any]]:
+        """Per wave: {wave, size, states: {state: count}} — for the API and the dashboard."""
+        loaded = self._load(deployment_id)
+        waves: dict[int, dict[str, Any]] = {}
+        for member in loaded.members:
+            wave = waves.setdefault(member.wave, {"wave": member.wave, "size": 0, "states": {}})
+            wave["size"] += 1
+            wave["states"][member.state] = wave["states"].get(member.state, 0) + 1
+        return [waves[number] for number in sorted(waves)]
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Move every running deployment as far as the devices' reported states allow."""
+        with self._lock:
+            resume, self._resume = self._resume, False
+            with self.sessions() as session:
+                running = list(session.scalars(select(Deployment.id).where(Deployment.state == "running")))
+            if resume and running:
+                log.info("resuming running deployments %s", ", ".join(f"#{d}" for d in running))
+            for deployment_id in running:
+                self._step_safely(deployment_id, resume)
+
+    def _step_safely(self, deployment_id: int, resume: bool) -> None:
+        # One broken deployment must not stop the others; it is retried on the next tick.
+        try:
+            self._step(deployment_id, resume)
+        except Exception:
+            log.exception("deployment #%d: step failed", deployment_id)
+
+    def _step(self, deployment_id: int, resume: bool) -> None:
+        loaded = self._load(deployment_id)
+        deployment = loaded.deployment
+        if deployment.state != "running":
+            return
+        writes = _Writes()
+        if resume:
+            self._republish(loaded)
+        bundle = self._bundle(deployment.bundle_id)
+        while deployment.state == "running":
+            wave = loaded.wave(deployment.current_wave)
+            now = time.time()
+            for member in wave:
+                device = loaded.devices.get(member.device_id)
+                if member.state == "pending":
+                    self._send(deployment, bundle, member, device, writes)
+                elif member.state == "sent":
+                    self._resolve(deployment, member, device, now, writes)
+            if any(member.state not in RESOLVED for member in wave):
+                break
+            failures = [member for member in wave if member.state != "healthy"]
+            if wave and len(failures) / len(wave) > deployment.failure_threshold:
+                self._halt(loaded, writes, self._failure_reason(deployment, wave, failures))
+            elif deployment.current_wave + 1 >= deployment.waves:
+                healthy = sum(member.state == "healthy" for member in loaded.members)
+                done = f"every wave done: {healthy} of {len(loaded.members)} devices healthy on the bundle"
+                writes.deployment(deployment, state="completed", current_wave=deployment.waves - 1, reason=done)
+                log.info("deployment #%d: completed", deployment.id)
+            else:
+                writes.deployment(deployment, current_wave=deployment.current_wave + 1)
+                log.info("deployment #%d: wave %d done, starting wave %d", deployment.id, deployment.current_wave - 1,
+                         deployment.current_wave)  # fmt: skip
+        writes.commit(self.sessions)
+
+    def _load(self, deployment_id: int) -> _Loaded:
+        with self.sessions() as session:
+            deployment = session.get(Deployment, deployment_id)
+            if deployment is None:
+                raise UnknownDeployment(f"no deployment #{deployment_id}")
+            query = select(DeploymentDevice).where(DeploymentDevice.deployment_id == deployment_id)
+            members = list(session.scalars(query.order_by(DeploymentDevice.wave, DeploymentDevice.device_id)))
+            ids = [member.device_id for member in members]
+            devices = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(ids)))} if ids else {}
+        return _Loaded(deployment, members, devices)
+
+    # ---- sending ------------------------------------------------------------------------------------------------
+
+    def _publish_desired(self, device: Device, bundle: dict[str, Any], allow_downgrade: bool,
+                         health_checks: int | None, writes: _Writes) -> int:  # fmt: skip
+        """Publish (retained) the device's last desired state with `bundle` swapped in and a fresh rev; returns it.
+
+        Published before the database records it: if the hub dies in between, the next step sends again, and the
+        device ignores a rev it has applied."""
+        rev = next_rev(device)
+        fields = {**_desired_base(device), "rev": rev, "bundle": {**bundle, "allow_downgrade": allow_downgrade}}
+        if health_checks is not None:
+            fields["health_checks"] = health_checks
+        desired = DesiredState.model_validate(fields)
+        self.publish(device_topic(device.id, Topic.DESIRED), encode(desired), True)
+        writes.device(device, desired=desired.model_dump(mode="json", exclude_none=True), desired_rev=rev)
+        return rev
+
+    def _send(self, deployment: Deployment, bundle: BundleRecord, member: DeploymentDevice, device: Device | None,
+              writes: _Writes) -> None:  # fmt: skip
+        now = time.time()
+        if device is None:
+            writes.member(member, state="failed", detail="the device is no longer known to the hub", resolved_at=now)
+            return
+        ref = {"id": bundle.id, "name": bundle.name, "version": bundle.version, "size": bundle.size}
+        rev = self._publish_desired(device, ref, False, deployment.health_checks, writes)
+        writes.member(member, state="sent", rev=rev, sent_at=now, detail="")
+
+    def _republish(self, loaded: _Loaded) -> None:
+        """After a (re)start: send the in-flight desired states again, for a broker that lost its retained ones
+        (amqtt keeps none across restarts). Same rev, so a device that already has it ignores it."""
+        for member in loaded.members:
+            device = loaded.devices.get(member.device_id)
+            if member.state != "sent" or device is None or not device.desired:
+                continue
+            if device.desired.get("rev") == member.rev:
+                desired = DesiredState.model_validate(device.desired)
+                self.publish(device_topic(device.id, Topic.DESIRED), encode(desired), True)
+
+    # ---- resolving ----------------------------------------------------------------------------------------------
+
+    def _resolve(self, deployment: Deployment, member: DeploymentDevice, device: Device | None, now: float,
+                 writes: _Writes) -> None:  # fmt: skip
+        result = outcome(member, device, deployment.bundle_id)
+        if result is None and now - (member.sent_at or now) > deployment.wave_timeout_s:
+            phase = (_reported(device).get("update") or {}).get("state", "unknown")
+            result = "timed_out", f"not healthy within {deployment.wave_timeout_s:g} s (update state: {phase})"
+        if result is not None:
+            state, detail = result
+            writes.member(member, state=state, detail=detail[:2000], resolved_at=now)
+            log.info("deployment #%d: %s %s (%s)", deployment.id, member.device_id, state, detail)
+
+    @staticmethod
+    def _failure_reason(deployment: Deployment, wave: list[DeploymentDevice], failures: list) -> str:
+        name = "the canary" if deployment.current_wave == 0 else f"wave {deployment.current_wave}"
+        causes = "; ".join(f"{m.device_id} {m.state}: {m.detail}" for m in failures[:3])
+        more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
+        return (f"{len(failures)} of {len(wave)} devices in {name} failed (over the {deployment.failure_threshold:.0%} "
+                f"threshold): {causes}{more}")  # fmt: skip
+
+    # ---- halting ------------------------------------------------------------------------------------------------
+
+    def _halt(self, loaded: _Loaded, writes: _Writes, reason: str) -> None:
+        """Mark the deployment halted and ask every device it touched for its previous bundle again.
+
+        Healthy ones (and ones still in flight or timed out, which may yet install the new bundle from the retained
+        desired state) are rolled back; failed ones already run their old bundle, but their desired state is reset
+        too so that it names what they run. Pending devices were never asked for anything."""
+        deployment = loaded.deployment
+        writes.deployment(deployment, state="halted", reason=reason)
+        log.warning("deployment #%d halted: %s", deployment.id, reason)
+        for member in loaded.members:
+            if member.state == "pending" or member.state == "rolled_back":
+                continue
+            device = loaded.devices.get(member.device_id)
+            previous = member.previous_bundle
+            if device is None or not previous:
+                if member.state != "failed":
+                    writes.member(member, detail=f"{member.detail}; cannot roll back: no previous bundle known")
+                continue
+            if previous["id"] == deployment.bundle_id:
+                continue  # it ran this bundle before the deployment: nothing to go back to
+            self._publish_desired(device, previous, True, None, writes)
+            if member.state != "failed":
+                label = f"{previous['name']}@{previous['version']}"
+                detail = f"{member.state}{': ' + member.detail if member.detail else ''}; rolled back to {label}"
+                writes.member(member, state="rolled_back", detail=detail[:2000])
+
+    # ---- lookups ------------------------------------------------------------------------------------------------
+
+    def _bundle(self, bundle_id: str) -> BundleRecord:
+        """A registry bundle by full id or unambiguous prefix; BadInput when unknown."""
+        return self.registry.get(bundle_id) if len(bundle_id) == 64 else self.registry.find(bundle_id)
+
+    def _resolve_target(self, target: str) -> list[Device]:
+        matches = target_filter(target)
+        with self.sessions() as session:
+            chosen = [device for device in session.scalars(select(Device).order_by(Device.id)) if matches(device)]
+        if not chosen:
+            raise BadInput(f"target '{target}': no devices match")
+        return chosen
+
+    def _check_not_busy(self, device_ids: list[str]) -> None:
+        """A device in two running deployments would get two bundles fighting over it."""
+        query = (
+            select(DeploymentDevice.device_id, Deployment.id)
+            .join(Deployment, Deployment.id == DeploymentDevice.deployment_id)
+            .where(Deployment.state == "running", DeploymentDevice.device_id.in_(device_ids))
+        )
+        with self.sessions() as session:
+            busy = session.execute(query).first()
+        if busy is not None:
+            raise BadInput(f"device {busy[0]} is already in running deployment #{busy[1]}; halt it first")

@@ -1,0 +1,151 @@
+"""`edgekit hub`: wires the broker, database, ingest, bundle registry, rollout controller and the HTTP server."""
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from edgekit.agents.link import parse_broker_url
+from edgekit.broker import EmbeddedBroker, start_embedded_broker
+from edgekit.hub.db import database_url, open_database
+from edgekit.hub.ingest import Ingest, subscriptions
+from edgekit.hub.registry import Registry
+from edgekit.transfer import BundleServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    data_dir: Path
+    broker: str | None = None  # None: start an embedded one
+    db: str | None = None  # None: SQLite in data_dir
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    trust_key: Path | None = None  # bundles pushed must be signed by it; None: hashes only
+    share_group: str | None = None  # MQTT shared subscription group for several hub processes
+    broker_port: int | None = None  # embedded broker port; None: 1883 if free, else any free port
+    prefer_broker: str = "mosquitto"
+    controller: bool = True  # run the rollout controller in this process
+
+
+class Hub:
+    def __init__(self, settings: HubSettings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.embedded: EmbeddedBroker | None = None
+        self.broker_url = settings.broker or ""
+        self.engine, self.sessions = open_database(database_url(settings.db, settings.data_dir))
+        self.registry = Registry(settings.data_dir, self.sessions, self._trust_key())
+        self.ingest = Ingest(self.sessions, on_stored=self._on_stored)
+        self.listeners: list = []  # callables(stored) for live views (the dashboard's SSE feed)
+        self.client: mqtt.Client | None = None
+        self.transfer: BundleServer | None = None
+        self.rollouts = None
+        self.http = None
+        self._connected = threading.Event()
+
+    def _trust_key(self):
+        if self.settings.trust_key is None:
+            return None
+        from edgekit.signing import load_public_key
+
+        return load_public_key(self.settings.trust_key)
+
+    def _on_stored(self, stored: list) -> None:
+        for listener in list(self.listeners):
+            listener(stored)
+
+    def start(self) -> None:
+        if not self.settings.broker:
+            self.embedded = start_embedded_broker(
+                self.settings.data_dir / "broker", self.settings.broker_port, self.settings.prefer_broker
+            )
+            self.broker_url = self.embedded.url
+        self.ingest.start()
+        self._connect_mqtt()
+        if self.settings.controller:
+            from edgekit.hub.rollouts import RolloutController
+
+            self.rollouts = RolloutController(self.sessions, self.publish, self.registry)
+            self.rollouts.start()
+        self._start_http()
+
+    def _connect_mqtt(self) -> None:
+        address = parse_broker_url(self.broker_url)
+        # MQTT 5 for shared subscriptions; a unique client id so several hub processes can share a broker.
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgekit-hub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
+        )
+        if address.username:
+            self.client.username_pw_set(address.username, address.password)
+        if address.tls:
+            self.client.tls_set()
+        self.client.max_inflight_messages_set(1000)
+        self.transfer = BundleServer(self.client, self.registry.path, workers=4)
+        self.client.on_message = self.ingest.on_message
+        self.client.on_connect = self._on_connect
+        self.client.reconnect_delay_set(0.2, 10)
+        self.client.connect_async(address.host, address.port, keepalive=30)
+        self.client.loop_start()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the hub: %s", reason_code)
+            return
+        for topic in subscriptions(self.settings.share_group):
+            client.subscribe(topic, qos=1)
+        self.transfer.start()
+        self._connected.set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain)
+
+    def _start_http(self) -> None:
+        import uvicorn
+
+        from edgekit.hub.api import create_app
+
+        config = uvicorn.Config(
+            create_app(self), host=self.settings.http_host, port=self.settings.http_port, log_level="warning"
+        )
+        self.http = uvicorn.Server(config)
+        self._http_thread = threading.Thread(target=self.http.run, name="hub-http", daemon=True)
+        self._http_thread.start()
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.settings.http_host}:{self.settings.http_port}"
+
+    def wait_http(self, timeout: float) -> bool:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.http is not None and self.http.started:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        # The controller first: a rollout must not advance while the rest of the hub is going away.
+        if self.rollouts is not None:
+            self.rollouts.stop()
+        if self.http is not None:
+            self.http.should_exit = True
+            self._http_thread.join(timeout=10)
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
+        if self.transfer is not None:
+            self.transfer.stop()
+        self.ingest.stop()
+        if self.embedded is not None:
+            self.embedded.stop()
+        self.engine.dispose()

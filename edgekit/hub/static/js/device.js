@@ -1,0 +1,153 @@
+// Device page: facts, live charts (latency, FPS, CPU, temperature) and the device's recent events.
+import { ago, api, esc, labels, listOf, live, num, setTitle, short, state, tickAges, when } from "./common.js";
+
+const WINDOWS = [[300, "5 min"], [900, "15 min"], [3600, "1 h"], [6 * 3600, "6 h"], [86400, "24 h"]];
+const MAX_POINTS = 5000; // per chart; older points fall off the left
+// Columns of a live sample: [ts, p50, p95, fps, cpu, temperature] (dashboard.py `_sample`).
+const FIELDS = ["ts", "latency_p50_ms", "latency_p95_ms", "fps", "cpu_percent", "temperature_c"];
+const CHARTS = [
+  { id: "latency", title: "Latency (ms)", series: [[1, "p50", "#2563eb"], [2, "p95", "#93c5fd"]] },
+  { id: "fps", title: "Frames per second", series: [[3, "fps", "#16a34a"]] },
+  { id: "cpu", title: "CPU (%)", series: [[4, "cpu", "#d97706"]] },
+  { id: "temperature", title: "Temperature (°C)", series: [[5, "°C", "#dc2626"]], optional: true },
+];
+
+let uPlotReady = null;
+function loadUPlot() {
+  // Loaded only here, so the fleet page does not parse a chart library it does not use.
+  uPlotReady ||= new Promise((resolve, reject) => {
+    const css = document.createElement("link");
+    css.rel = "stylesheet";
+    css.href = "/static/vendor/uplot/uPlot.min.css";
+    document.head.append(css);
+    const script = document.createElement("script");
+    script.src = "/static/vendor/uplot/uPlot.iife.min.js";
+    script.onload = () => resolve(window.uPlot);
+    script.onerror = () => reject(new Error("could not load the chart library"));
+    document.head.append(script);
+  });
+  return uPlotReady;
+}
+
+/** Telemetry rows from the API (a list of samples, or columns keyed by field) as [ts, p50, p95, fps, cpu, temp]. */
+function toRows(data) {
+  const body = data && !Array.isArray(data) && data.ts === undefined ? data.samples || data.telemetry || data.items || data : data;
+  if (body && !Array.isArray(body) && Array.isArray(body.ts)) {
+    return body.ts.map((_, i) => FIELDS.map((f) => (body[f] ? body[f][i] : null)));
+  }
+  return listOf(body).map((s) => (Array.isArray(s) ? s : FIELDS.map((f) => s[f] ?? null)));
+}
+
+function facts(d) {
+  const reported = d.reported || {};
+  const update = reported.update || {};
+  const items = [
+    ["Status", state(d.online ? "online" : "offline")],
+    ["Last seen", `<span data-ts="${Number(d.last_seen) || 0}">${ago(d.last_seen)}</span>`],
+    ["Bundle", esc(d.bundle_label || "–") + (d.bundle_id ? ` <code>${esc(short(d.bundle_id))}</code>` : "")],
+    ["Update", update.state ? state(update.state) + (update.detail ? ` <span class="muted">${esc(update.detail)}</span>` : "") : "–"],
+    ["Profile", esc(d.profile || "–")],
+    ["Agent", esc(d.agent_version || "–")],
+    ["Runtimes", esc((d.runtimes || []).join(", ") || "–")],
+    ["Labels", labels(d.labels) || "–"],
+    ["Desired rev", esc(d.desired_rev ?? "–") + (reported.rev !== undefined ? ` (reported ${esc(reported.rev)})` : "")],
+    ["First seen", when(d.first_seen)],
+  ];
+  return items.map(([k, v]) => `<dt>${k}</dt><dd>${v}</dd>`).join("");
+}
+
+const eventRow = (e) =>
+  `<tr><td>${when(e.ts)}</td><td>${state(e.level)}</td><td><code>${esc(e.type)}</code></td><td>${esc(e.message)}</td></tr>`;
+
+export async function render(main, id) {
+  setTitle(id);
+  main.innerHTML = `
+    <div class="toolbar">
+      <h1 class="grow"><a href="/">Fleet</a> / ${esc(id)}</h1>
+      <label class="muted">window <select id="window">${WINDOWS.map(([s, t]) => `<option value="${s}"${s === 900 ? " selected" : ""}>${t}</option>`).join("")}</select></label>
+    </div>
+    <dl id="facts" class="card facts"></dl>
+    <h2>Telemetry</h2>
+    <div class="grid">${CHARTS.map((c) => `<div class="card chart" id="chart-${c.id}" data-points="0"><h3>${c.title}</h3></div>`).join("")}</div>
+    <h2>Events</h2>
+    <div class="table-wrap"><table id="events"><thead><tr><th>Time</th><th>Level</th><th>Type</th><th>Message</th></tr></thead><tbody></tbody></table></div>`;
+  const factsEl = main.querySelector("#facts");
+  const windowSelect = main.querySelector("#window");
+  const events = main.querySelector("#events tbody");
+  const path = `/api/devices/${encodeURIComponent(id)}`;
+
+  const [device, uPlot] = await Promise.all([api(path), loadUPlot()]);
+  factsEl.innerHTML = facts(device);
+  tickAges(factsEl);
+
+  let rows = [];
+  const charts = CHARTS.map((c) => {
+    const el = main.querySelector(`#chart-${c.id}`);
+    const options = {
+      width: Math.max(300, el.clientWidth - 32), height: 180,
+      scales: { x: { time: true } },
+      series: [{}, ...c.series.map(([, label, stroke]) => ({ label, stroke, width: 1.5, spanGaps: true }))],
+      axes: [{}, { size: 50 }],
+      legend: { live: false },
+    };
+    return { spec: c, el, plot: new uPlot(options, [[], ...c.series.map(() => [])], el) };
+  });
+  window.__charts = charts.map((c) => c.plot);
+  new ResizeObserver(() => {
+    for (const c of charts) c.plot.setSize({ width: Math.max(300, c.el.clientWidth - 32), height: 180 });
+  }).observe(main.querySelector(".grid"));
+
+  let pending = false;
+  const redraw = () => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => {
+      pending = false;
+      const horizon = Date.now() / 1000 - Number(windowSelect.value);
+      rows = rows.filter((r) => r[0] >= horizon).slice(-MAX_POINTS);
+      const xs = rows.map((r) => r[0]);
+      for (const c of charts) {
+        const columns = c.spec.series.map(([col]) => rows.map((r) => r[col]));
+        // Many devices have no temperature sensor: no empty chart for them.
+        if (c.spec.optional) c.el.hidden = !columns.some((values) => values.some((v) => v !== null));
+        c.plot.setData([xs, ...columns]);
+        c.el.dataset.points = xs.length;
+      }
+    });
+  };
+
+  const loadWindow = async () => {
+    const since = Date.now() / 1000 - Number(windowSelect.value);
+    const data = await api(`${path}/telemetry?since=${since.toFixed(3)}&limit=${MAX_POINTS}`);
+    const fetched = toRows(data).sort((a, b) => a[0] - b[0]);
+    // Keep live samples that arrived while the window loaded.
+    const last = fetched.length ? fetched[fetched.length - 1][0] : 0;
+    rows = fetched.concat(rows.filter((r) => r[0] > last));
+    redraw();
+  };
+  windowSelect.addEventListener("change", loadWindow);
+
+  const loadEvents = async () => {
+    const data = await api(`/api/events?device=${encodeURIComponent(id)}&limit=100`);
+    events.innerHTML = listOf(data, "events").map(eventRow).join("");
+  };
+
+  live((message) => {
+    const delta = (message.devices || {})[id];
+    if (delta) {
+      Object.assign(device, delta);
+      if (delta.update_state) device.reported = { ...(device.reported || {}), update: { state: delta.update_state } };
+      factsEl.innerHTML = facts(device);
+    }
+    const samples = (message.samples || {})[id];
+    if (samples && samples.length) {
+      rows.push(...samples);
+      redraw();
+    }
+    for (const e of message.events || []) {
+      if (e.device_id === id) events.insertAdjacentHTML("afterbegin", eventRow(e));
+    }
+  }, { device: id });
+  await Promise.all([loadWindow(), loadEvents().catch((error) => console.warn("events:", error))]);
+  document.body.dataset.ready = "device";
+}

@@ -1,0 +1,215 @@
+"""`edgekit hub`, `hub token`, `push`, `deploy`, `devices` and `deployments` as a user runs them: against a running
+hub over real HTTP, with real agents and real signed bundles. Errors must be one line with the right exit code."""
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from hub_helpers import compile_bundle, fleet, fleet_ids, signing_keys, wait_devices_reported
+from typer.testing import CliRunner
+
+from edgekit.broker import free_port
+from edgekit.cli import app
+from edgekit.hub.auth import create_token
+
+TIMEOUT_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def bundles(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("cli-bundles")
+    key, public = signing_keys(folder / "key")
+    calibration = digits / "calibration.npz"
+    return {
+        "public": public,
+        "v1": compile_bundle(digits, calibration, key, "1.0.0", folder / "digits-1.ekb"),
+        "v2": compile_bundle(digits, calibration, key, "2.0.0", folder / "digits-2.ekb"),
+    }
+
+
+def run(*args: str, hub=None, token: str | None = None) -> "CliResult":
+    """`edgekit ARGS` in-process, pointed at `hub` through the environment variables a user would set."""
+    env = {"EDGEKIT_HUB": hub.http_url if hub else None, "EDGEKIT_TOKEN": token}
+    result = CliRunner().invoke(app, list(args), env=env)
+    assert "Traceback" not in result.output, result.output
+    return CliResult(result.exit_code, result.stdout, result.stderr)
+
+
+class CliResult:
+    def __init__(self, code: int, stdout: str, stderr: str) -> None:
+        self.code, self.stdout, self.stderr = code, stdout, stderr
+
+    def error(self) -> str:
+        """The one error line (and nothing else on stderr)."""
+        lines = [line for line in self.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), self.stderr
+        return lines[0].removeprefix("error: ")
+
+
+def _tampered(bundle: Path, out: Path) -> Path:
+    with tarfile.open(bundle) as source, tarfile.open(out, "w") as target:
+        for member in source.getmembers():
+            data = source.extractfile(member).read()
+            if member.name.endswith(".onnx"):
+                data = data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:]
+            target.addfile(member, io.BytesIO(data))
+    return out
+
+
+def test_push_deploy_devices_and_deployments(make_hub, bundles, tmp_path: Path) -> None:
+    hub = make_hub(trust_key=bundles["public"])
+    token = create_token(hub.sessions, "cli-user", "test")
+    ids = fleet_ids("cli", 2)
+    with fleet(hub, 2, tmp_path, bundles["public"], bundles["v1"], prefix="cli"):
+        wait_devices_reported(hub, ids)
+        listed = run("devices", hub=hub, token=token)
+        assert listed.code == 0, listed.stderr
+        assert all(i in listed.stdout for i in ids) and "digits@1.0.0" in listed.stdout
+        assert "2 devices, 2 online" in listed.stdout
+        rows = json.loads(run("devices", "--json", hub=hub, token=token).stdout)
+        assert [r["id"] for r in rows] == ids and all(r["online"] for r in rows)
+        httpx.put(f"{hub.http_url}/api/devices/{ids[1]}/labels", json={"labels": {"site": "lab"}},
+                  headers={"Authorization": f"Bearer {token}"}, trust_env=False).raise_for_status()  # fmt: skip
+        labelled = json.loads(run("devices", "--label", "site=lab", "--json", hub=hub, token=token).stdout)
+        assert [r["id"] for r in labelled] == [ids[1]]
+
+        pushed = run("push", str(bundles["v2"]), hub=hub, token=token)
+        assert pushed.code == 0, pushed.stderr
+        assert "pushed digits@2.0.0" in pushed.stdout
+        bundle_id = json.loads(run("push", str(bundles["v2"]), "--json", hub=hub, token=token).stdout)["id"]
+        assert bundle_id in pushed.stdout
+        assert "already in the registry" in run("push", str(bundles["v2"]), hub=hub, token=token).stdout
+        refused = run("push", str(_tampered(bundles["v1"], tmp_path / "bad.ekb")), hub=hub, token=token)
+        assert refused.code == 1
+        assert refused.error().startswith("the hub refused the bundle:") and "sha256 does not match" in refused.error()
+        missing = run("push", str(tmp_path / "none.ekb"), hub=hub, token=token)
+        assert missing.code == 2 and "no such bundle file" in missing.error()
+
+        bad_target = run("deploy", bundle_id[:10], "--to", "two words", hub=hub, token=token)
+        assert bad_target.code == 2 and bad_target.error().startswith("the hub rejected the request: target:")
+        unknown = run("deploy", "0000000000", "--to", "all", hub=hub, token=token)
+        assert unknown.code == 2 and "bundle_id:" in unknown.error() and "no bundles match" in unknown.error()
+        assert run("deploy", bundle_id, "--to", "all", "--max-failures", "2", hub=hub, token=token).code == 2
+        nobody = run("deploy", bundle_id, "--to", "group:site=moon", hub=hub, token=token)
+        assert nobody.code == 2 and "no devices match" in nobody.error()
+
+        deployed = run("deploy", bundle_id[:10], "--to", "all", "--canary", "50", "--wave", "50",
+                       "--max-failures", "50%", hub=hub, token=token)  # fmt: skip
+        assert deployed.code == 0, deployed.stderr
+        assert "deployment 1: digits@2.0.0 → all" in deployed.stdout and "canary" in deployed.stdout
+        detail = json.loads(run("deployments", "1", "--json", hub=hub, token=token).stdout)
+        assert detail["failure_threshold"] == 0.5 and detail["canary_percent"] == 50
+        assert [w["total"] for w in detail["wave_progress"]] == [1, 1]
+        table = run("deployments", hub=hub, token=token)
+        assert table.code == 0 and bundle_id[:12] in table.stdout and "cli-user" in table.stdout
+
+        halted = run("deployments", "1", "--halt", "--reason", "test halt", hub=hub, token=token)
+        assert halted.code == 0, halted.stderr
+        assert "halted" in halted.stdout and "test halt" in halted.stdout
+        again = run("deployments", "1", "--halt", hub=hub, token=token)
+        assert again.code == 2 and "already halted" in again.error()
+        assert run("deployments", "--halt", hub=hub, token=token).code == 2
+
+
+def test_clear_errors_for_tokens_and_unreachable_hubs(hub) -> None:
+    refused = run("devices", hub=hub, token="wrong-token")
+    assert refused.code == 2 and refused.error().startswith("the hub refused the token")
+    no_token = run("devices", hub=hub)
+    assert no_token.code == 2 and "EDGEKIT_TOKEN" in no_token.error()
+    down = run("devices", "--hub", f"http://127.0.0.1:{free_port()}", "--token", "x")
+    assert down.code == 1 and down.error().startswith("cannot reach the hub at http://127.0.0.1:")
+    assert run("devices", "--hub", "ftp://x", "--token", "x").code == 2
+    assert run("hub", "token", "list", "--data", str(hub.settings.data_dir.parent / "nowhere")).code == 2
+
+
+def _read_until(process: subprocess.Popen, marker: str, timeout: float = TIMEOUT_S) -> list[str]:
+    """stdout lines up to and including the one containing `marker`; fails after `timeout`."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def reader() -> None:
+        for line in process.stdout:
+            lines.append(line)
+            if marker in line:
+                found.set()
+                return
+
+    threading.Thread(target=reader, daemon=True).start()
+    assert found.wait(timeout), f"no '{marker}' from edgekit hub in {timeout:g} s: {lines}"
+    return lines
+
+
+def _start_hub(data: Path, http_port: int) -> subprocess.Popen:
+    args = [sys.executable, "-m", "edgekit", "hub", "--data", str(data), "--http", f"127.0.0.1:{http_port}",
+            "--broker-port", str(free_port())]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _stop(process: subprocess.Popen) -> tuple[int, str, str]:
+    """SIGTERM, as systemd sends it; (exit code, rest of stdout, stderr)."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError("edgekit hub did not stop on SIGTERM") from None
+    return process.returncode, stdout, stderr
+
+
+def test_hub_command_prints_admin_token_once_and_stops_on_sigterm(tmp_path: Path) -> None:
+    data, port = tmp_path / "hub", free_port()
+    process = _start_hub(data, port)
+    try:
+        lines = _read_until(process, "admin token")
+    finally:
+        code, _, stderr = _stop(process)
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    assert "broker: embedded mosquitto on mqtt://127.0.0.1:" in stderr and "stopping the hub" in stderr
+    assert any(f"dashboard: http://127.0.0.1:{port}/" in line for line in lines)
+    admin = lines[-1].split()[-1]
+    assert len(admin) >= 40
+
+    created = run("hub", "token", "create", "ci", "--data", str(data))
+    assert created.code == 0, created.stderr
+    ci_token = created.stdout.strip()
+    assert run("hub", "token", "create", "ci", "--data", str(data)).code == 2
+    tokens = json.loads(run("hub", "token", "list", "--data", str(data), "--json").stdout)
+    assert [(t["name"], t["revoked"]) for t in tokens] == [("admin", False), ("ci", False)]
+
+    process = _start_hub(data, port)
+    try:
+        lines = _read_until(process, "dashboard:")
+        hub_url = f"http://127.0.0.1:{port}"
+        for token in (admin, ci_token):
+            listed = run("devices", "--json", "--hub", hub_url, "--token", token)
+            assert listed.code == 0 and json.loads(listed.stdout) == [], listed.stderr
+        assert run("hub", "token", "revoke", "ci", "--data", str(data)).code == 0
+        revoked = run("devices", "--hub", hub_url, "--token", ci_token)
+        assert revoked.code == 2 and "refused the token" in revoked.error()
+    finally:
+        code, rest, stderr = _stop(process)
+    assert code == 0, stderr
+    assert "admin token" not in "".join(lines) + rest, "the admin token was shown on a second start"
+
+
+def test_hub_command_rejects_bad_options(tmp_path: Path) -> None:
+    bad = run("hub", "--data", str(tmp_path), "--http", "localhost:http")
+    assert bad.code == 2 and "--http 'localhost:http'" in bad.error()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = run("hub", "--data", str(tmp_path), "--http", f"127.0.0.1:{port}")
+    assert busy.code == 2 and "cannot listen there" in busy.error()
+    assert run("hub", "--data", str(tmp_path), "--trust-key", str(tmp_path / "none.pub")).code == 2

@@ -1,0 +1,477 @@
+"""The hub's ingest against real parts: Mosquitto, paho publishers sending `edgekit.protocol` payloads, SQLite and a
+throwaway PostgreSQL 15 cluster, two ingest processes on one shared subscription, real agents for the Device rows;
+and telemetry retention.
+
+Run as a script (`python tests/hub/test_ingest.py BROKER_URL DB_URL SHARE_GROUP`) this file is one ingest process
+for the shared-subscription test: it prints `ready` once subscribed, ingests until its stdin closes, then prints
+its stats as JSON.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from sqlalchemy import func, select
+
+from edgekit.hub.db import (
+    Device,
+    EventRecord,
+    ResultRecord,
+    TelemetryRollup,
+    TelemetrySample,
+    database_url,
+    open_database,
+)
+from edgekit.hub.ingest import MAX_PAYLOAD, Ingest, subscriptions
+from edgekit.hub.retention import Retention, downsample
+from edgekit.protocol import (
+    BundleRef,
+    Event,
+    ReportedState,
+    Result,
+    Score,
+    Status,
+    Telemetry,
+    Topic,
+    device_topic,
+    encode,
+)
+
+TESTS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TESTS))  # when run as a script: the helpers next to this folder
+
+from brokers import host_port, wait_until  # noqa: E402
+from hub.postgres import PostgresCluster, postgres_cluster  # noqa: E402
+
+DATABASES = ["sqlite", "postgresql"]
+TIMEOUT_S = 30.0
+BUNDLE = BundleRef(id="ab" * 32, name="digits", version="1.2.0", size=1234)
+
+
+# ---- fixtures and helpers ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster]:
+    yield from postgres_cluster()
+
+
+@pytest.fixture(params=DATABASES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty hub database of each kind (a new PostgreSQL database per test on one cluster)."""
+    if request.param == "sqlite":
+        return database_url(None, tmp_path)
+    cluster: PostgresCluster = request.getfixturevalue("pg_cluster")
+    return database_url(cluster.create_database(f"t{uuid.uuid4().hex[:12]}"), tmp_path)
+
+
+class IngestClient:
+    """What the hub wires up for ingest: an MQTT 5 client (on a shared subscription with `share_group`) feeding an
+    `Ingest` that writes to `url`."""
+
+    def __init__(self, broker_url: str, url: str, share_group: str | None = None, **ingest: Any) -> None:
+        self.engine, self.sessions = open_database(url)
+        self.stored: list[tuple[str, str, Any]] = []
+        self.ingest = Ingest(self.sessions, on_stored=self.stored.extend, **ingest)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"ingest-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
+        )
+        self.client.on_message = self.ingest.on_message
+        self.client.on_connect = lambda client, *_: client.subscribe([(t, 1) for t in subscriptions(share_group)])
+        self.granted: list = []
+        self._subscribed = threading.Event()
+        self.client.on_subscribe = self._on_subscribe
+        self._address = host_port(broker_url)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self.granted = reason_codes
+        self._subscribed.set()
+
+    def start(self) -> "IngestClient":
+        self.ingest.start()
+        self.client.connect(*self._address)
+        self.client.loop_start()
+        assert self._subscribed.wait(TIMEOUT_S), "the ingest client was not subscribed"
+        assert not any(code.is_failure for code in self.granted), f"subscriptions refused: {self.granted}"
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.ingest.stop()
+        self.engine.dispose()
+
+    def wait_received(self, count: int) -> None:
+        wait_until(lambda: self.ingest.stats.received >= count, TIMEOUT_S, f"{count} messages to arrive")
+        assert self.ingest.flush(TIMEOUT_S), "ingest did not write what it received"
+
+
+@pytest.fixture
+def ingest_client() -> Iterator:
+    """make(broker_url, db_url, share_group=None) → a started IngestClient, stopped at teardown."""
+    clients: list[IngestClient] = []
+
+    def make(broker_url: str, url: str, share_group: str | None = None) -> IngestClient:
+        clients.append(IngestClient(broker_url, url, share_group).start())
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.stop()
+
+
+def publish(broker_url: str, messages: list[tuple[str, bytes, bool]]) -> None:
+    """Publish (topic, payload, retain) at QoS 1, in order, and wait until the broker acknowledged every one."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}")
+    client.max_inflight_messages_set(0)  # our messages are in memory anyway; paho's limit costs a rescan per ack
+    client.connect(*host_port(broker_url))
+    client.loop_start()
+    try:
+        infos = [client.publish(topic, payload, qos=1, retain=retain) for topic, payload, retain in messages]
+        deadline = time.monotonic() + TIMEOUT_S
+        for info in infos:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+            assert info.is_published(), "the broker did not acknowledge every message"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def sequenced(device: str, index: int, seq: int, base: float) -> tuple[str, bytes, bool]:
+    """Seq 1, 2, 4, 5, … telemetry; every third a result, alternating with an event. One seq per device and kind."""
+    ts = base + seq
+    if seq % 3:
+        payload = Telemetry(seq=seq, ts=ts, latency_p50_ms=seq + index / 100, latency_p95_ms=2.0 * seq, fps=25.0,
+                            inferences=seq * 25, cpu_percent=float(seq % 100), memory_mb=100.0,
+                            temperature_c=40.0 + index, bundle="digits@1.2.0")  # fmt: skip
+        return device_topic(device, Topic.TELEMETRY), encode(payload), False
+    if seq % 2:
+        payload = Result(seq=seq, ts=ts, frame_ts=ts, bundle="digits@1.2.0", latency_ms=1.5, task="classifier",
+                         top=[Score(label=seq % 10, score=0.9)])  # fmt: skip
+        return device_topic(device, Topic.RESULTS), encode(payload), False
+    payload = Event(seq=seq, ts=ts, type="source.error", level="warning", message=f"frame {seq} lost", data={"n": seq})
+    return device_topic(device, Topic.EVENTS), encode(payload), False
+
+
+def states(device: str, base: float, rev: int) -> list[tuple[str, bytes, bool]]:
+    status = Status(state="online", ts=base, agent_version="9.9.9", profile="x86-64-avx2", runtimes=["onnxruntime"],
+                    bundle=BUNDLE)  # fmt: skip
+    reported = ReportedState(rev=rev, ts=base, bundle=BUNDLE)
+    return [(device_topic(device, Topic.STATUS), encode(status), True),
+            (device_topic(device, Topic.REPORTED), encode(reported), True)]  # fmt: skip
+
+
+def stored_keys(sessions) -> list[tuple[str, int]]:
+    with sessions() as session:
+        return [
+            key
+            for table in (TelemetrySample, ResultRecord, EventRecord)
+            for key in session.execute(select(table.device_id, table.seq)).all()
+        ]
+
+
+def telemetry_plan(devices: list[str], per_device: int, base: float) -> tuple[list, list, list]:
+    """(originals interleaved across devices with every 7th re-sent right away, those duplicates, a later replay of
+    each device's first 10 messages)."""
+    originals = [sequenced(d, i, seq, base) for seq in range(1, per_device + 1) for i, d in enumerate(devices)]
+    stream, duplicates = [], []
+    for position, message in enumerate(originals):
+        stream.append(message)
+        if position % 7 == 3:
+            stream.append(message)
+            duplicates.append(message)
+    replay = [sequenced(d, i, seq, base) for seq in range(1, 11) for i, d in enumerate(devices)]
+    return stream, duplicates, replay
+
+
+# ---- the same ingest on SQLite and PostgreSQL --------------------------------------------------------------------
+
+
+def test_every_message_stored_once_and_devices_updated(mosquitto, db_url: str, ingest_client) -> None:
+    devices, per_device = [f"dev-{i:02d}" for i in range(12)], 60
+    base = time.time() - 3600
+    hub = ingest_client(mosquitto.url, db_url)
+    stream, duplicates, replay = telemetry_plan(devices, per_device, base)
+    state_messages = [m for i, d in enumerate(devices) for m in states(d, base, rev=i)]
+    publish(mosquitto.url, state_messages + stream)
+    hub.wait_received(len(state_messages) + len(stream))
+    # A replay after the originals were stored (as after an agent's reconnect), and dev-00 going away cleanly.
+    goodbye = Status(state="offline", ts=base + per_device + 10)
+    publish(mosquitto.url, [*replay, (device_topic(devices[0], Topic.STATUS), encode(goodbye), True)])
+    hub.wait_received(len(state_messages) + len(stream) + len(replay) + 1)
+
+    stats = hub.ingest.stats
+    unique = len(devices) * per_device
+    assert (stats.stored, stats.duplicates) == (unique, len(duplicates) + len(replay))
+    assert (sum(stats.invalid.values()), stats.failed) == (0, 0)
+    keys = stored_keys(hub.sessions)
+    assert len(keys) == unique
+    assert set(keys) == {(d, seq) for d in devices for seq in range(1, per_device + 1)}
+    sequenced_stored = [(d, m.seq) for d, kind, m in hub.stored if kind not in (Topic.STATUS, Topic.REPORTED)]
+    assert sorted(sequenced_stored) == sorted(keys), "on_stored must report each newly stored message once"
+
+    with hub.sessions() as session:
+        rows = {device.id: device for device in session.scalars(select(Device))}
+    assert sorted(rows) == devices
+    newest_telemetry = max(seq for seq in range(1, per_device + 1) if seq % 3)
+    for index, device_id in enumerate(devices):
+        row = rows[device_id]
+        assert row.latency_p50_ms == pytest.approx(newest_telemetry + index / 100), device_id
+        assert row.last_seq == newest_telemetry
+        assert (row.temperature_c, row.fps) == (40.0 + index, 25.0)
+        assert (row.agent_version, row.profile, row.runtimes) == ("9.9.9", "x86-64-avx2", ["onnxruntime"])
+        assert (row.bundle_id, row.bundle_label) == (BUNDLE.id, "digits@1.2.0")
+        assert row.reported["rev"] == index and row.reported["bundle"]["id"] == BUNDLE.id
+        if device_id == devices[0]:
+            assert (row.online, row.last_seen) == (False, pytest.approx(goodbye.ts))
+        else:
+            assert (row.online, row.last_seen) == (True, pytest.approx(base + per_device))
+
+
+def test_two_ingest_processes_share_the_load(mosquitto, pg_cluster: PostgresCluster, tmp_path: Path) -> None:
+    """Two ingest processes (separate MQTT 5 clients, one shared subscription) and one PostgreSQL: each gets a
+    share, and every message, duplicates included, is stored exactly once."""
+    url = database_url(pg_cluster.create_database(f"t{uuid.uuid4().hex[:12]}"), tmp_path)
+    devices, per_device = [f"dev-{i:02d}" for i in range(10)], 80
+    base = time.time() - 3600
+    stream, duplicates, replay = telemetry_plan(devices, per_device, base)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    processes = [
+        subprocess.Popen([sys.executable, __file__, mosquitto.url, url, "hubs"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]  # fmt: skip
+    try:
+        for process in processes:
+            assert _read_line(process, TIMEOUT_S) == "ready"
+        publish(mosquitto.url, stream + replay)
+        engine, sessions = open_database(url)
+        unique = len(devices) * per_device
+        wait_until(lambda: len(stored_keys(sessions)) >= unique, TIMEOUT_S, f"{unique} rows")
+        engine.dispose()
+        reports = []
+        for process in processes:
+            process.stdin.close()  # the worker writes what it has, then prints its stats
+            reports.append(json.loads(_read_line(process, TIMEOUT_S)))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+    engine, sessions = open_database(url)
+    keys = stored_keys(sessions)
+    engine.dispose()
+    assert len(keys) == unique and set(keys) == {(d, s) for d in devices for s in range(1, per_device + 1)}
+    assert all(report["stored"] > 0 for report in reports), f"one process got no share: {reports}"
+    assert sum(report["stored"] for report in reports) == unique
+    assert sum(report["duplicates"] for report in reports) == len(duplicates) + len(replay)
+    assert sum(report["received"] for report in reports) == len(stream) + len(replay)
+
+
+def _read_line(process: subprocess.Popen, timeout: float) -> str:
+    """The next line the worker prints, or fail after `timeout` (a reader thread: pipes have no read timeout)."""
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert line and line[0], f"the ingest worker printed nothing in {timeout:g} s (exit code {process.poll()})"
+    return line[0].strip()
+
+
+def _worker(broker_url: str, url: str, share_group: str) -> None:
+    client = IngestClient(broker_url, url, share_group).start()
+    print("ready", flush=True)
+    sys.stdin.read()
+    client.stop()
+    print(json.dumps(client.ingest.stats.as_dict()), flush=True)
+
+
+# ---- malformed input ---------------------------------------------------------------------------------------------
+
+
+def malformed(rng: random.Random, base: float) -> tuple[str, bytes, bool, str]:
+    """One message that ingest must reject: (topic, payload, retain, what it is)."""
+    good = json.loads(encode(Telemetry(seq=1, ts=base, fps=1.0)))
+    kind = rng.choice(["bytes", "schema", "json", "topic", "oversized", "other kind", "state"])
+    topic = device_topic(f"bad-{rng.randrange(5)}", rng.choice([Topic.TELEMETRY, Topic.RESULTS, Topic.EVENTS]))
+    if kind == "bytes":
+        return topic, rng.randbytes(rng.randint(1, 300)), False, kind
+    if kind == "schema":
+        broken = dict(good)
+        change = rng.choice(["drop seq", "drop ts", "seq 0", "seq -3", "seq text", "seq 1.5", "extra", "ts text",
+                             "version 2", "fps list"])  # fmt: skip
+        field, _, value = change.partition(" ")
+        if change.startswith("drop"):
+            broken.pop(value)
+        elif change == "extra":
+            broken["surprise"] = 1
+        else:
+            broken[{"version": "schema_version"}.get(field, field)] = {
+                "0": 0, "-3": -3, "text": "abc", "1.5": 1.5, "2": 2, "list": [1, 2]}[value]  # fmt: skip
+        return device_topic("bad-0", Topic.TELEMETRY), json.dumps(broken).encode(), False, kind
+    if kind == "json":
+        payload = rng.choice([b"", b"null", b"[]", b"42", b'"text"', b"{", b"[" * 5000, b'{"seq": 1,}', b"\xff\xfe"])
+        return device_topic("bad-1", Topic.EVENTS), payload, False, kind
+    if kind == "topic":
+        device = rng.choice(["-leading-dash", "x" * 65, "white space", "semi;colon", "ümlaut"])
+        return device_topic(device, Topic.TELEMETRY), encode(Telemetry(seq=1, ts=base)), False, kind
+    if kind == "oversized":
+        return topic, json.dumps({**good, "bundle": "x" * MAX_PAYLOAD}).encode(), False, kind
+    if kind == "other kind":  # a valid event payload where telemetry is expected
+        event = Event(seq=2, ts=base, type="agent.started", message="hi")
+        return device_topic("bad-2", Topic.TELEMETRY), encode(event), False, kind
+    payload = rng.choice([b'{"state": "sleeping"}', b'{"rev": "x"}', rng.randbytes(40)])
+    return device_topic("bad-3", rng.choice([Topic.STATUS, Topic.REPORTED])), payload, False, kind
+
+
+def edge_valid(device: str, seq: int, base: float) -> tuple[str, bytes, bool]:
+    """Valid payloads with values that only fit after ingest fits them to the columns."""
+    if seq % 2:
+        payload = Telemetry(seq=seq, ts=base + seq, inferences=2**40, dropped_frames=-(2**40), bundle="b" * 500)
+        return device_topic(device, Topic.TELEMETRY), encode(payload), False
+    payload = Event(seq=seq, ts=base + seq, type="inference.error", level="error", message="nul \x00 inside" * 500)
+    return device_topic(device, Topic.EVENTS), encode(payload), False
+
+
+def test_malformed_payloads_do_not_stop_ingest(mosquitto, db_url: str, ingest_client) -> None:
+    rng = random.Random(20240611)
+    base = time.time() - 60
+    hub = ingest_client(mosquitto.url, db_url)
+    bad = [malformed(rng, base) for _ in range(1000)]
+    good = [sequenced(f"ok-{i % 5}", i % 5, seq, base) for i, seq in enumerate(range(1, 301))]
+    good += [edge_valid("edge-0", seq, base) for seq in range(1, 11)]
+    messages: list[tuple[str, bytes, bool]] = []
+    for index, (topic, payload, retain, _) in enumerate(bad):
+        messages.append((topic, payload, retain))
+        if index % 3 == 0 and good:
+            messages.append(good.pop())
+    messages += good
+    publish(mosquitto.url, messages)
+    hub.wait_received(len(messages))
+
+    stats = hub.ingest.stats
+    assert hub.ingest.running and hub.client.is_connected(), "ingest must keep running"
+    assert sum(stats.invalid.values()) == 1000, dict(stats.invalid)
+    assert {"unknown topic", "telemetry: invalid", "events: invalid"} <= set(stats.invalid), dict(stats.invalid)
+    assert (stats.stored, stats.failed) == (310, 0)
+    assert len(set(stored_keys(hub.sessions))) == 310
+    with hub.sessions() as session:
+        assert set(session.scalars(select(Device.id))) == {f"ok-{i}" for i in range(5)} | {"edge-0"}
+        sample = session.scalars(select(TelemetrySample).where(TelemetrySample.device_id == "edge-0")).first()
+        event = session.scalars(select(EventRecord).where(EventRecord.device_id == "edge-0")).first()
+    assert sample.inferences == 2**31 - 1 and sample.dropped_frames == -(2**31 - 1) and sample.bundle == "b" * 160
+    assert "\x00" not in event.message and len(event.message) <= 4000
+
+
+# ---- a real fleet ------------------------------------------------------------------------------------------------
+
+
+def test_real_agents_fill_the_device_rows(make_hub, tmp_path: Path) -> None:
+    from edgekit.agents.fleet import Fleet, FleetSettings
+
+    hub = make_hub()
+    fleet = Fleet(FleetSettings(count=3, broker=hub.broker_url, data_dir=tmp_path / "fleet", telemetry_s=0.2))
+    fleet.start()
+    try:
+        assert fleet.wait_connected(TIMEOUT_S) == 3
+
+        def all_reporting() -> bool:
+            with hub.sessions() as session:
+                rows = session.scalars(select(Device)).all()
+                telemetry = session.scalar(select(func.count(func.distinct(TelemetrySample.device_id))))
+            return len(rows) == 3 and all(r.online and r.reported for r in rows) and telemetry == 3
+
+        wait_until(all_reporting, TIMEOUT_S, "3 online devices with reported state and telemetry")
+    finally:
+        fleet.stop()
+    wait_until(lambda: _online(hub.sessions) == 0, TIMEOUT_S, "the stopped agents to show offline")
+    with hub.sessions() as session:
+        rows = session.scalars(select(Device).order_by(Device.id)).all()
+        types = set(session.scalars(select(EventRecord.type)))
+    assert [r.id for r in rows] == [agent.device_id for agent in fleet.agents]
+    assert all(r.reported["rev"] == -1 and r.agent_version and r.last_seq > 0 for r in rows)
+    assert {"agent.started", "agent.stopping"} <= types
+    assert sum(hub.ingest.stats.invalid.values()) == 0
+
+
+def _online(sessions) -> int:
+    with sessions() as session:
+        return session.scalar(select(func.count()).select_from(Device).where(Device.online.is_(True)))
+
+
+# ---- retention ---------------------------------------------------------------------------------------------------
+
+
+def _sample(device: str, seq: int, ts: float, p50: float | None, temperature: float) -> TelemetrySample:
+    return TelemetrySample(device_id=device, seq=seq, ts=ts, latency_p50_ms=p50, fps=10.0 + seq % 2,
+                           cpu_percent=50.0, temperature_c=temperature)  # fmt: skip
+
+
+def test_retention_rolls_old_telemetry_into_minutes(db_url: str) -> None:
+    engine, sessions = open_database(db_url)
+    now = 1_800_000_000.0  # a whole minute
+    day = 86400.0
+    old = now - 3 * day  # also a whole minute
+    with sessions.begin() as session:
+        for device, offset in (("a", 0.0), ("b", 7.0)):
+            for seq in range(1, 13):  # 12 samples 10 s apart: two minutes of 6 each
+                p50 = None if seq == 5 else float(seq)
+                session.add(_sample(device, seq, old + offset + (seq - 1) * 10, p50, 30.0 + seq + offset))
+            session.add(_sample(device, 100, now - 60, 1.0, 20.0))  # recent: stays raw
+    assert downsample(sessions, older_than_s=day, now=now) == 24
+    with sessions() as session:
+        rollups = {(r.device_id, r.minute): r for r in session.scalars(select(TelemetryRollup))}
+        raw = session.execute(select(TelemetrySample.device_id, TelemetrySample.seq)).all()
+    assert sorted(raw) == [("a", 100), ("b", 100)]
+    minute = int(old // 60)
+    assert sorted(rollups) == [("a", minute), ("a", minute + 1), ("b", minute), ("b", minute + 1)]
+    first = rollups[("a", minute)]  # seq 1-6, seq 5 without a latency
+    assert first.samples == 6
+    assert first.latency_p50_ms == pytest.approx((1 + 2 + 3 + 4 + 6) / 5)
+    assert first.fps == pytest.approx(10.5) and first.cpu_percent == pytest.approx(50.0)
+    assert first.temperature_c == pytest.approx(36.0)
+    assert rollups[("b", minute + 1)].temperature_c == pytest.approx(30.0 + 12 + 7.0)
+
+    assert downsample(sessions, older_than_s=day, now=now) == 0, "a second pass must change nothing"
+    # A late replay of old samples for a minute already rolled up: merged into it, weighted by sample count.
+    with sessions.begin() as session:
+        session.add(_sample("a", 50, old + 1, 20.0, 99.0))
+    assert downsample(sessions, older_than_s=day, now=now) == 1
+    with sessions() as session:
+        merged = session.get(TelemetryRollup, ("a", minute))
+        assert session.scalar(select(func.count()).select_from(TelemetryRollup)) == 4
+    assert merged.samples == 7 and merged.temperature_c == pytest.approx(99.0)
+    assert merged.latency_p50_ms == pytest.approx((3.2 * 6 + 20.0) / 7)
+    engine.dispose()
+
+
+def test_retention_runner_works_in_the_background(tmp_path: Path) -> None:
+    engine, sessions = open_database(database_url(None, tmp_path))
+    with sessions.begin() as session:
+        session.add_all(_sample("a", seq, time.time() - 7200 + seq, 1.0, 30.0) for seq in range(1, 4))
+        session.add(TelemetryRollup(device_id="a", minute=1000, samples=1))  # far past any rollup horizon
+    retention = Retention(sessions, raw_s=3600, keep_rollups_s=86400, interval_s=0.05).start()
+    try:
+        wait_until(lambda: retention.passes >= 2, TIMEOUT_S, "two retention passes")
+    finally:
+        retention.stop()
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(TelemetrySample)) == 0
+        minutes = [r.minute for r in session.scalars(select(TelemetryRollup))]
+        assert session.scalar(select(func.sum(TelemetryRollup.samples))) == 3
+    assert minutes and 1000 not in minutes, "the raw samples rolled up, the ancient rollup pruned"
+    engine.dispose()
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:])

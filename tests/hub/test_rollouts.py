@@ -1,0 +1,272 @@
+"""Staged rollouts end to end: a real hub (embedded Mosquitto, SQLite), real agents (Fleet) and real signed bundles.
+
+How "30 % of the devices fail" is made honest: a device cannot be made to fail the self-test of a correct bundle
+without tampering with the agent, so the 6 failing devices trust a different signing key than the one the new
+bundle is signed with (their old bundle is signed with their key). They download the new bundle, refuse it
+(`update.refused`, "verification failed") and keep running their old one — exactly the device-side outcome of a
+failed self-test (the agent refuses before activating, config/reported says `refused`), which is all the hub sees.
+"""
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from brokers import Subscriber
+from hub_helpers import compile_bundle, fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until
+from sqlalchemy import select
+
+from edgekit.bundle import sha256_file
+from edgekit.errors import BadInput
+from edgekit.hub.db import Deployment, DeploymentDevice, Device
+from edgekit.hub.rollouts import outcome, wave_sizes
+from edgekit.protocol import DesiredState
+
+TIMEOUT_S = 90.0
+DESIRED = "edgekit/v1/+/config/desired"
+
+
+@pytest.fixture(scope="module")
+def bundles(
+    small_cnn_model: Path, small_cnn_calibration: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """cnn 1.0.0 signed by key A and by key B, cnn 2.0.0 signed by key A; and both public keys.
+
+    The small generated CNN, not the trained digits model: what the bundle computes does not matter to a
+    rollout, and it needs no training run (tens of seconds per xdist worker)."""
+    folder = tmp_path_factory.mktemp("rollout-bundles")
+    key_a, public_a = signing_keys(folder / "key-a")
+    key_b, public_b = signing_keys(folder / "key-b")
+
+    def build(key: Path, version: str, name: str) -> Path:
+        return compile_bundle(small_cnn_model, small_cnn_calibration, key, version, folder / name, name="cnn")
+
+    return {
+        "public_a": public_a,
+        "public_b": public_b,
+        "v1_a": build(key_a, "1.0.0", "cnn-1-a.ekb"),
+        "v1_b": build(key_b, "1.0.0", "cnn-1-b.ekb"),
+        "v2_a": build(key_a, "2.0.0", "cnn-2-a.ekb"),
+    }
+
+
+def _deployment(hub, deployment_id: int) -> Deployment:
+    with hub.sessions() as session:
+        return session.get(Deployment, deployment_id)
+
+
+def _members(hub, deployment_id: int) -> dict[str, DeploymentDevice]:
+    with hub.sessions() as session:
+        query = select(DeploymentDevice).where(DeploymentDevice.deployment_id == deployment_id)
+        return {member.device_id: member for member in session.scalars(query)}
+
+
+def _wait_state(hub, deployment_id: int, states: set[str], timeout: float = TIMEOUT_S) -> Deployment:
+    def reached() -> Deployment | None:
+        deployment = _deployment(hub, deployment_id)
+        return deployment if deployment.state in states else None
+
+    try:
+        return wait_until(reached, timeout, f"deployment #{deployment_id} to be {'/'.join(sorted(states))}")
+    except AssertionError as error:
+        members = {d: (m.wave, m.state, m.detail) for d, m in _members(hub, deployment_id).items()}
+        raise AssertionError(f"{error}; deployment: {_deployment(hub, deployment_id).__dict__}; {members}") from None
+
+
+def _reported_bundle(hub, device_id: str) -> str | None:
+    with hub.sessions() as session:
+        device = session.get(Device, device_id)
+    return ((device.reported or {}).get("bundle") or {}).get("id") if device else None
+
+
+def _desired_sent(sub: Subscriber) -> dict[str, list[DesiredState]]:
+    """Every desired state published during the test, by device, in order."""
+    sent: dict[str, list[DesiredState]] = {}
+    for topic, payload in sub.messages(DESIRED):
+        sent.setdefault(topic.split("/")[2], []).append(DesiredState.model_validate_json(payload))
+    return sent
+
+
+def test_wave_plan_and_target_errors(hub, bundles):
+    """Canary ceil(10 % of N), then waves of ceil(30 % of N); unknown bundles and empty targets are refused."""
+    assert wave_sizes(20, 10, 30) == [2, 6, 6, 6]
+    assert wave_sizes(10, 10, 30) == [1, 3, 3, 3]
+    assert wave_sizes(1, 10, 30) == [1]
+    assert wave_sizes(5, 100, 30) == [5]
+    record, _ = hub.registry.add(bundles["v2_a"], "test")
+    with pytest.raises(BadInput, match="group:site=mars"):
+        hub.rollouts.create(record.id, "group:site=mars")
+    with pytest.raises(BadInput, match="not in the registry"):
+        hub.rollouts.create("0" * 64, "all")
+    with pytest.raises(BadInput, match="canary percent 0"):
+        hub.rollouts.create(record.id, "all", canary_percent=0)
+
+
+def test_outcome_waits_for_the_devices_rev():
+    """A refusal on record from an earlier attempt at the same bundle is not taken for this attempt's outcome."""
+    bundle = "b" * 64
+    member = DeploymentDevice(device_id="d", rev=7)
+    refused = {"state": "refused", "bundle": bundle, "detail": "self-test failed"}
+    stale = Device(id="d", reported={"rev": 5, "bundle": {"id": "a" * 64}, "update": refused})
+    assert outcome(member, stale, bundle) is None
+    stale.reported["rev"] = 7
+    assert outcome(member, stale, bundle) == ("failed", "refused: self-test failed")
+    running = Device(id="d", reported={"rev": 7, "bundle": {"id": bundle}, "update": {"state": "idle"}})
+    assert outcome(member, running, bundle) == ("healthy", "already running it")
+
+
+def test_canary_failures_halt_and_roll_back(hub, bundles, tmp_path):
+    """20 devices, 6 of which refuse the new bundle; the canary (a-0 healthy, b-0 refusing) fails 1 of 2 > 20 %:
+    the rollout halts after wave 0, a-0 goes back to 1.0.0, and no device outside the canary is ever asked."""
+    v1_a, v1_b, v2 = (sha256_file(bundles[k]) for k in ("v1_a", "v1_b", "v2_a"))
+    record, _ = hub.registry.add(bundles["v2_a"], "test")
+    # Waves are assigned in device-id order: a-0, b-0 | b-1 … b-5, c-00 … — the canary holds one of each kind.
+    good_first, failing, good_rest = fleet_ids("a", 1), fleet_ids("b", 6), fleet_ids("c", 13)
+    with (
+        fleet(hub, 1, tmp_path, bundles["public_a"], bundles["v1_a"], prefix="a") as first,
+        fleet(hub, 6, tmp_path, bundles["public_b"], bundles["v1_b"], prefix="b") as refusers,
+        fleet(hub, 13, tmp_path, bundles["public_a"], bundles["v1_a"], prefix="c"),
+        Subscriber(hub.broker_url, DESIRED) as sub,
+    ):
+        wait_devices_reported(hub, good_first + failing + good_rest)
+        deployment = hub.rollouts.create(
+            record.id, "all", canary_percent=10, wave_percent=30, failure_threshold=0.2, wave_timeout_s=60,
+            actor="test", health_checks=3,
+        )  # fmt: skip
+        assert (deployment.waves, deployment.state) == (4, "running")
+        halted = _wait_state(hub, deployment.id, {"halted", "completed"})
+        assert halted.state == "halted" and halted.current_wave == 0, halted.reason
+        assert "1 of 2 devices in the canary failed" in halted.reason, halted.reason
+        assert "b-0 failed: refused: verification failed" in halted.reason, halted.reason
+
+        members = _members(hub, deployment.id)
+        assert sorted(d for d, m in members.items() if m.wave == 0) == ["a-0", "b-0"]
+        assert members["a-0"].state == "rolled_back" and "rolled back to cnn@1.0.0" in members["a-0"].detail
+        assert members["b-0"].state == "failed" and "verification failed" in members["b-0"].detail
+        assert all(m.state == "pending" and m.rev is None for d, m in members.items() if m.wave > 0)
+
+        # The healthy canary device had really switched to 2.0.0, and is back on 1.0.0 after the rollback.
+        wait_until(lambda: _reported_bundle(hub, "a-0") == v1_a, TIMEOUT_S, "a-0 to report 1.0.0 again")
+        wait_until(lambda: first.agents[0].store.record().active == v1_a, TIMEOUT_S, "a-0 to run 1.0.0 again")
+        assert first.agents[0].runner.model.bundle.manifest.version == "1.0.0"
+        # The refusing canary device never left its own 1.0.0.
+        assert refusers.agents[0].runner.model.bundle.id == v1_b and _reported_bundle(hub, "b-0") == v1_b
+
+        sent = _desired_sent(sub)
+        assert set(sent) == {"a-0", "b-0"}, f"desired states went to {sorted(sent)}"
+        assert [(s.bundle.id, s.bundle.allow_downgrade) for s in sent["a-0"]] == [(v2, False), (v1_a, True)]
+        assert [s.bundle.id for s in sent["b-0"]] == [v2, v1_b]
+        assert sent["a-0"][0].health_checks == 3 and sent["a-0"][1].rev > sent["a-0"][0].rev
+        with hub.sessions() as session:
+            a0 = session.get(Device, "a-0")
+        assert a0.desired["bundle"]["id"] == v1_a and a0.desired_rev == sent["a-0"][-1].rev
+        assert all(_reported_bundle(hub, d) in (v1_a, v1_b) for d in good_first + failing + good_rest)
+
+
+def test_all_healthy_completes_wave_by_wave(hub, bundles, tmp_path):
+    """20 devices that all take 2.0.0: waves of 2, 6, 6, 6, each sent only after the one before resolved."""
+    v2 = sha256_file(bundles["v2_a"])
+    record, _ = hub.registry.add(bundles["v2_a"], "test")
+    ids = fleet_ids("dev", 20)
+    with fleet(hub, 20, tmp_path, bundles["public_a"], bundles["v1_a"], prefix="dev") as agents:
+        wait_devices_reported(hub, ids)
+        started = time.time()
+        deployment = hub.rollouts.create(record.id, "all", wave_timeout_s=60, actor="test", health_checks=3)
+        done = _wait_state(hub, deployment.id, {"halted", "completed"})
+        took = time.time() - started
+        assert done.state == "completed", done.reason
+        assert "20 of 20 devices healthy" in done.reason, done.reason
+
+        members = _members(hub, deployment.id)
+        assert all(m.state == "healthy" for m in members.values()), {d: m.state for d, m in members.items()}
+        by_wave = {w: [m for m in members.values() if m.wave == w] for w in range(4)}
+        assert [len(by_wave[w]) for w in range(4)] == [2, 6, 6, 6]
+        assert sorted(m.device_id for m in by_wave[0]) == ids[:2]  # the canary: the first ids
+        for wave in range(1, 4):
+            previous_done = max(m.resolved_at for m in by_wave[wave - 1])
+            first_sent = min(m.sent_at for m in by_wave[wave])
+            assert first_sent >= previous_done, f"wave {wave} was sent before wave {wave - 1} resolved"
+        for device_id in ids:
+            assert _reported_bundle(hub, device_id) == v2, device_id
+        assert all(agent.runner.model.bundle.id == v2 for agent in agents.agents)
+        print(f"rollout of 20 devices in 4 waves: {took:.1f} s")
+
+
+def test_manual_halt_rolls_back_healthy_and_in_flight_devices(hub, bundles, tmp_path):
+    """halt() while wave 1 is in flight: the healthy canary device and the in-flight one both end on 1.0.0 again;
+    waves 2 and 3 are never sent; halting twice is refused."""
+    v1, v2 = sha256_file(bundles["v1_a"]), sha256_file(bundles["v2_a"])
+    record, _ = hub.registry.add(bundles["v2_a"], "test")
+    ids = fleet_ids("dev", 4)
+    with (
+        fleet(hub, 4, tmp_path, bundles["public_a"], bundles["v1_a"], prefix="dev") as agents,
+        Subscriber(hub.broker_url, DESIRED) as sub,
+    ):
+        wait_devices_reported(hub, ids)
+        deployment = hub.rollouts.create(record.id, "all", canary_percent=25, wave_percent=25, wave_timeout_s=60,
+                                         actor="test", health_checks=10)  # fmt: skip
+        assert deployment.waves == 4
+        wait_until(lambda: _deployment(hub, deployment.id).current_wave >= 1, TIMEOUT_S, "wave 1 to start")
+        halted = hub.rollouts.halt(deployment.id, "operator", "latency regression")
+        assert halted.state == "halted" and halted.reason == "halted by operator: latency regression"
+        with pytest.raises(BadInput, match="is halted"):
+            hub.rollouts.halt(deployment.id, "operator", "again")
+
+        members = _members(hub, deployment.id)
+        assert members["dev-0"].state == members["dev-1"].state == "rolled_back", members
+        assert members["dev-2"].state == members["dev-3"].state == "pending"
+        for device_id in ("dev-0", "dev-1"):
+            wait_until(lambda d=device_id: _reported_bundle(hub, d) == v1, TIMEOUT_S, f"{device_id} back on 1.0.0")
+        assert all(agent.runner.model.bundle.id == v1 for agent in agents.agents)
+        sent = _desired_sent(sub)
+        assert set(sent) == {"dev-0", "dev-1"}, sorted(sent)
+        assert [s.bundle.id for s in sent["dev-1"]] == [v2, v1]
+        time.sleep(1.0)  # a few more ticks: a halted deployment stays halted and sends nothing more
+        assert _deployment(hub, deployment.id).state == "halted" and set(_desired_sent(sub)) == {"dev-0", "dev-1"}
+
+
+def test_restarted_hub_resumes_the_rollout(make_hub, bundles, tmp_path):
+    """The hub (and its embedded Mosquitto) stops while wave 1 is in flight; a new hub on the same data dir and
+    broker port picks the deployment up from the database and completes it."""
+    hub = make_hub()
+    v2 = sha256_file(bundles["v2_a"])
+    record, _ = hub.registry.add(bundles["v2_a"], "test")
+    ids = fleet_ids("dev", 10)
+    with fleet(hub, 10, tmp_path, bundles["public_a"], bundles["v1_a"], prefix="dev") as agents:
+        wait_devices_reported(hub, ids)
+        # 10 health checks at 5 fps: each device takes ≥ 2 s on the new bundle, so a wave is in flight for a while.
+        deployment = hub.rollouts.create(record.id, "all", wave_timeout_s=60, actor="test", health_checks=10)
+        wait_until(lambda: _deployment(hub, deployment.id).current_wave >= 1, TIMEOUT_S, "wave 1 to start")
+        # Hub.stop() stops the controller too, only after the HTTP server: stopping it first (the same call) keeps
+        # a slow shutdown on a loaded machine from letting the rollout run on to its end before the restart.
+        hub.rollouts.stop()
+        hub.stop()
+        stopped = time.time()
+        before = _members_from_disk(hub.settings.data_dir, deployment.id)
+        assert _deployment_state_on_disk(hub.settings.data_dir, deployment.id) == "running"
+        assert any(state != "healthy" for state in before.values()), before
+
+        again = make_hub(data_dir=hub.settings.data_dir, broker_port=hub.settings.broker_port)
+        assert again.broker_url == hub.broker_url
+        done = _wait_state(again, deployment.id, {"halted", "completed"})
+        assert done.state == "completed", done.reason
+        members = _members(again, deployment.id)
+        assert all(m.state == "healthy" for m in members.values()), {d: m.state for d, m in members.items()}
+        resumed = [d for d, m in members.items() if m.sent_at > stopped]
+        assert resumed, "the restarted hub sent nothing: the rollout had finished before the restart"
+        assert all(before[d] == "pending" for d in resumed), (resumed, before)
+        for device_id in ids:
+            assert _reported_bundle(again, device_id) == v2, device_id
+        assert all(agent.runner.model.bundle.id == v2 for agent in agents.agents)
+
+
+def _members_from_disk(data_dir: Path, deployment_id: int) -> dict[str, str]:
+    """Member states straight from the stopped hub's SQLite file."""
+    with sqlite3.connect(data_dir / "hub.sqlite") as db:
+        rows = db.execute("SELECT device_id, state FROM deployment_devices WHERE deployment_id = ?", (deployment_id,))
+        return dict(rows.fetchall())
+
+
+def _deployment_state_on_disk(data_dir: Path, deployment_id: int) -> str:
+    with sqlite3.connect(data_dir / "hub.sqlite") as db:
+        return db.execute("SELECT state FROM deployments WHERE id = ?", (deployment_id,)).fetchone()[0]

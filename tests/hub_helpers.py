@@ -1,0 +1,101 @@
+"""Helpers for hub tests (importable because pytest.ini puts tests/ on the path): signed bundles of real models,
+simulated fleets of real agents connected to a hub's broker, and waits on the hub's database.
+
+No fixtures here on purpose: tests/hub modules build their own (session-scoped) fixtures from these functions.
+"""
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from edgekit.agents.fleet import Fleet, FleetSettings, device_ids
+from edgekit.cli import app
+from edgekit.hub.db import Device
+
+TIMEOUT_S = 30.0
+
+
+def compile_bundle(model: Path, calibration: Path, key: Path, version: str, out: Path, name: str = "digits") -> Path:
+    """A signed fp32 onnxruntime bundle of `model` (a .onnx file, or a folder holding `<name>.onnx`), built by the
+    real `edgekit compile`; `key` is the Ed25519 private key that signs it."""
+    if model.is_dir():
+        model = model / f"{name}.onnx"
+    args = ["compile", str(model), "-p", "x86-64-avx2", "--precision", "fp32", "--backend", "onnxruntime",
+            "--calibration", str(calibration), "--sign-key", str(key), "--bundle-version", version,
+            "--name", name, "--bench-seconds", "0.02", "-o", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def signing_keys(folder: Path) -> tuple[Path, Path]:
+    """(private, public) key files in `folder`, freshly generated."""
+    from edgekit.signing import generate_keypair
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return generate_keypair(folder)
+
+
+@contextmanager
+def fleet(
+    hub: Any,
+    n: int,
+    work_dir: Path,
+    trust_key: Path | None,
+    bundle: Path | None,
+    prefix: str = "sim",
+    source: str | dict[str, Any] | None = "synthetic:?fps=5",
+    telemetry_s: float = 0.5,
+    connect_timeout: float = TIMEOUT_S,
+) -> Iterator[Fleet]:
+    """`n` real agents (`<prefix>-<i>`) on `hub.broker_url`, started with `bundle` installed and a low-rate synthetic
+    source; yields once all are connected, stops them on exit. Data goes to `work_dir/<prefix>/<device id>`."""
+    settings = FleetSettings(count=n, broker=hub.broker_url, data_dir=work_dir / prefix, trust_key=trust_key,
+                             bundle=bundle, source=source, prefix=prefix, telemetry_s=telemetry_s)  # fmt: skip
+    agents = Fleet(settings)
+    agents.start()
+    try:
+        connected = agents.wait_connected(connect_timeout)
+        assert connected == n, f"only {connected} of {n} agents connected to {hub.broker_url}"
+        yield agents
+    finally:
+        agents.stop()
+
+
+def fleet_ids(prefix: str, n: int) -> list[str]:
+    """The device ids `fleet(…, n, prefix=prefix)` gives its agents."""
+    return device_ids(prefix, n)
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll `condition` until it returns something truthy (returned); fails naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def devices(hub: Any) -> dict[str, Device]:
+    """Every Device row of the hub, by id."""
+    with hub.sessions() as session:
+        return {device.id: device for device in session.scalars(select(Device))}
+
+
+def wait_devices_reported(hub: Any, ids: list[str], timeout: float = TIMEOUT_S) -> dict[str, Device]:
+    """Until the hub stored a reported state (with a running bundle) for every device in `ids`; their rows."""
+
+    def ready() -> dict[str, Device] | None:
+        rows = devices(hub)
+        missing = [i for i in ids if i not in rows or not (rows[i].reported or {}).get("bundle")]
+        return None if missing else {i: rows[i] for i in ids}
+
+    return wait_until(ready, timeout, f"the hub to store the reported state of {len(ids)} devices")
