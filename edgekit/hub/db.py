@@ -204,5 +204,9 @@ def open_database(url: str) -> tuple[Engine, sessionmaker]:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
-    Base.metadata.create_all(engine)
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Several hub processes starting at once on an empty database would race to CREATE the same tables.
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(4242)")
+        Base.metadata.create_all(connection)
     return engine, sessionmaker(engine, expire_on_commit=False)
