@@ -380,10 +380,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def start_embedded_broker(data_dir: Path, port: int | None = None, prefer: str = "mosquitto") -> EmbeddedBroker:
-    """A started broker: mosquitto when installed and preferred, amqtt otherwise; `kind` says which."""
+def start_embedded_broker(
+    data_dir: Path, port: int | None = None, prefer: str = "mosquitto", host: str = LOOPBACK
+) -> EmbeddedBroker:
+    """A started broker: mosquitto when installed and preferred, amqtt otherwise; `kind` says which.
+
+    `host` is where it listens: loopback by default; devices on other machines need an address they can reach."""
     if prefer not in ("mosquitto", "amqtt"):
         raise BadInput(f"unknown MQTT broker {prefer!r}; choose mosquitto or amqtt")
     if prefer == "mosquitto" and mosquitto_available():
-        return MosquittoBroker(data_dir, port=port).start()
-    return AmqttBroker(port=port).start()
+        return MosquittoBroker(data_dir, port=port, host=host).start()
+    return AmqttBroker(port=port, host=host).start()

@@ -98,6 +98,10 @@ def hub(
         int | None,
         typer.Option("--broker-port", min=1, max=65535, help="Embedded broker's port [default: 1883, else any free]."),
     ] = None,
+    broker_listen: Annotated[
+        str,
+        typer.Option("--broker-listen", help="Address the embedded broker listens on; 0.0.0.0 lets devices in."),
+    ] = "127.0.0.1",
     db: DbOpt = None,
     http: Annotated[str, typer.Option("--http", help="Where the API and dashboard listen, HOST:PORT.")] = (
         "127.0.0.1:8080"
@@ -130,7 +134,8 @@ def hub(
     if broker_port is None and not broker:
         broker_port = MQTT_PORT if _port_free(MQTT_PORT) else None
     settings = HubSettings(data_dir=data, broker=broker, db=db, http_host=host, http_port=port, trust_key=trust_key,
-                           share_group=share_group, controller=not no_controller, broker_port=broker_port)  # fmt: skip
+                           share_group=share_group, controller=not no_controller, broker_port=broker_port,
+                           broker_host=broker_listen)  # fmt: skip
     _hub_logging()
     hub = Hub(settings)
     admin = ensure_admin_token(hub.sessions)
@@ -166,7 +171,10 @@ def _run_until_signal(hub, admin_token: str | None) -> None:
 def _announce(hub, admin_token: str | None) -> None:
     settings = hub.settings
     if hub.embedded is not None:
-        err_console.print(f"broker: embedded {hub.embedded.kind} on {hub.broker_url}")
+        embedded = hub.embedded
+        err_console.print(f"broker: embedded {embedded.kind} listening on {embedded.host}:{embedded.port}"
+                          + ("" if embedded.host != "127.0.0.1" else " (this machine only; --broker-listen 0.0.0.0 "
+                             "lets devices on the network in)"))  # fmt: skip
     else:
         err_console.print(f"broker: external {_redact(hub.broker_url)}")
     err_console.print(f"database: {settings.db or settings.data_dir / 'hub.sqlite'}; data in {settings.data_dir}")

@@ -27,7 +27,8 @@ class HubSettings:
     http_port: int = 8080
     trust_key: Path | None = None  # bundles pushed must be signed by it; None: hashes only
     share_group: str | None = None  # MQTT shared subscription group for several hub processes
-    broker_port: int | None = None  # embedded broker port; None: 1883 if free, else any free port
+    broker_port: int | None = None  # embedded broker port; None: any free port
+    broker_host: str = "127.0.0.1"  # where the embedded broker listens; 0.0.0.0 for devices on the network
     prefer_broker: str = "mosquitto"
     controller: bool = True  # run the rollout controller in this process
 
@@ -61,10 +62,12 @@ class Hub:
 
     def start(self) -> None:
         if not self.settings.broker:
+            settings = self.settings
             self.embedded = start_embedded_broker(
-                self.settings.data_dir / "broker", self.settings.broker_port, self.settings.prefer_broker
+                settings.data_dir / "broker", settings.broker_port, settings.prefer_broker, settings.broker_host
             )
-            self.broker_url = self.embedded.url
+            # The hub itself always connects over loopback, whatever address devices use.
+            self.broker_url = f"mqtt://127.0.0.1:{self.embedded.port}"
         self.ingest.start()
         self._connect_mqtt()
         if self.settings.controller:
