@@ -14,8 +14,7 @@ def demo(
     duration: Annotated[float, typer.Option("--duration", help="Stop after this many seconds; 0: Ctrl-C.")] = 0,
     profile: Annotated[str | None, typer.Option("--profile", help="Device profile; default: this host's.")] = None,
 ) -> None:
-    """Train the digits example, compile it to a signed int8 bundle, start the hub and a real agent on a video,
-    deploy through a rollout and print live results until Ctrl-C. The dashboard URL and a login token are printed."""
+    """The whole loop on this machine: train, compile (int8, signed), hub, agent on a video, rollout, live results."""
     from edgekit.demo import Demo, DemoSettings
 
     Demo(DemoSettings(out, http_port, duration, profile)).run()

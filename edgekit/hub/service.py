@@ -46,6 +46,7 @@ class Hub:
         self.client: mqtt.Client | None = None
         self.transfer: BundleServer | None = None
         self.rollouts = None
+        self.retention = None
         self.http = None
         self._connected = threading.Event()
 
@@ -71,10 +72,13 @@ class Hub:
         self.ingest.start()
         self._connect_mqtt()
         if self.settings.controller:
+            from edgekit.hub.retention import Retention
             from edgekit.hub.rollouts import RolloutController
 
             self.rollouts = RolloutController(self.sessions, self.publish, self.registry)
             self.rollouts.start()
+            # Raw telemetry for a day, then per-minute rollups for 90 days; run where the controller runs.
+            self.retention = Retention(self.sessions).start()
         self._start_http()
 
     def _connect_mqtt(self) -> None:
@@ -140,6 +144,8 @@ class Hub:
         # The controller first: a rollout must not advance while the rest of the hub is going away.
         if self.rollouts is not None:
             self.rollouts.stop()
+        if self.retention is not None:
+            self.retention.stop()
         if self.http is not None:
             self.http.should_exit = True
             self._http_thread.join(timeout=10)
