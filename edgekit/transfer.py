@@ -52,9 +52,13 @@ class BundleServer:
     def topic_filter(self) -> str:
         return f"{PREFIX}/+/{Topic.TRANSFER_REQUEST}"
 
-    def start(self) -> None:
-        """Subscribe (call again from the client's on_connect) and start the workers."""
-        self._client.message_callback_add(self.topic_filter, self._on_request)
+    def start(self, route: bool = True) -> None:
+        """Subscribe (call again from the client's on_connect) and start the workers.
+
+        `route=False`: the caller's own on_message passes requests to `on_request` (cheaper for a busy client than
+        paho's per-message topic-tree lookup for callbacks)."""
+        if route:
+            self._client.message_callback_add(self.topic_filter, self.on_request)
         self._client.subscribe(self.topic_filter, qos=1)
         for worker in self._workers:
             if not worker.is_alive():
@@ -66,7 +70,7 @@ class BundleServer:
         for worker in self._workers:
             worker.join(timeout=5)
 
-    def _on_request(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+    def on_request(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         parsed = parse_topic(message.topic)
         try:
             request = decode(ChunkRequest, message.payload, max_bytes=4096)

@@ -9,7 +9,11 @@ Throughput: paho's network thread only appends (topic, payload) to a deque; one 
 everything that queued up since its last batch in one transaction. The sequenced rows go in as multi-row
 `INSERT … ON CONFLICT DO NOTHING RETURNING` statements built once per table (the RETURNING rows are exactly the
 newly stored messages, so duplicates need no second query), and each device's row is updated once per batch
-with its newest values, not once per message.
+with its newest values, not once per message. Under load a batch is everything that arrived while the previous one
+was written (up to `batch_size`); the bigger the batch, the cheaper each message (`benchmarks/hub_bench.py`).
+
+A malformed message is counted in `stats.invalid` (by reason) and dropped; it never stops ingest and never costs
+the valid messages of its batch (see `Ingest._store`).
 """
 
 import json
@@ -22,7 +26,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -57,6 +61,7 @@ QUEUE_BOUND = 200_000
 ROWS_PER_STATEMENT = 500  # 500 × 14 telemetry columns stays under SQLite's 32,766 bound parameters
 WRITE_ATTEMPTS = 3  # a deadlock between two hub processes or a busy SQLite file is retried, then the batch is lost
 MAX_SEQ = 2**63 - 1
+TOPIC_CACHE = 100_000
 _DEVICE_ID = re.compile(DEVICE_ID)
 
 
@@ -67,7 +72,7 @@ class IngestStats:
     duplicates: int = 0
     invalid: Counter = field(default_factory=Counter)
     batches: int = 0
-    failed: int = 0  # messages in batches the database refused WRITE_ATTEMPTS times
+    failed: int = 0  # messages lost with their batch: the database failed WRITE_ATTEMPTS times (e.g. it is down)
 
     def as_dict(self) -> dict[str, Any]:
         return {"received": self.received, "stored": self.stored, "duplicates": self.duplicates,
@@ -89,7 +94,7 @@ class Ingest:
         self,
         sessions: sessionmaker,
         batch_size: int = 20_000,
-        flush_s: float = 0.05,
+        flush_s: float = 0.25,
         on_stored: Callable[[list[Message]], None] | None = None,
     ) -> None:
         """`on_stored` gets (device_id, kind, payload) of what was newly stored, e.g. for the dashboard's live feed.
@@ -108,6 +113,7 @@ class Ingest:
         self._queued = 0  # appended by paho's thread
         self._handled = 0  # taken off the inbox and written or dropped by the writer
         self._known: set[str] = set()  # device ids whose row exists; the hub never deletes device rows
+        self._topics: dict[str, tuple] = {}  # topic → (device, kind, model) or () when not ours; topics repeat
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
 
     def start(self) -> None:
@@ -192,13 +198,17 @@ class Ingest:
         """The valid messages in arrival order; the others counted in stats.invalid by reason."""
         messages: list[Message] = []
         invalid = self.stats.invalid
+        topics = self._topics
         for topic, payload in batch:
-            parsed = parse_topic(topic)
-            model_type = MODELS.get(parsed[1]) if parsed else None
-            if model_type is None or not _DEVICE_ID.fullmatch(parsed[0]):
+            parsed = topics.get(topic)
+            if parsed is None:
+                parsed = topics[topic] = _device_and_kind(topic)
+                if len(topics) > TOPIC_CACHE:  # a flood of made-up topics must not grow it without bound
+                    topics.clear()
+            if not parsed:
                 invalid["unknown topic"] += 1
                 continue
-            device_id, kind = parsed
+            device_id, kind, model_type = parsed
             if kind in STATE and not payload:
                 continue  # a retained message being cleared
             try:
@@ -263,13 +273,22 @@ class Ingest:
                     inserted = _insert(connection, kind, kind_rows)
                     stored += inserted
                     duplicates += len(kind_rows) - len(inserted)
-            _apply_latest(connection, rows)
+            _apply_latest(connection, rows, stored)
             _apply_states(session, states)
         self._known |= new_devices
         self.stats.stored += len(stored)
         self.stats.duplicates += duplicates
         self.stats.batches += 1
         return stored + [(d, k, m) for (d, k), m in states.items()]
+
+
+def _device_and_kind(topic: str) -> tuple:
+    """(device id, kind, payload model) for a topic ingest takes, else ()."""
+    parsed = parse_topic(topic)
+    model_type = MODELS.get(parsed[1]) if parsed else None
+    if model_type is None or not _DEVICE_ID.fullmatch(parsed[0]):
+        return ()
+    return (parsed[0], parsed[1], model_type)
 
 
 def _ensure_devices(session: Session, devices: set[str]) -> None:
@@ -320,12 +339,18 @@ _BUNDLE_LENGTH = _T.bundle.type.length
 _RESULT_BUNDLE_LENGTH = ResultRecord.__table__.c.bundle.type.length
 
 
+# The hot path: the values straight from the model's field dict (one C call), fitted only when one needs it.
+_telemetry_values = itemgetter(*TELEMETRY_COLUMNS[1:])
+
+
 def _telemetry_row(device_id: str, m: Telemetry) -> tuple:
-    bound = _COUNT_BOUND
-    return (device_id, m.seq, m.ts, m.latency_p50_ms, m.latency_p95_ms, m.fps, _fit_int(m.inferences, bound),
-            m.cpu_percent, m.memory_mb, m.temperature_c, _fit_int(m.queue_depth, bound),
-            _fit_int(m.dropped_frames, bound), _fit_int(m.store_depth, bound),
-            _fit_text(m.bundle, _BUNDLE_LENGTH))  # fmt: skip
+    v = _telemetry_values(m.__dict__)
+    b, bundle = _COUNT_BOUND, v[12]
+    if (-b <= v[5] <= b and -b <= v[9] <= b and -b <= v[10] <= b and -b <= v[11] <= b
+            and (bundle is None or (len(bundle) <= _BUNDLE_LENGTH and "\x00" not in bundle))):  # fmt: skip
+        return (device_id, *v)
+    return (device_id, *v[:5], _fit_int(v[5], b), *v[6:9], _fit_int(v[9], b), _fit_int(v[10], b),
+            _fit_int(v[11], b), _fit_text(bundle, _BUNDLE_LENGTH))  # fmt: skip
 
 
 def _result_row(device_id: str, m: Result) -> tuple:
@@ -360,8 +385,12 @@ def _insert_sql(connection: Connection, table: str, columns: Sequence[str], rows
 def _insert(connection: Connection, kind: str, kind_rows: list[tuple[str, Any]]) -> list[tuple[str, str, Any]]:
     """Insert a batch's messages of one kind; the ones newly stored (not duplicates) as (device, kind, model)."""
     table, columns, to_row = TABLES[kind]
-    # Duplicates inside the batch collapse here; sorted, so that two hub processes lock keys in the same order.
-    unique = dict(sorted(((d, m.seq), (d, m)) for d, m in kind_rows))
+    # Duplicates inside the batch collapse here, the first one kept as the database keeps the first one stored.
+    # Sorted by key (never by payload: models do not order), so two hub processes lock keys in the same order.
+    first: dict[tuple[str, int], tuple[str, Any]] = {}
+    for d, m in kind_rows:
+        first.setdefault((d, m.seq), (d, m))
+    unique = {key: first[key] for key in sorted(first)}
     values = [to_row(d, m) for d, m in unique.values()]
     inserted: set[tuple[str, int]] = set()
     for start in range(0, len(values), ROWS_PER_STATEMENT):
@@ -378,14 +407,14 @@ LATEST_COLUMNS = ("latency_p50_ms", "latency_p95_ms", "fps", "cpu_percent", "mem
 _latest_values = attrgetter(*LATEST_COLUMNS)
 
 
-def _apply_latest(connection: Connection, rows: dict[str, list[tuple[str, Any]]]) -> None:
+def _apply_latest(connection: Connection, rows: dict[str, list[tuple[str, Any]]], stored: list[Message]) -> None:
     """The fleet table's columns, one UPDATE per device and batch (sent as an executemany each):
     - `last_seen` and `online` from the device's newest message, when it is newer than what the row has;
-    - the latency/fps/CPU/… columns from its telemetry with the highest seq, when that seq is above `last_seq`
-      (the seq of the telemetry they show), so a replay of old telemetry never overwrites newer values."""
+    - the latency/fps/CPU/… columns from its newly stored telemetry with the highest seq, when that seq is above
+      `last_seq` (the seq of the telemetry they show), so a replay of old telemetry never overwrites newer values."""
     newest: dict[str, Telemetry] = {}
-    for device_id, m in rows[Topic.TELEMETRY]:
-        if device_id not in newest or m.seq > newest[device_id].seq:
+    for device_id, kind, m in stored:
+        if kind == Topic.TELEMETRY and (device_id not in newest or m.seq > newest[device_id].seq):
             newest[device_id] = m
     seen: dict[str, float] = {}
     for kind_rows in rows.values():

@@ -13,9 +13,11 @@ from edgekit.broker import EmbeddedBroker, start_embedded_broker
 from edgekit.hub.db import database_url, open_database
 from edgekit.hub.ingest import Ingest, subscriptions
 from edgekit.hub.registry import Registry
+from edgekit.protocol import Topic
 from edgekit.transfer import BundleServer
 
 log = logging.getLogger(__name__)
+CHUNK_REQUEST_SUFFIX = "/" + Topic.TRANSFER_REQUEST
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class Hub:
             self.client.tls_set()
         self.client.max_inflight_messages_set(1000)
         self.transfer = BundleServer(self.client, self.registry.path, workers=4)
-        self.client.on_message = self.ingest.on_message
+        self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
         self.client.reconnect_delay_set(0.2, 10)
         self.client.connect_async(address.host, address.port, keepalive=30)
@@ -105,8 +107,14 @@ class Hub:
             return
         for topic in subscriptions(self.settings.share_group):
             client.subscribe(topic, qos=1)
-        self.transfer.start()
+        self.transfer.start(route=False)
         self._connected.set()
+
+    def _on_message(self, client, userdata, message) -> None:
+        if message.topic.endswith(CHUNK_REQUEST_SUFFIX):
+            self.transfer.on_request(client, userdata, message)
+        else:
+            self.ingest.on_message(client, userdata, message)
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)

@@ -20,8 +20,18 @@ import pytest
 
 from edgekit.broker import LOOPBACK, free_port
 
-BIN = Path(os.environ.get("EDGEKIT_PG_BIN", "/usr/lib/postgresql/15/bin"))
-MISSING = f"PostgreSQL 15 binaries not found in {BIN} (Debian: apt-get install postgresql)"
+
+def _binaries() -> Path:
+    """$EDGEKIT_PG_BIN, else the newest Debian server (bookworm ships 15: /usr/lib/postgresql/15/bin)."""
+    if os.environ.get("EDGEKIT_PG_BIN"):
+        return Path(os.environ["EDGEKIT_PG_BIN"])
+    versions = Path("/usr/lib/postgresql").glob("*/bin/initdb")
+    found = sorted(versions, key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+BIN = _binaries()
+MISSING = f"PostgreSQL server binaries not found in {BIN} (Debian: apt-get install postgresql, or `make sysdeps`)"
 DATABASE = "edgekit"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0

@@ -275,6 +275,10 @@ def test_fleet_deployments_metrics_and_audit(make_hub, bundles, tmp_path: Path) 
         listed = alice.get("/api/deployments").json()
         assert [(d["id"], d["state"]) for d in listed] == [(deployment["id"], "halted")]
 
+        # A device's latest telemetry may carry no latency (no inference in that window, e.g. during the halt's
+        # switch back); the per-device gauge then has no sample for it, so wait until both report one.
+        wait_until(lambda: all(d["latency_p50_ms"] is not None for d in alice.get("/api/devices").json()), 20,
+                   "latency in both devices' latest telemetry")  # fmt: skip
         families = {f.name: f for f in text_string_to_metric_families(alice.get("/metrics").text)}
         expected = {"edgekit_devices", "edgekit_devices_online", "edgekit_ingest_received", "edgekit_ingest_stored",
                     "edgekit_ingest_duplicates", "edgekit_ingest_invalid", "edgekit_deployments",

@@ -175,7 +175,7 @@ def test_hub_command_prints_admin_token_once_and_stops_on_sigterm(tmp_path: Path
         code, _, stderr = _stop(process)
     assert code == 0, stderr
     assert "Traceback" not in stderr
-    assert "broker: embedded mosquitto on mqtt://127.0.0.1:" in stderr and "stopping the hub" in stderr
+    assert "broker: embedded mosquitto listening on 127.0.0.1:" in stderr and "stopping the hub" in stderr
     assert any(f"dashboard: http://127.0.0.1:{port}/" in line for line in lines)
     admin = lines[-1].split()[-1]
     assert len(admin) >= 40

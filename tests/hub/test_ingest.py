@@ -48,7 +48,7 @@ from edgekit.protocol import (
 )
 
 TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))  # when run as a script: the helpers next to this folder
+sys.path.insert(0, str(TESTS))  # the test helpers, also when this file runs as a script (the worker below)
 
 from brokers import host_port, wait_until  # noqa: E402
 from hub.postgres import PostgresCluster, postgres_cluster  # noqa: E402
@@ -202,6 +202,13 @@ def test_every_message_stored_once_and_devices_updated(mosquitto, db_url: str, i
     base = time.time() - 3600
     hub = ingest_client(mosquitto.url, db_url)
     stream, duplicates, replay = telemetry_plan(devices, per_device, base)
+    newest_telemetry = max(seq for seq in range(1, per_device + 1) if seq % 3)
+    # The same seq with other values, in the same batch and later: the first one stored stays, also in Device.
+    impostor = Telemetry(seq=newest_telemetry, ts=base + per_device, latency_p50_ms=999.0, fps=1.0)
+    impostor_message = (device_topic(devices[1], Topic.TELEMETRY), encode(impostor), False)
+    stream.append(impostor_message)
+    duplicates.append(impostor_message)
+    replay.append(impostor_message)
     state_messages = [m for i, d in enumerate(devices) for m in states(d, base, rev=i)]
     publish(mosquitto.url, state_messages + stream)
     hub.wait_received(len(state_messages) + len(stream))
@@ -223,7 +230,6 @@ def test_every_message_stored_once_and_devices_updated(mosquitto, db_url: str, i
     with hub.sessions() as session:
         rows = {device.id: device for device in session.scalars(select(Device))}
     assert sorted(rows) == devices
-    newest_telemetry = max(seq for seq in range(1, per_device + 1) if seq % 3)
     for index, device_id in enumerate(devices):
         row = rows[device_id]
         assert row.latency_p50_ms == pytest.approx(newest_telemetry + index / 100), device_id
@@ -369,7 +375,8 @@ def test_malformed_payloads_do_not_stop_ingest(mosquitto, db_url: str, ingest_cl
         assert set(session.scalars(select(Device.id))) == {f"ok-{i}" for i in range(5)} | {"edge-0"}
         sample = session.scalars(select(TelemetrySample).where(TelemetrySample.device_id == "edge-0")).first()
         event = session.scalars(select(EventRecord).where(EventRecord.device_id == "edge-0")).first()
-    assert sample.inferences == 2**31 - 1 and sample.dropped_frames == -(2**31 - 1) and sample.bundle == "b" * 160
+    # 64-bit counters keep what the device sent; the over-long bundle label is cut to its column.
+    assert sample.inferences == 2**40 and sample.dropped_frames == -(2**40) and sample.bundle == "b" * 160
     assert "\x00" not in event.message and len(event.message) <= 4000
 
 
