@@ -5,9 +5,10 @@ Each round starts a fresh agent process (own data dir, own device id) on the old
 desired state naming a ~9.5 MB bundle, kills it with SIGKILL at a random moment, checks what it left on disk,
 restarts it and watches it come back and converge. The kill moments are stratified so that every phase gets hit:
 one round in five anywhere from process start to the update starting (imports, installing --bundle, connecting),
-the others at a random moment inside the download, verify, self-test and health-check windows of one undisturbed
-update measured beforehand, counted from the update starting. The phases are read from the data dir, which is
-exact (the messages saying the same arrive a few ms later, and a phase can be that short on a fast machine).
+the others at a random moment within the download, verify, self-test or health-check phase, as long as that phase
+lasted in one undisturbed update measured beforehand, counted from the moment the phase begins. Phases are read
+from the data dir, which is exact: the messages saying the same arrive a few ms later, and on a fast machine the
+verify phase lasts ~20 ms. The "hit" printed for each round is the phase the data dir shows after the kill.
 """
 
 import json
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from agent_helpers import agent_command, desired_for
-from brokers import Subscriber, publish, wait_until
+from brokers import Subscriber, publish_many, wait_until
 from typer.testing import CliRunner
 
 from edgekit.agents.bundles import ActiveRecord
@@ -154,11 +155,8 @@ def _reported_since(sub: Subscriber, device: str, since: float) -> list[Reported
     return [r for r in reported if r.ts >= since]
 
 
-def _watched(device: str) -> list[str]:
-    """Not the bundle chunks: megabytes the subscriber would have to read before the state messages behind them.
-    (Read back by exact topic: amqtt sends a connecting client the retained messages of every topic anyone has
-    subscribed to, so other devices' status and desired state turn up too.)"""
-    return [device_topic(device, name) for name in ("status", "config/reported", "events")]
+# Not the bundle chunks: megabytes the subscriber would have to read before the state messages behind them.
+WATCHED = [device_topic("+", name) for name in ("status", "config/reported", "events")]
 
 
 def _log_tail(log: Path) -> str:
@@ -166,16 +164,27 @@ def _log_tail(log: Path) -> str:
 
 
 class Rounds:
-    def __init__(self, broker, served, old: Path, new: Path, trust_key: Path, work: Path) -> None:
+    """One subscriber and one retained desired state per device for the whole test, set up before any agent runs.
+
+    amqtt (0.12) iterates its table of subscriptions with awaits in between when a client connects and when it
+    broadcasts; a client that subscribes or leaves meanwhile makes that iteration fail, and the connection or the
+    message is dropped. Clients coming and going between rounds (a subscriber per round, a publisher per desired
+    state) hit that now and then, so only the agents connect during the rounds.
+    """
+
+    def __init__(self, broker, served, old: Path, new: Path, trust_key: Path, work: Path, devices: list[str]) -> None:
         self.broker, self.old, self.new, self.trust_key, self.work = broker, old, new, trust_key, work
         self.new_id = served.add(new)
         self.old_id = sha256_file(old)
         self.processes: list[subprocess.Popen] = []
+        desired = encode(desired_for(new, rev=1, version=NEW, health_checks=3))
+        publish_many(broker.url, [(device_topic(d, "config/desired"), desired) for d in devices], retain=True)
+        # Read back by device: amqtt also sends a connecting client the retained messages of every topic anyone
+        # subscribed to.
+        self.sub = Subscriber(broker.url, *WATCHED)
 
     def prepare(self, device: str) -> tuple[list[str], Path]:
-        """A device with a retained desired state for the new bundle; its agent command line and data dir."""
-        desired = desired_for(self.new, rev=1, version=NEW, health_checks=3)
-        publish(self.broker.url, device_topic(device, "config/desired"), encode(desired), retain=True)
+        """The agent command line and data dir of a device."""
         data = self.work / device
         command = agent_command(self.broker.url, data, self.trust_key, "--bundle", str(self.old),
                                 "--source", "synthetic:?fps=20", device_id=device)  # fmt: skip
@@ -187,11 +196,12 @@ class Rounds:
         self.processes.append(process)
         return process
 
-    def stop_all(self) -> None:
+    def close(self) -> None:
         for process in self.processes:
             if process.poll() is None:
                 process.kill()
                 process.wait(timeout=10)
+        self.sub.close()
 
     def measure(self) -> tuple[float, dict[str, float]]:
         """One undisturbed update, watched on disk: seconds from process start to the update starting, and how
@@ -221,60 +231,60 @@ class Rounds:
         device = f"crash-{index}"
         command, data = self.prepare(device)
         log = self.work / f"{device}.log"
-        with Subscriber(self.broker.url, *_watched(device)) as sub:
+        sub = self.sub
+        started = time.monotonic()
+        process = self.start(command, log)
+        if mode != "startup":
+            self._wait_for_phase(data, mode, process, log)
             started = time.monotonic()
-            process = self.start(command, log)
-            if mode != "startup":
-                self._wait_for_phase(data, mode, process, log)
-                started = time.monotonic()
-            time.sleep(max(0.0, started + delay - time.monotonic()))
-            told = _phase(sub.messages(f"edgekit/v1/{device}/#"))
-            assert process.poll() is None, f"the agent exited before the kill; {_log_tail(log)}"
-            process.kill()
-            process.wait(timeout=10)
-            hit = _disk_phase(data, self.new_id)
-            part = data / "downloads" / f"{self.new_id}.part"
-            detail = f" ({part.stat().st_size} of {self.new.stat().st_size} bytes)" if hit == "downloading" else ""
-            record = _check_left_behind(data, self.work / f"{device}-outbox-copy")
-            # Its Last Will says offline once the broker notices the dead connection; wait for it so that the
-            # next "online" is surely the restarted agent's.
-            time.sleep(0.3)
-            wait_until(lambda: _last_state(sub, device) in (None, "offline"), 15, f"{device}'s Last Will")
+        time.sleep(max(0.0, started + delay - time.monotonic()))
+        told = _phase(sub.messages(f"edgekit/v1/{device}/#"))
+        assert process.poll() is None, f"the agent exited before the kill; {_log_tail(log)}"
+        process.kill()
+        process.wait(timeout=10)
+        hit = _disk_phase(data, self.new_id)
+        part = data / "downloads" / f"{self.new_id}.part"
+        detail = f" ({part.stat().st_size} of {self.new.stat().st_size} bytes)" if hit == "downloading" else ""
+        record = _check_left_behind(data, self.work / f"{device}-outbox-copy")
+        # Its Last Will says offline once the broker notices the dead connection; wait for it so that the
+        # next "online" is surely the restarted agent's.
+        time.sleep(0.3)
+        wait_until(lambda: _last_state(sub, device) in (None, "offline"), 15, f"{device}'s Last Will")
 
-            restarted = time.time()
-            process = self.start(command, log)
-            back = lambda: _online_since(sub, device, restarted) is not None or process.poll() is not None  # noqa: E731
-            wait_until(back, TIMEOUT_S, f"the restarted {device} to come online")
-            assert process.poll() is None, f"the restarted agent exited; {_log_tail(log)}"
-            status = _online_since(sub, device, restarted)
-            assert status.bundle is not None, "the restarted agent runs no bundle"
-            running_id = status.bundle.id
-            reported = lambda: _reported_since(sub, device, restarted)  # noqa: E731
-            wait_until(lambda: any(r.bundle and r.bundle.id == running_id for r in reported()), TIMEOUT_S,
-                       "config/reported naming the running bundle")  # fmt: skip
-            running = status.bundle.version
-            assert (status.bundle.id, running) in ((self.old_id, OLD), (self.new_id, NEW)), status.bundle
-            if record is not None and record.active == self.new_id:
-                assert status.bundle.id == self.new_id, f"killed after the switch ({record}), restarted on {running}"
-            assert process.poll() is None, _log_tail(log)
-            assert _integrity(data / "outbox.sqlite") == "ok"
-            assert _read_record(data) is not None
+        restarted = time.time()
+        process = self.start(command, log)
+        back = lambda: _online_since(sub, device, restarted) is not None or process.poll() is not None  # noqa: E731
+        wait_until(back, TIMEOUT_S, f"the restarted {device} to come online")
+        assert process.poll() is None, f"the restarted agent exited; {_log_tail(log)}"
+        status = _online_since(sub, device, restarted)
+        assert status.bundle is not None, "the restarted agent runs no bundle"
+        running_id = status.bundle.id
+        reported = lambda: _reported_since(sub, device, restarted)  # noqa: E731
+        wait_until(lambda: any(r.bundle and r.bundle.id == running_id for r in reported()), TIMEOUT_S,
+                   "config/reported naming the running bundle")  # fmt: skip
+        running = status.bundle.version
+        assert (status.bundle.id, running) in ((self.old_id, OLD), (self.new_id, NEW)), status.bundle
+        if record is not None and record.active == self.new_id:
+            assert status.bundle.id == self.new_id, f"killed after the switch ({record}), restarted on {running}"
+        assert process.poll() is None, _log_tail(log)
+        assert _integrity(data / "outbox.sqlite") == "ok"
+        assert _read_record(data) is not None
 
-            # Whatever the kill interrupted, it converges: rev 1 applied, the new bundle active and proven.
-            def converged() -> bool:
-                return _disk_phase(data, self.new_id) == "healthy" and any(
-                    r.rev == 1 and r.bundle and r.bundle.id == self.new_id for r in reported()
-                )
+        # Whatever the kill interrupted, it converges: rev 1 applied, the new bundle active and proven.
+        def converged() -> bool:
+            return _disk_phase(data, self.new_id) == "healthy" and any(
+                r.rev == 1 and r.bundle and r.bundle.id == self.new_id for r in reported()
+            )
 
-            wait_until(lambda: converged() or process.poll() is not None, TIMEOUT_S, f"{device} to converge")
-            assert process.poll() is None, f"the agent exited while converging; {_log_tail(log)}"
-            events = [Event.model_validate_json(p).type for _, p in sub.messages(device_topic(device, "events"))]
-            assert "update.rolled_back" not in events and "update.failed" not in events, events
-            if last:
-                self._check_clean_restart(process, command, log, sub, device)
-            else:
-                process.terminate()
-                process.wait(timeout=20)
+        wait_until(lambda: converged() or process.poll() is not None, TIMEOUT_S, f"{device} to converge")
+        assert process.poll() is None, f"the agent exited while converging; {_log_tail(log)}"
+        events = [Event.model_validate_json(p).type for _, p in sub.messages(device_topic(device, "events"))]
+        assert "update.rolled_back" not in events and "update.failed" not in events, events
+        if last:
+            self._check_clean_restart(process, command, log, sub, device)
+        else:
+            process.terminate()
+            process.wait(timeout=20)
         return {"round": index, "aimed_at": mode, "delay_s": round(delay, 3), "hit": hit + detail,
                 "messages_said": told, "restarted_on": running}  # fmt: skip
 
@@ -313,7 +323,8 @@ def _last_state(sub: Subscriber, device: str) -> str | None:
 def test_kill_9_during_update_never_breaks_the_device(
     rounds, broker, served, digits_bundle, big_bundle, signing_keys, tmp_path
 ):
-    plan = Rounds(broker, served, digits_bundle(OLD), big_bundle, signing_keys[1], tmp_path)
+    devices = ["crash-measure", *(f"crash-{index}" for index in range(rounds))]
+    plan = Rounds(broker, served, digits_bundle(OLD), big_bundle, signing_keys[1], tmp_path, devices)
     rng = random.Random(20240 + rounds)
     try:
         update_at, durations = plan.measure()
@@ -325,7 +336,7 @@ def test_kill_9_during_update_never_breaks_the_device(
             print(json.dumps(outcome))
             outcomes.append(outcome)
     finally:
-        plan.stop_all()
+        plan.close()
     hit = {o["hit"].split(" ")[0] for o in outcomes}
     print(f"{broker.kind}: kills hit {sorted(hit, key=DISK_PHASES.index)}; restarted on "
           f"{sorted({o['restarted_on'] for o in outcomes})}")  # fmt: skip

@@ -33,8 +33,9 @@ def _stop_amqtt_between_messages(broker, agent, sub: Subscriber) -> None:
     """Stop amqtt when nothing is on its way: it acknowledges a publish before delivering it, and drops what it has
     not delivered yet when it stops ("N messages not broadcasted"), a loss no client can see. So stop just after a
     result arrived with the outbox empty (all acknowledged) and the last telemetry recent: the next result is
-    ~100 ms away (10 fps), the next telemetry ~500 ms, and amqtt stops in a few ms. Mosquitto needs none of this:
-    it delivers what it acknowledged after its restart, so there the outage starts at any moment."""
+    ~100 ms away (10 fps), the next telemetry ~500 ms, and stop() drops amqtt's connections within a few ms.
+    Mosquitto needs none of this: it delivers what it acknowledged after its restart, so there the outage starts at
+    any moment, in-flight messages included."""
     counts = {"results": len(sub.messages(f"{DEVICE}/results")), "telemetry": len(sub.messages(f"{DEVICE}/telemetry"))}
     telemetry_at = None
     deadline = time.monotonic() + 10
