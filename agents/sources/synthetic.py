@@ -8,6 +8,8 @@ from pydantic import Field
 
 from edgekit.agents.sources import Frame, Pacer, Source, SourceConfig, SourceContext, SourceUnavailable
 
+POOL = 16
+
 
 class SyntheticConfig(SourceConfig):
     kind: Literal["synthetic"]
@@ -25,6 +27,7 @@ class SyntheticSource(Source):
         super().__init__(config, context)
         self._rng = np.random.default_rng(config.seed)
         self._pacer: Pacer | None = None
+        self._pool: list[np.ndarray] = []
         self._count = 0
 
     @classmethod
@@ -32,6 +35,9 @@ class SyntheticSource(Source):
         return dict(options)
 
     def open(self) -> None:
+        # A few frames made once and cycled: generating a fresh random image per frame would cost more CPU than
+        # many models, and a simulator or benchmark must measure the agent, not its input.
+        self._pool = [self._make() for _ in range(POOL)]
         self._pacer = Pacer(self.config.fps)
 
     def read(self, timeout: float) -> Frame | None:
@@ -40,7 +46,7 @@ class SyntheticSource(Source):
         if not self._pacer.wait(timeout):
             return None
         self._count += 1
-        return Frame(self._make(), self._kind(), meta={"frame": self._count})
+        return Frame(self._pool[self._count % POOL], self._kind(), meta={"frame": self._count})
 
     def close(self) -> None:
         self._pacer = None
