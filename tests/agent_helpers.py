@@ -8,7 +8,7 @@ from brokers import host_port
 
 from edgekit.broker import EmbeddedBroker
 from edgekit.bundle import sha256_file
-from edgekit.protocol import DesiredBundle, DesiredState
+from edgekit.protocol import DesiredBundle, DesiredState, Sequenced
 from edgekit.transfer import BundleServer
 
 
@@ -47,3 +47,12 @@ def agent_command(broker_url: str, data_dir: Path, trust_key: Path, *extra: str,
     """`edgekit agent …` as a separate process (for kill -9 and restart tests)."""
     return [sys.executable, "-m", "edgekit", "agent", "--broker", broker_url, "--device-id", device_id,
             "--data", str(data_dir), "--trust-key", str(trust_key), "--telemetry-s", "0.5", *extra]  # fmt: skip
+
+
+def sequenced(messages: list[tuple[str, bytes]], model: type[Sequenced]) -> list:
+    """Payloads in seq order, each once: a reconnect may deliver a seq twice (the hub de-duplicates the same way)."""
+    seen: dict = {}
+    for _, payload in messages:
+        item = model.model_validate_json(payload)
+        seen.setdefault(item.seq, item)
+    return [seen[seq] for seq in sorted(seen)]

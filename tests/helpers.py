@@ -1,6 +1,11 @@
-"""Assertions shared by tests (importable because pytest.ini puts tests/ on the path)."""
+"""Assertions and builders shared by tests (importable because pytest.ini puts tests/ on the path)."""
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from edgekit.cli import app
 
 
 @dataclass
@@ -28,3 +33,16 @@ def assert_user_error(result: CliResult, *fragments: str) -> None:
 def compile_args(model, profile: str, *extra, out=None, seconds: str = "0.05") -> list:
     """`edgekit compile` arguments with a short latency measurement, as most tests want."""
     return ["compile", model, "-p", profile, "--bench-seconds", seconds, *(["-o", out] if out else []), *extra]
+
+
+def compile_bundle(model: Path, calibration: Path, key: Path, version: str, out: Path, name: str = "digits") -> Path:
+    """A signed fp32 onnxruntime bundle of `model` (a .onnx file, or a folder holding `<name>.onnx`), built by the
+    real `edgekit compile`; `key` is the Ed25519 private key that signs it."""
+    if model.is_dir():
+        model = model / f"{name}.onnx"
+    args = ["compile", str(model), "-p", "x86-64-avx2", "--precision", "fp32", "--backend", "onnxruntime",
+            "--calibration", str(calibration), "--sign-key", str(key), "--bundle-version", version,
+            "--name", name, "--bench-seconds", "0.02", "-o", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out

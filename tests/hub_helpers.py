@@ -11,26 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from typer.testing import CliRunner
 
 from edgekit.agents.fleet import Fleet, FleetSettings, device_ids
-from edgekit.cli import app
 from edgekit.hub.db import Device
 
 TIMEOUT_S = 30.0
-
-
-def compile_bundle(model: Path, calibration: Path, key: Path, version: str, out: Path, name: str = "digits") -> Path:
-    """A signed fp32 onnxruntime bundle of `model` (a .onnx file, or a folder holding `<name>.onnx`), built by the
-    real `edgekit compile`; `key` is the Ed25519 private key that signs it."""
-    if model.is_dir():
-        model = model / f"{name}.onnx"
-    args = ["compile", str(model), "-p", "x86-64-avx2", "--precision", "fp32", "--backend", "onnxruntime",
-            "--calibration", str(calibration), "--sign-key", str(key), "--bundle-version", version,
-            "--name", name, "--bench-seconds", "0.02", "-o", str(out)]  # fmt: skip
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return out
 
 
 def signing_keys(folder: Path) -> tuple[Path, Path]:

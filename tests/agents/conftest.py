@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 from agent_helpers import ServedBundles
-from typer.testing import CliRunner
+from helpers import compile_bundle
 
 from edgekit.agents.agent import Agent, AgentSettings
 from edgekit.agents.link import Backoff
 from edgekit.broker import EmbeddedBroker
-from edgekit.cli import app
 
 
 @pytest.fixture(scope="session")
@@ -19,15 +18,6 @@ def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from edgekit.signing import generate_keypair
 
     return generate_keypair(tmp_path_factory.mktemp("keys"))
-
-
-def _compile(model: Path, calibration: Path, key: Path, version: str, out: Path, name: str) -> Path:
-    args = ["compile", str(model), "-p", "x86-64-avx2", "--precision", "fp32", "--backend", "onnxruntime",
-            "--calibration", str(calibration), "--sign-key", str(key), "--bundle-version", version,
-            "--name", name, "--bench-seconds", "0.02", "-o", str(out)]  # fmt: skip
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +31,7 @@ def digits_bundle(
     def make(version: str = "1.0.0") -> Path:
         if version not in built:
             out = folder / f"digits-{version}.ekb"
-            built[version] = _compile(digits / "digits.onnx", digits / "calibration.npz", signing_keys[0], version,
-                                      out, "digits")  # fmt: skip
+            built[version] = compile_bundle(digits, digits / "calibration.npz", signing_keys[0], version, out)
         return built[version]
 
     return make
@@ -57,7 +46,7 @@ def cnn_bundle(
 ) -> Path:
     """A signed small CNN bundle with an image input (1, 3, 32, 32) NCHW, for camera-like sources."""
     out = tmp_path_factory.mktemp("cnn-bundle") / "cnn-1.0.0.ekb"
-    return _compile(small_cnn_model, small_cnn_calibration, signing_keys[0], "1.0.0", out, "cnn")
+    return compile_bundle(small_cnn_model, small_cnn_calibration, signing_keys[0], "1.0.0", out, "cnn")
 
 
 @pytest.fixture

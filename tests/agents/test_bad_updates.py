@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from agent_helpers import ServedBundles, desired_for
+from agent_helpers import ServedBundles, desired_for, sequenced
 from brokers import Subscriber, host_port, publish
 from typer.testing import CliRunner
 
@@ -42,20 +42,11 @@ TIMEOUT_S = 30.0
 
 
 def _events(sub: Subscriber) -> list[Event]:
-    """Events in seq order, each once (a reconnect may deliver a seq twice)."""
-    seen: dict[int, Event] = {}
-    for _, payload in sub.messages(EVENTS):
-        event = Event.model_validate_json(payload)
-        seen.setdefault(event.seq, event)
-    return [seen[seq] for seq in sorted(seen)]
+    return sequenced(sub.messages(EVENTS), Event)
 
 
 def _results(sub: Subscriber) -> list[Result]:
-    seen: dict[int, Result] = {}
-    for _, payload in sub.messages(RESULTS):
-        result = Result.model_validate_json(payload)
-        seen.setdefault(result.seq, result)
-    return [seen[seq] for seq in sorted(seen)]
+    return sequenced(sub.messages(RESULTS), Result)
 
 
 def _wait_event(sub: Subscriber, kinds: set[str], timeout: float = TIMEOUT_S, after: int = 0) -> Event:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from agent_helpers import desired_for
+from agent_helpers import desired_for, sequenced
 from brokers import Subscriber, host_port, publish
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
@@ -190,11 +190,7 @@ def _valid_desired(payload: bytes) -> bool:
 
 
 def _events(sub: Subscriber) -> list[Event]:
-    seen: dict[int, Event] = {}
-    for _, payload in sub.messages(EVENTS):
-        event = Event.model_validate_json(payload)
-        seen.setdefault(event.seq, event)
-    return [seen[seq] for seq in sorted(seen)]
+    return sequenced(sub.messages(EVENTS), Event)
 
 
 def _rejections(sub: Subscriber) -> list[Event]:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hub_helpers import compile_bundle, fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until
+from helpers import compile_bundle
+from hub_helpers import fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgekit.hub.auth import COOKIE, create_token, revoke_token

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hub_helpers import compile_bundle, fleet, fleet_ids, signing_keys, wait_devices_reported
+from helpers import compile_bundle
+from hub_helpers import fleet, fleet_ids, signing_keys, wait_devices_reported
 from typer.testing import CliRunner
 
 from edgekit.broker import free_port

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hub_helpers import compile_bundle, fleet, fleet_ids, signing_keys, wait_until
+from helpers import compile_bundle
+from hub_helpers import fleet, fleet_ids, signing_keys, wait_until
 from sqlalchemy import update
 
 from edgekit.hub.auth import create_token

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 from brokers import Subscriber
-from hub_helpers import compile_bundle, fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until
+from helpers import compile_bundle
+from hub_helpers import fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until
 from sqlalchemy import select
 
 from edgekit.bundle import sha256_file
