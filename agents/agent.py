@@ -20,7 +20,7 @@ from edgekit.agents.runner import HealthCheck, LoadedModel, Runner
 from edgekit.agents.runtimes import get_runtime, runtimes
 from edgekit.agents.sources import parse_source
 from edgekit.agents.stats import HostVitals
-from edgekit.agents.store import Outbox
+from edgekit.agents.store import Outbox, StoreFull
 from edgekit.agents.transfer import Download
 from edgekit.errors import EdgekitError
 from edgekit.protocol import (
@@ -50,6 +50,7 @@ from edgekit.selftest import run_selftest
 log = logging.getLogger(__name__)
 
 CHUNK_MAX_PAYLOAD = 4 * 1024 * 1024 + 4096
+OVERFLOW_EVENT_INTERVAL_S = 10.0
 
 
 class AgentSettings(StrictModel):
@@ -92,6 +93,7 @@ class Agent:
         self.store = BundleStore(data)
         self._trust_key = self._load_trust_key()
         self.rejected_payloads = 0
+        self._overflow_quiet = 0.0
         self._applied_rev = -1
         self._desired: DesiredState | None = None
         self._update_state = UpdateState(state="idle")
@@ -123,9 +125,18 @@ class Agent:
         def build(seq: int) -> bytes:
             return encode(payload(seq=seq, ts=time.time(), **fields))
 
-        seq, dropped = self.outbox.append(kind, self._topic(kind), qos, build)
+        overflows = self.outbox.overflows
+        try:
+            seq, dropped = self.outbox.append(kind, self._topic(kind), qos, build)
+        except StoreFull as error:  # a full disk must not stop the inference or telemetry thread
+            log.error("%s", error)
+            return 0
         if dropped:
             log.warning("outbox full: dropped %d oldest messages", dropped)
+        if self.outbox.overflows > overflows and kind != Topic.EVENTS and time.monotonic() >= self._overflow_quiet:
+            self._overflow_quiet = time.monotonic() + OVERFLOW_EVENT_INTERVAL_S  # one event per interval, no flood
+            self.report("store.overflow", "disk full: dropped the oldest queued messages", level="warning",
+                        dropped=dropped, total_dropped=self.outbox.dropped, not_queued=self.outbox.lost)  # fmt: skip
         self.link.notify()
         return seq
 

@@ -16,6 +16,10 @@ from edgekit.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The reliability suite's summary table (tests/reliability.py): registered here because with xdist only the
+# controller prints the summary, and it loads no conftest below tests/.
+pytest_plugins = ["reliability"]
+
 
 @pytest.fixture(autouse=True)
 def edgekit_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
