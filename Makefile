@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 EXTRAS := compile,agent,tflite,hub,dev
-STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+# Pretrained networks the examples compile, taken from the PyPI packages that ship them. Only their model files
+# are used (never imported), so --no-deps keeps their runtime pins out of the venv.
+EXAMPLE_MODELS := rapidocr-onnxruntime==1.4.4
 # pytest-xdist workers: CI machines have 2 cores.
 WORKERS ?= 2
 
@@ -32,11 +35,12 @@ export EDGEKIT_ARM64_SYSROOT := $(CURDIR)/.cache/arm64-sysroot
 arm64-sysroot: install
 	$(BIN)/python -m edgekit.emulation
 
-$(STAMP): setup.py
+$(STAMP): setup.py Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "edgekit needs Python >= 3.10")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install --quiet --no-deps $(EXAMPLE_MODELS)
 	touch $@
 
 demo: install

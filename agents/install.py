@@ -22,17 +22,20 @@ class InstallSettings:
     bundle: Path | None = None
     profile: str | None = None
     user: str = "edgekit"
-    extra_args: tuple[str, ...] = ()
+    # Optional (flag, value) pairs passed through as they are; paths among them are made absolute.
+    extra_args: tuple[tuple[str, object], ...] = ()
 
 
 def agent_command(settings: InstallSettings) -> list[str]:
     """The command line systemd runs: this interpreter's edgekit, so the unit uses the venv it was installed from."""
     command = [sys.executable, "-m", "edgekit", "agent", "--broker", settings.broker, "--device-id", settings.device_id,
                "--data", str(settings.data_dir), "--trust-key", str(settings.trust_key.resolve())]  # fmt: skip
-    for flag, value in (("--source", settings.source), ("--bundle", settings.bundle), ("--profile", settings.profile)):
+    options = [("--source", settings.source), ("--bundle", settings.bundle), ("--profile", settings.profile)]
+    for flag, value in options + list(settings.extra_args):
         if value is not None:
-            command += [flag, str(value)]
-    return command + list(settings.extra_args)
+            # The unit starts in the data folder, so a relative path would point somewhere else.
+            command += [flag, str(value.resolve() if isinstance(value, Path) else value)]
+    return command
 
 
 def render_unit(settings: InstallSettings) -> str:

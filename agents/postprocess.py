@@ -7,6 +7,7 @@ import numpy as np
 from edgekit.protocol import Detection, Score, Thresholds
 
 Task = Literal["classifier", "detector", "raw"]
+SUMS_TO_ONE = 1 / 64
 RAW_VALUES = 64  # a raw result carries at most this many numbers; a full feature map does not belong in MQTT
 
 
@@ -23,7 +24,9 @@ def infer_task(output_shapes: list[list[int]]) -> Task:
 def probabilities(logits: np.ndarray) -> np.ndarray:
     """Softmax unless the values already are a distribution (the model ends in softmax)."""
     values = logits.astype(np.float64).ravel()
-    if values.min() >= 0 and abs(values.sum() - 1.0) < 1e-3:
+    # An int8 softmax output moves in steps of 1/256, so its sum is off by several steps; a second softmax would
+    # flatten 0.996 to 0.73.
+    if values.min() >= 0 and abs(values.sum() - 1.0) < SUMS_TO_ONE:
         return values
     shifted = np.exp(values - values.max())
     return shifted / shifted.sum()

@@ -182,6 +182,11 @@ class Outbox:
             self._set_meta("dropped", self.dropped)
         return dropped
 
+    @property
+    def last_seq(self) -> int:
+        """The seq the latest queued message got (0: none yet); seqs are never reused, even after acks."""
+        return self._last_seq
+
     def depth(self) -> int:
         return self._depth
 

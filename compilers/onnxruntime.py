@@ -43,6 +43,7 @@ class OnnxRuntimeBackend(Backend):
         artifact = request.outdir / "model.onnx"
         with request.progress.task(f"onnxruntime {request.precision}: offline graph optimisation", total=1):
             self._optimize(source, artifact, request.profile)
+        lower_ir_version(artifact)
         return BuildResult(
             entrypoint=artifact,
             runtime="onnxruntime",
@@ -122,3 +123,21 @@ class _Reader:
         if feed is not None:
             self._advance(1)
         return feed
+
+
+def lower_ir_version(path: Path) -> None:
+    """Stamp the lowest ONNX IR version the model's operator sets need. Models keep the IR version of the onnx
+    package that wrote them (14 for onnx 1.20), and a device's older ONNX Runtime refuses anything newer than it
+    knows (1.23 stops at 11) although nothing in the file needs it."""
+    import onnx
+
+    model = onnx.load(str(path))
+    used = {node.domain for node in model.graph.node} | {""}
+    # ORT's optimiser declares every domain it knows; unused ones would still pin a newer IR version.
+    opsets = [opset for opset in model.opset_import if opset.domain in used]
+    lowest = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    if lowest < model.ir_version or len(opsets) < len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(opsets)
+        model.ir_version = min(lowest, model.ir_version)
+        onnx.save(model, str(path))

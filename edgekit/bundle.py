@@ -11,9 +11,10 @@ signature check plus one hash per file proves the whole bundle.
 
 import hashlib
 import io
+import shutil
 import tarfile
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import ValidationError
@@ -66,18 +67,30 @@ def write_bundle(root: Path, manifest: Manifest, private_key: Ed25519PrivateKey,
 
 
 def unpack(bundle: Path, dest: Path) -> None:
-    """Extract every member with tarfile's `data` filter (no links, devices or paths outside dest)."""
+    """Extract every member; each must be a regular file at a relative path inside dest (no links, devices,
+    absolute paths or `..`). Checked here rather than with tarfile's `filter="data"`, which arrived in Python
+    3.11.4: Debian 12 and Raspberry Pi OS ship 3.11.2, where the agent must unpack bundles just the same."""
     if not bundle.is_file():
         raise BadInput(f"{bundle}: no such bundle file")
     try:
         with tarfile.open(bundle, "r:") as tar:
-            tar.extractall(dest, filter="data")
+            for member in tar:
+                target = _member_target(bundle, dest, member)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(member) as source, open(target, "wb") as out:
+                    shutil.copyfileobj(source, out)
             archive_end = tar.offset
-    except tarfile.FilterError as error:
-        raise OperationFailed(f"{bundle}: unsafe member rejected: {error}") from None
     except (tarfile.TarError, EOFError) as error:
         raise OperationFailed(f"{bundle}: truncated or not an edgekit bundle ({error})") from None
     _check_archive_end(bundle, archive_end)
+
+
+def _member_target(bundle: Path, dest: Path, member: tarfile.TarInfo) -> Path:
+    path = PurePosixPath(member.name)
+    if not member.isfile() or path.is_absolute() or ".." in path.parts or not path.parts:
+        raise OperationFailed(f"{bundle}: unsafe member rejected: {member.name!r} (a bundle holds only regular "
+                              "files at relative paths)")  # fmt: skip
+    return dest.joinpath(*path.parts)
 
 
 def _check_archive_end(bundle: Path, archive_end: int) -> None:

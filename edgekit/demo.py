@@ -77,12 +77,13 @@ def make_video(test_npz: Path, path: Path, frames: int = 200) -> np.ndarray:
     return labels
 
 
-def compile_bundle(model: Path, calibration: Path, key: Path, profile: str, out: Path, console: Console) -> Path:
+def compile_bundle(model: Path, calibration: Path, key: Path, profile: str, out: Path, console: Console,
+                   backend: str = "auto") -> Path:  # fmt: skip
     from edgekit.pipeline import CompileRequest, compile_model
     from edgekit.profiles import load_profile
     from edgekit.progress import RichProgress
 
-    request = CompileRequest(model=model, profile=load_profile(profile), out=out, precision="int8",
+    request = CompileRequest(model=model, profile=load_profile(profile), out=out, precision="int8", backend=backend,
                              calibration=calibration, sign_key=key, name="digits", version="1.0.0",
                              bench_seconds=0.3)  # fmt: skip
     with RichProgress() as progress:

@@ -51,6 +51,8 @@ DEBIAN_PACKAGES = [
     "libdb5.3",
 ]
 WHEELS = ("apache-tvm==0.25.0", "apache-tvm-ffi==0.1.12", "numpy", "ml_dtypes", "typing_extensions", "psutil")
+# onnxruntime 1.32's aarch64 wheel segfaults on import under qemu-user; 1.23.2 runs (versions between: not tried).
+AGENT_PINS = ("onnxruntime==1.23.2",)
 AARCH64_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
 
 # Runs inside the emulated device with only numpy and the TVM runtime: load the library, run every feed.
@@ -106,6 +108,48 @@ def build_sysroot(dest: Path) -> None:
     (dest / "READY").write_text("ok\n")
 
 
+def build_agent_site(dest: Path) -> None:
+    """What `pip install edgekit[agent]` puts on a real arm64 device, as aarch64 wheels in dest/agent-site, less
+    edgekit itself: `agent_command` adds the current checkout's edgekit on each start, so it is never stale."""
+    with tempfile.TemporaryDirectory(prefix="edgekit-wheel-") as scratch:
+        wheel = _edgekit_wheel(Path(scratch))
+        site = dest / "agent-site"
+        shutil.rmtree(site, ignore_errors=True)
+        platforms = [flag for platform in AARCH64_PLATFORMS for flag in ("--platform", platform)]
+        _run([sys.executable, "-m", "pip", "install", "-q", "--target", str(site), "--only-binary=:all:", *platforms,
+              "--python-version", "3.11", "--implementation", "cp", f"edgekit[agent] @ {wheel.as_uri()}",
+              *AGENT_PINS], "pip install --target (aarch64 edgekit[agent])")  # fmt: skip
+    for installed in [site / "edgekit", *site.glob("edgekit-*.dist-info")]:
+        shutil.rmtree(installed)
+    (dest / "AGENT_READY").write_text("ok\n")
+
+
+def _edgekit_wheel(folder: Path) -> Path:
+    """A wheel of this checkout: the same files `pip install edgekit` would put on a device."""
+    project = Path(__file__).resolve().parents[1]
+    if not (project / "setup.py").is_file():
+        raise BadInput("the emulated arm64 agent is built from an edgekit checkout (setup.py not found)")
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(folder),
+          str(project)], "pip wheel (edgekit)")  # fmt: skip
+    shutil.rmtree(project / "build", ignore_errors=True)
+    return next(folder.glob("edgekit-*.whl"))
+
+
+def agent_command(agent_args: list[str], scratch: Path) -> tuple[list[str], dict[str, str]]:
+    """`edgekit agent AGENT_ARGS` as an aarch64 process under qemu-user, with this checkout's edgekit unpacked into
+    scratch: the command line and its environment."""
+    root = sysroot()
+    if not (root / "AGENT_READY").exists():
+        raise BadInput(f"no emulated arm64 agent at {root}: run `make arm64-sysroot` (or set EDGEKIT_ARM64_SYSROOT)")
+    with zipfile.ZipFile(_edgekit_wheel(scratch / "wheel")) as archive:
+        archive.extractall(scratch / "edgekit-site")
+    python = root / "root" / "usr" / "bin" / "python3.11"
+    # -P: the working directory must not shadow the unpacked edgekit (in a checkout it holds the source tree).
+    command = [QEMU, "-L", str(root / "root"), str(python), "-P", "-m", "edgekit", "agent", *agent_args]
+    env = {**os.environ, "PYTHONPATH": f"{scratch / 'edgekit-site'}:{root / 'agent-site'}"}
+    return command, env
+
+
 def run_tvm_library(library: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     """Run an aarch64 TVM library on the feeds under qemu; outputs concatenated over feeds, in output order."""
     root = sysroot()
@@ -136,3 +180,6 @@ if __name__ == "__main__":
     else:
         build_sysroot(target)
         print(f"built arm64 sysroot at {target}")
+    if not (target / "AGENT_READY").exists():
+        build_agent_site(target)
+        print(f"built the emulated arm64 agent (edgekit[agent] for aarch64) at {target / 'agent-site'}")

@@ -1,5 +1,6 @@
 """`edgekit verify` rejects every kind of damage, naming what failed (exit 1); a good bundle passes (exit 0)."""
 
+import io
 import shutil
 import tarfile
 from pathlib import Path
@@ -98,8 +99,6 @@ def test_truncated_bundle_is_rejected(cli, signed, copy, keep):
 
 
 def rewrite_without(bundle: Path, target: Path, skip: str, extra: tuple[str, bytes] | None = None) -> None:
-    import io
-
     with tarfile.open(bundle) as src, tarfile.open(target, "w") as dst:
         for member in src.getmembers():
             if member.name != skip:
@@ -213,3 +212,19 @@ def test_ctrl_c_during_compile_exits_130_and_leaves_nothing(tmp_path, small_cnn_
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, "absolute"])
+def test_links_devices_and_absolute_paths_are_rejected(cli, signed, tmp_path, kind):
+    """Checked by edgekit itself, so Pythons without tarfile's extraction filters (< 3.11.4) are as safe."""
+    damaged = tmp_path / "damaged.ekb"
+    with tarfile.open(signed[0]) as src, tarfile.open(damaged, "w") as dst:
+        for member in src.getmembers():
+            dst.addfile(member, src.extractfile(member))
+        info = tarfile.TarInfo(str(tmp_path / "abs.txt") if kind == "absolute" else "artifacts/evil")
+        if kind != "absolute":
+            info.type, info.linkname = kind, "/etc/passwd"
+        dst.addfile(info, io.BytesIO(b"") if kind == "absolute" else None)
+    result = cli("verify", damaged, "--trust-key", signed[1])
+    assert result.exit_code == 1 and "unsafe member rejected" in result.stderr, result.output
+    assert not (tmp_path / "abs.txt").exists()

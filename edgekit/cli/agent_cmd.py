@@ -14,7 +14,9 @@ import typer
 from edgekit.cli.console import console, err_console
 from edgekit.errors import BadInput
 
-BrokerOpt = Annotated[str, typer.Option("--broker", "-b", help="mqtt://[user:pass@]HOST[:PORT] or mqtts://…")]
+BrokerOpt = Annotated[
+    str, typer.Option("--broker", "-b", help="mqtt://HOST:PORT or mqtts://USER:PASS@HOST:PORT (user and port optional)")
+]
 DeviceOpt = Annotated[str, typer.Option("--device-id", "-d", help="This device's id: letters, digits, . _ -")]
 SourceOpt = Annotated[
     str | None,
@@ -104,6 +106,12 @@ def install(
     data: Annotated[Path, typer.Option("--data", help="State folder (absolute).")] = Path("/var/lib/edgekit"),
     bundle: BundleOpt = None,
     profile: ProfileOpt = None,
+    telemetry: Annotated[
+        float | None, typer.Option("--telemetry-s", help="Seconds between telemetry messages.")
+    ] = None,
+    tls_ca: Annotated[Path | None, typer.Option("--tls-ca", help="CA certificate for mqtts://.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="Client certificate (mutual TLS).")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="Client certificate's private key.")] = None,
     user: Annotated[str, typer.Option("--user", help="Account the service runs as.")] = "edgekit",
     unit_dir: Annotated[Path, typer.Option("--unit-dir", help="Where to write the unit.")] = Path(
         "/etc/systemd/system"
@@ -114,7 +122,8 @@ def install(
     from edgekit.agents.link import parse_broker_url
 
     parse_broker_url(broker)
-    settings = InstallSettings(device_id, broker, trust_key, data, source, bundle, profile, user)
+    extra = [("--telemetry-s", telemetry), ("--tls-ca", tls_ca), ("--tls-cert", tls_cert), ("--tls-key", tls_key)]
+    settings = InstallSettings(device_id, broker, trust_key, data, source, bundle, profile, user, tuple(extra))
     path = write_unit(settings, unit_dir)
     console.print(f"wrote {path}")
     console.print("enable it with:  systemctl daemon-reload && systemctl enable --now edgekit-agent")

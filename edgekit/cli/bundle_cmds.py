@@ -60,7 +60,7 @@ def verify_command(
 def bench_command(
     subject: Annotated[Path, typer.Argument(help="A bundle (.ekb) or an ONNX model (.onnx).")],
     seconds: Annotated[float, typer.Option(help="How long to measure.")] = 5.0,
-    threads: Annotated[Optional[int], typer.Option(help="Runtime threads [default: runtime's choice].")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Runtime threads (default: runtime's choice).")] = None,
     input_shape: Annotated[
         Optional[list[str]], typer.Option("--input-shape", help="For models with dynamic inputs: NAME:1x3x224x224.")
     ] = None,

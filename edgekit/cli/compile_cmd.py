@@ -25,11 +25,11 @@ def compile_command(
         str, typer.Option("--profile", "-p", help="Device profile name or .yaml path (`edgekit profiles list`).")
     ],
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Bundle to write [default: MODEL-PROFILE.ekb].")
+        Optional[Path], typer.Option("--out", "-o", help="Bundle to write (default: MODEL-PROFILE.ekb).")
     ] = None,
     precision: Annotated[
         Optional[str],
-        typer.Option(help="Only build this precision: fp32, fp16 or int8 [default: every one the profile lists]."),
+        typer.Option(help="Only build this precision: fp32, fp16 or int8 (default: every one the profile lists)."),
     ] = None,
     backend: Annotated[
         str, typer.Option(help="'auto' tries the profile's candidates in order; or name one backend.")
@@ -50,12 +50,12 @@ def compile_command(
     std: Annotated[
         Optional[str], typer.Option(help="Image std per channel after scaling, e.g. 0.229,0.224,0.225.")
     ] = None,
-    scale: Annotated[Optional[float], typer.Option(help="Divide pixels by this first [default: 255].")] = None,
+    scale: Annotated[Optional[float], typer.Option(help="Divide pixels by this first (default: 255).")] = None,
     color: Annotated[Optional[str], typer.Option(help="Channel order the model expects: rgb, bgr or gray.")] = None,
     sign_key: Annotated[
-        Optional[Path], typer.Option(help="Ed25519 private key [default: per-user key, created on first use].")
+        Optional[Path], typer.Option(help="Ed25519 private key (default: per-user key, created on first use).")
     ] = None,
-    name: Annotated[Optional[str], typer.Option(help="Bundle name [default: model file name].")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Bundle name (default: model file name).")] = None,
     bundle_version: Annotated[str, typer.Option(help="Bundle semver version.")] = "0.1.0",
     max_accuracy_drop: Annotated[
         float,
@@ -72,11 +72,11 @@ def compile_command(
         Optional[int],
         typer.Option(
             help="TVM: MetaSchedule trials in all, on this host (host-architecture profiles only); tuned tasks are "
-            "kept in a per-profile database and not tuned again [default: profile's, else 0 = database only]."
+            "kept in a per-profile database and not tuned again (default: profile's, else 0 = database only)."
         ),
     ] = None,
     threads: Annotated[
-        Optional[int], typer.Option(help="Runtime threads on this host [default: runtime's choice].")
+        Optional[int], typer.Option(help="Runtime threads on this host (default: runtime's choice).")
     ] = None,
     verify_emulated: Annotated[
         bool,

@@ -28,7 +28,7 @@ DbOpt = Annotated[
 ]
 HubOpt = Annotated[
     str | None,
-    typer.Option("--hub", envvar="EDGEKIT_HUB", help="The hub's URL [default: http://127.0.0.1:8080]."),
+    typer.Option("--hub", envvar="EDGEKIT_HUB", help="The hub's URL (default: http://127.0.0.1:8080)."),
 ]
 TokenOpt = Annotated[
     str | None, typer.Option("--token", envvar="EDGEKIT_TOKEN", help="API token (edgekit hub token create NAME).")
@@ -96,7 +96,7 @@ def hub(
     ] = None,
     broker_port: Annotated[
         int | None,
-        typer.Option("--broker-port", min=1, max=65535, help="Embedded broker's port [default: 1883, else any free]."),
+        typer.Option("--broker-port", min=1, max=65535, help="Embedded broker's port (default: 1883, else any free)."),
     ] = None,
     broker_listen: Annotated[
         str,
@@ -353,6 +353,15 @@ def deploy(
     wave_timeout: Annotated[
         float | None, typer.Option("--wave-timeout", help="Seconds a wave may take to report healthy.")
     ] = None,
+    health_checks: Annotated[
+        int | None,
+        typer.Option(
+            "--health-checks",
+            min=1,
+            max=10_000,
+            help="Inferences each device must run on the new bundle before it counts healthy (default: 20).",
+        ),
+    ] = None,
     hub_url: HubOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
@@ -361,7 +370,8 @@ def deploy(
     threshold = _fraction(max_failures) if max_failures is not None else None
     with _client(hub_url, token) as client:
         deployment = client.deploy(bundle_id, to, canary_percent=canary, wave_percent=wave,
-                                   failure_threshold=threshold, wave_timeout_s=wave_timeout)  # fmt: skip
+                                   failure_threshold=threshold, wave_timeout_s=wave_timeout,
+                                   health_checks=health_checks)  # fmt: skip
     if as_json:
         print_json(json.dumps(deployment, indent=2))
         return

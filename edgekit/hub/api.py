@@ -149,6 +149,9 @@ class DeploymentIn(BaseModel):
     wave_percent: float = Field(30, gt=0, le=100)
     failure_threshold: float = Field(0.2, ge=0, le=1, description="Fraction of a wave that may fail")
     wave_timeout_s: float = Field(600, gt=0, le=7 * 24 * 3600)
+    health_checks: int | None = Field(
+        None, ge=1, le=10_000, description="Inferences a device must run on the new bundle before it counts healthy"
+    )
 
     @field_validator("target")
     @classmethod
@@ -187,6 +190,7 @@ class DeploymentOut(Model):
     wave_percent: float
     failure_threshold: float
     wave_timeout_s: float
+    health_checks: int | None = None
     state: str
     current_wave: int
     waves: int
@@ -468,6 +472,7 @@ def create_deployment(request: Request, body: DeploymentIn, actor: Actor) -> Dep
         deployment = _controller(hub).create(
             bundle.id, body.target, canary_percent=body.canary_percent, wave_percent=body.wave_percent,
             failure_threshold=body.failure_threshold, wave_timeout_s=body.wave_timeout_s, actor=actor,
+            health_checks=body.health_checks,
         )  # fmt: skip
     except EdgekitError as error:
         # The controller refuses targets that match no device, or a device already in a running rollout.

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from agent_helpers import agent_command, desired_for
 from brokers import Subscriber, publish_many, wait_until
+from reliability import record as record_figure
 from typer.testing import CliRunner
 
 from edgekit.agents.bundles import ActiveRecord
@@ -338,6 +339,15 @@ def test_kill_9_during_update_never_breaks_the_device(
     finally:
         plan.close()
     hit = {o["hit"].split(" ")[0] for o in outcomes}
+    scenario = f"agent kill -9 mid-update ({broker.kind})"
+    record_figure(scenario, "kills (random moments)", rounds)
+    record_figure(scenario, "update phases hit", len(hit & UPDATE_PHASES))
+    record_figure(
+        scenario,
+        "updates leaving a device without a model",
+        sum(o["restarted_on"] not in (OLD, NEW) for o in outcomes),
+        0,
+    )
     print(f"{broker.kind}: kills hit {sorted(hit, key=DISK_PHASES.index)}; restarted on "
           f"{sorted({o['restarted_on'] for o in outcomes})}")  # fmt: skip
     # The kills reached into the update, not only the start-up.

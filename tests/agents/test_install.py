@@ -63,3 +63,23 @@ def test_bundle_without_trust_key_is_refused(cli, tmp_path, digits_bundle):
     result = cli("agent", "--broker", "mqtt://127.0.0.1:1", "--device-id", "d", "--data", tmp_path,
                  "--bundle", digits_bundle("1.0.0"))  # fmt: skip
     assert_user_error(result, "--trust-key")
+
+
+def test_install_passes_tls_and_telemetry_and_makes_paths_absolute(cli, tmp_path, signing_keys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("model.ekb", "ca.pem", "dev.pem", "dev.key"):
+        (tmp_path / name).write_text("x")
+    result = cli("agent", "install", "--broker", "mqtts://h:8883", "--device-id", "d1", "--trust-key", signing_keys[1],
+                 "--bundle", "model.ekb", "--tls-ca", "ca.pem", "--tls-cert", "dev.pem", "--tls-key", "dev.key",
+                 "--telemetry-s", "30", "--unit-dir", tmp_path)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    line = next(x for x in (tmp_path / "edgekit-agent.service").read_text().splitlines() if x.startswith("ExecStart"))
+    argv = shlex.split(line.removeprefix("ExecStart="))
+    for flag, name in (
+        ("--bundle", "model.ekb"),
+        ("--tls-ca", "ca.pem"),
+        ("--tls-cert", "dev.pem"),
+        ("--tls-key", "dev.key"),
+    ):
+        assert argv[argv.index(flag) + 1] == str(tmp_path / name)
+    assert argv[argv.index("--telemetry-s") + 1] == "30.0"

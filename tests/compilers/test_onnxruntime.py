@@ -113,3 +113,19 @@ def test_no_passing_candidate_fails_with_the_table(cli, tmp_path, small_cnn_mode
     assert "rejected" in result.stdout and "top-1 differs from fp32" in result.stdout
     assert "no candidate built and passed verification" in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_artifact_carries_the_lowest_ir_version_its_opsets_need(tmp_path, small_cnn_model, small_cnn_calibration,
+                                                               precision):  # fmt: skip
+    """A device's older ONNX Runtime (1.23 reads IR <= 11) must load what a current onnx package (IR 14) wrote."""
+    source = onnx.load(str(small_cnn_model))
+    source.ir_version = 14
+    newest = tmp_path / "ir14.onnx"
+    onnx.save(source, str(newest))
+    _, result = build(newest, tmp_path, "rpi4", precision, small_cnn_calibration if precision == "int8" else None)
+    artifact = onnx.load(str(result.entrypoint))
+    used = {node.domain for node in artifact.graph.node} | {""}
+    assert {opset.domain for opset in artifact.opset_import} == used
+    assert artifact.ir_version == onnx.helper.find_min_ir_version_for(list(artifact.opset_import), ignore_unknown=True)
+    assert artifact.ir_version <= 11

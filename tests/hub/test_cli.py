@@ -104,11 +104,11 @@ def test_push_deploy_devices_and_deployments(make_hub, bundles, tmp_path: Path) 
         assert nobody.code == 2 and "no devices match" in nobody.error()
 
         deployed = run("deploy", bundle_id[:10], "--to", "all", "--canary", "50", "--wave", "50",
-                       "--max-failures", "50%", hub=hub, token=token)  # fmt: skip
+                       "--max-failures", "50%", "--health-checks", "7", hub=hub, token=token)  # fmt: skip
         assert deployed.code == 0, deployed.stderr
         assert "deployment 1: digits@2.0.0 → all" in deployed.stdout and "canary" in deployed.stdout
         detail = json.loads(run("deployments", "1", "--json", hub=hub, token=token).stdout)
-        assert detail["failure_threshold"] == 0.5 and detail["canary_percent"] == 50
+        assert detail["failure_threshold"] == 0.5 and detail["canary_percent"] == 50 and detail["health_checks"] == 7
         assert [w["total"] for w in detail["wave_progress"]] == [1, 1]
         table = run("deployments", hub=hub, token=token)
         assert table.code == 0 and bundle_id[:12] in table.stdout and "cli-user" in table.stdout

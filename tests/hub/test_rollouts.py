@@ -15,6 +15,7 @@ import pytest
 from brokers import Subscriber
 from helpers import compile_bundle
 from hub_helpers import fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until
+from reliability import record as record_figure
 from sqlalchemy import select
 
 from edgekit.bundle import sha256_file
@@ -256,6 +257,11 @@ def test_restarted_hub_resumes_the_rollout(make_hub, bundles, tmp_path):
         resumed = [d for d, m in members.items() if m.sent_at > stopped]
         assert resumed, "the restarted hub sent nothing: the rollout had finished before the restart"
         assert all(before[d] == "pending" for d in resumed), (resumed, before)
+        scenario = "hub restart mid-rollout (10 devices)"
+        record_figure(scenario, "members resumed by the new hub", len(resumed))
+        on_v2 = sum(_reported_bundle(again, device_id) == v2 for device_id in ids)
+        record_figure(scenario, "devices not on the new bundle", len(ids) - on_v2, 0)
+        record_figure(scenario, "devices without a model", sum(a.runner.model is None for a in agents.agents), 0)
         for device_id in ids:
             assert _reported_bundle(again, device_id) == v2, device_id
         assert all(agent.runner.model.bundle.id == v2 for agent in agents.agents)
