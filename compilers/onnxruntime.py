@@ -37,7 +37,7 @@ class OnnxRuntimeBackend(Backend):
         request.outdir.mkdir(parents=True, exist_ok=True)
         source = request.model.path
         if request.precision == "int8":
-            source = self._quantize(request, options)
+            source = quantize_qdq(request, options.per_channel, options.calibrate_method)
         elif request.precision == "fp16":
             source = self._to_fp16(request)
         artifact = request.outdir / "model.onnx"
@@ -77,38 +77,41 @@ class OnnxRuntimeBackend(Backend):
             onnx.save(model, str(path))
         return path
 
-    @staticmethod
-    def _quantize(request: BuildRequest, options: OrtOptions) -> Path:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        assert request.calibration is not None, "int8 builds are planned only with calibration data"
-        work = request.outdir / "quant"
-        work.mkdir(exist_ok=True)
-        prepared = work / "model.pre.onnx"
-        quant_pre_process(str(request.model.path), str(prepared), skip_symbolic_shape=True)
-        feeds = list(request.calibration.batches(request.model.inputs[0].shape[0]))
-        quantized = work / "model.int8.onnx"
-        profile = request.profile
-        # x86 CPUs without VNNI can saturate u8*s8 products; ORT's documented remedy is 7-bit weights.
-        reduce_range = profile.cpu.arch == "x86_64" and not {"avx512vnni", "avxvnni"} & set(profile.cpu.isa)
-        with request.progress.task("onnxruntime int8: calibrating", total=len(feeds)) as advance:
-            quantize_static(
-                str(prepared),
-                str(quantized),
-                _Reader(feeds, advance),
-                quant_format=QuantFormat.QDQ,
-                per_channel=options.per_channel,
-                reduce_range=reduce_range,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method={
-                    "minmax": CalibrationMethod.MinMax,
-                    "entropy": CalibrationMethod.Entropy,
-                    "percentile": CalibrationMethod.Percentile,
-                }[options.calibrate_method],
-            )
-        return quantized
+def quantize_qdq(request: BuildRequest, per_channel: bool = True, calibrate_method: str = "minmax",
+                 who: str = "onnxruntime") -> Path:  # fmt: skip
+    """Static int8 QDQ model from ONNX Runtime's quantizer and the request's calibration data. Shared with the
+    TVM backend, which imports the QDQ graph."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    assert request.calibration is not None, "int8 builds are planned only with calibration data"
+    work = request.outdir / "quant"
+    work.mkdir(parents=True, exist_ok=True)
+    prepared = work / "model.pre.onnx"
+    quant_pre_process(str(request.model.path), str(prepared), skip_symbolic_shape=True)
+    feeds = list(request.calibration.batches(request.model.inputs[0].shape[0]))
+    quantized = work / "model.int8.onnx"
+    profile = request.profile
+    # x86 CPUs without VNNI can saturate u8*s8 products; ORT's documented remedy is 7-bit weights.
+    reduce_range = profile.cpu.arch == "x86_64" and not {"avx512vnni", "avxvnni"} & set(profile.cpu.isa)
+    with request.progress.task(f"{who} int8: calibrating", total=len(feeds)) as advance:
+        quantize_static(
+            str(prepared),
+            str(quantized),
+            _Reader(feeds, advance),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method={
+                "minmax": CalibrationMethod.MinMax,
+                "entropy": CalibrationMethod.Entropy,
+                "percentile": CalibrationMethod.Percentile,
+            }[calibrate_method],
+        )
+    return quantized
 
 
 class _Reader:

@@ -14,6 +14,7 @@ import importlib.metadata
 import logging
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ class UnsupportedByTvm(BadInput):
 class TvmBackend(Backend):
     name = "tvm"
     module = "tvm"
-    precisions = frozenset({"fp32", "fp16"})
+    precisions = frozenset({"fp32", "fp16", "int8"})
     Options = TvmOptions
 
     def unsupported_reason(self, profile: Profile, precision: Precision) -> str | None:
@@ -48,6 +49,8 @@ class TvmBackend(Backend):
             return f"TVM builds here target x86-64 and aarch64, not {profile.cpu.arch}"
         if precision == "fp16" and profile.accelerator.kind != "cuda":
             return "fp16 with TVM is for CUDA profiles (CPU fp16 arithmetic is slower than fp32 here)"
+        if precision == "int8" and profile.accelerator.kind == "cuda":
+            return "int8 with TVM is for CPU profiles (CUDA builds use fp16)"
         return super().unsupported_reason(profile, precision)
 
     def versions(self) -> dict[str, str]:
@@ -58,16 +61,21 @@ class TvmBackend(Backend):
         profile = request.profile
         database = Path(options.database) if options.database else edgekit_cache() / "tvm" / profile.name
         target = device_target(profile)
+        source = request.model.path
+        if request.precision == "int8":
+            from edgekit.compilers.onnxruntime import quantize_qdq
+
+            # Relax has no quantizer of its own (Relay's went with Relay): import ONNX Runtime's QDQ graph, whose
+            # Quantize/DequantizeLinear pairs TVM lowers and fuses into the neighbouring kernels.
+            source = quantize_qdq(request, who="tvm")
         with request.progress.task(f"tvm {request.precision}: importing and lowering", total=1):
-            imported = import_onnx(request.model.path)
+            imported = import_onnx(source)
             module = lower(imported, request.precision, target)
         details: dict[str, Any] = {"target": describe(profile), "database": str(database)}
         if profile.accelerator.kind == "cuda":
             scheduled = schedule_gpu(module, target)
-            details["tuning"] = (
-                "none: CUDA kernels use dlight's default GPU schedules (no GPU here to time them); without a CUDA "
-                "driver on the build host TVM embeds them as CUDA C source, compiled on the device"
-            )
+            details["tuning"] = "none: CUDA kernels use dlight's default GPU schedules (no GPU here to time them)"
+            details["cuda_kernels"] = enable_cuda_binaries(profile.accelerator.arch)
         else:
             details.update(tune_on_host(module, target, database, options, request))
             scheduled = apply_database(module, target, database)
@@ -143,9 +151,15 @@ def describe(profile: Profile) -> str:
 
 
 def host_target():
+    """This machine's CPU by name: the wheel's LLVM rejects `-mcpu=native` with its default (conda) triple and
+    falls back to generic x86-64, which leaves AVX2/AVX-512 unused."""
     import tvm
+    from tvm.target.codegen import llvm_get_system_cpu
 
-    return tvm.target.Target({"kind": "llvm", "mcpu": "native", "num-cores": os.cpu_count() or 1})
+    triple = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}[host_arch()]
+    return tvm.target.Target(
+        {"kind": "llvm", "mtriple": triple, "mcpu": llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
+    )
 
 
 def device_target(profile: Profile):
@@ -227,7 +241,86 @@ def apply_database(module, target, database: Path):
 def compile_module(module, target):
     import tvm
 
-    return tvm.compile(module, target=target)
+    # Inside the target's scope: the nvcc callback reads the CUDA arch from Target.current().
+    with target:
+        return tvm.compile(module, target=target)
+
+
+def enable_cuda_binaries(arch: str) -> str:
+    """Make TVM compile CUDA kernels to `arch` binaries with nvcc on this host, GPU or not; says what it will ship.
+
+    TVM's CUDA code generator lives in libtvm_runtime_cuda.so, which only loads where the driver's cu* symbols
+    are (libcuda.so.1). Without them TVM silently keeps the kernels as CUDA C source, which a device's TVM runtime
+    cannot load. On a build host without a driver, a stub libcuda.so.1 (every entry point answers "no device",
+    like the CUDA toolkit's own link stubs) lets the generator load; nothing in a build calls the driver."""
+    import tvm_ffi
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise RuntimeError("CUDA builds need nvcc (the CUDA toolkit) on this host to compile the kernels")
+    if arch.removeprefix("sm_") not in _nvcc_archs(nvcc):
+        raise RuntimeError(f"this host's nvcc ({_nvcc_version(nvcc)}) cannot compile for {arch}")
+    if tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
+        _load_tvm_cuda_codegen()
+    os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")  # TVM's default, NVRTC, needs the cuda-python package
+    return f"{arch} binary (cubin in a fatbin) compiled with nvcc {_nvcc_version(nvcc)}, no PTX"
+
+
+def _nvcc_archs(nvcc: str) -> set[str]:
+    listed = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, check=False).stdout.split()
+    return {code.removeprefix("sm_") for code in listed if code.startswith("sm_")}
+
+
+def _nvcc_version(nvcc: str) -> str:
+    banner = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
+    return next((line.split("release")[-1].split(",")[0].strip() for line in banner.splitlines() if "release" in line),
+                "unknown")  # fmt: skip
+
+
+def _load_tvm_cuda_codegen() -> None:
+    import ctypes
+
+    import tvm_ffi
+    from tvm.base import _LOADED_LIBS
+
+    try:
+        ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        ctypes.CDLL(str(_driver_stub()), mode=ctypes.RTLD_GLOBAL)
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    _LOADED_LIBS["tvm_runtime_cuda"] = tvm_ffi.libinfo.load_lib_ctypes(
+        package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
+    )
+    if tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
+        raise RuntimeError("TVM's CUDA code generator (libtvm_runtime_cuda.so) did not load")
+
+
+def _driver_stub() -> Path:
+    """libcuda.so.1 with every driver entry point libtvm_runtime_cuda.so imports, each answering "no device";
+    built once into the user cache (never shipped in a bundle)."""
+    from tvm.base import _LOADED_LIBS
+
+    sidecar = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
+    stub = edgekit_cache() / "cuda-stub" / importlib.metadata.version("apache-tvm") / "libcuda.so.1"
+    if stub.exists():
+        return stub
+    undefined = subprocess.run(["nm", "-D", "--undefined-only", str(sidecar)], capture_output=True, text=True,
+                               check=True).stdout.split()  # fmt: skip
+    names = sorted({name for name in undefined if name.startswith("cu") and "@" not in name})
+    lines = [
+        f'int {name}(int e, const char **s) {{ if (s) *s = "no CUDA driver (edgekit build stub)"; return 0; }}'
+        if name in ("cuGetErrorName", "cuGetErrorString")
+        else f"int {name}(void) {{ return 100; }}"  # CUDA_ERROR_NO_DEVICE
+        for name in names
+    ]
+    stub.parent.mkdir(parents=True, exist_ok=True)
+    source = stub.with_suffix(".c")
+    source.write_text("\n".join(lines) + "\n")
+    partial = stub.with_name(stub.name + ".partial")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(partial), str(source)],
+                   check=True, capture_output=True)  # fmt: skip
+    partial.replace(stub)
+    return stub
 
 
 def export(executable, path: Path, arch: str) -> None:

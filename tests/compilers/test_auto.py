@@ -54,3 +54,11 @@ def test_intel_npu_build_says_it_was_verified_on_the_cpu(cli, digits, tmp_path):
     assert "the device asks for AUTO:NPU,GPU,CPU" in chosen["metrics"]["verified_on"]
     manifest = json.loads(cli("inspect", tmp_path / "npu.ekb", "--json").stdout)
     assert manifest["target"] == {"device": "AUTO:NPU,GPU,CPU"}
+
+
+def test_a_drop_exactly_at_the_budget_passes_despite_float_rounding():
+    from edgekit.pipeline import _over
+
+    drop = (0.99 - 0.98) * 100  # 1.0000000000000009
+    assert drop > 1.0 and not _over(drop, 1.0)
+    assert _over(1.005, 1.0)

@@ -48,7 +48,24 @@ def test_jetson_orin_build_has_cuda_kernels_for_sm_87_and_an_aarch64_host(cli, s
     assert manifest["target"] == {"device": "cuda", "arch": "sm_87"}
     library = tmp_path / "orin" / "artifacts" / "model.so"
     assert "ARM aarch64" in elf_machine(library)
-    assert b'extern "C" __global__' in library.read_bytes()  # the CUDA kernels travel inside the host module
+    assert candidate["details"]["cuda_kernels"].startswith("sm_87 binary")
+    assert cuda_binary_arch(library.read_bytes()) == 87
+    assert b'extern "C" __global__' not in library.read_bytes(), "the kernels must be compiled, not CUDA C source"
+
+
+FATBIN_MAGIC = (0xBA55ED50).to_bytes(4, "little")
+EM_CUDA = 190
+
+
+def cuda_binary_arch(library: bytes) -> int | None:
+    """The SM version of the first cubin inside the library's fatbin, read from its ELF header: e_machine must be
+    EM_CUDA; for ABI version 8 cubins (CUDA 13) the SM sits in bits 8-15 of e_flags, before that in bits 0-7."""
+    start = library.find(FATBIN_MAGIC)
+    cubin = library.find(b"\x7fELF", start) if start >= 0 else -1
+    if cubin < 0 or int.from_bytes(library[cubin + 18 : cubin + 20], "little") != EM_CUDA:
+        return None
+    flags = int.from_bytes(library[cubin + 48 : cubin + 52], "little")
+    return (flags >> 8) & 0xFF if library[cubin + 8] >= 8 else flags & 0xFF
 
 
 def dense_model(path: Path) -> Path:
@@ -125,3 +142,17 @@ def test_tvm_declines_microcontrollers(profile):
     from edgekit.profiles import load_profile
 
     assert "x86-64 and aarch64" in backends()["tvm"]().unsupported_reason(load_profile(profile), "fp32")
+
+
+@pytest.mark.parametrize("profile", ["x86-64-avx512", "rpi4"])
+def test_int8_imports_the_onnx_runtime_qdq_graph(cli, small_cnn_model, small_cnn_calibration, tmp_path, profile):
+    out = tmp_path / f"{profile}-int8.ekb"
+    args = compile_args(small_cnn_model, profile, "--backend", "tvm", "--precision", "int8", "--json", out=out)
+    result = cli(*args, "--calibration", small_cnn_calibration)
+    assert result.exit_code == 0, result.output
+    chosen = next(c for c in json.loads(result.stdout)["candidates"] if c["status"] == "chosen")
+    assert (chosen["backend"], chosen["precision"]) == ("tvm", "int8")
+    # int8 rounding, not a broken graph: close to fp32 but not bit-equal.
+    assert chosen["metrics"]["cosine"] > 0.99 and chosen["metrics"]["max_abs_error"] > 1e-6
+    manifest = unpack(out, tmp_path / "unpacked")
+    assert manifest["precision"] == "int8" and manifest["runtime"] == "tvm"
