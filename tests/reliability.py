@@ -97,8 +97,9 @@ def _is_worker(config: pytest.Config) -> bool:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Controller only, before any worker starts: figures from an earlier run must not reappear."""
-    if not _is_worker(session.config):
+    """Controller only, before any worker starts: figures from an earlier run must not reappear, unless this run
+    continues one (`make test-all` runs the soak on its own after the rest, for one table at the end)."""
+    if not _is_worker(session.config) and not os.environ.get("EDGEKIT_KEEP_FIGURES"):
         clear()
 
 

@@ -12,14 +12,19 @@ Then: edgekit compile OUT/digits.onnx --profile x86-64-avx512 --precision int8 \
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
+
+# The examples folder holds the helper the examples share; it is not an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sklearn_onnx import mlp_layers
 
 OPSET = 17
 
@@ -37,22 +42,8 @@ def train(seed: int = 0) -> tuple[MLPClassifier, dict[str, np.ndarray]]:
 
 def to_onnx(classifier: MLPClassifier) -> onnx.ModelProto:
     """Flatten → (Gemm → Relu)* → Gemm → Softmax, with the trained weights as initializers."""
-    nodes = [helper.make_node("Flatten", ["image"], ["x0"], name="flatten", axis=1)]
-    initializers = []
-    layers = list(zip(classifier.coefs_, classifier.intercepts_, strict=False))
-    current = "x0"
-    for index, (weights, bias) in enumerate(layers):
-        w_name, b_name, out = f"fc{index}.weight", f"fc{index}.bias", f"fc{index}"
-        initializers += [
-            numpy_helper.from_array(weights.astype(np.float32), w_name),
-            numpy_helper.from_array(bias.astype(np.float32), b_name),
-        ]
-        nodes.append(helper.make_node("Gemm", [current, w_name, b_name], [out], name=f"fc{index}"))
-        current = out
-        if index < len(layers) - 1:
-            nodes.append(helper.make_node("Relu", [out], [f"relu{index}"], name=f"relu{index}"))
-            current = f"relu{index}"
-    nodes.append(helper.make_node("Softmax", [current], ["probabilities"], name="softmax", axis=1))
+    layers, initializers = mlp_layers(classifier, "x0")
+    nodes = [helper.make_node("Flatten", ["image"], ["x0"], name="flatten", axis=1), *layers]
     graph = helper.make_graph(
         nodes,
         "digits_mlp",
