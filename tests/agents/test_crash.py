@@ -339,7 +339,7 @@ def test_kill_9_during_update_never_breaks_the_device(
     finally:
         plan.close()
     hit = {o["hit"].split(" ")[0] for o in outcomes}
-    scenario = f"agent kill -9 mid-update ({broker.kind})"
+    scenario = f"agent kill -9 mid-update ({broker.kind}, {rounds} rounds)"
     record_figure(scenario, "kills (random moments)", rounds)
     record_figure(scenario, "update phases hit", len(hit & UPDATE_PHASES))
     record_figure(
