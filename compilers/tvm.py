@@ -282,12 +282,13 @@ def enable_cuda_binaries(arch: str) -> str:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         raise RuntimeError("CUDA builds need nvcc (the CUDA toolkit) on this host to compile the kernels")
+    version = _nvcc_version(nvcc)
     if arch.removeprefix("sm_") not in _nvcc_archs(nvcc):
-        raise RuntimeError(f"this host's nvcc ({_nvcc_version(nvcc)}) cannot compile for {arch}")
+        raise RuntimeError(f"this host's nvcc ({version}) cannot compile for {arch}")
     if tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
         _load_tvm_cuda_codegen()
     os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")  # TVM's default, NVRTC, needs the cuda-python package
-    return f"{arch} binary (cubin in a fatbin) compiled with nvcc {_nvcc_version(nvcc)}, no PTX"
+    return f"{arch} binary (cubin in a fatbin) compiled with nvcc {version}, no PTX"
 
 
 def _nvcc_archs(nvcc: str) -> set[str]:
@@ -307,11 +308,11 @@ def _load_tvm_cuda_codegen() -> None:
     import tvm_ffi
     from tvm.base import _LOADED_LIBS
 
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
     try:
         ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
     except OSError:
-        ctypes.CDLL(str(_driver_stub()), mode=ctypes.RTLD_GLOBAL)
-    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+        ctypes.CDLL(str(_driver_stub(runtime_dir / "libtvm_runtime_cuda.so")), mode=ctypes.RTLD_GLOBAL)
     _LOADED_LIBS["tvm_runtime_cuda"] = tvm_ffi.libinfo.load_lib_ctypes(
         package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
     )
@@ -319,12 +320,9 @@ def _load_tvm_cuda_codegen() -> None:
         raise RuntimeError("TVM's CUDA code generator (libtvm_runtime_cuda.so) did not load")
 
 
-def _driver_stub() -> Path:
-    """libcuda.so.1 with every driver entry point libtvm_runtime_cuda.so imports, each answering "no device";
-    built once into the user cache (never shipped in a bundle)."""
-    from tvm.base import _LOADED_LIBS
-
-    sidecar = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
+def _driver_stub(sidecar: Path) -> Path:
+    """libcuda.so.1 with every driver entry point the sidecar (libtvm_runtime_cuda.so) imports, each answering
+    "no device"; built once into the user cache (never shipped in a bundle)."""
     stub = edgekit_cache() / "cuda-stub" / importlib.metadata.version("apache-tvm") / "libcuda.so.1"
     if stub.exists():
         return stub

@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 from edgekit import emulation
 from edgekit.broker import free_port
 from edgekit.demo import compile_bundle, train
-from edgekit.hub.db import Device, ResultRecord
+from edgekit.hub.db import Deployment, Device, ResultRecord
 from edgekit.hub.service import Hub, HubSettings
 from edgekit.signing import generate_keypair
 
@@ -133,8 +133,8 @@ def run(out: Path, duration: float) -> dict[str, Any]:
             raise SystemExit("the hub did not start (broker or HTTP server)")
         console.print(f"hub: broker {hub.broker_url}, dashboard {hub.http_url}")
         agents = Agents(out, hub.broker_url, public_key)
-        wait_for(lambda: all(d.online for d in devices(hub).values()) and len(devices(hub)) == len(DEVICES),
-                 agents, "both devices to come online")  # fmt: skip
+        wait_for(lambda: sum(d.online for d in devices(hub).values()) == len(DEVICES), agents,
+                 "both devices to come online")  # fmt: skip
         record, _ = hub.registry.add(bundle, "fleet example")
         deployment = hub.rollouts.create(record.id, "all", canary_percent=50, wave_percent=50, health_checks=5,
                                          actor="fleet example")  # fmt: skip
@@ -152,8 +152,6 @@ def run(out: Path, duration: float) -> dict[str, Any]:
 
 
 def _finished(hub: Hub, deployment_id: int) -> dict[str, Any] | None:
-    from edgekit.hub.db import Deployment
-
     with hub.sessions() as session:
         deployment = session.get(Deployment, deployment_id)
         done = deployment.state in ("completed", "halted")

@@ -20,7 +20,7 @@ import pytest
 from brokers import wait_until
 from reliability import record
 
-from edgekit.agents.bundles import ActiveRecord
+from edgekit.agents.bundles import BundleStore
 from edgekit.agents.store import Outbox
 from edgekit.broker import free_port
 from edgekit.hub.client import HubClient
@@ -155,13 +155,15 @@ def test_soak(tmp_path, cnn_bundles):
         final = hub.client.deployment(deployment["id"])
     finally:
         fleet.stop()
-    records = [_active(device) for device in fleet.device_dirs()]
-    without_model = sum(record is None or record.active is None for record in records)
-    on_v2 = sum(record is not None and record.active == v2 for record in records)
-    lost, queued, sent = _count_lost(fleet.device_dirs(), hub.data / "hub.sqlite")
+    device_dirs = fleet.device_dirs()
+    stores = [BundleStore(device) for device in device_dirs]
+    active = [store.record().active for store in stores]
+    without_model = sum(bundle is None or not store.has(bundle) for bundle, store in zip(active, stores, strict=True))
+    on_v2 = active.count(v2)
+    lost, queued, sent = _count_lost(device_dirs, hub.data / "hub.sqlite")
     hub.stop()
 
-    record(scenario, "devices (agents in 4 processes)", len(records))
+    record(scenario, "devices (agents in 4 processes)", len(device_dirs))
     record(scenario, "messages queued by the devices", sent)
     record(scenario, "messages still queued at the end", queued)
     record(scenario, "messages lost", lost, 0)
@@ -170,30 +172,21 @@ def test_soak(tmp_path, cnn_bundles):
     record(scenario, "updates that left a device without a model", without_model, 0)
     record(scenario, "hub RSS after warm-up (MiB)", round(rss[0] / MIB, 1))
     record(scenario, "hub RSS growth (MiB)", round((rss[-1] - rss[0]) / MIB, 1), RSS_GROWTH_LIMIT_MIB)
-    assert len(records) == DEVICES
+    assert len(device_dirs) == DEVICES
     assert lost == 0 and without_model == 0
     assert final["state"] == "completed", final["reason"]
     assert on_v2 == DEVICES
     assert rss[-1] - rss[0] <= RSS_GROWTH_LIMIT_MIB * MIB, [round(r / MIB) for r in rss]
 
 
-def _active(device_dir: Path) -> ActiveRecord | None:
-    path = device_dir / "active.json"
-    return ActiveRecord.model_validate_json(path.read_bytes()) if path.exists() else None
-
-
 def _count_lost(device_dirs: list[Path], hub_db: Path) -> tuple[int, int, int]:
     """(lost, still queued, queued in all): a seq is lost if it is neither in the hub nor in the device's outbox.
     The hub writes in batches, so wait until what it holds stops growing."""
 
-    def total() -> int:
-        return sum(len(s) for s in stored_seqs(hub_db).values())
-
-    previous = -1
-    while (current := total()) != previous:
-        previous = current
+    previous, stored = None, stored_seqs(hub_db)
+    while stored != previous:
         time.sleep(3)
-    stored = stored_seqs(hub_db)
+        previous, stored = stored, stored_seqs(hub_db)
     lost = queued = sent = 0
     for device_dir in device_dirs:
         last, waiting, dropped = still_queued(device_dir)
