@@ -36,6 +36,9 @@ class BuildRequest:
     options: BackendOptions
     outdir: Path
     progress: Progress
+    # Node names of the prepared fp32 model that an int8 build leaves in float: the most quantization-sensitive
+    # layers, chosen by the pipeline's mixed-precision search when plain int8 misses the accuracy budget.
+    keep_float: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
