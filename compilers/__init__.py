@@ -68,6 +68,8 @@ class Backend(ABC):
     module: ClassVar[str]  # import name the build needs
     extra: ClassVar[str] = "compile"  # the pip extra that installs it
     precisions: ClassVar[frozenset[str]]
+    # Whether an int8 build honours BuildRequest.keep_float, so mixed precision can rescue it.
+    keeps_float: ClassVar[bool] = False
     Options: ClassVar[type[BackendOptions]] = BackendOptions
 
     @classmethod

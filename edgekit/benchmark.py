@@ -7,7 +7,7 @@ import numpy as np
 
 from edgekit.agents.runtimes import Session, get_runtime, runtimes
 from edgekit.bundle import open_bundle
-from edgekit.calibration import synthetic_samples
+from edgekit.calibration import synthetic_feed
 from edgekit.errors import BadInput, OperationFailed
 from edgekit.measure import measure_latency
 from edgekit.schema import StrictModel
@@ -63,7 +63,7 @@ def bench_bundle(path: Path, seconds: float, threads: int | None) -> BenchResult
         selftest = run_selftest(session, root, manifest)
         if not selftest.passed:
             raise OperationFailed(f"{path}: self-test failed on this host: {selftest.detail}")
-        feed = synthetic_samples(manifest.inputs, manifest.inputs[0].shape[0]).inputs
+        feed = synthetic_feed(manifest.inputs)
         return _measure(path, manifest.runtime, session, feed, seconds, f"passed ({selftest.detail})")
 
 
@@ -74,7 +74,7 @@ def bench_model(path: Path, seconds: float, threads: int | None, input_shapes: d
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as scratch:
         model = prepare_model(path, Path(scratch), input_shapes)
         session = get_runtime("onnxruntime").load(model.path, {}, threads)
-        feed = synthetic_samples(model.inputs, model.inputs[0].shape[0]).inputs
+        feed = synthetic_feed(model.inputs, model.value_hints)
         return _measure(path, "onnxruntime", session, feed, seconds)
 
 

@@ -1,10 +1,12 @@
 """Calibration and verification samples: an `.npz` file or a folder of images, split into calibration and held-out.
 
-Samples are stored item-major (`N, *input_shape[1:]`) and grouped into batches of the model's batch size.
+Samples are stored item-major: `(N, *item_shape)`, where an input's item shape is its shape without the batch dim
+(which need not be dim 0: an RNN state [2, batch, 128] has items of [2, 128]), or its whole shape when the input is
+not batched (a scalar sample rate). Feeds put `batch_size` items back along each input's batch axis.
 """
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,32 +20,44 @@ LABEL_KEYS = ("labels", "y")
 SINGLE_INPUT_KEYS = ("inputs", "x", "arr_0")
 
 
+def item_shape(spec: TensorSpec) -> tuple[int, ...]:
+    """One sample of this input: its shape without the batch dim, or all of it when it is not batched."""
+    return tuple(d for axis, d in enumerate(spec.shape) if axis != spec.batch_axis)
+
+
 @dataclass(frozen=True)
 class SampleSet:
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
     origin: str
+    batch_axes: dict[str, int | None] = field(default_factory=dict)  # per input; missing means 0
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
     def subset(self, indices: np.ndarray) -> "SampleSet":
         labels = self.labels[indices] if self.labels is not None else None
-        return SampleSet({k: v[indices] for k, v in self.inputs.items()}, labels, self.origin)
+        return SampleSet({k: v[indices] for k, v in self.inputs.items()}, labels, self.origin, self.batch_axes)
 
-    def split(self, holdout_fraction: float, seed: int = 0) -> tuple["SampleSet", "SampleSet"]:
-        """(calibration, held-out): a seeded shuffle, so class-sorted data still splits fairly."""
+    def split(self, holdout_fraction: float, minimum: int = 1, seed: int = 0) -> tuple["SampleSet", "SampleSet"]:
+        """(calibration, held-out): a seeded shuffle, so class-sorted data still splits fairly; at least `minimum`
+        samples are held out."""
         count = len(self)
         if count < 2:
             raise BadInput(f"{self.origin}: {count} sample(s); need at least 2 (calibration plus held-out)")
         order = np.random.default_rng(seed).permutation(count)
-        held = min(count - 1, max(1, round(count * holdout_fraction)))
+        held = min(count - 1, max(1, minimum, round(count * holdout_fraction)))
         return self.subset(np.sort(order[held:])), self.subset(np.sort(order[:held]))
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of exactly `batch_size` items; a remainder smaller than one batch is left out."""
         for start in range(0, len(self) - batch_size + 1, batch_size):
-            yield {name: array[start : start + batch_size] for name, array in self.inputs.items()}
+            yield {name: self._feed(name, array[start : start + batch_size]) for name, array in self.inputs.items()}
+
+    def _feed(self, name: str, items: np.ndarray) -> np.ndarray:
+        axis = self.batch_axes.get(name, 0)
+        # An input that is not batched (a sample rate, a shared state) takes the first item's value for the feed.
+        return np.asarray(items[0]) if axis is None else np.ascontiguousarray(np.moveaxis(items, 0, axis))
 
     def batch_labels(self, batch_size: int) -> np.ndarray | None:
         if self.labels is None:
@@ -61,11 +75,40 @@ def load_samples(path: Path, inputs: list[TensorSpec], preprocessing: Preprocess
     raise BadInput(f"{path}: calibration data must be a folder of images or an .npz file")
 
 
-def synthetic_samples(inputs: list[TensorSpec], count: int, seed: int = 0) -> SampleSet:
-    """Standard-normal inputs, only for comparing fp32/fp16 builds when the user gave no data."""
+def synthetic_samples(
+    inputs: list[TensorSpec], count: int, hints: dict[str, list[int]] | None = None, seed: int = 0
+) -> SampleSet:
+    """Inputs for comparing fp32/fp16 builds when the user gave no data: standard-normal floats; integers from the
+    values the graph compares them with (`hints`, e.g. a sample rate's 8000/16000), else small non-negative ones
+    (indices, counts, flags); random booleans."""
     rng = np.random.default_rng(seed)
-    arrays = {spec.name: rng.standard_normal((count, *spec.shape[1:])).astype(spec.dtype) for spec in inputs}
-    return SampleSet(arrays, None, "synthetic")
+    arrays = {spec.name: _synthetic(rng, spec, count, (hints or {}).get(spec.name)) for spec in inputs}
+    return SampleSet(arrays, None, "synthetic", _axes(inputs))
+
+
+def feed_size(inputs: list[TensorSpec]) -> int:
+    """Items per feed: the batch dim of the first batched input (1 when nothing is batched)."""
+    return next((spec.shape[spec.batch_axis] for spec in inputs if spec.batch_axis is not None), 1)
+
+
+def synthetic_feed(inputs: list[TensorSpec], hints: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
+    """One feed of synthetic inputs at the model's batch size."""
+    batch = feed_size(inputs)
+    return next(synthetic_samples(inputs, batch, hints).batches(batch))
+
+
+def _synthetic(rng: np.random.Generator, spec: TensorSpec, count: int, hint: list[int] | None) -> np.ndarray:
+    shape = (count, *item_shape(spec))
+    kind = np.dtype(spec.dtype).kind
+    if kind == "b":
+        return rng.random(shape) < 0.5
+    if kind in "iu":
+        return (rng.choice(hint, shape) if hint else rng.integers(0, 4, shape)).astype(spec.dtype)
+    return rng.standard_normal(shape).astype(spec.dtype)
+
+
+def _axes(inputs: list[TensorSpec]) -> dict[str, int | None]:
+    return {spec.name: spec.batch_axis for spec in inputs}
 
 
 def _load_npz(path: Path, inputs: list[TensorSpec]) -> SampleSet:
@@ -84,7 +127,7 @@ def _load_npz(path: Path, inputs: list[TensorSpec]) -> SampleSet:
         raise BadInput(f"{path}: inputs have different sample counts: {counts}")
     if labels is not None and len(labels) != len(next(iter(arrays.values()))):
         raise BadInput(f"{path}: 'labels' has {len(labels)} entries, inputs have {next(iter(counts.values()))} samples")
-    return SampleSet(arrays, labels.astype(np.int64) if labels is not None else None, str(path))
+    return SampleSet(arrays, labels.astype(np.int64) if labels is not None else None, str(path), _axes(inputs))
 
 
 def _single_input_key(path: Path, data: dict[str, np.ndarray], inputs: list[TensorSpec]) -> str:
@@ -97,14 +140,15 @@ def _single_input_key(path: Path, data: dict[str, np.ndarray], inputs: list[Tens
 
 
 def _conform(path: Path, key: str, array: np.ndarray, spec: TensorSpec) -> np.ndarray:
-    item_shape = tuple(spec.shape[1:])
-    # Flattened samples (e.g. (N, 64) for a (N, 1, 8, 8) input) are accepted when the element count fits.
-    if array.ndim >= 1 and tuple(array.shape[1:]) != item_shape and np.prod(array.shape[1:]) == np.prod(item_shape):
-        array = array.reshape(len(array), *item_shape)
-    if tuple(array.shape[1:]) != item_shape:
+    item = item_shape(spec)
+    # Flattened samples (e.g. (N, 64) for a (N, 1, 8, 8) input) are accepted when the element count fits, and so
+    # are samples that keep a batch dim of 1 (e.g. (N, 2, 1, 128) for a state [2, batch, 128]).
+    if array.ndim >= 1 and tuple(array.shape[1:]) != item and np.prod(array.shape[1:]) == np.prod(item):
+        array = array.reshape(len(array), *item)
+    if array.ndim == 0 or tuple(array.shape[1:]) != item:
         raise BadInput(
             f"{path}: array '{key}' has shape {tuple(array.shape)}; model input '{spec.name}' "
-            f"needs (N, {', '.join(map(str, item_shape))})"
+            f"needs (N{''.join(f', {d}' for d in item)})"
         )
     return array.astype(spec.dtype, copy=False)
 
@@ -150,7 +194,7 @@ def _load_image_folder(path: Path, inputs: list[TensorSpec], preprocessing: Prep
     batch = np.stack(images)
     if spec.layout == "NCHW":
         batch = batch.transpose(0, 3, 1, 2)
-    return SampleSet({spec.name: np.ascontiguousarray(batch, dtype=spec.dtype)}, None, str(path))
+    return SampleSet({spec.name: np.ascontiguousarray(batch, dtype=spec.dtype)}, None, str(path), _axes(inputs))
 
 
 def _read_image(cv2, file: Path, preprocessing: Preprocessing) -> np.ndarray:

@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, model_serializer
 
 from edgekit.profiles import Preprocessing
 from edgekit.schema import Precision, StrictModel
@@ -17,6 +17,18 @@ class TensorSpec(StrictModel):
     shape: list[int]
     dtype: str = Field(description="numpy dtype name, e.g. float32")
     layout: Layout = "other"
+    batch_axis: int | None = Field(
+        0, ge=0, description="Which dim is the batch (e.g. 1 for an RNN state [2, batch, 128]); None: not batched"
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_batch_axis(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict:
+        # Written only where it says something: manifests of axis-0 models stay readable by earlier agents,
+        # which know no batch_axis field.
+        data = handler(self)
+        if self.batch_axis == 0:
+            data.pop("batch_axis", None)
+        return data
 
 
 class FileEntry(StrictModel):
@@ -30,7 +42,9 @@ class Metrics(StrictModel):
 
     verified_on: str = Field(description="Where the candidate ran, e.g. 'host x86_64 CPU', or why it did not")
     samples: int = 0
-    data: Literal["held-out calibration split", "synthetic", "none"] = "none"
+    data: Literal["held-out calibration split", "evaluation set", "all calibration samples", "synthetic", "none"] = (
+        "none"
+    )
     max_abs_error: float | None = None
     cosine: float | None = None
     top1_agreement: float | None = Field(None, description="Fraction of samples whose argmax matches; classifiers")

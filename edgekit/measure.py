@@ -12,10 +12,21 @@ from edgekit.agents.runtimes import Session
 
 
 @dataclass(frozen=True)
+class OutputAgreement:
+    """One output against the reference: float outputs by cosine and SNR, integer ones (labels, class ids) exactly."""
+
+    max_abs_error: float
+    cosine: float | None = None
+    snr_db: float | None = None
+    exact: float | None = None  # fraction of equal elements, integer outputs only
+
+
+@dataclass(frozen=True)
 class Agreement:
     max_abs_error: float
-    cosine: float
+    cosine: float | None  # the lowest over float outputs; None when every output is an integer
     top1_agreement: float | None
+    outputs: list[OutputAgreement]
 
 
 @dataclass(frozen=True)
@@ -26,29 +37,45 @@ class Latency:
     iterations: int
 
 
+def predictions(array: np.ndarray) -> np.ndarray | None:
+    """Per-sample class predictions when the output is a classifier's: scores (N, classes) with more than one class
+    (also (N, classes, 1, 1) from conv heads) → argmax; integer labels (N,) → as they are; else None."""
+    if array.dtype.kind in "iu" and array.ndim == 1:
+        return array
+    if array.dtype.kind == "f" and array.ndim >= 2 and all(d == 1 for d in array.shape[2:]) and array.shape[1] > 1:
+        return array.reshape(array.shape[0], array.shape[1]).argmax(axis=1)
+    return None
+
+
 def is_classifier_output(array: np.ndarray) -> bool:
-    """(N, classes) with more than one class: argmax is meaningful."""
-    return array.ndim == 2 and array.shape[1] > 1
+    return predictions(array) is not None
+
+
+def compare_output(ref: np.ndarray, got: np.ndarray) -> OutputAgreement:
+    ref64, got64 = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
+    error = float(np.max(np.abs(ref64 - got64))) if ref64.size else 0.0
+    if ref.dtype.kind in "iub":
+        return OutputAgreement(error, exact=float(np.mean(ref64 == got64)) if ref64.size else 1.0)
+    norm = np.linalg.norm(ref64) * np.linalg.norm(got64)
+    cosine = float(ref64 @ got64 / norm) if norm else float(np.array_equal(ref64, got64))
+    noise = float(np.sum((ref64 - got64) ** 2))
+    snr = float(10 * np.log10(np.sum(ref64**2) / noise)) if noise and np.any(ref64) else None  # None: identical
+    return OutputAgreement(error, cosine=cosine, snr_db=snr)
 
 
 def compare(reference: list[np.ndarray], candidate: list[np.ndarray]) -> Agreement:
     """Worst case over outputs: largest absolute error and lowest cosine; top-1 on the first output."""
-    errors, cosines = [], []
-    for ref, got in zip(reference, candidate, strict=True):
-        ref64, got64 = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
-        errors.append(float(np.max(np.abs(ref64 - got64))) if ref64.size else 0.0)
-        norm = np.linalg.norm(ref64) * np.linalg.norm(got64)
-        cosines.append(float(ref64 @ got64 / norm) if norm else float(np.array_equal(ref64, got64)))
-    top1 = None
-    if is_classifier_output(reference[0]):
-        top1 = float(np.mean(reference[0].argmax(axis=1) == candidate[0].argmax(axis=1)))
-    return Agreement(max(errors), min(cosines), top1)
+    outputs = [compare_output(ref, got) for ref, got in zip(reference, candidate, strict=True)]
+    cosines = [o.cosine for o in outputs if o.cosine is not None]
+    ref_classes, got_classes = predictions(reference[0]), predictions(candidate[0])
+    top1 = float(np.mean(ref_classes == got_classes)) if ref_classes is not None and got_classes is not None else None
+    return Agreement(max(o.max_abs_error for o in outputs), min(cosines) if cosines else None, top1, outputs)
 
 
 def run_batches(session: Session, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """Run every feed and concatenate each output along the batch axis."""
+    """Run every feed and join each output along its first axis (scalar outputs become one value per feed)."""
     per_feed = [session.run(feed) for feed in feeds]
-    return [np.concatenate([outputs[i] for outputs in per_feed]) for i in range(len(per_feed[0]))]
+    return [np.concatenate([np.atleast_1d(outputs[i]) for outputs in per_feed]) for i in range(len(per_feed[0]))]
 
 
 def measure_latency(

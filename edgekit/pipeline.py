@@ -22,13 +22,15 @@ from edgekit.compilers import Backend, BackendOptions, BuildRequest, BuildResult
 from edgekit.errors import BadInput, OperationFailed
 from edgekit.intake import PreparedModel, prepare_model
 from edgekit.manifest import Manifest, Metrics, SelfTest
-from edgekit.measure import compare, is_classifier_output, measure_latency, peak_memory, run_batches
+from edgekit.measure import compare, measure_latency, peak_memory, predictions, run_batches
+from edgekit.mixed import keep_float_rounds, rank_sensitive_nodes
 from edgekit.profiles import Candidate, Preprocessing, Profile, host_arch
 from edgekit.progress import NoProgress, Progress
 from edgekit.report import CandidateReport, CompileReport, ReferenceReport
 from edgekit.schema import Precision
 from edgekit.selftest import expected_tolerance, write_vectors
 from edgekit.signing import default_signing_key, key_id, load_private_key
+from edgekit.verdict import Budget, Judgement, judge
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,9 @@ SYNTHETIC_SAMPLES = 16
 EMULATED_FEEDS = 8  # each emulated run costs ~20 s of qemu start-up plus slow inference
 PRECISION_PREFERENCE = ("int8", "fp16", "fp32")
 SELFTEST_BATCHES = 4
+# Fewer held-out samples than this resolve top-1 in steps of more than 2 points; with fewer than twice as many in
+# all, every sample both calibrates and verifies (the report warns).
+MIN_HOLDOUT = 50
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class CompileRequest:
     precision: Precision | None = None
     backend: str = "auto"
     calibration: Path | None = None
+    eval_data: Path | None = None  # a separate evaluation set: then all of --calibration calibrates
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     sign_key: Path | None = None
@@ -83,6 +89,7 @@ class _Built:
     outdir: Path
     report: CandidateReport
     outputs: list[np.ndarray] = field(default_factory=list)
+    judgement: Judgement | None = None
 
 
 def plan_candidates(request: CompileRequest) -> list[_Plan]:
@@ -138,16 +145,39 @@ def _bundle_name(request: CompileRequest) -> str:
     return request.name or re.sub(r"[^A-Za-z0-9._-]", "-", request.model.stem).lstrip("._-") or "model"
 
 
-def _load_samples(request: CompileRequest, model: PreparedModel) -> tuple[SampleSet | None, SampleSet, str]:
-    """(calibration, held-out, description of the held-out data)."""
+@dataclass(frozen=True)
+class _Samples:
+    calibration: SampleSet | None
+    held_out: SampleSet
+    data: str  # Metrics.data: which samples verify
+    warning: str | None = None
+
+
+def _load_samples(request: CompileRequest, model: PreparedModel) -> _Samples:
+    """Calibration and verification samples: --eval-data when given; else a held-out split of --calibration with at
+    least MIN_HOLDOUT samples; with too few for that, all of them do both, and the report says so."""
+    batch = model.batch_size
     if request.calibration is None:
-        return None, synthetic_samples(model.inputs, SYNTHETIC_SAMPLES * model.inputs[0].shape[0]), "synthetic"
+        synthetic = synthetic_samples(model.inputs, SYNTHETIC_SAMPLES * batch, model.value_hints)
+        return _Samples(None, synthetic, "synthetic")
     samples = load_samples(request.calibration, model.inputs, request.preprocessing)
-    calibration, held_out = samples.split(request.holdout_fraction)
-    batch = model.inputs[0].shape[0]
-    if len(held_out) < batch or len(calibration) < batch:
-        raise BadInput(f"{request.calibration}: {len(samples)} samples are too few for batch size {batch}")
-    return calibration, held_out, "held-out calibration split"
+    if request.eval_data is not None:
+        held_out = load_samples(request.eval_data, model.inputs, request.preprocessing)
+        result = _Samples(samples, held_out, "evaluation set")
+    elif len(samples) >= 2 * MIN_HOLDOUT:
+        calibration, held_out = samples.split(request.holdout_fraction, minimum=MIN_HOLDOUT)
+        result = _Samples(calibration, held_out, "held-out calibration split")
+    else:
+        warning = (
+            f"{request.calibration}: {len(samples)} samples are too few to hold {MIN_HOLDOUT} out, so every candidate "
+            f"is verified on all of them, including those it was calibrated on; give {2 * MIN_HOLDOUT} or more, or "
+            "--eval-data, for an independent verdict"
+        )
+        result = _Samples(samples, samples, "all calibration samples", warning)
+    for name, part in (("calibration", result.calibration), ("verification", result.held_out)):
+        if len(part) < batch:
+            raise BadInput(f"{request.calibration}: {len(part)} {name} samples are too few for batch size {batch}")
+    return result
 
 
 class _Verifier:
@@ -155,9 +185,10 @@ class _Verifier:
 
     def __init__(self, request: CompileRequest, model: PreparedModel, held_out: SampleSet, data: str) -> None:
         self.request, self.model, self.data = request, model, data
-        batch = model.inputs[0].shape[0]
+        batch = model.batch_size
         self.feeds = list(held_out.batches(batch))
         self.labels = held_out.batch_labels(batch)
+        self.budget = Budget(request.max_accuracy_drop, request.min_cosine)
         self.reference_session = get_runtime("onnxruntime").load(model.path, {}, request.threads)
         self.reference_outputs = run_batches(self.reference_session, self.feeds)
         latency = self.latency(self.reference_session)
@@ -173,9 +204,10 @@ class _Verifier:
         return measure_latency(lambda: session.run(self.feeds[0]), max_seconds=self.request.bench_seconds)
 
     def accuracy(self, outputs: list[np.ndarray]) -> float | None:
-        if self.labels is None or not is_classifier_output(outputs[0]):
+        classes = predictions(outputs[0])
+        if self.labels is None or classes is None or len(classes) != len(self.labels):
             return None
-        return float(np.mean(outputs[0].argmax(axis=1) == self.labels))
+        return float(np.mean(classes == self.labels))
 
     def verify(self, built: _Built) -> Metrics:
         stand_in = built.result.host_stand_in
@@ -187,7 +219,7 @@ class _Verifier:
         latency = self.latency(session)
         return Metrics(
             verified_on=self._where(session, built.result, stand_in),
-            samples=sum(len(next(iter(f.values()))) for f in self.feeds),
+            samples=len(self.feeds) * self.model.batch_size,
             data=self.data,
             max_abs_error=agreement.max_abs_error,
             cosine=agreement.cosine,
@@ -196,7 +228,7 @@ class _Verifier:
             reference_accuracy=self.reference.accuracy,
             latency_p50_ms=latency.p50_ms,
             latency_p95_ms=latency.p95_ms,
-            throughput_per_s=latency.throughput_per_s * self.model.inputs[0].shape[0],
+            throughput_per_s=latency.throughput_per_s * self.model.batch_size,
             peak_memory_mb=peak.megabytes,
             model_bytes=sum(p.stat().st_size for p in built.outdir.rglob("*") if p.is_file()),
             param_bytes=built.result.param_bytes,
@@ -225,112 +257,190 @@ class _Verifier:
             return None
         feeds = self.feeds[:EMULATED_FEEDS]
         outputs = emulation.run_tvm_library(result.entrypoint, feeds)
-        count = sum(len(next(iter(f.values()))) for f in feeds)
+        count = len(outputs[0])
         agreement = compare([o[:count] for o in self.reference_outputs], outputs)
         return {"samples": count, "max_abs_error": agreement.max_abs_error, "cosine": agreement.cosine,
                 "top1_agreement": agreement.top1_agreement}  # fmt: skip
 
-    def gate(self, metrics: Metrics) -> str | None:
-        """Why a candidate is outside the accuracy budget, or None."""
-        budget = self.request.max_accuracy_drop
-        if metrics.top1_agreement is not None:
-            if metrics.accuracy is not None and metrics.reference_accuracy is not None:
-                drop = (metrics.reference_accuracy - metrics.accuracy) * 100
-                return f"top-1 accuracy drops {drop:.2f} points (budget {budget})" if _over(drop, budget) else None
-            disagree = (1 - metrics.top1_agreement) * 100
-            return (
-                f"top-1 differs from fp32 on {disagree:.2f}% of samples (budget {budget})"
-                if _over(disagree, budget)
-                else None
-            )
-        if metrics.cosine is not None and metrics.cosine < self.request.min_cosine:
-            return f"cosine {metrics.cosine:.5f} < {self.request.min_cosine}"
-        return None
+    def judge(self, built: _Built, metrics: Metrics) -> Judgement:
+        """The accuracy verdict on the held-out outputs (sample-size aware: edgekit/verdict.py)."""
+        agreement = compare(self.reference_outputs, built.outputs)
+        names = [spec.name for spec in self.model.outputs]
+        return judge(self.reference_outputs, built.outputs, self.labels, agreement, names, self.budget)
 
 
-def _build(
-    plan: _Plan,
-    request: CompileRequest,
-    model: PreparedModel,
-    calibration: SampleSet | None,
-    outdir: Path,
-    progress: Progress,
-) -> BuildResult:
-    assert plan.backend is not None and plan.options is not None, "skipped plans are never built"
-    build_request = BuildRequest(
-        model=model,
-        profile=request.profile,
-        precision=plan.candidate.precision,
-        calibration=calibration,
-        options=plan.options,
-        outdir=outdir,
-        progress=progress,
-    )
-    # Libraries print their own progress; stdout is reserved for the report (--json).
-    with contextlib.redirect_stdout(sys.stderr):
-        result = plan.backend.build(build_request)
-    _remove_intermediates(outdir, result.entrypoint)
-    return result
+class _Candidates:
+    """Builds each planned candidate, verifies it against fp32, and rescues int8 ones that miss the budget with
+    mixed precision. A failing backend or runtime becomes a failed candidate in the report; the others go on."""
 
+    def __init__(self, request: CompileRequest, model: PreparedModel, samples: _Samples, verifier: _Verifier,
+                 workdir: Path, progress: Progress) -> None:  # fmt: skip
+        self.request, self.model, self.samples, self.verifier = request, model, samples, verifier
+        self.workdir, self.progress = workdir, progress
+        self._ranking: list[str] | str | None = None  # layer names by sensitivity, or why they are unknown
 
-def _build_and_verify(
-    plan: _Plan,
-    index: int,
-    request: CompileRequest,
-    model: PreparedModel,
-    calibration: SampleSet | None,
-    verifier: _Verifier,
-    workdir: Path,
-    progress: Progress,
-) -> _Built | CandidateReport:
-    """A failing backend or runtime becomes a failed candidate in the report; the other candidates go on."""
-    candidate = plan.candidate
-    report = CandidateReport(backend=candidate.backend, precision=candidate.precision, status="passed")
-    outdir = workdir / f"{index:02d}-{candidate.backend}-{candidate.precision}" / "artifacts"
-    started = time.perf_counter()
-    try:
-        result = _build(plan, request, model, calibration, outdir, progress)
-    except BadInput as error:
-        if request.backend != "auto":
-            raise  # the one backend the user asked for cannot take this model: their input, exit 2
-        log.warning(
-            "%s %s cannot build this model (%s); trying the next candidate",
-            candidate.backend,
-            candidate.precision,
-            error,
+    def build_and_verify(self, plan: _Plan, index: int) -> _Built | CandidateReport:
+        candidate = plan.candidate
+        report = CandidateReport(backend=candidate.backend, precision=candidate.precision, status="passed")
+        outcome = self._attempt(plan, f"{index:02d}-{candidate.backend}-{candidate.precision}", report)
+        if isinstance(outcome, _Built) and self._rescuable(outcome):
+            return self._rescue(outcome, index)
+        return outcome
+
+    def _attempt(self, plan: _Plan, folder: str, report: CandidateReport,
+                 keep_float: frozenset[str] = frozenset()) -> _Built | CandidateReport:  # fmt: skip
+        candidate = plan.candidate
+        outdir = self.workdir / folder / "artifacts"
+        started = time.perf_counter()
+        try:
+            result = self._build(plan, outdir, keep_float)
+        except BadInput as error:
+            if self.request.backend != "auto":
+                raise  # the one backend the user asked for cannot take this model: their input, exit 2
+            log.warning("%s %s cannot build this model (%s); trying the next candidate",
+                        candidate.backend, candidate.precision, error)  # fmt: skip
+            return report.model_copy(update={"status": "failed", "reason": f"build: {_one_line(error)}"})
+        except Exception as error:
+            log.debug("build failed", exc_info=True)
+            return report.model_copy(update={"status": "failed", "reason": f"build: {_one_line(error)}"})
+        built = _Built(plan, result, outdir, report.model_copy(update={"build_seconds": time.perf_counter() - started}))
+        try:
+            with self.progress.task(f"{candidate.backend} {candidate.precision}: verifying against fp32", total=1):
+                metrics = self.verifier.verify(built)
+                built.judgement = self.verifier.judge(built, metrics)
+        except Exception as error:
+            log.debug("verification failed", exc_info=True)
+            return built.report.model_copy(update={"status": "failed", "reason": f"run: {_one_line(error)}"})
+        problems = [p for p in (built.judgement.reason, *result.unfit) if p]
+        details = dict(result.details)
+        if self.request.verify_emulated:
+            metrics = self._emulate(built, metrics, details, problems)
+        built.report = built.report.model_copy(
+            update={
+                "metrics": metrics,
+                "verdict": built.judgement.verdict,
+                "details": details,
+                "status": "rejected" if problems else "passed",
+                "reason": "; ".join(problems),
+            }
         )
-        return report.model_copy(update={"status": "failed", "reason": f"build: {_one_line(error)}"})
-    except Exception as error:
-        log.debug("build failed", exc_info=True)
-        return report.model_copy(update={"status": "failed", "reason": f"build: {_one_line(error)}"})
-    built = _Built(plan, result, outdir, report.model_copy(update={"build_seconds": time.perf_counter() - started}))
-    try:
-        with progress.task(f"{candidate.backend} {candidate.precision}: verifying against fp32", total=1):
-            metrics = verifier.verify(built)
-    except Exception as error:
-        log.debug("verification failed", exc_info=True)
-        return built.report.model_copy(update={"status": "failed", "reason": f"run: {_one_line(error)}"})
-    problems = [p for p in (verifier.gate(metrics), *result.unfit) if p]
-    details = dict(result.details)
-    if request.verify_emulated:
-        emulated = verifier.emulate(built)
-        if emulated is not None:
-            details["emulated_aarch64"] = emulated
-            metrics = metrics.model_copy(
-                update={"verified_on": f"{metrics.verified_on}; the aarch64 .so itself ran under qemu-user on "
-                        f"{emulated['samples']} samples, max|err| {emulated['max_abs_error']:.2e} vs fp32"}
+        return built
+
+    def _build(self, plan: _Plan, outdir: Path, keep_float: frozenset[str]) -> BuildResult:
+        assert plan.backend is not None and plan.options is not None, "skipped plans are never built"
+        build_request = BuildRequest(
+            model=self.model,
+            profile=self.request.profile,
+            precision=plan.candidate.precision,
+            calibration=self.samples.calibration,
+            options=plan.options,
+            outdir=outdir,
+            progress=self.progress,
+            keep_float=keep_float,
+        )
+        # Libraries print their own progress; stdout is reserved for the report (--json).
+        with contextlib.redirect_stdout(sys.stderr):
+            result = plan.backend.build(build_request)
+        _remove_intermediates(outdir, result.entrypoint)
+        return result
+
+    def _emulate(self, built: _Built, metrics: Metrics, details: dict, problems: list[str]) -> Metrics:
+        emulated = self.verifier.emulate(built)
+        if emulated is None:
+            return metrics
+        details["emulated_aarch64"] = emulated
+        if emulated["cosine"] < self.request.min_cosine:
+            problems.append(f"emulated aarch64 output cosine {emulated['cosine']:.5f} < {self.request.min_cosine}")
+        return metrics.model_copy(
+            update={"verified_on": f"{metrics.verified_on}; the aarch64 .so itself ran under qemu-user on "
+                    f"{emulated['samples']} samples, max|err| {emulated['max_abs_error']:.2e} vs fp32"}
+        )  # fmt: skip
+
+    def _rescuable(self, built: _Built) -> bool:
+        """int8 that misses only the accuracy budget, from a backend that can keep named layers in float."""
+        backend = built.plan.backend
+        return (
+            built.plan.candidate.precision == "int8"
+            and built.report.status == "rejected"
+            and built.judgement is not None
+            and built.judgement.reason is not None
+            and not built.result.unfit
+            and backend is not None
+            and backend.keeps_float
+        )
+
+    def _rescue(self, plain: _Built, index: int) -> _Built:
+        """Keep the most sensitive layers in float and rebuild, in growing rounds, until the budget holds."""
+        ranking = self._sensitivity()
+        if isinstance(ranking, str):
+            plain.report = plain.report.model_copy(
+                update={"reason": f"{plain.report.reason}; mixed precision not tried: {ranking}"}
+            )
+            return plain
+        candidate = plain.plan.candidate
+        tried = plain
+        for number, layers in enumerate(keep_float_rounds(ranking), 1):
+            folder = f"{index:02d}-{candidate.backend}-{candidate.precision}-mixed{number}"
+            report = CandidateReport(backend=candidate.backend, precision=candidate.precision, status="passed")
+            attempt = self._attempt(plain.plan, folder, report, frozenset(layers))
+            if not isinstance(attempt, _Built):
+                break
+            tried = attempt
+            tried.report = tried.report.model_copy(
+                update={"details": {**tried.report.details, "mixed_precision": _mixed_facts(plain, tried, layers,
+                                                                                           ranking, number)}}
             )  # fmt: skip
-            if emulated["cosine"] < request.min_cosine:
-                problems.append(f"emulated aarch64 output cosine {emulated['cosine']:.5f} < {request.min_cosine}")
-    built.report = built.report.model_copy(
-        update={
-            "metrics": metrics,
-            "details": details,
-            "status": "rejected" if problems else "passed",
-            "reason": "; ".join(problems),
-        }
-    )
-    return built
+            if tried.report.status == "passed":
+                return tried
+        if tried is plain:
+            return plain
+        facts = tried.report.details["mixed_precision"]
+        tried.report = tried.report.model_copy(
+            update={"reason": f"{tried.report.reason}; still outside the budget with {facts['float_layers']} of "
+                    f"{facts['quantized_layers']} layers in float ({facts['rounds']} rounds)"}
+        )  # fmt: skip
+        return tried
+
+    def _sensitivity(self) -> list[str] | str:
+        """Layers by quantization sensitivity (computed once per compile), or why they cannot be ranked."""
+        if self._ranking is None:
+            self._ranking = self._rank_layers()
+        return self._ranking
+
+    def _rank_layers(self) -> list[str] | str:
+        from edgekit.compilers.onnxruntime import OrtOptions, quantize_qdq
+
+        assert self.samples.calibration is not None, "int8 candidates are built only with calibration data"
+        outdir = self.workdir / "sensitivity"
+        request = BuildRequest(
+            model=self.model, profile=self.request.profile, precision="int8", calibration=self.samples.calibration,
+            options=OrtOptions(), outdir=outdir, progress=self.progress,
+        )  # fmt: skip
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                qdq = quantize_qdq(request, who="mixed precision")
+            with self.progress.task("mixed precision: ranking layers by quantization error", total=1):
+                ranking = rank_sensitive_nodes(self.model, qdq, self.samples.calibration)
+        except Exception as error:  # the ranking is an aid; without it the candidate keeps its plain-int8 verdict
+            log.debug("sensitivity ranking failed", exc_info=True)
+            return f"layer sensitivity could not be measured ({_one_line(error)})"
+        return ranking or "no quantized layer to keep in float"
+
+
+def _mixed_facts(plain: _Built, mixed: _Built, layers: list[str], ranking: list[str], rounds: int) -> dict:
+    """What keeping layers in float cost against plain int8: the report's 'mixed_precision' entry."""
+    before, after = plain.report.metrics, mixed.report.metrics
+    return {
+        "float_layers": len(layers),
+        "quantized_layers": len(ranking),
+        "keep_float": layers,
+        "rounds": rounds,
+        "int8_reason": plain.report.reason,
+        "latency_vs_int8": after.latency_p50_ms / before.latency_p50_ms
+        if before and after and before.latency_p50_ms and after.latency_p50_ms
+        else None,
+        "size_vs_int8": after.model_bytes / before.model_bytes if before and after and before.model_bytes else None,
+    }
 
 
 def _one_line(error: BaseException) -> str:
@@ -385,9 +495,10 @@ def _package(
     root = workdir / "bundle"
     shutil.copytree(chosen.outdir, root / "artifacts")
     feeds = verifier.feeds[:SELFTEST_BATCHES]
-    count = sum(len(next(iter(f.values()))) for f in feeds)
-    expected = [o[:count] for o in chosen.outputs]
-    write_vectors(root / "selftest" / "vectors.npz", feeds, expected)
+    count = len(feeds) * model.batch_size
+    # Every feed adds the same number of rows to an output (run_batches joins them), so the first feeds' share is:
+    expected = [o[: len(o) // len(verifier.feeds) * len(feeds)] for o in chosen.outputs]
+    write_vectors(root / "selftest" / "vectors.npz", feeds, expected, model.inputs)
     (root / "report.json").write_text(report.model_dump_json(indent=2))
     atol, rtol = expected_tolerance(expected)
     key_path = request.sign_key
@@ -429,9 +540,10 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
         workdir = Path(scratch)
         with progress.task("checking and simplifying the model", total=1):
             model = prepare_model(request.model, workdir, request.input_shapes, request.profile.batch_size)
-        calibration, held_out, data = _load_samples(request, model)
+        samples = _load_samples(request, model)
         with progress.task("fp32 reference (onnxruntime)", total=1):
-            verifier = _Verifier(request, model, held_out, data)
+            verifier = _Verifier(request, model, samples.held_out, samples.data)
+        candidates = _Candidates(request, model, samples, verifier, workdir, progress)
         outcomes: list[_Built | CandidateReport] = []
         for index, plan in enumerate(plans):
             if plan.skip:
@@ -440,7 +552,7 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
                     CandidateReport(backend=c.backend, precision=c.precision, status="skipped", reason=plan.skip)
                 )
                 continue
-            outcomes.append(_build_and_verify(plan, index, request, model, calibration, verifier, workdir, progress))
+            outcomes.append(candidates.build_and_verify(plan, index))
         built = [o for o in outcomes if isinstance(o, _Built)]
         ranking = _rank(built, request.profile)
         chosen = next((b for b in built if b.report.status == "chosen"), None)
@@ -448,21 +560,41 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
             model=str(request.model),
             profile=request.profile.name,
             host=f"{host_arch()}",
-            data=f"{data} ({len(held_out)} samples)",
+            data=f"{samples.data} ({len(samples.held_out)} samples)",
             ranking=ranking,
             reference=verifier.reference,
             candidates=[o.report if isinstance(o, _Built) else o for o in outcomes],
+            warnings=_warnings(model, samples, request),
         )
         if chosen is None:
-            raise CompileFailed(
-                "no candidate built and passed verification; see the table for each one's reason", report
-            )
+            raise CompileFailed(_way_forward(built, request), report)
         report = report.model_copy(update={"bundle": str(request.out)})
         manifest = _package(request, model, chosen, verifier, report, workdir)
     return report, manifest
 
 
-def _over(points: float, budget: float) -> bool:
-    """Whether a loss in percentage points exceeds the budget; exactly at the budget passes even when the float
-    arithmetic lands a hair above it (99.0 - 98.0 on 200 samples is 1.0000000000000009)."""
-    return points > budget + 1e-9
+def _warnings(model: PreparedModel, samples: _Samples, request: CompileRequest) -> list[str]:
+    notes = [*model.notes, *([samples.warning] if samples.warning else [])]
+    resolution = 100 / len(samples.held_out)
+    if samples.data != "synthetic" and resolution > request.max_accuracy_drop:
+        notes.append(
+            f"{len(samples.held_out)} verification samples: one sample is {resolution:.1f} top-1 points, more than "
+            f"the {request.max_accuracy_drop}-point budget, so no candidate is rejected on a single flipped sample"
+        )
+    return notes
+
+
+def _way_forward(built: list[_Built], request: CompileRequest) -> str:
+    """Why nothing passed, naming the closest candidate, by how much it missed, and the flag that accepts it."""
+    missed = [b for b in built if b.judgement is not None and b.judgement.miss is not None and not b.result.unfit]
+    if not missed:
+        return "no candidate built and passed verification; see the table for each one's reason"
+    closest = min(missed, key=lambda b: b.judgement.miss)
+    candidate, judgement = closest.plan.candidate, closest.judgement
+    mixed = closest.report.details.get("mixed_precision")
+    tried = f", even with {mixed['float_layers']} layers kept in float" if mixed else ""
+    floats = "" if candidate.precision != "int8" else ", or build without int8 (--precision fp32 or fp16)"
+    return (
+        f"no candidate passed; the closest is {candidate.backend} {candidate.precision}{tried}: {judgement.reason}. "
+        f"Accept it with {judgement.accept_with}{floats}"
+    )

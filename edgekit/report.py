@@ -10,6 +10,20 @@ from edgekit.schema import Precision, StrictModel
 Status = Literal["chosen", "passed", "rejected", "failed", "skipped", "unverified"]
 
 
+class Verdict(StrictModel):
+    """Sample-size figures behind a candidate's accuracy verdict (edgekit/verdict.py)."""
+
+    samples: int
+    sample_points: float | None = Field(None, description="What one sample is worth, in top-1 points (100/n)")
+    top1_disagreements: int | None = None
+    top1_agreement_ci: tuple[float, float] | None = Field(None, description="95% Wilson interval")
+    accuracy_drop_points: float | None = None
+    accuracy_drop_ci: tuple[float, float] | None = Field(None, description="95% interval, points")
+    output_cosine: dict[str, float] = Field(default_factory=dict)
+    output_snr_db: dict[str, float] = Field(default_factory=dict)
+    output_exact: dict[str, float] = Field(default_factory=dict, description="Integer outputs: fraction equal")
+
+
 class CandidateReport(StrictModel):
     backend: str
     precision: Precision
@@ -18,6 +32,7 @@ class CandidateReport(StrictModel):
     build_seconds: float | None = None
     rank: int | None = Field(None, description="1 is the chosen candidate; only passing candidates are ranked")
     metrics: Metrics | None = None
+    verdict: Verdict | None = None
     details: dict[str, Any] = Field(default_factory=dict, description="Backend facts, e.g. NPU/CPU op placement")
 
 
@@ -39,4 +54,5 @@ class CompileReport(StrictModel):
     ranking: str = Field("", description="How passing candidates were ranked, and what could not be measured")
     reference: ReferenceReport
     candidates: list[CandidateReport]
+    warnings: list[str] = Field(default_factory=list, description="What the user should know about this verdict")
     bundle: str | None = None

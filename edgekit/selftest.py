@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.agents.runtimes import Session
-from edgekit.manifest import Manifest
+from edgekit.calibration import SampleSet, feed_size
+from edgekit.manifest import Manifest, TensorSpec
+from edgekit.measure import run_batches
 
 INPUT_PREFIX = "in."
 OUTPUT_PREFIX = "out."
@@ -22,11 +24,21 @@ def expected_tolerance(outputs: list[np.ndarray]) -> tuple[float, float]:
     return max(1e-5, 0.02 * peak), 1e-2
 
 
-def write_vectors(path: Path, feeds: list[dict[str, np.ndarray]], outputs: list[np.ndarray]) -> None:
+def write_vectors(
+    path: Path, feeds: list[dict[str, np.ndarray]], outputs: list[np.ndarray], inputs: list[TensorSpec]
+) -> None:
+    """Inputs are stored item-major (as calibration samples are), so that axis-0 models keep the layout earlier
+    agents read; outputs as `run_batches` joins them."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"{INPUT_PREFIX}{name}": np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+    arrays = {f"{INPUT_PREFIX}{spec.name}": _items(feeds, spec) for spec in inputs}
     arrays.update({f"{OUTPUT_PREFIX}{index}": output for index, output in enumerate(outputs)})
     np.savez(path, **arrays)
+
+
+def _items(feeds: list[dict[str, np.ndarray]], spec: TensorSpec) -> np.ndarray:
+    if spec.batch_axis is None:
+        return np.stack([feed[spec.name] for feed in feeds])
+    return np.concatenate([np.moveaxis(feed[spec.name], spec.batch_axis, 0) for feed in feeds])
 
 
 @dataclass(frozen=True)
@@ -41,10 +53,9 @@ def run_selftest(session: Session, root: Path, manifest: Manifest) -> SelfTestRe
     with np.load(root / manifest.selftest.file, allow_pickle=False) as vectors:
         inputs = {key[len(INPUT_PREFIX) :]: vectors[key] for key in vectors.files if key.startswith(INPUT_PREFIX)}
         expected = [vectors[f"{OUTPUT_PREFIX}{i}"] for i in range(len(manifest.outputs))]
-    batch = manifest.inputs[0].shape[0]
-    count = len(next(iter(inputs.values())))
-    got_parts = [session.run({k: v[s : s + batch] for k, v in inputs.items()}) for s in range(0, count, batch)]
-    got = [np.concatenate([part[i] for part in got_parts]) for i in range(len(expected))]
+    samples = SampleSet(inputs, None, "self-test vectors", {spec.name: spec.batch_axis for spec in manifest.inputs})
+    got = run_batches(session, list(samples.batches(feed_size(manifest.inputs))))
+    count = len(samples)
     for index, (g, e) in enumerate(zip(got, expected, strict=False)):
         if g.shape != e.shape:
             return SelfTestResult(False, float("inf"), f"output {index} has shape {g.shape}, expected {e.shape}")

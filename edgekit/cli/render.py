@@ -29,6 +29,15 @@ def _size(n: int | None) -> str:
 
 def _details_line(details: dict[str, Any]) -> str:
     """One line of backend facts; vela's NPU placement and estimates get a readable summary."""
+    if "mixed_precision" in details:
+        mixed = details["mixed_precision"]
+        rest = _details_line({k: v for k, v in details.items() if k != "mixed_precision"})
+        return (
+            f"mixed precision: {mixed['float_layers']} of {mixed['quantized_layers']} quantized layers kept in float "
+            f"({', '.join(mixed['keep_float'][:8])}{', …' if len(mixed['keep_float']) > 8 else ''}); "
+            f"p50 {_num(mixed['latency_vs_int8'], '.2f')}x and size {_num(mixed['size_vs_int8'], '.2f')}x "
+            f"of plain int8, which was rejected: {mixed['int8_reason']}" + (f"; {rest}" if rest else "")
+        )
     if "npu_ops" in details:
         line = (
             f"{details['npu_ops']} ops on the NPU, {details['cpu_ops']} on the CPU; "
@@ -47,6 +56,7 @@ def compile_report(report: CompileReport) -> Group:
     notes = [Text(f"{c.backend} {c.precision}: {_details_line(c.details)}") for c in report.candidates if c.details]
     if report.ranking:
         notes.append(Text(f"ranking: {report.ranking}", style="dim"))
+    notes.extend(Text(f"note: {warning}", style="yellow") for warning in report.warnings)
     return Group(compile_table(report), *notes)
 
 
@@ -76,7 +86,7 @@ def compile_table(report: CompileReport) -> Table:
     for c in report.candidates:
         m = c.metrics
         status = f"[{STATUS_STYLE[c.status]}]{c.status}[/]" + (f"\n[dim]{escape(c.reason)}[/]" if c.reason else "")
-        name = f"{c.backend} {c.precision}"
+        name = f"{c.backend} {c.precision}" + (" mixed" if "mixed_precision" in c.details else "")
         if m is None:
             table.add_row(name, status)
             continue
