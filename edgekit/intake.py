@@ -237,15 +237,23 @@ def _name_nodes(model) -> None:
 def _unwrap_zipmap(model, notes: list[str]) -> None:
     """scikit-learn exports end classifiers in ZipMap (a list of {class: probability} maps). No edge runtime passes
     such a value on; the probability tensor it wraps carries the same numbers, so that becomes the output."""
-    from onnx import helper
+    import onnx
 
-    for node in [n for n in model.graph.node if n.op_type == "ZipMap"]:
+    zipmaps = [n for n in model.graph.node if n.op_type == "ZipMap"]
+    if not zipmaps:
+        return
+    known = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    for node in zipmaps:
         outputs = {o.name: o for o in model.graph.output}
         if node.output[0] not in outputs:
             continue
         position = list(model.graph.output).index(outputs[node.output[0]])
+        replacement = onnx.ValueInfoProto()
+        if node.input[0] in known:
+            replacement.CopyFrom(known[node.input[0]])
+        else:
+            replacement.CopyFrom(onnx.helper.make_tensor_value_info(node.input[0], 1, ["batch", "classes"]))
         model.graph.node.remove(node)
-        replacement = helper.make_tensor_value_info(node.input[0], 1, None)
         model.graph.output.remove(outputs[node.output[0]])
         model.graph.output.insert(position, replacement)
         notes.append(f"output '{node.output[0]}' (ZipMap) is replaced by the probability tensor '{node.input[0]}'")

@@ -1,5 +1,6 @@
 """Model intake: every bad model is exit 2 with a one-line cause naming the node, op, input or field."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import onnx
 import pytest
 from helpers import assert_user_error
 from helpers import compile_args as base_args
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.intake import parse_shape_overrides, prepare_model
 
@@ -114,3 +115,104 @@ def test_invalid_graph_names_the_problem(cli, tmp_path):
     model.graph.node[0].input[0] = "does_not_exist"
     path = save(model, tmp_path / "broken.onnx")
     assert_user_error(cli(*compile_args(path)), "model is invalid")
+
+
+def ir3_model(path: Path) -> Path:
+    """The classic ONNX-zoo layout: IR 3, opset 9, every weight also listed as a graph input (onnx.checker and
+    ONNX Runtime accept it)."""
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["data_0", "w"], ["c"]), helper.make_node("Relu", ["c"], ["prob"])],
+        "zoo",
+        [helper.make_tensor_value_info("data_0", TensorProto.FLOAT, [1, 3, 8, 8]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3, 3, 3])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [weight],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    return save(model, path)
+
+
+def test_ir3_model_with_weights_as_inputs_loads_and_is_upgraded(cli, tmp_path):
+    path = ir3_model(tmp_path / "zoo.onnx")
+    prepared = prepare_model(path, tmp_path)
+    assert [i.name for i in prepared.inputs] == ["data_0"]  # the weight is a constant, not an input to feed
+    assert prepared.opset == 13 and any("IR version 3" in note for note in prepared.notes)
+    result = cli(*compile_args(path, "--precision", "fp32", "--backend", "onnxruntime", "-o", tmp_path / "z.ekb"))
+    assert result.exit_code == 0, result.output
+
+
+def stateful_model(path: Path) -> Path:
+    """A VAD-like model: audio [batch, 8], an RNN-style state [2, batch, 3] (batch on axis 1) and a scalar int64
+    sample rate that the graph checks against 16000."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["input", "w"], ["h"]),  # [batch, 3]
+        helper.make_node("Unsqueeze", ["h", "zero"], ["h1"]),  # [1, batch, 3]
+        helper.make_node("Add", ["state", "h1"], ["stateN"]),  # [2, batch, 3]
+        helper.make_node("ReduceSum", ["stateN", "zero"], ["summed"], keepdims=0),  # [batch, 3]
+        helper.make_node("Equal", ["sr", "rate"], ["is16k"]),
+        helper.make_node("Where", ["is16k", "summed", "neg"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "vad",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 8]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 3]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3]),
+         helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", 3])],
+        [numpy_helper.from_array(rng.standard_normal((8, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([0], np.int64), "zero"),
+         numpy_helper.from_array(np.array(16000, np.int64), "rate"),
+         numpy_helper.from_array(np.full((1, 3), -100.0, np.float32), "neg")],
+    )  # fmt: skip
+    return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_state_batch_on_axis_1_and_a_scalar_int64_input(tmp_path):
+    prepared = prepare_model(stateful_model(tmp_path / "vad.onnx"), tmp_path)
+    axes = {spec.name: (spec.shape, spec.dtype, spec.batch_axis) for spec in prepared.inputs}
+    assert axes == {"input": ([1, 8], "float32", 0), "state": ([2, 1, 3], "float32", 1), "sr": ([], "int64", None)}
+    assert prepared.value_hints == {"sr": [16000]}  # synthetic feeds use the rate the graph expects
+
+
+def test_stateful_model_compiles_fp32_on_synthetic_data_and_int8_on_named_arrays(cli, tmp_path):
+    path = stateful_model(tmp_path / "vad.onnx")
+    fp32 = cli(*compile_args(path, "--precision", "fp32", "--backend", "onnxruntime", "--json", "-o",
+                             tmp_path / "a.ekb"))  # fmt: skip
+    assert fp32.exit_code == 0, fp32.output
+    # A random sample rate would take the -100 branch; the hinted 16000 gives real outputs to compare.
+    assert json.loads(fp32.stdout)["candidates"][0]["metrics"]["max_abs_error"] < 1e-5
+    rng = np.random.default_rng(1)
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, input=rng.standard_normal((60, 8)).astype(np.float32),
+             state=rng.standard_normal((60, 2, 3)).astype(np.float32), sr=np.full(60, 16000))  # fmt: skip
+    int8 = cli(*compile_args(path, "--precision", "int8", "--backend", "onnxruntime", "--calibration", calibration,
+                             "--json", "-o", tmp_path / "b.ekb"))  # fmt: skip
+    assert int8.exit_code == 0, int8.output
+    assert json.loads(int8.stdout)["candidates"][0]["metrics"]["cosine"] > 0.99
+    assert cli("bench", tmp_path / "b.ekb", "--seconds", "0.1").exit_code == 0  # self-test vectors replay
+
+
+def test_sklearn_mlp_label_output_is_compared_exactly(cli, tmp_path):
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16).astype(np.float32)
+    mlp = MLPClassifier(hidden_layer_sizes=(32,), max_iter=300, random_state=0).fit(x[:1200], y[:1200])
+    path = save(to_onnx(mlp, x[:1]), tmp_path / "mlp.onnx")  # outputs: label (int64) and a ZipMap of probabilities
+    prepared = prepare_model(path, tmp_path)
+    assert [(o.dtype, o.shape) for o in prepared.outputs] == [("int64", [1]), ("float32", [1, 10])]
+    calibration = tmp_path / "digits.npz"
+    np.savez(calibration, X=x[1200:], labels=y[1200:])
+    result = cli(*compile_args(path, "--precision", "fp32", "--backend", "onnxruntime", "--calibration",
+                               calibration, "--json", "-o", tmp_path / "m.ekb"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    chosen = json.loads(result.stdout)["candidates"][0]
+    assert chosen["verdict"]["output_exact"] == {"output_label": 1.0}
+    assert chosen["metrics"]["accuracy"] > 0.85 and chosen["metrics"]["top1_agreement"] == 1.0

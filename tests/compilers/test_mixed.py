@@ -1,0 +1,82 @@
+"""Mixed precision: an int8 candidate that misses the accuracy budget is rebuilt with its most quantization-sensitive
+layers in float, and the report says which layers and what that cost."""
+
+import json
+
+import numpy as np
+import onnx
+from helpers import compile_args
+from onnx import TensorProto, helper, numpy_helper
+
+from edgekit.calibration import SampleSet
+from edgekit.intake import prepare_model
+from edgekit.mixed import keep_float_rounds, rank_sensitive_nodes
+
+
+def outlier_classifier(path):
+    """x[:, 0] spikes to ±1000 and is ignored by the model (its weights are 0); the class comes from the other,
+    unit-scale features. Per-tensor int8 on x spends its 256 steps on the spikes and rounds the rest to 0, so
+    plain int8 guesses; keeping the first MatMul in float (x stays float) restores it."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 32)).astype(np.float32)
+    w1[0] = 0.0
+    w2 = rng.standard_normal((32, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["logits"], name="fc2"),
+        ],
+        "outliers",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def outlier_data(path, count: int = 200):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((count, 16)).astype(np.float32)
+    x[:, 0] = rng.choice([-1000.0, 1000.0], count)
+    np.savez(path, x=x)
+    return path
+
+
+def test_rounds_grow():
+    ranked = [f"n{i}" for i in range(50)]
+    rounds = keep_float_rounds(ranked)
+    assert [len(r) for r in rounds] == [2, 6, 15] and rounds[0] == ["n0", "n1"]
+    assert keep_float_rounds(["a", "b"]) == [["a"]]
+
+
+def test_sensitivity_ranks_the_layer_fed_by_outliers_first(tmp_path):
+    from edgekit.compilers import BuildRequest
+    from edgekit.compilers.onnxruntime import OrtOptions, quantize_qdq
+    from edgekit.profiles import load_profile
+    from edgekit.progress import NoProgress
+
+    model = prepare_model(outlier_classifier(tmp_path / "m.onnx"), tmp_path)
+    data = np.load(outlier_data(tmp_path / "d.npz"))
+    samples = SampleSet({"x": data["x"]}, None, "test", {"x": 0})
+    request = BuildRequest(model, load_profile("x86-64-avx512"), "int8", samples, OrtOptions(), tmp_path / "q",
+                           NoProgress())  # fmt: skip
+    ranking = rank_sensitive_nodes(model, quantize_qdq(request), samples)
+    assert ranking[0] == "fc1"
+
+
+def test_mixed_precision_rescues_int8_that_plain_int8_fails(cli, tmp_path):
+    model, data = outlier_classifier(tmp_path / "m.onnx"), outlier_data(tmp_path / "d.npz")
+    result = cli(*compile_args(model, "x86-64-avx512", "--precision", "int8", "--backend", "onnxruntime",
+                               "--calibration", data, "--json", out=tmp_path / "m.ekb"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    chosen = json.loads(result.stdout)["candidates"][0]
+    mixed = chosen["details"]["mixed_precision"]
+    assert chosen["status"] == "chosen" and mixed["keep_float"] == ["fc1"]
+    assert "top-1 differs from fp32" in mixed["int8_reason"]  # plain int8 was rejected, and says why
+    assert chosen["metrics"]["top1_agreement"] >= 0.97  # plain int8 agrees on about a quarter
+    assert mixed["latency_vs_int8"] > 0 and mixed["size_vs_int8"] > 1  # fc1's weights stay fp32
+    shown = cli("compile", model, "-p", "x86-64-avx512", "--precision", "int8", "--backend", "onnxruntime",
+                "--calibration", data, "--bench-seconds", "0.05", "-o", tmp_path / "n.ekb")  # fmt: skip
+    assert "onnxruntime int8 mixed" in shown.stdout and "1 of 2 quantized layers kept in float" in shown.stdout
