@@ -3,12 +3,12 @@
 Writes into OUT (default ./digits-out):
     digits.onnx        MLP classifier, input `image` of shape (N, 1, 8, 8) in [0, 1], output `probabilities` (N, 10)
     calibration.npz    the training split (`image`, `labels`): calibration data for `edgekit compile`
-    test.npz           the held-out test split (`image`, `labels`) that no compile step sees
+    test.npz           the held-out test split (`image`, `labels`): never trained or calibrated on; `--eval-data`
     images/            the first 200 training images as PNG, to try image-folder calibration
 
 Run:  python examples/digits/train.py OUT
 Then: edgekit compile OUT/digits.onnx --profile x86-64-avx512 --precision int8 \
-          --calibration OUT/calibration.npz -o digits.ekb
+          --calibration OUT/calibration.npz --eval-data OUT/test.npz -o digits.ekb
 """
 
 import argparse
