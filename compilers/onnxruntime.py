@@ -1,13 +1,19 @@
 """ONNX Runtime backend: offline graph optimisation (fp32), fp16 for GPU profiles, static int8 QDQ per-channel."""
 
 import importlib.metadata
+import logging
 from pathlib import Path
 from typing import Literal
 
 from edgekit.compilers import Backend, BackendOptions, BuildRequest, BuildResult
+from edgekit.errors import BadInput
 from edgekit.intake import initializer_bytes
 from edgekit.profiles import Profile
 from edgekit.schema import Precision
+
+log = logging.getLogger(__name__)
+
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis` (per-channel scales) arrived in opset 13
 
 
 class OrtOptions(BackendOptions):
@@ -21,6 +27,7 @@ class OnnxRuntimeBackend(Backend):
     module = "onnxruntime"
     precisions = frozenset({"fp32", "fp16", "int8"})
     Options = OrtOptions
+    keeps_float = True
 
     def unsupported_reason(self, profile: Profile, precision: Precision) -> str | None:
         if profile.cpu.arch == "cortex-m":
@@ -81,16 +88,16 @@ class OnnxRuntimeBackend(Backend):
 def quantize_qdq(request: BuildRequest, per_channel: bool = True, calibrate_method: str = "minmax",
                  who: str = "onnxruntime") -> Path:  # fmt: skip
     """Static int8 QDQ model from ONNX Runtime's quantizer and the request's calibration data. Shared with the
-    TVM backend, which imports the QDQ graph."""
+    TVM backend, which imports the QDQ graph. Only float compute is quantized: the request's keep_float nodes,
+    non-ONNX-domain ops (ai.onnx.ml) and nodes that produce integer tensors (labels, shapes) stay as they are."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     assert request.calibration is not None, "int8 builds are planned only with calibration data"
     work = request.outdir / "quant"
     work.mkdir(parents=True, exist_ok=True)
     prepared = work / "model.pre.onnx"
-    quant_pre_process(str(request.model.path), str(prepared), skip_symbolic_shape=True)
-    feeds = list(request.calibration.batches(request.model.inputs[0].shape[0]))
+    per_channel, excluded = _prepare_for_quantizer(request, prepared, per_channel)
+    feeds = list(request.calibration.batches(request.model.batch_size))
     quantized = work / "model.int8.onnx"
     profile = request.profile
     # x86 CPUs without VNNI can saturate u8*s8 products; ORT's documented remedy is 7-bit weights.
@@ -105,13 +112,180 @@ def quantize_qdq(request: BuildRequest, per_channel: bool = True, calibrate_meth
             reduce_range=reduce_range,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            nodes_to_exclude=excluded,
             calibrate_method={
                 "minmax": CalibrationMethod.MinMax,
                 "entropy": CalibrationMethod.Entropy,
                 "percentile": CalibrationMethod.Percentile,
             }[calibrate_method],
         )
+    _feed_float(quantized, request.keep_float)
     return quantized
+
+
+def _prepare_for_quantizer(request: BuildRequest, target: Path, per_channel: bool) -> tuple[bool, list[str]]:
+    """Write the model ORT's quantizer gets to `target`; return whether it can be quantized per channel and the
+    nodes to leave in float. Intake already simplified the graph and inferred shapes, so ORT's own pre-processing
+    (quant_pre_process) is not run: its optimiser would rename nodes that keep_float refers to."""
+    import onnx
+
+    model = onnx.load(str(request.model.path))
+    _merge_duplicate_opsets(model)
+    excluded = _nodes_left_in_float(model, request.keep_float)
+    if len(excluded) == len(model.graph.node):
+        raise BadInput(
+            f"{request.model.source}: int8 has nothing to quantize: every node is an ai.onnx.ml op, produces "
+            "integers or is kept in float"
+        )
+    if per_channel and _default_opset(model) < PER_CHANNEL_OPSET:
+        model, per_channel = _upgrade_for_per_channel(model)
+    _flatten_gemm_biases(model)
+    # ORT's quantizer warns about every model without this mark; intake has done the equivalent work.
+    model.metadata_props.add(key="onnx.quant.pre_process", value="onnxruntime.quant")
+    onnx.save(model, str(target))
+    return per_channel, excluded
+
+
+def _merge_duplicate_opsets(model) -> None:
+    """List each operator set once, at its highest version. skl2onnx 1.20 lists the default domain twice in its
+    tree-ensemble and linear-model exports, and ORT's quantizer then stops ("Failed to find proper ai.onnx domain")."""
+    from onnx import helper
+
+    versions: dict[str, int] = {}
+    for opset in model.opset_import:
+        domain = "" if opset.domain == "ai.onnx" else opset.domain
+        versions[domain] = max(versions.get(domain, 0), opset.version)
+    if len(versions) < len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(helper.make_opsetid(domain, version) for domain, version in versions.items())
+
+
+def _default_opset(model) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _upgrade_for_per_channel(model):
+    """Per-channel DequantizeLinear has an `axis` only from opset 13. ORT's quantizer writes it into older models
+    anyway, which ORT then refuses to load (paddle2onnx's opset 11/12 exports: INVALID_GRAPH … Unrecognized
+    attribute: axis for operator DequantizeLinear). Upgrade the opset, or quantize per tensor where that fails."""
+    import onnx
+
+    try:
+        upgraded = onnx.version_converter.convert_version(model, PER_CHANNEL_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as error:  # the converter raises assorted errors; per-tensor works at any opset
+        log.warning("opset %d kept, weights quantized per tensor (upgrade failed: %s)", _default_opset(model), error)
+        return model, False
+    return upgraded, True
+
+
+def _flatten_gemm_biases(model) -> None:
+    """Store Gemm biases of shape [1, N] as [N]. skl2onnx writes them 2-D; ORT's per-channel bias check indexes the
+    bias as 1-D and fails ("The truth value of an array with more than one element is ambiguous"). Gemm
+    broadcasts its bias, so both shapes compute the same."""
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    flattened: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in initializers:
+            continue
+        bias = initializers[node.input[2]]
+        if len(bias.dims) < 2 or any(d != 1 for d in bias.dims[:-1]):
+            continue
+        if bias.name not in flattened:
+            flat = numpy_helper.from_array(numpy_helper.to_array(bias).reshape(-1), f"{bias.name}_flat")
+            model.graph.initializer.append(flat)
+            flattened[bias.name] = flat.name
+        node.input[2] = flattened[bias.name]
+
+
+def _nodes_left_in_float(model, keep_float: frozenset[str]) -> list[str]:
+    """keep_float plus what int8 cannot serve: ops outside the ONNX domain (ai.onnx.ml label lookups, tree
+    ensembles) and nodes producing integer tensors (shape arithmetic, labels), which the quantizer would otherwise
+    try to wrap in Q/DQ where shape inference left their types unknown."""
+    import onnx
+
+    names = {node.name for node in model.graph.node}
+    unknown = sorted(keep_float - names)
+    if unknown:
+        raise ValueError(f"keep_float names nodes the model does not have: {', '.join(unknown)}")
+    types = _tensor_types(onnx.shape_inference.infer_shapes(model))
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    integer = {
+        node.name
+        for node in model.graph.node
+        if any(types.get(output, onnx.TensorProto.FLOAT) not in floats for output in node.output if output)
+    }
+    float_fed = keep_float | {node.name for node in model.graph.node if _is_foreign(node)}
+    return sorted(float_fed | integer | _activations_feeding(model, float_fed))
+
+
+def _is_foreign(node) -> bool:
+    """An op outside the ONNX domain (ai.onnx.ml, contrib ops): never quantized, always fed in float."""
+    return node.domain not in ("", "ai.onnx")
+
+
+def _activations_feeding(model, nodes: set[str]) -> set[str]:
+    """Relu and Clip nodes whose outputs `nodes` read. The quantizer removes such an activation where the
+    quantization of its producer's output can clamp instead; a float consumer fed past that Q (_feed_float) would
+    then read the unclamped tensor, so these stay as nodes, in float."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    return {
+        producers[name].name
+        for node in model.graph.node
+        if node.name in nodes
+        for name in node.input
+        if name in producers and producers[name].op_type in ("Relu", "Clip")
+    }
+
+
+def _feed_float(path: Path, keep_float: frozenset[str]) -> None:
+    """Give keep_float and foreign nodes the float tensors that Q→DQ pairs quantized. The quantizer leaves them
+    unquantized but still feeds them through Q→DQ where a quantized neighbour shares the tensor, and ONNX Runtime's
+    WeightBiasQuantization pass (at every load, also on the device) then quantizes the weights of a Conv,
+    ConvTranspose or Gemm fed by a DequantizeLinear: per tensor, worse than the int8 build it was meant to escape."""
+    import onnx
+
+    model = onnx.load(str(path))
+    producers = {output: node for node in model.graph.node for output in node.output}
+    for node in model.graph.node:
+        if node.name in keep_float or _is_foreign(node):
+            node.input[:] = [_before_qdq(producers, name) for name in node.input]
+    _remove_unused_qdq(model)
+    onnx.save(model, str(path))
+
+
+def _before_qdq(producers: dict, name: str) -> str:
+    """The float tensor that a Q→DQ pair turned into `name`, or `name` itself."""
+    dequantize = producers.get(name)
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        return name
+    quantize = producers.get(dequantize.input[0])
+    return quantize.input[0] if quantize is not None and quantize.op_type == "QuantizeLinear" else name
+
+
+def _remove_unused_qdq(model) -> None:
+    """Drop Q/DQ nodes whose outputs nothing reads any more (after _feed_float), consumers first."""
+    while True:
+        read = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+        unused = [
+            node
+            for node in model.graph.node
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") and not read & set(node.output)
+        ]
+        if not unused:
+            return
+        for node in unused:
+            model.graph.node.remove(node)
+
+
+def _tensor_types(model) -> dict[str, int]:
+    """Element type of every typed tensor in the graph; sequences and maps have none."""
+    values = [*model.graph.input, *model.graph.value_info, *model.graph.output]
+    types = {v.name: v.type.tensor_type.elem_type for v in values if v.type.HasField("tensor_type")}
+    types.update({init.name: init.data_type for init in model.graph.initializer})
+    return types
 
 
 class _Reader:

@@ -7,16 +7,25 @@ import onnx
 import pytest
 from helpers import compile_args
 
+from edgekit.agents.runtimes import get_runtime
 from edgekit.calibration import load_samples
-from edgekit.compilers import BuildRequest, backends
-from edgekit.intake import prepare_model
+from edgekit.compilers import BuildRequest, BuildResult, backends
+from edgekit.errors import BadInput
+from edgekit.intake import PreparedModel, prepare_model
+from edgekit.manifest import TensorSpec
 from edgekit.profiles import Preprocessing, load_profile
 from edgekit.progress import NoProgress
 
 
-def build(model_path: Path, tmp_path: Path, profile: str, precision: str, calibration: Path | None = None):
-    backend = backends()["onnxruntime"]()
+def build(model_path: Path, tmp_path: Path, profile: str, precision: str, calibration: Path | None = None,
+          keep_float: frozenset[str] = frozenset()):  # fmt: skip
     model = prepare_model(model_path, tmp_path)
+    return model, build_prepared(model, tmp_path / "out", profile, precision, calibration, keep_float)
+
+
+def build_prepared(model: PreparedModel, outdir: Path, profile: str, precision: str, calibration: Path | None = None,
+                   keep_float: frozenset[str] = frozenset()) -> BuildResult:  # fmt: skip
+    backend = backends()["onnxruntime"]()
     samples = load_samples(calibration, model.inputs, Preprocessing()) if calibration else None
     target = load_profile(profile)
     listed = [c.options for c in target.candidates if (c.backend, c.precision) == ("onnxruntime", precision)]
@@ -26,10 +35,11 @@ def build(model_path: Path, tmp_path: Path, profile: str, precision: str, calibr
         precision=precision,
         calibration=samples,
         options=backend.parse_options(listed[0] if listed else {}, "test"),
-        outdir=tmp_path / "out",
+        outdir=outdir,
         progress=NoProgress(),
+        keep_float=keep_float,
     )
-    return model, backend.build(request)
+    return backend.build(request)
 
 
 def test_int8_is_static_qdq_per_channel(tmp_path, small_cnn_model, small_cnn_calibration):
@@ -46,8 +56,6 @@ def test_int8_is_static_qdq_per_channel(tmp_path, small_cnn_model, small_cnn_cal
 
 
 def test_int8_runs_close_to_fp32(tmp_path, small_cnn_model, small_cnn_calibration):
-    from edgekit.agents.runtimes import get_runtime
-
     model, result = build(small_cnn_model, tmp_path, "x86-64-avx2", "int8", small_cnn_calibration)
     runtime = get_runtime("onnxruntime")
     x = {"input": np.random.default_rng(3).random((1, 3, 32, 32), dtype=np.float32)}
@@ -94,24 +102,28 @@ def test_compile_reports_every_candidate(cli, tmp_path, small_cnn_model, small_c
     statuses = {(c["backend"], c["precision"]): c["status"] for c in report["candidates"]}
     assert list(statuses.values()).count("chosen") == 1
     if profile == "rpi4":
-        # Profile order picks for a foreign CPU; TVM builds and passes but comes after the vendor runtimes.
-        assert statuses[("tflite", "int8")] == "chosen" and statuses[("tvm", "int8")] == "passed"
+        # Profile order picks for a foreign CPU: the first candidate within the budget (a vendor runtime; which
+        # one depends on how many of the 40 random-data predictions int8 flips), and TVM builds and passes after it.
+        within = [key for key, status in statuses.items() if status in ("chosen", "passed")]
+        assert statuses[within[0]] == "chosen" and within[0][0] != "tvm" and statuses[("tvm", "int8")] == "passed"
         chosen = next(c for c in report["candidates"] if c["status"] == "chosen")
         assert "stand-in for the aarch64 device" in chosen["metrics"]["verified_on"]
     for c in report["candidates"]:
         if c["metrics"]:
             m = c["metrics"]
             assert m["latency_p50_ms"] > 0 and m["cosine"] > 0.9 and m["param_bytes"] > 0
-            assert m["data"] == "held-out calibration split" and m["samples"] == 8
+            # 40 samples are too few to hold 50 out, so every candidate is verified on all of them.
+            assert m["data"] == "all calibration samples" and m["samples"] == 40
 
 
 def test_no_passing_candidate_fails_with_the_table(cli, tmp_path, small_cnn_model):
     out = tmp_path / "never.ekb"
     args = compile_args(small_cnn_model, "x86-64-avx2", "--backend", "onnxruntime", "--precision", "fp32", out=out)
-    result = cli(*args, "--max-accuracy-drop", "-1")
+    # On the 16 synthetic samples one flip is 6.25 points; a budget below -6.25 is missed even by fp32 itself.
+    result = cli(*args, "--max-accuracy-drop", "-10")
     assert result.exit_code == 1
     assert "rejected" in result.stdout and "top-1 differs from fp32" in result.stdout
-    assert "no candidate built and passed verification" in result.stderr
+    assert "no candidate passed; the closest is onnxruntime fp32" in result.stderr
     assert not out.exists()
 
 
@@ -129,3 +141,139 @@ def test_artifact_carries_the_lowest_ir_version_its_opsets_need(tmp_path, small_
     assert {opset.domain for opset in artifact.opset_import} == used
     assert artifact.ir_version == onnx.helper.find_min_ir_version_for(list(artifact.opset_import), ignore_unknown=True)
     assert artifact.ir_version <= 11
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def paddle_conv_batchnorm(path: Path, folded: bool) -> Path:
+    """A paddle2onnx-style opset 11 export: Conv then BatchNormalization 'batch_norm_0' (output
+    'batch_norm_0.tmp_2'), or, folded, what a simplifier leaves of it: one Conv with bias 'batch_norm_0.tmp_2_bias'."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"conv2d_0.w_0": rng.standard_normal((8, 3, 3, 3)) * 0.3}
+    if folded:
+        weights["batch_norm_0.tmp_2_bias"] = rng.standard_normal(8) * 0.1
+        nodes = [helper.make_node("Conv", ["x", *weights], ["batch_norm_0.tmp_2"], name="conv2d_0", pads=[1] * 4)]
+    else:
+        norm = {"w_0": 1 + 0.1 * rng.standard_normal(8), "b_0": 0.1 * rng.standard_normal(8),
+                "w_1": 0.1 * rng.standard_normal(8), "w_2": 1 + rng.random(8)}  # scale, bias, mean, var  # fmt: skip
+        weights |= {f"batch_norm_0.{name}": value for name, value in norm.items()}
+        conv = helper.make_node("Conv", ["x", "conv2d_0.w_0"], ["conv2d_0.tmp_0"], name="conv2d_0", pads=[1] * 4)
+        inputs = ["conv2d_0.tmp_0", *(f"batch_norm_0.{name}" for name in norm)]
+        nodes = [conv, helper.make_node("BatchNormalization", inputs, ["batch_norm_0.tmp_2"], name="batch_norm_0")]
+    nodes.append(helper.make_node("Relu", ["batch_norm_0.tmp_2"], ["relu_0.tmp_0"], name="relu_0"))
+    graph = helper.make_graph(
+        nodes,
+        "paddle",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("relu_0.tmp_0", TensorProto.FLOAT, [1, 8, 16, 16])],
+        [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=7), str(path))
+    return path
+
+
+@pytest.mark.parametrize("folded", [False, True], ids=["exported", "simplified"])
+def test_int8_of_an_opset_11_paddle_export_is_valid_and_per_channel(tmp_path, folded):
+    """Was INVALID_GRAPH … ("batch_norm_0.tmp_2_bias_DequantizeLinear", DequantizeLinear …) Unrecognized attribute:
+    axis: per-channel DequantizeLinear needs opset 13 and the quantizer wrote it into the opset 11 graph. Intake
+    upgrades such models now, so this hands the quantizer the opset 11 file directly, as TVM's int8 path or a
+    model whose upgrade failed would."""
+    path = paddle_conv_batchnorm(tmp_path / "paddle.onnx", folded)
+    spec = TensorSpec(name="x", shape=[1, 3, 16, 16], dtype="float32")
+    model = PreparedModel(path=path, source=path, inputs=[spec], outputs=[], opset=11, param_bytes=0)
+    data = np.random.default_rng(1).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "calibration.npz", x=data)
+    result = build_prepared(model, tmp_path / "out", "x86-64-avx512", "int8", tmp_path / "calibration.npz")
+    graph = onnx.load(str(result.entrypoint)).graph
+    assert "QLinearConv" in {node.op_type for node in graph.node}
+    assert any(init.name.endswith("scale") and list(init.dims) == [8] for init in graph.initializer), "per channel"
+    reference = get_runtime("onnxruntime").load(path, {}).run({"x": data[:1]})[0]
+    quantized = get_runtime("onnxruntime").load(result.entrypoint, result.target).run({"x": data[:1]})[0]
+    assert cosine(reference, quantized) > 0.99
+
+
+def sklearn_digits(tmp_path: Path, classifier) -> tuple[Path, np.ndarray]:
+    """(model, test inputs): `classifier` trained on scikit-learn's digits and exported by skl2onnx with plain
+    tensor outputs: an int64 label and float probabilities."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16).astype(np.float32)
+    classifier.fit(x[:1200], y[:1200])
+    path = tmp_path / "digits.onnx"
+    onnx.save(to_onnx(classifier, x[:1], options={id(classifier): {"zipmap": False}}), str(path))
+    np.savez(tmp_path / "digits.npz", X=x[1200:1400])
+    return path, x[1400:]
+
+
+def test_int8_of_a_sklearn_mlp_quantizes_the_layers_and_keeps_the_label_exact(tmp_path):
+    """Was ValueError: The truth value of an array … is ambiguous: skl2onnx writes Gemm biases as [1, N], which ORT's
+    per-channel bias check indexes as 1-D. The label path (ArgMax, ai.onnx.ml ArrayFeatureExtractor, int64 Cast)
+    stays in float/integer and reports the class of the probabilities the model outputs."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    with pytest.warns(ConvergenceWarning):
+        path, tests = sklearn_digits(tmp_path, MLPClassifier((32,), max_iter=60, random_state=0))
+    model, result = build(path, tmp_path, "x86-64-avx512", "int8", tmp_path / "digits.npz")
+    prepared = onnx.load(str(model.path)).graph
+    biases = {node.input[2] for node in prepared.node if node.op_type == "Gemm"}
+    assert all(list(i.dims)[:1] == [1] and len(i.dims) == 2 for i in prepared.initializer if i.name in biases)
+    assert {"QGemm", "ArrayFeatureExtractor"} <= {node.op_type for node in onnx.load(str(result.entrypoint)).graph.node}
+    reference = get_runtime("onnxruntime").load(model.path, {})
+    quantized = get_runtime("onnxruntime").load(result.entrypoint, result.target)
+    runs = [(reference.run({"X": row[None]}), quantized.run({"X": row[None]})) for row in tests]
+    labels = np.array([q[0][0] for _, q in runs])
+    assert labels.dtype == np.int64
+    np.testing.assert_array_equal(labels, [q[1][0].argmax() for _, q in runs])  # digits' classes are 0..9
+    assert np.mean(labels == [r[0][0] for r, _ in runs]) > 0.97
+
+
+def test_int8_of_a_tree_ensemble_says_there_is_nothing_to_quantize(tmp_path):
+    from sklearn.ensemble import RandomForestClassifier
+
+    path, _ = sklearn_digits(tmp_path, RandomForestClassifier(3, max_depth=3, random_state=0))
+    with pytest.raises(BadInput, match="int8 has nothing to quantize"):
+        build(path, tmp_path, "x86-64-avx512", "int8", tmp_path / "digits.npz")
+
+
+def float_fed(graph, name: str) -> bool:
+    """The node is a float op (no QLinear kernel) with float weights and no input straight from a DequantizeLinear."""
+    producers = {output: node.op_type for node in graph.node for output in node.output}
+    floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    node = next(node for node in graph.node if node.name == name)
+    return (
+        node.op_type in ("Conv", "Gemm", "MatMul")
+        and node.input[1] in floats
+        and all(producers.get(i) != "DequantizeLinear" for i in node.input)
+    )
+
+
+def test_int8_keeps_the_named_layers_in_float(tmp_path, mobilenet_small):
+    """keep_float Convs stay float Convs in the optimised artifact. The one after an Add is the hard case: fed by a
+    DequantizeLinear, ORT's WeightBiasQuantization would quantize its weights again at load (per tensor)."""
+    path, calibration = mobilenet_small
+    model = prepare_model(path, tmp_path)
+    graph = onnx.load(str(model.path)).graph
+    producers = {output: node.op_type for node in graph.node for output in node.output}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    after_add = next(node.name for node in convs if producers.get(node.input[0]) == "Add")
+    after_clip = next(node.name for node in convs[1:] if producers.get(node.input[0]) == "Clip")
+    kept = frozenset({after_add, after_clip})
+    plain = build_prepared(model, tmp_path / "plain", "x86-64-avx512", "int8", calibration)
+    mixed = build_prepared(model, tmp_path / "mixed", "x86-64-avx512", "int8", calibration, keep_float=kept)
+    plain_graph, mixed_graph = onnx.load(str(plain.entrypoint)).graph, onnx.load(str(mixed.entrypoint)).graph
+    assert {node.name for node in plain_graph.node if node.op_type == "QLinearConv"} >= kept
+    assert all(float_fed(mixed_graph, name) for name in kept)
+    quantized = {node.name for node in mixed_graph.node if node.op_type == "QLinearConv"}
+    assert len(quantized) == len(convs) - 2, "the other layers stay int8"
+
+
+def test_keep_float_naming_a_missing_node_fails(tmp_path, small_cnn_model, small_cnn_calibration):
+    with pytest.raises(ValueError, match="keep_float names nodes the model does not have: no-such-conv"):
+        build(small_cnn_model, tmp_path, "x86-64-avx512", "int8", small_cnn_calibration, frozenset({"no-such-conv"}))

@@ -3,35 +3,43 @@
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from edgekit.agents.runtimes import get_runtime
 from edgekit.calibration import load_samples
-from edgekit.compilers import BuildRequest, backends
-from edgekit.intake import prepare_model
+from edgekit.compilers import BuildRequest, BuildResult, backends
+from edgekit.errors import BadInput
+from edgekit.intake import PreparedModel, prepare_model
 from edgekit.profiles import Preprocessing, load_profile
 from edgekit.progress import NoProgress
+
+
+def build(model: PreparedModel, outdir: Path, precision: str, calibration: Path | None = None,
+          keep_float: frozenset[str] = frozenset()) -> BuildResult:  # fmt: skip
+    backend = backends()["openvino"]()
+    return backend.build(
+        BuildRequest(
+            model=model,
+            profile=load_profile("x86-64-avx2"),
+            precision=precision,
+            calibration=load_samples(calibration, model.inputs, Preprocessing()) if calibration else None,
+            options=backend.parse_options({}, "test"),
+            outdir=outdir,
+            progress=NoProgress(),
+            keep_float=keep_float,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory, small_cnn_model, small_cnn_calibration):
     work = tmp_path_factory.mktemp("openvino")
-    backend = backends()["openvino"]()
     model = prepare_model(small_cnn_model, work)
-    samples = load_samples(small_cnn_calibration, model.inputs, Preprocessing())
-    results = {}
-    for precision in ("fp32", "fp16", "int8"):
-        results[precision] = backend.build(
-            BuildRequest(
-                model=model,
-                profile=load_profile("x86-64-avx2"),
-                precision=precision,
-                calibration=samples if precision == "int8" else None,
-                options=backend.parse_options({}, "test"),
-                outdir=work / precision,
-                progress=NoProgress(),
-            )
-        )
+    results = {
+        precision: build(model, work / precision, precision, small_cnn_calibration if precision == "int8" else None)
+        for precision in ("fp32", "fp16", "int8")
+    }
     return model, results
 
 
@@ -64,3 +72,67 @@ def test_npu_profile_asks_for_npu_first():
     options = backend.parse_options(load_profile("intel-core-ultra-npu").candidates[0].options, "test")
     assert options.device == "AUTO:NPU,GPU,CPU"
     assert "CUDA" in backend.unsupported_reason(load_profile("jetson-nano"), "fp16")
+
+
+def ops_by_name(result: BuildResult) -> dict:
+    import openvino as ov
+
+    return {op.get_friendly_name(): op for op in ov.Core().read_model(str(result.entrypoint)).get_ordered_ops()}
+
+
+def reads_quantized(op) -> bool:
+    """Whether an input of `op` comes from a FakeQuantize, or from a weight stored in 8 bits (NNCF's compressed
+    weights: an i8/u8 Constant, then Convert, Subtract and Multiply back to float)."""
+    for port in op.inputs():
+        source = port.get_source_output().get_node()
+        while source.get_type_name() in ("Convert", "Subtract", "Multiply", "Reshape"):
+            source = source.input(0).get_source_output().get_node()
+        if source.get_type_name() == "FakeQuantize" or str(source.get_output_element_type(0)) in ("i8", "u8"):
+            return True
+    return False
+
+
+def test_onnx_nodes_map_to_the_openvino_ops_they_became(builds):
+    """OpenVINO splits a Conv into Convolution '<node>/WithoutBiases' + Add '<node>', and names the op that makes a
+    graph output after that output: the Gemm 'fc' becomes MatMul 'logits' (its zero bias folded away)."""
+    import openvino as ov
+
+    from edgekit.compilers.openvino import _ops_of_nodes
+
+    model, _ = builds
+    convs = [node.name for node in onnx.load(str(model.path)).graph.node if node.op_type == "Conv"]
+    converted = ov.convert_model(str(model.path))
+    assert _ops_of_nodes(converted, model.path, frozenset(convs[:1])) == [convs[0], f"{convs[0]}/WithoutBiases"]
+    assert _ops_of_nodes(converted, model.path, frozenset({"fc"})) == ["logits"]
+    with pytest.raises(ValueError, match="keep_float names nodes the model does not have: no-such-conv"):
+        _ops_of_nodes(converted, model.path, frozenset({"no-such-conv"}))
+
+
+def test_int8_keeps_the_named_layers_without_fake_quantize(builds, tmp_path, small_cnn_calibration):
+    model, results = builds
+    first, second = [node.name for node in onnx.load(str(model.path)).graph.node if node.op_type == "Conv"]
+    mixed = build(model, tmp_path, "int8", small_cnn_calibration, frozenset({second, "fc"}))
+    plain_ops, mixed_ops = ops_by_name(results["int8"]), ops_by_name(mixed)
+    for kept in (f"{second}/WithoutBiases", "logits"):
+        assert reads_quantized(plain_ops[kept]) and not reads_quantized(mixed_ops[kept]), kept
+    assert reads_quantized(mixed_ops[f"{first}/WithoutBiases"]), "the other layer stays int8"
+
+
+def test_sklearn_model_is_refused_in_one_line_naming_the_op(tmp_path):
+    """OpenVINO has no ai.onnx.ml ops; its own report is many lines, the candidate's reason is one."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = load_digits(return_X_y=True)
+    with pytest.warns(ConvergenceWarning):
+        classifier = MLPClassifier((16,), max_iter=20, random_state=0).fit(x.astype(np.float32), y)
+    path = tmp_path / "mlp.onnx"
+    onnx.save(to_onnx(classifier, x[:1].astype(np.float32), options={id(classifier): {"zipmap": False}}), str(path))
+    with pytest.raises(BadInput) as refused:
+        build(prepare_model(path, tmp_path), tmp_path / "out", "fp32")
+    message = str(refused.value)
+    assert message.count("\n") == 0 and message.startswith(str(path))
+    assert message.endswith("OpenVINO cannot convert this model: No conversion rule found for operations: "
+                            "ai.onnx.ml.ArrayFeatureExtractor")  # fmt: skip
