@@ -2,10 +2,11 @@
 
 import importlib.metadata
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from edgekit.compilers import Backend, BackendOptions, BuildRequest, BuildResult
 from edgekit.errors import BadInput
+from edgekit.intake import PreparedModel
 from edgekit.profiles import Profile
 from edgekit.schema import Precision
 
@@ -39,9 +40,9 @@ class OpenVinoBackend(Backend):
         options: OvOptions = request.options  # type: ignore[assignment]
         request.outdir.mkdir(parents=True, exist_ok=True)
         with request.progress.task(f"openvino {request.precision}: converting to IR", total=1):
-            model = _convert(request.model.path, request.model.source)
+            model, kept_ops = _convert(request.model, request.keep_float)
         if request.precision == "int8":
-            model = self._quantize(model, request, options)
+            model = self._quantize(model, request, options, kept_ops)
         artifact = request.outdir / "model.xml"
         ov.save_model(model, str(artifact), compress_to_fp16=request.precision == "fp16")
         return BuildResult(
@@ -52,7 +53,7 @@ class OpenVinoBackend(Backend):
         )
 
     @staticmethod
-    def _quantize(model, request: BuildRequest, options: OvOptions):
+    def _quantize(model, request: BuildRequest, options: OvOptions, kept_ops: list[str]):
         import nncf
 
         assert request.calibration is not None, "int8 builds are planned only with calibration data"
@@ -66,20 +67,40 @@ class OpenVinoBackend(Backend):
                 if options.preset == "mixed"
                 else nncf.QuantizationPreset.PERFORMANCE,
                 fast_bias_correction=options.fast_bias_correction,
-                ignored_scope=nncf.IgnoredScope(names=_ops_of_nodes(model, request.model.path, request.keep_float)),
+                ignored_scope=nncf.IgnoredScope(names=kept_ops),
             )
 
 
-def _convert(path: Path, source: Path):
-    """The OpenVINO model of an ONNX file. What OpenVINO cannot take (e.g. scikit-learn's ai.onnx.ml ops) is refused
-    in one line naming the ops, from the summary at the end of OpenVINO's multi-line report."""
-    import openvino as ov
-    from openvino.frontend import OpConversionFailure
+def _convert(model: PreparedModel, keep_float: frozenset[str]) -> tuple[Any, list[str]]:
+    """The OpenVINO model of a prepared ONNX model, and the names of the ops that its keep_float nodes became.
 
+    These are ov.convert_model's own steps (OpenVINO's ONNX frontend, then its MOC transformations and cleanups),
+    spelled out because the mapping needs the model in between. The frontend keeps every ONNX tensor name on the
+    output that carries it; MOC then fuses ops and drops those names (a Conv and the per-channel Mul after it, as in
+    paddle's exports, become one Convolution named after the Mul or 'Multiply_<n>'), recording only in each op's
+    fused_names which frontend ops it absorbed; and convert_model's last step erases fused_names too."""
+    from openvino._offline_transformations import (
+        apply_fused_names_cleanup,
+        apply_moc_legacy_transformations,
+        apply_moc_transformations,
+        compress_quantize_weights_transformation,
+    )
+    from openvino.frontend import FrontEndManager, OpConversionFailure
+
+    frontend = FrontEndManager().load_by_framework("onnx")
     try:
-        return ov.convert_model(str(path))
+        converted = frontend.convert(frontend.load(str(model.path)))
     except (OpConversionFailure, RuntimeError) as error:
-        raise BadInput(f"{source}: OpenVINO cannot convert this model: {_conversion_summary(str(error))}") from None
+        raise BadInput(
+            f"{model.source}: OpenVINO cannot convert this model: {_conversion_summary(str(error))}"
+        ) from None
+    kept = {node: _frontend_ops(converted, tensors) for node, tensors in _node_outputs(model.path, keep_float).items()}
+    apply_moc_transformations(converted, cf=False, smart_reshape=True)
+    compress_quantize_weights_transformation(converted)
+    apply_moc_legacy_transformations(converted, [])
+    ignored = _ops_absorbing(converted, kept)
+    apply_fused_names_cleanup(converted)
+    return converted, ignored
 
 
 def _conversion_summary(message: str) -> str:
@@ -91,20 +112,24 @@ def _conversion_summary(message: str) -> str:
     return "; ".join(failures) or (lines[-1] if lines else "no reason given")
 
 
-def _ops_of_nodes(model, onnx_path: Path, nodes: frozenset[str]) -> list[str]:
-    """Friendly names of the OpenVINO ops that the named ONNX nodes became, for NNCF's ignored scope. OpenVINO names
-    ops after ONNX nodes only in part: a Conv becomes Convolution '<node>/WithoutBiases' plus Add '<node>', an op
-    that produces a graph output takes that output's name, helper ops get generated names. What it keeps is every
-    ONNX tensor name, on the output that carries it; so a node's ops are the ones from its output tensors back to
-    the nearest named tensors (its inputs)."""
+def _node_outputs(path: Path, nodes: frozenset[str]) -> dict[str, set[str]]:
+    """Output tensor names of each named ONNX node."""
     import onnx
 
     if not nodes:
-        return []
-    outputs = {node.name: set(node.output) for node in onnx.load(str(onnx_path)).graph.node}
+        return {}
+    outputs = {node.name: set(node.output) for node in onnx.load(str(path)).graph.node}
     unknown = sorted(nodes - outputs.keys())
     if unknown:
         raise ValueError(f"keep_float names nodes the model does not have: {', '.join(unknown)}")
+    return {node: outputs[node] for node in nodes}
+
+
+def _frontend_ops(model, tensors: set[str]) -> set[str]:
+    """Friendly names of the frontend ops that compute `tensors`: from the ops whose outputs carry those names back
+    to the nearest named tensors (the ONNX node's inputs). The frontend names ops after ONNX nodes only in part (a
+    Conv becomes Convolution '<node>/WithoutBiases' plus Add '<node>', an op making a graph output takes the output's
+    name, helpers get generated names), so the tensor names are what ties them to the node."""
     producers = {
         name: op
         for op in model.get_ordered_ops()
@@ -112,22 +137,36 @@ def _ops_of_nodes(model, onnx_path: Path, nodes: frozenset[str]) -> list[str]:
         for output in op.outputs()
         for name in output.get_names()
     }
+    pending = [producers[tensor] for tensor in tensors if tensor in producers]
     names: set[str] = set()
-    for node in sorted(nodes):
-        ops = _ops_back_to_named_tensors([producers[tensor] for tensor in outputs[node] if tensor in producers])
+    while pending:
+        op = pending.pop()
+        if op.get_friendly_name() in names or op.get_type_name() in ("Constant", "Parameter"):
+            continue
+        names.add(op.get_friendly_name())
+        pending.extend(i.get_source_output().get_node() for i in op.inputs() if not i.get_source_output().get_names())
+    return names
+
+
+def _ops_absorbing(model, kept: dict[str, set[str]]) -> list[str]:
+    """Friendly names of the ops (after MOC) that absorbed any frontend op of a kept node."""
+    absorbed = {
+        op.get_friendly_name(): _fused_names(op)
+        for op in model.get_ordered_ops()
+        if op.get_type_name() not in ("Constant", "Parameter", "Result")
+    }
+    names: set[str] = set()
+    for node, frontend_ops in sorted(kept.items()):
+        ops = {name for name, fused in absorbed.items() if fused & frontend_ops}
         if not ops:
             raise ValueError(f"keep_float: ONNX node '{node}' has no OpenVINO op (OpenVINO folded it away)")
         names |= ops
     return sorted(names)
 
 
-def _ops_back_to_named_tensors(ops: list) -> set[str]:
-    """Friendly names of `ops` and of the ops upstream of them up to named tensors, constants and parameters."""
-    names: set[str] = set()
-    while ops:
-        op = ops.pop()
-        if op.get_friendly_name() in names or op.get_type_name() in ("Constant", "Parameter"):
-            continue
-        names.add(op.get_friendly_name())
-        ops.extend(i.get_source_output().get_node() for i in op.inputs() if not i.get_source_output().get_names())
-    return names
+def _fused_names(op) -> set[str]:
+    """The frontend ops this op stands for (its own name where transformations recorded none)."""
+    info = op.get_rt_info()
+    if "fused_names_0" not in info:
+        return {op.get_friendly_name()}
+    return set(info["fused_names_0"].astype(str).split(","))

@@ -11,6 +11,7 @@ from edgekit.calibration import load_samples
 from edgekit.compilers import BuildRequest, BuildResult, backends
 from edgekit.errors import BadInput
 from edgekit.intake import PreparedModel, prepare_model
+from edgekit.manifest import TensorSpec
 from edgekit.profiles import Preprocessing, load_profile
 from edgekit.progress import NoProgress
 
@@ -92,20 +93,59 @@ def reads_quantized(op) -> bool:
     return False
 
 
-def test_onnx_nodes_map_to_the_openvino_ops_they_became(builds):
-    """OpenVINO splits a Conv into Convolution '<node>/WithoutBiases' + Add '<node>', and names the op that makes a
-    graph output after that output: the Gemm 'fc' becomes MatMul 'logits' (its zero bias folded away)."""
-    import openvino as ov
+def conv_scale_conv(path: Path) -> PreparedModel:
+    """Conv 'conv_0', a per-channel Mul 'scale_0' (paddle's MobileOne/BatchNorm leftovers), Relu, Conv 'conv_1':
+    handed over as it is, since intake's simplifier would fold the Mul into the Conv before OpenVINO could."""
+    from onnx import TensorProto, helper, numpy_helper
 
-    from edgekit.compilers.openvino import _ops_of_nodes
+    rng = np.random.default_rng(0)
+    weights = {
+        "conv_0.w": rng.standard_normal((8, 3, 3, 3)) * 0.3,
+        "scale_0.w": 1 + 0.1 * rng.standard_normal((1, 8, 1, 1)),
+        "conv_1.w": rng.standard_normal((8, 8, 3, 3)) * 0.2,
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_0.w"], ["conv_0.out"], name="conv_0", pads=[1] * 4),
+        helper.make_node("Mul", ["conv_0.out", "scale_0.w"], ["scale_0.out"], name="scale_0"),
+        helper.make_node("Relu", ["scale_0.out"], ["relu_0.out"], name="relu_0"),
+        helper.make_node("Conv", ["relu_0.out", "conv_1.w"], ["y"], name="conv_1", pads=[1] * 4),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_scale_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])],
+        [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    spec = TensorSpec(name="x", shape=[1, 3, 16, 16], dtype="float32")
+    return PreparedModel(path=path, source=path, inputs=[spec], outputs=[], opset=13, param_bytes=0)
+
+
+def test_onnx_nodes_map_to_the_openvino_ops_they_became(builds, tmp_path):
+    """OpenVINO splits a Conv into Convolution '<node>/WithoutBiases' + Add '<node>'; names the op that makes a
+    graph output after that output (Gemm 'fc' becomes MatMul 'logits', Conv 'conv_1' Convolution 'y'); and fuses a
+    Conv with the Mul after it into one Convolution named after the Mul ('scale_0')."""
+    from edgekit.compilers.openvino import _convert
 
     model, _ = builds
-    convs = [node.name for node in onnx.load(str(model.path)).graph.node if node.op_type == "Conv"]
-    converted = ov.convert_model(str(model.path))
-    assert _ops_of_nodes(converted, model.path, frozenset(convs[:1])) == [convs[0], f"{convs[0]}/WithoutBiases"]
-    assert _ops_of_nodes(converted, model.path, frozenset({"fc"})) == ["logits"]
+    first = next(node.name for node in onnx.load(str(model.path)).graph.node if node.op_type == "Conv")
+    assert _convert(model, frozenset({first}))[1] == [first, f"{first}/WithoutBiases"]
+    assert _convert(model, frozenset({"fc"}))[1] == ["logits"]
+    fused = conv_scale_conv(tmp_path / "conv_scale_conv.onnx")
+    assert _convert(fused, frozenset({"conv_0"}))[1] == ["scale_0"]
+    assert _convert(fused, frozenset({"conv_1"}))[1] == ["y"]
     with pytest.raises(ValueError, match="keep_float names nodes the model does not have: no-such-conv"):
-        _ops_of_nodes(converted, model.path, frozenset({"no-such-conv"}))
+        _convert(model, frozenset({"no-such-conv"}))
+
+
+def test_int8_keeps_a_conv_float_after_openvino_fused_it(tmp_path):
+    model = conv_scale_conv(tmp_path / "conv_scale_conv.onnx")
+    np.savez(tmp_path / "calibration.npz", x=np.random.default_rng(1).standard_normal((8, 3, 16, 16)))
+    plain = ops_by_name(build(model, tmp_path / "plain", "int8", tmp_path / "calibration.npz"))
+    mixed = ops_by_name(build(model, tmp_path / "mixed", "int8", tmp_path / "calibration.npz", frozenset({"conv_0"})))
+    assert reads_quantized(plain["scale_0"]) and not reads_quantized(mixed["scale_0"])
+    assert reads_quantized(mixed["y"]), "conv_1 stays int8"
 
 
 def test_int8_keeps_the_named_layers_without_fake_quantize(builds, tmp_path, small_cnn_calibration):
