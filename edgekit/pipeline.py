@@ -384,7 +384,9 @@ class _Candidates:
             report = CandidateReport(backend=candidate.backend, precision=candidate.precision, status="passed")
             attempt = self._attempt(plain.plan, folder, report, frozenset(layers))
             if not isinstance(attempt, _Built):
-                break
+                failed = f"mixed precision round {number} ({len(layers)} layers in float) failed: {attempt.reason}"
+                tried.report = tried.report.model_copy(update={"reason": f"{tried.report.reason}; {failed}"})
+                return tried
             tried = attempt
             tried.report = tried.report.model_copy(
                 update={"details": {**tried.report.details, "mixed_precision": _mixed_facts(plain, tried, layers,

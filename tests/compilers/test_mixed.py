@@ -47,7 +47,7 @@ def outlier_data(path, count: int = 200):
 def test_rounds_grow():
     ranked = [f"n{i}" for i in range(50)]
     rounds = keep_float_rounds(ranked)
-    assert [len(r) for r in rounds] == [2, 6, 15] and rounds[0] == ["n0", "n1"]
+    assert [len(r) for r in rounds] == [2, 6, 15, 30] and rounds[0] == ["n0", "n1"]
     assert keep_float_rounds(["a", "b"]) == [["a"]]
 
 
