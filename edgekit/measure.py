@@ -38,13 +38,24 @@ class Latency:
 
 
 def predictions(array: np.ndarray) -> np.ndarray | None:
-    """Per-sample class predictions when the output is a classifier's: scores (N, classes) with more than one class
-    (also (N, classes, 1, 1) from conv heads) → argmax; integer labels (N,) → as they are; else None."""
+    """Class predictions when the output is a classifier's: scores (N, classes) with more than one class (also
+    (N, classes, 1, 1) from conv heads) → argmax per sample; integer labels (N,) → as they are; a sequence of
+    probability distributions (N, steps, classes), as CTC text recognizers give, → argmax per step (what their
+    decoder reads); else None."""
     if array.dtype.kind in "iu" and array.ndim == 1:
         return array
-    if array.dtype.kind == "f" and array.ndim >= 2 and all(d == 1 for d in array.shape[2:]) and array.shape[1] > 1:
+    if array.dtype.kind != "f" or array.ndim < 2 or array.shape[1] < 2:
+        return None
+    if all(d == 1 for d in array.shape[2:]):
         return array.reshape(array.shape[0], array.shape[1]).argmax(axis=1)
+    if array.ndim == 3 and array.shape[2] > 1 and _distributions(array):
+        return array.argmax(axis=2).ravel()
     return None
+
+
+def _distributions(array: np.ndarray) -> bool:
+    """Whether every row along the last axis is a probability distribution (a softmax output)."""
+    return bool(array.min() >= -1e-6 and np.allclose(array.sum(axis=-1, dtype=np.float64), 1.0, atol=1e-2))
 
 
 def is_classifier_output(array: np.ndarray) -> bool:

@@ -127,3 +127,17 @@ def test_nothing_passing_names_the_closest_candidate_and_the_flag(cli, tmp_path)
     assert "the closest is openvino fp16" in result.stderr
     assert "Accept it with --min-cosine 0.9999" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_ctc_style_sequence_of_distributions_is_judged_per_step():
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((2, 40, 30))
+    probabilities = (np.exp(logits) / np.exp(logits).sum(axis=2, keepdims=True)).astype(np.float32)
+    flipped = probabilities.copy()
+    flipped[0, 0] = flipped[0, 0][::-1]  # one step of 80 reads another character
+    agreement = compare([probabilities], [flipped])
+    assert agreement.top1_agreement == pytest.approx(79 / 80)
+    judgement = judge([probabilities], [flipped], None, agreement, ["y"], BUDGET)
+    assert judgement.verdict.samples == 80 and judgement.reason is None
+    raw = rng.standard_normal((2, 40, 30)).astype(np.float32)  # not distributions (e.g. a detector's boxes)
+    assert compare([raw], [raw]).top1_agreement is None
