@@ -209,15 +209,19 @@ class _Verifier:
             return None
         return float(np.mean(classes == self.labels))
 
-    def verify(self, built: _Built) -> Metrics:
+    def verify(self, built: _Built) -> tuple[Metrics, Judgement]:
+        """The candidate's figures against the reference, and its accuracy verdict (sample-size aware:
+        edgekit/verdict.py)."""
         stand_in = built.result.host_stand_in
         run = stand_in or built.result
         with peak_memory() as peak:
             session = get_runtime(run.runtime).load(run.entrypoint, run.target, self.request.threads)
             built.outputs = run_batches(session, self.feeds)
         agreement = compare(self.reference_outputs, built.outputs)
+        names = [spec.name for spec in self.model.outputs]
+        judgement = judge(self.reference_outputs, built.outputs, self.labels, agreement, names, self.budget)
         latency = self.latency(session)
-        return Metrics(
+        metrics = Metrics(
             verified_on=self._where(session, built.result, stand_in),
             samples=len(self.feeds) * self.model.batch_size,
             data=self.data,
@@ -235,6 +239,7 @@ class _Verifier:
             reference_model_bytes=self.reference.model_bytes,
             reference_param_bytes=self.reference.param_bytes,
         )
+        return metrics, judgement
 
     def _where(self, session: Session, result: BuildResult, stand_in: HostStandIn | None) -> str:
         """Say exactly what ran, and what about the device it does not show."""
@@ -261,12 +266,6 @@ class _Verifier:
         agreement = compare([o[:count] for o in self.reference_outputs], outputs)
         return {"samples": count, "max_abs_error": agreement.max_abs_error, "cosine": agreement.cosine,
                 "top1_agreement": agreement.top1_agreement}  # fmt: skip
-
-    def judge(self, built: _Built, metrics: Metrics) -> Judgement:
-        """The accuracy verdict on the held-out outputs (sample-size aware: edgekit/verdict.py)."""
-        agreement = compare(self.reference_outputs, built.outputs)
-        names = [spec.name for spec in self.model.outputs]
-        return judge(self.reference_outputs, built.outputs, self.labels, agreement, names, self.budget)
 
 
 class _Candidates:
@@ -306,8 +305,7 @@ class _Candidates:
         built = _Built(plan, result, outdir, report.model_copy(update={"build_seconds": time.perf_counter() - started}))
         try:
             with self.progress.task(f"{candidate.backend} {candidate.precision}: verifying against fp32", total=1):
-                metrics = self.verifier.verify(built)
-                built.judgement = self.verifier.judge(built, metrics)
+                metrics, built.judgement = self.verifier.verify(built)
         except Exception as error:
             log.debug("verification failed", exc_info=True)
             return built.report.model_copy(update={"status": "failed", "reason": f"run: {_one_line(error)}"})
