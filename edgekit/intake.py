@@ -338,9 +338,9 @@ def _measure_output_shapes(path: Path, model, inputs: list[TensorSpec], hints: d
         value.type.tensor_type.shape.dim.extend(onnx.TensorShapeProto.Dimension(dim_value=d) for d in array.shape)
 
 
-def _runs_static(model, inputs: list[TensorSpec]) -> bool:
+def _runs_static(model, inputs: list[TensorSpec], hints: dict[str, list[int]]) -> bool:
     try:
-        _run_synthetic(model, inputs, _integer_hints(model))
+        _run_synthetic(model, inputs, hints)
     except Exception as error:  # any failure means: keep the graph's dims symbolic
         log.debug("the static-shaped model does not run: %s", error)
         return False
@@ -428,19 +428,19 @@ def prepare_model(
     model = _modernize(path, model, opset, notes)
     _unwrap_zipmap(model, notes)
     _clear_value_info(model.graph)
+    hints = _integer_hints(model)
     symbolic = onnx.ModelProto()
     symbolic.CopyFrom(model)
     axes = _fix_input_shapes(path, model, input_shapes or {}, batch_size)
     inputs = _tensor_specs(path, model.graph.input, {init.name for init in model.graph.initializer}, axes)
     model = _simplify(path, model)
-    if _has_subgraphs(model) and not _runs_static(model, inputs):
+    if _has_subgraphs(model) and not _runs_static(model, inputs, hints):
         # Control flow whose branches are shaped for other inputs (a VAD's 8 kHz branch under 16 kHz-sized input)
         # fails ONNX Runtime's type inference once the dims are fixed; the graph keeps them symbolic, the bundle's
         # interface is still the static shapes, and backends that need static graphs say so for their candidate.
         notes.append("input dims stay symbolic in the graph: ONNX Runtime rejects its control flow with them fixed")
         model = _simplify(path, symbolic)
     _name_nodes(model)
-    hints = _integer_hints(model)
     if not all(_is_static(value) for value in model.graph.output):
         _measure_output_shapes(path, model, inputs, hints)
     prepared = workdir / "model.fp32.onnx"
