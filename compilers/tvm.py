@@ -114,13 +114,71 @@ def import_onnx(path: Path):
     import onnx
     from tvm.relax.frontend.onnx import from_onnx
 
+    model = onnx.load(str(path))
+    reshape_scalar_qdq_to_vectors(model)
     try:
-        return from_onnx(onnx.load(str(path)), keep_params_in_input=False)
+        return from_onnx(model, keep_params_in_input=False)
     except Exception as error:  # TVM raises assorted error types for unsupported ops
         message = str(error).strip().splitlines()
         raise UnsupportedByTvm(
             f"TVM cannot import this model: {message[0] if message else type(error).__name__}"
         ) from None
+
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def reshape_scalar_qdq_to_vectors(model) -> int:
+    """Give every Quantize/DequantizeLinear on a 0-d tensor a 1-element view of it; returns how many it changed.
+
+    ONNX Runtime's quantizer quantizes scalar constants too (PP-OCR's hard-swish `x + 3` shares one 0-d
+    DequantizeLinear). TVM's ONNX importer maps such a node to relax.quantize/dequantize with axis 0, which Relax
+    rejects on a 0-d tensor ("axis param is out of range (0)"). Reshape to [1] before the node and back to [] after
+    it computes the same values with a rank Relax accepts; constant inputs fold away when TVM lowers the module."""
+    import numpy as np
+    from onnx import NodeProto, helper, numpy_helper
+
+    graph = model.graph
+    if not any(node.op_type in QDQ_OPS for node in graph.node):
+        return 0  # a float model: no shape inference needed
+    ranks = _tensor_ranks(model)
+    as_vector, as_scalar = "edgekit_qdq_shape_1", "edgekit_qdq_shape_scalar"
+    nodes: list[NodeProto] = []
+    for original in graph.node:
+        node = NodeProto()
+        node.CopyFrom(original)  # graph.node is rebuilt below, and its elements do not outlive that
+        if node.op_type not in QDQ_OPS or ranks.get(node.input[0]) != 0:
+            nodes.append(node)
+            continue
+        source, result = node.input[0], node.output[0]
+        node.input[0], node.output[0] = f"{source}_edgekit_vector", f"{result}_edgekit_vector"
+        nodes.append(helper.make_node("Reshape", [source, as_vector], [node.input[0]], name=f"{node.name}_to_1"))
+        nodes.append(node)
+        nodes.append(helper.make_node("Reshape", [node.output[0], as_scalar], [result], name=f"{node.name}_to_0d"))
+    changed = (len(nodes) - len(graph.node)) // 2
+    if changed:
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array([1], np.int64), as_vector),
+            numpy_helper.from_array(np.zeros(0, np.int64), as_scalar),
+        ])  # fmt: skip
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return changed
+
+
+def _tensor_ranks(model) -> dict[str, int]:
+    """Rank of every tensor of the main graph whose rank is known: initializers, and what shape inference finds
+    (graph inputs, Constant nodes, computed tensors)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    ranks = {
+        info.name: len(info.type.tensor_type.shape.dim)
+        for info in (*inferred.input, *inferred.value_info, *inferred.output)
+        if info.type.tensor_type.HasField("shape")
+    }
+    ranks.update({tensor.name: len(tensor.dims) for tensor in model.graph.initializer})
+    return ranks
 
 
 def lower(module, precision: Precision, target):
@@ -129,12 +187,57 @@ def lower(module, precision: Precision, target):
     from tvm import relax
     from tvm.relax import transform
 
-    passes = [transform.DecomposeOpsForInference(), transform.CanonicalizeBindings()]
-    if precision == "fp16":
-        passes.append(transform.ToMixedPrecision(out_dtype="float16"))
-    passes.append(relax.pipeline.zero_pipeline())
+    prepare = tvm.transform.Sequential([transform.DecomposeOpsForInference(), transform.CanonicalizeBindings()])
     with target:
-        return tvm.transform.Sequential(passes)(module)
+        module = prepare(module)
+        if precision == "fp16":
+            keep_float32_calls_with_non_tensor_arguments(module)
+            module = transform.ToMixedPrecision(out_dtype="float16")(module)
+        return relax.pipeline.zero_pipeline()(module)
+
+
+# ToMixedPrecision's own value for "not a call of an op": it casts the call's tensor arguments back to the dtypes
+# they had, as it does for calls of Relax functions.
+NOT_AN_OP_CALL = -1
+
+
+def keep_float32_calls_with_non_tensor_arguments(module) -> None:
+    """Let ToMixedPrecision keep in float32 the op calls it cannot convert that also take a non-tensor argument.
+
+    The pass keeps an op without a mixed-precision policy in float32 ("never fp16"), and once an input of it has
+    become fp16 it casts every argument back to its old dtype, non-tensor ones included, which fails with
+    "Expected TensorStructInfo, but got R.Callable" (R.call_tir, which TVM's ONNX importer emits for Clip as
+    ReLU6, Pad, Resize, Tile, CumSum, Einsum) or "… got R.Prim" (R.clip, from HardSigmoid). Giving those ops the
+    pass's "not an op call" value takes its other path, which casts only the tensor arguments back to float32:
+    what "never fp16" means, without the crash. Registered once per process, only for ops that have no policy."""
+    import tvm
+    from tvm import relax
+
+    ops: set[str] = set()
+
+    def note_op_with_non_tensor_argument(expr) -> None:
+        if (
+            isinstance(expr, relax.Call)
+            and isinstance(expr.op, tvm.ir.Op)
+            and not all(_is_tensors(arg.struct_info) for arg in expr.args)
+        ):
+            ops.add(expr.op.name)
+
+    for function in module.functions.values():
+        if isinstance(function, relax.Function):
+            relax.analysis.post_order_visit(function, note_op_with_non_tensor_argument)
+    for name in sorted(ops):
+        if tvm.ir.Op.get(name).get_attr("TMixedPrecisionPolicy") is None:
+            tvm.ir.register_op_attr(name, "TMixedPrecisionPolicy", NOT_AN_OP_CALL)
+
+
+def _is_tensors(info) -> bool:
+    """A tensor or a (nested) tuple of tensors: the arguments ToMixedPrecision can cast."""
+    from tvm import relax
+
+    if isinstance(info, relax.TupleStructInfo):
+        return all(map(_is_tensors, info.fields))
+    return isinstance(info, relax.TensorStructInfo)
 
 
 def _llvm(profile_arch: str, triple: str, cpu: str, isa: list[str], cores: int) -> dict[str, Any]:
@@ -178,7 +281,26 @@ def schedule_gpu(module, target):
     gpu = dlight.gpu
     rules = (gpu.Matmul(), gpu.GEMV(), gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback())
     with target:
-        return dlight.ApplyDefaultSchedule(*rules)(module)
+        return dlight.ApplyDefaultSchedule(*map(passing_on_failure, rules))(module)
+
+
+def passing_on_failure(rule):
+    """The dlight rule, except that a rule which raises is taken as not applying, so the next rule schedules the
+    function. dlight stops the whole build instead: its GEMV rule raises NameError ("name 'TX' is not defined")
+    on a reduction whose epilogue broadcasts, e.g. a squeeze-and-excitation block's pooled scale (PP-OCR cls).
+    Each rule schedules its own copy of the function, so a failed one leaves nothing behind."""
+    from tvm.s_tir import dlight
+
+    class PassingOnFailure(dlight.ScheduleRule):
+        def apply(self, func, target, tunable):
+            try:
+                return rule.apply(func, target, tunable)
+            except Exception as error:  # dlight's rules raise assorted errors on patterns they misjudge
+                logging.getLogger(__name__).debug("dlight %s did not schedule a function: %s",
+                                                  type(rule).__name__, error)  # fmt: skip
+                return None
+
+    return PassingOnFailure()
 
 
 def tune_on_host(module, target, database: Path, options: TvmOptions, request: BuildRequest) -> dict:

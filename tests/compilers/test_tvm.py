@@ -156,3 +156,146 @@ def test_int8_imports_the_onnx_runtime_qdq_graph(cli, small_cnn_model, small_cnn
     assert chosen["metrics"]["cosine"] > 0.99 and chosen["metrics"]["max_abs_error"] > 1e-6
     manifest = unpack(out, tmp_path / "unpacked")
     assert manifest["precision"] == "int8" and manifest["runtime"] == "tvm"
+
+
+def initializer(name: str, *shape: int, seed: int = 0):
+    import numpy as np
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array((np.random.default_rng(seed).standard_normal(shape) * 0.3).astype(np.float32), name)
+
+
+def constant(name: str, value: float, *shape: int):
+    import numpy as np
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.full(shape, value, np.float32), name)
+
+
+def hard_swish_cnn(path: Path) -> Path:
+    """Conv, then hard-swish as PP-OCR writes it: x * clip(x + 3, 0, 6) / 6, with `3` a 0-d initializer. ONNX
+    Runtime's quantizer gives that scalar a 0-d DequantizeLinear, which TVM's importer could not convert."""
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["conv"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["conv", "three"], ["shifted"]),
+        helper.make_node("Clip", ["shifted", "zero", "six"], ["clipped"]),
+        helper.make_node("Mul", ["conv", "clipped"], ["scaled"]),
+        helper.make_node("Div", ["scaled", "six"], ["swished"]),
+        helper.make_node("GlobalAveragePool", ["swished"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc", "fc_b"], ["output"]),
+    ]
+    weights = [
+        initializer("w", 16, 3, 3, 3),
+        initializer("b", 16, seed=1),
+        initializer("fc", 16, 10, seed=2),
+        initializer("fc_b", 10, seed=3),
+        constant("three", 3.0),
+        constant("zero", 0.0),
+        constant("six", 6.0),
+    ]
+    graph = helper.make_graph(
+        nodes, "hard_swish_cnn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 10])],
+        weights,
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_scalar_dequantize_becomes_a_one_element_view_with_the_same_values(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from edgekit.compilers.tvm import reshape_scalar_qdq_to_vectors
+
+    quantized = [numpy_helper.from_array(np.array(v, dtype), n) for v, dtype, n in
+                 [(200, np.uint8, "q"), (0.015, np.float32, "scale"), (128, np.uint8, "zp")]]  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["q", "scale", "zp"], ["three"]),
+         helper.make_node("Add", ["x", "three"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        quantized,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": np.ones(2, np.float32)})[0]
+    assert reshape_scalar_qdq_to_vectors(model) == 1
+    assert [node.op_type for node in model.graph.node] == ["Reshape", "DequantizeLinear", "Reshape", "Add"]
+    after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": np.ones(2, np.float32)})[0]
+    np.testing.assert_array_equal(after, before)
+    assert reshape_scalar_qdq_to_vectors(model) == 0, "the rewritten model has no 0-d Quantize/DequantizeLinear"
+
+
+def test_int8_imports_a_qdq_graph_with_a_scalar_dequantize(cli, small_cnn_calibration, tmp_path):
+    model = hard_swish_cnn(tmp_path / "hard_swish.onnx")
+    out = tmp_path / "hard-swish-int8.ekb"
+    args = compile_args(model, "x86-64-avx512", "--backend", "tvm", "--precision", "int8", "--json", out=out)
+    result = cli(*args, "--calibration", small_cnn_calibration)
+    assert result.exit_code == 0, result.output  # was exit 2: "relax.dequantize: axis param is out of range (0)"
+    chosen = next(c for c in json.loads(result.stdout)["candidates"] if c["status"] == "chosen")
+    assert (chosen["backend"], chosen["precision"]) == ("tvm", "int8")
+    assert chosen["metrics"]["cosine"] > 0.99 and chosen["metrics"]["max_abs_error"] > 1e-6
+
+
+def squeeze_excite_cnn(path: Path) -> Path:
+    """Conv + BatchNorm + ReLU6, a squeeze-and-excitation block gated by HardSigmoid, max pooling, Gemm, Softmax:
+    the MobileNetV3 / PP-OCR pattern. Before the fixes, each of three stages failed its CUDA fp16 build in turn:
+    ToMixedPrecision on Clip's R.call_tir ("got R.Callable") and on HardSigmoid's R.clip ("got R.Prim"), then
+    dlight's GEMV rule on the excitation's broadcast epilogue ("name 'TX' is not defined")."""
+    nodes = [
+        helper.make_node("Conv", ["input", "c1", "c1_b"], ["a"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["a", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["b"]),
+        helper.make_node("Clip", ["b", "zero", "six"], ["c"]),
+        helper.make_node("GlobalAveragePool", ["c"], ["squeezed"]),
+        helper.make_node("Conv", ["squeezed", "se1", "se1_b"], ["reduced"]),
+        helper.make_node("Relu", ["reduced"], ["reduced_relu"]),
+        helper.make_node("Conv", ["reduced_relu", "se2", "se2_b"], ["expanded"]),
+        helper.make_node("HardSigmoid", ["expanded"], ["gate"], alpha=0.2, beta=0.5),
+        helper.make_node("Mul", ["c", "gate"], ["excited"]),
+        helper.make_node("MaxPool", ["excited"], ["max"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["max"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc", "fc_b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["output"], axis=1),
+    ]
+    weights = [
+        initializer("c1", 16, 3, 3, 3),
+        initializer("c1_b", 16, seed=1),
+        initializer("bn_scale", 16, seed=2),
+        initializer("bn_bias", 16, seed=3),
+        initializer("bn_mean", 16, seed=4),
+        constant("bn_var", 1.5, 16),
+        constant("zero", 0.0),
+        constant("six", 6.0),
+        initializer("se1", 4, 16, 1, 1, seed=5),
+        initializer("se1_b", 4, seed=6),
+        initializer("se2", 16, 4, 1, 1, seed=7),
+        initializer("se2_b", 16, seed=8),
+        initializer("fc", 16, 10, seed=9),
+        initializer("fc_b", 10, seed=10),
+    ]
+    graph = helper.make_graph(
+        nodes, "squeeze_excite_cnn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 10])],
+        weights,
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_jetson_fp16_build_of_a_cnn_with_relu6_hard_sigmoid_and_squeeze_excite(cli, small_cnn_calibration, tmp_path):
+    model = squeeze_excite_cnn(tmp_path / "se.onnx")
+    args = compile_args(model, "jetson-orin-nano", "--backend", "tvm", "--precision", "fp16", "--json")
+    result = cli(*args, "--calibration", small_cnn_calibration, "-o", tmp_path / "se-fp16.ekb")
+    assert result.exit_code == 0, result.output
+    candidate = json.loads(result.stdout)["candidates"][0]
+    assert (candidate["precision"], candidate["status"]) == ("fp16", "chosen")
+    # fp16 rounding through the host stand-in, not fp32 passed off as fp16, and not a broken graph.
+    assert candidate["metrics"]["cosine"] > 0.999 and candidate["metrics"]["max_abs_error"] > 1e-7
+    library = tmp_path / "se" / "artifacts" / "model.so"
+    unpack(tmp_path / "se-fp16.ekb", tmp_path / "se")
+    assert cuda_binary_arch(library.read_bytes()) == 87
