@@ -43,6 +43,7 @@ class TvmBackend(Backend):
     module = "tvm"
     precisions = frozenset({"fp32", "fp16", "int8"})
     Options = TvmOptions
+    keeps_float = True
 
     def unsupported_reason(self, profile: Profile, precision: Precision) -> str | None:
         if profile.cpu.arch not in ("x86_64", "aarch64"):
