@@ -1,29 +1,51 @@
 """TFLite backend: ONNX → TFLite via onnx2tf (fp32, fp16, full-integer int8 on the user's calibration data).
 
 Input layout is kept as in the ONNX model (NCHW stays NCHW), so the bundle's interface does not change with the
-backend. The conversion runs in a subprocess (see _onnx2tf_worker.py); its log is kept for the error message.
+backend. The conversion runs in a subprocess (see _onnx2tf_worker.py) with a time limit; its log is kept in the
+work folder, and a failure names the ONNX op and node onnx2tf stopped at.
 """
 
 import importlib.metadata
 import json
+import re
 import shutil
+import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgekit.compilers import Backend, BackendOptions, BuildRequest, BuildResult
+from edgekit.errors import BadInput
 from edgekit.plugins import installed
 from edgekit.profiles import Profile
 from edgekit.schema import Precision
 
-OUTPUT_SUFFIX = {
-    "fp32": "_float32.tflite",
-    "fp16": "_float16.tflite",
-    "int8": "_integer_quant.tflite",  # int8 weights and activations, float32 input/output
-    "int8-io": "_full_integer_quant.tflite",  # int8 throughout, for NPUs that take integer tensors
-}
+# What onnx2tf writes for model.onnx; int8 (float32 I/O) and int8-io (int8 throughout, for NPUs that take integer
+# tensors) are quantized by the worker itself.
+FLOAT_SUFFIX = {"fp32": "_float32.tflite", "fp16": "_float16.tflite"}
+INT8_FILE = "model_int8.tflite"
+# onnx2tf names each TensorFlow op after its ONNX node, and TensorFlow refuses names outside this set (it replaces
+# only ':'); paddle2onnx names nodes like "Softmax@0", on which tf.nn.softmax raises "not a valid scope name".
+TF_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_./>-]")
+# Time limit for the conversion: TensorFlow's start-up, then per node (each is traced, some validated) and per MB of
+# weights (AlexNet's 240 MB took 144 s on 2 busy cores), twice over for int8 (the quantizer converts again), plus
+# calibration per feed; generous, since the machine may be shared. A hang (e.g. in onnx2tf's automatic replacement
+# search after an error) ends there instead of blocking the compile.
+TIMEOUT_BASE_S = 180.0
+TIMEOUT_PER_NODE_S = 0.5
+TIMEOUT_PER_WEIGHT_MB_S = 1.0
+TIMEOUT_PER_CALIBRATION_FEED_S = 1.0
+LOG_FAILED_NODE = re.compile(r"onnx_op_name: (\S+)")
+LOG_MISSING_OP = re.compile(r"(\S+) OP is not yet implemented")
+LOG_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+LOG_EXCEPTION = re.compile(r"^[\w.]*(Error|Exception)\b:")
+
+
+class UnsupportedByTflite(BadInput):
+    """The model has an op the TFLite path cannot take (exit 2 when tflite or vela was the only backend asked for)."""
 
 
 class TfliteOptions(BackendOptions):
@@ -35,6 +57,7 @@ class TfliteBackend(Backend):
     module = "onnx2tf"
     extra = "tflite"
     precisions = frozenset({"fp32", "fp16", "int8"})
+    keeps_float = True
     Options = TfliteOptions
 
     @classmethod
@@ -57,42 +80,202 @@ class TfliteBackend(Backend):
         return BuildResult(entrypoint=artifact, runtime="litert", target={}, param_bytes=weight_bytes)
 
 
+@dataclass(frozen=True)
+class _TfGraph:
+    """What the conversion needs to know about the model handed to onnx2tf."""
+
+    nodes: dict[str, tuple[str, str]]  # TF-safe node name → (op type, name in the prepared model)
+    safe_names: dict[str, str]  # name in the prepared model → TF-safe name
+    output_producers: list[str]  # per graph output, the TF-safe name of the node that computes it
+
+
 def convert(request: BuildRequest, variant: str, artifact: Path) -> int:
     """Convert request.model to the TFLite variant (fp32, fp16, int8, int8-io), write it to artifact, and
     return its weight bytes."""
-    work = artifact.parent.parent / f"onnx2tf-{variant}"
+    if request.keep_float and variant != "int8":
+        raise ValueError(f"TFLite {variant} cannot keep layers in float: only int8 with float32 input/output can")
+    work = (artifact.parent.parent / f"onnx2tf-{variant}").resolve()  # the worker runs in its own folder
     work.mkdir(parents=True, exist_ok=True)
-    calibration = {}
-    if variant.startswith("int8"):
-        assert request.calibration is not None, "int8 builds are planned only with calibration data"
-        for name, samples in request.calibration.inputs.items():
-            np.save(work / f"calib-{len(calibration)}.npy", samples)
-            calibration[name] = str(work / f"calib-{len(calibration)}.npy")
+    graph = _write_tf_named_model(request.model.path, work / "model.onnx")
     job = {
         "workdir": str(work),
-        "model": str(request.model.path),
+        "model": str(work / "model.onnx"),
         "output": str(work / "out"),
-        "calibration": calibration,
-        "keep_layout_inputs": [t.name for t in request.model.inputs if t.layout == "NCHW"],
+        # onnx2tf turns 3-5D inputs channels-last unless named here (and refuses other ranks here).
+        "keep_shape_inputs": [spec.name for spec in request.model.inputs if len(spec.shape) in (3, 4, 5)],
+        "int8": _int8_job(request, variant, graph, work) if variant.startswith("int8") else None,
     }
     (work / "job.json").write_text(json.dumps(job))
     log = work / "onnx2tf.log"
-    with request.progress.task(f"tflite {request.precision}: onnx2tf conversion", total=1), log.open("w") as sink:
-        done = subprocess.run(
-            [sys.executable, "-m", "edgekit.compilers._onnx2tf_worker", str(work / "job.json")],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
-    produced = next((work / "out").glob(f"*{OUTPUT_SUFFIX[variant]}"), None)
-    if done.returncode != 0 or produced is None:
-        raise RuntimeError(f"onnx2tf failed (exit {done.returncode}): {_last_error(log)}")
+    with request.progress.task(f"tflite {request.precision}: onnx2tf conversion", total=1):
+        returncode = _run_worker(work / "job.json", log, _timeout(request, variant, graph))
+    produced = work / "out" / (INT8_FILE if job["int8"] else f"model{FLOAT_SUFFIX[variant]}")
+    if returncode != 0 or not produced.exists():
+        _raise_conversion_error(returncode, log, graph)
     artifact.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(produced, artifact)
     return json.loads((work / "out" / "weights.json").read_text())[produced.name]
 
 
-def _last_error(log: Path) -> str:
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line or "ERROR" in line]
-    return (errors or lines or ["no output"])[-1][:300]
+def _write_tf_named_model(source: Path, target: Path) -> _TfGraph:
+    """Write the model as onnx2tf can take it: node names TensorFlow accepts, and skl2onnx's label lookup as a
+    Gather. Refuses other ops of other domains (ai.onnx.ml: TreeEnsemble, ZipMap, LinearClassifier, ...) up front:
+    TFLite has nothing like them, and onnx2tf would only fail on them after TensorFlow's start-up."""
+    import onnx
+
+    model = onnx.load(str(source))
+    _replace_array_feature_extractors(model.graph)
+    foreign = next((n for n in model.graph.node if n.domain not in ("", "ai.onnx")), None)
+    if foreign is not None:
+        raise UnsupportedByTflite(
+            f"TFLite has no equivalent of {foreign.domain} op {foreign.op_type} (node {foreign.name or '?'})"
+        )
+    nodes, safe_names = {}, {}
+    taken = {node.name for node in model.graph.node}
+    for index, node in enumerate(model.graph.node):
+        original = node.name
+        if not original or TF_NAME_UNSAFE.search(original):  # unnamed ones too, so that errors can name them
+            node.name = _unique(TF_NAME_UNSAFE.sub("_", original or f"{node.op_type}_{index}"), taken)
+            taken.add(node.name)
+        nodes[node.name] = (node.op_type, original or node.name)
+        safe_names[original] = node.name
+    onnx.save(model, str(target))
+    return _TfGraph(nodes=nodes, safe_names=safe_names, output_producers=_output_producers(model.graph))
+
+
+def _replace_array_feature_extractors(graph) -> None:
+    """skl2onnx computes a classifier's label as ai.onnx.ml ArrayFeatureExtractor(classes, argmax): a Gather on the
+    last axis, which TFLite has. Replaced where the output's static shape is known, to reshape the result exactly
+    as ArrayFeatureExtractor shapes it; the Reshape/Gather/Reshape keep the node's name as a prefix."""
+    from onnx import helper, numpy_helper
+
+    shapes = {value.name: _static_shape(value) for value in [*graph.value_info, *graph.output]}
+    for node in list(graph.node):
+        shape = shapes.get(node.output[0])
+        if (node.domain, node.op_type) != ("ai.onnx.ml", "ArrayFeatureExtractor") or shape is None:
+            continue
+        prefix, (data, indices), output = node.name or node.output[0], node.input, node.output[0]
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}/flat"),
+                numpy_helper.from_array(np.array(shape, np.int64), f"{prefix}/shape"),
+            ]
+        )
+        position = list(graph.node).index(node)
+        graph.node.remove(node)
+        for offset, replacement in enumerate(
+            [
+                helper.make_node("Reshape", [indices, f"{prefix}/flat"], [f"{prefix}/indices"], f"{prefix}/flat"),
+                helper.make_node("Gather", [data, f"{prefix}/indices"], [f"{prefix}/gathered"], f"{prefix}", axis=-1),
+                helper.make_node("Reshape", [f"{prefix}/gathered", f"{prefix}/shape"], [output], f"{prefix}/shape"),
+            ]
+        ):
+            graph.node.insert(position + offset, replacement)
+
+
+def _static_shape(value) -> list[int] | None:
+    if not value.type.HasField("tensor_type"):
+        return None
+    dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+    return dims if all(dims) else None
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, suffix = name, 1
+    while candidate in taken:
+        candidate, suffix = f"{name}_{suffix}", suffix + 1
+    return candidate
+
+
+def _output_producers(graph) -> list[str]:
+    """Per graph output, the node that computes it, looking through Identity nodes (TFLite has no op for those)."""
+    producers = {output: node for node in graph.node for output in node.output}
+    names = []
+    for value in graph.output:
+        node = producers.get(value.name)
+        while node is not None and node.op_type == "Identity" and node.input[0] in producers:
+            node = producers[node.input[0]]
+        names.append(node.name if node is not None else "")
+    return names
+
+
+def _int8_job(request: BuildRequest, variant: str, graph: _TfGraph, work: Path) -> dict:
+    """The worker's int8 instructions: calibration feeds saved per input (in input order), the I/O type, and the
+    nodes to keep in float under their TF-safe names."""
+    assert request.calibration is not None, "int8 builds are planned only with calibration data"
+    feeds = list(request.calibration.batches(request.model.batch_size))
+    paths = []
+    for index, spec in enumerate(request.model.inputs):
+        np.save(work / f"calib-{index}.npy", np.stack([feed[spec.name] for feed in feeds]))
+        paths.append(str(work / f"calib-{index}.npy"))
+    return {
+        "calibration": paths,
+        "integer_io": variant == "int8-io",
+        "file": INT8_FILE,
+        "keep_float": sorted(graph.safe_names[name] for name in request.keep_float if name in graph.safe_names),
+        "output_producers": graph.output_producers,
+    }
+
+
+def _timeout(request: BuildRequest, variant: str, graph: _TfGraph) -> float:
+    weight_mb = request.model.param_bytes / 1e6
+    conversion = TIMEOUT_BASE_S + TIMEOUT_PER_NODE_S * len(graph.nodes) + TIMEOUT_PER_WEIGHT_MB_S * weight_mb
+    if not variant.startswith("int8") or request.calibration is None:
+        return conversion
+    return 2 * conversion + len(request.calibration) // request.model.batch_size * TIMEOUT_PER_CALIBRATION_FEED_S
+
+
+def _run_worker(job: Path, log: Path, timeout: float) -> int:
+    """The worker's exit status; a conversion still running after `timeout` seconds is killed."""
+    with log.open("w") as sink:
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "edgekit.compilers._onnx2tf_worker", str(job)],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                check=False,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"onnx2tf did not finish within {timeout:.0f} s") from None
+    return done.returncode
+
+
+def _raise_conversion_error(returncode: int, log: Path, graph: _TfGraph) -> None:
+    """One line naming the op and node onnx2tf stopped at, when its log says; else its last error line."""
+    if returncode < 0:  # killed: its log ends wherever it was
+        hint = " (out of memory?)" if returncode == -signal.SIGKILL else ""
+        raise RuntimeError(f"onnx2tf was killed by signal {-returncode}{hint}")
+    text = LOG_ANSI.sub("", log.read_text(errors="replace"))
+    error = _last_error(text)
+    failed = _failed_node(text, graph)
+    if failed is not None:
+        op_type, node = failed
+        raise UnsupportedByTflite(f"onnx2tf cannot convert op {op_type} (node {node}): {error}")
+    raise RuntimeError(f"onnx2tf failed (exit {returncode}): {error}")
+
+
+def _failed_node(log: str, graph: _TfGraph) -> tuple[str, str] | None:
+    """(op type, node name in the prepared model) of the node onnx2tf's log says it failed on."""
+    named = LOG_FAILED_NODE.findall(log)
+    if named:
+        return graph.nodes.get(named[-1], ("?", named[-1]))
+    missing = LOG_MISSING_OP.findall(log)
+    if missing:
+        op_type = missing[-1]
+        return op_type, next((original for op, original in graph.nodes.values() if op == op_type), "?")
+    return None
+
+
+def _last_error(log: str) -> str:
+    """The last exception line of the log (with the line that explains a Keras layer's failure), else its last
+    line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    found = [i for i, line in enumerate(lines) if LOG_EXCEPTION.match(line) or "is not yet implemented" in line]
+    if not found:
+        return (lines or ["no output"])[-1][:300]
+    last = found[-1]
+    text = lines[last]
+    if "Exception encountered when calling layer" in text and last + 1 < len(lines):
+        text = f"{text} {lines[last + 1]}"  # Keras puts the cause on the next line
+    return text[:300]

@@ -63,6 +63,28 @@ def test_unsupported_op_is_listed_as_cpu_fallback(cli, small_cnn_model, small_cn
     assert any(entry.startswith("SIN ") for entry in details["cpu_fallback"]), details["cpu_fallback"]
 
 
+def with_paddle_names(model_path: Path, out: Path) -> Path:
+    """The same network named as paddle2onnx names nodes ("Conv@0"), ending in a Softmax as PP-OCR's text-angle
+    classifier does: onnx2tf passed "Softmax@0" to TensorFlow, which refused it, so Ethos-U had no path."""
+    model = onnx.load(str(model_path))
+    for index, node in enumerate(model.graph.node):
+        node.name = f"{node.op_type}@{index}"
+    logits = model.graph.output[0]
+    model.graph.node.append(helper.make_node("Softmax", [logits.name], ["probabilities"], name="Softmax@0", axis=1))
+    logits.name = "probabilities"
+    onnx.save(model, str(out))
+    return out
+
+
+def test_paddle_named_classifier_runs_on_the_npu(cli, small_cnn_model, small_cnn_calibration, tmp_path):
+    model = with_paddle_names(small_cnn_model, tmp_path / "paddle.onnx")
+    report = compile_json(cli, model, small_cnn_calibration, "ethos-u55", tmp_path / "paddle.ekb")
+    chosen = report["candidates"][0]
+    assert chosen["status"] == "chosen", chosen["reason"]
+    assert chosen["details"]["cpu_ops"] == 0 and chosen["details"]["npu_ops"] > 0
+    assert chosen["metrics"]["cosine"] > 0.99
+
+
 def test_sram_overflow_marks_the_build_unfit(cli, mobilenet_small, tmp_path):
     model, calibration = mobilenet_small
     tiny = load_profile("ethos-u55").model_dump(mode="json") | {"name": "tiny-u55"}
