@@ -83,6 +83,15 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray]) -> Agreeme
     return Agreement(max(o.max_abs_error for o in outputs), min(cosines) if cosines else None, top1, outputs)
 
 
+def like_reference(reference: list[np.ndarray], candidate: list[np.ndarray]) -> list[np.ndarray]:
+    """Candidate outputs in the reference's dtype where the reference is integer (a runtime may hand a label back
+    as float): labels are compared as labels, exactly."""
+    return [
+        np.rint(got).astype(ref.dtype) if ref.dtype.kind in "iub" and got.dtype.kind == "f" else got
+        for ref, got in zip(reference, candidate, strict=True)
+    ]
+
+
 def run_batches(session: Session, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     """Run every feed and join each output along its first axis (scalar outputs become one value per feed)."""
     per_feed = [session.run(feed) for feed in feeds]

@@ -14,6 +14,10 @@ from edgekit.measure import Agreement, predictions
 from edgekit.report import Verdict
 
 Z95 = 1.959964
+# A classifier is judged by top-1, but scores this unlike fp32's in a typical sample are broken even where the
+# argmax still agrees (constant outputs tie every argmax at class 0); int8 scores stay far above it. The median
+# per sample, so that a few flipped samples (whose one-hot-like scores differ a lot) do not count.
+COLLAPSED_COSINE = 0.9
 
 
 def wilson_interval(successes: int, n: int) -> tuple[float, float]:
@@ -71,9 +75,28 @@ def judge(
         samples=n, sample_points=100 / n, top1_disagreements=disagreements, top1_agreement_ci=(low, high),
         **per_output,
     )  # fmt: skip
+    typical = _median_sample_cosine(reference[0], candidate[0])
+    if typical < COLLAPSED_COSINE:
+        return Judgement(
+            verdict,
+            f"the scores no longer resemble fp32's (median cosine per sample {typical:.3f} < {COLLAPSED_COSINE}), "
+            "whatever their top-1 says",
+        )
     if labels is not None and len(labels) == n:
         return _judge_accuracy(verdict, ref_classes == labels, got_classes == labels, budget.max_accuracy_drop)
     return _judge_agreement(verdict, disagreements, budget.max_accuracy_drop)
+
+
+def _median_sample_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    if reference.dtype.kind != "f":
+        return 1.0  # integer labels: compared exactly, nothing to collapse
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    got = candidate.reshape(len(candidate), -1).astype(np.float64)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+    dots = np.sum(ref * got, axis=1)
+    same = np.all(ref == got, axis=1)
+    cosines = np.where(norms > 0, dots / np.where(norms > 0, norms, 1), same.astype(np.float64))
+    return float(np.median(cosines))
 
 
 def _judge_cosine(verdict: Verdict, cosine: float | None, min_cosine: float) -> Judgement:

@@ -22,16 +22,22 @@ def _interpreter_class():
     return Interpreter
 
 
+def _is_quantized(detail: dict) -> bool:
+    """An integer tensor with a scale carries quantized reals; one without (scale 0) carries integers as they are,
+    e.g. a classifier's int64 label or a scalar sample rate."""
+    return detail["dtype"] != np.float32 and detail["quantization"][0] != 0
+
+
 def _quantize(array: np.ndarray, detail: dict) -> np.ndarray:
-    if detail["dtype"] == np.float32:
-        return array.astype(np.float32, copy=False)
+    if not _is_quantized(detail):
+        return array.astype(detail["dtype"], copy=False)
     scale, zero_point = detail["quantization"]
     info = np.iinfo(detail["dtype"])
     return np.clip(np.round(array / scale + zero_point), info.min, info.max).astype(detail["dtype"])
 
 
 def _dequantize(array: np.ndarray, detail: dict) -> np.ndarray:
-    if detail["dtype"] == np.float32:
+    if not _is_quantized(detail):
         return array
     scale, zero_point = detail["quantization"]
     return (array.astype(np.float32) - zero_point) * scale

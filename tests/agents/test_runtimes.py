@@ -63,3 +63,14 @@ def test_selftest_passes_on_the_bundle_and_catches_a_wrong_model(cli, digits, tm
         np.savez(root / manifest.selftest.file, **vectors)
         result = run_selftest(session, root, manifest)
         assert not result.passed and "output 0 differs" in result.detail
+
+
+def test_litert_passes_integer_tensors_without_a_scale_through_unchanged():
+    from edgekit.agents.runtimes.litert import _dequantize, _quantize
+
+    label = {"dtype": np.int64, "quantization": (0.0, 0)}  # a classifier's label, a sample rate: not quantized
+    assert _dequantize(np.array([7, 3], np.int64), label).tolist() == [7, 3]
+    assert _quantize(np.array(16000), label) == 16000
+    quantized = {"dtype": np.int8, "quantization": (0.5, 2)}
+    assert _dequantize(np.array([4], np.int8), quantized).tolist() == [1.0]
+    assert _quantize(np.array([1.0], np.float32), quantized).tolist() == [4]

@@ -141,3 +141,20 @@ def test_ctc_style_sequence_of_distributions_is_judged_per_step():
     assert judgement.verdict.samples == 80 and judgement.reason is None
     raw = rng.standard_normal((2, 40, 30)).astype(np.float32)  # not distributions (e.g. a detector's boxes)
     assert compare([raw], [raw]).top1_agreement is None
+
+
+def test_collapsed_classifier_scores_are_rejected_although_top1_agrees():
+    reference = [np.array([[0.9, 0.1, 0.0], [0.8, 0.1, 0.1]], np.float32)]
+    constant = [np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], np.float32)]  # argmax 0 everywhere, as fp32's
+    judgement = judge(reference, constant, None, compare(reference, constant), ["y"], BUDGET)
+    assert "no longer resemble fp32's" in judgement.reason
+
+
+def test_a_label_returned_as_float_is_compared_as_a_label():
+    from edgekit.measure import like_reference
+
+    reference = [np.array([3, 1, 2], np.int64)]
+    candidate = like_reference(reference, [np.array([3.0, 1.0, 0.0], np.float32)])
+    assert candidate[0].dtype == np.int64
+    judgement = judge(reference, candidate, None, compare(reference, candidate), ["label"], BUDGET)
+    assert judgement.verdict.top1_disagreements == 1 and judgement.verdict.output_exact == {"label": 2 / 3}
