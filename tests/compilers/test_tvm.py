@@ -172,6 +172,18 @@ def constant(name: str, value: float, *shape: int):
     return numpy_helper.from_array(np.full(shape, value, np.float32), name)
 
 
+def save_cnn(path, name: str, nodes: list, weights: list):
+    """A [1, 3, 32, 32] → [1, 10] CNN graph saved at opset 17."""
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 10])],
+        weights,
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
 def hard_swish_cnn(path: Path) -> Path:
     """Conv, then hard-swish as PP-OCR writes it: x * clip(x + 3, 0, 6) / 6, with `3` a 0-d initializer. ONNX
     Runtime's quantizer gives that scalar a 0-d DequantizeLinear, which TVM's importer could not convert."""
@@ -194,14 +206,7 @@ def hard_swish_cnn(path: Path) -> Path:
         constant("zero", 0.0),
         constant("six", 6.0),
     ]
-    graph = helper.make_graph(
-        nodes, "hard_swish_cnn",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 10])],
-        weights,
-    )  # fmt: skip
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
+    return save_cnn(path, "hard_swish_cnn", nodes, weights)
 
 
 def test_scalar_dequantize_becomes_a_one_element_view_with_the_same_values(tmp_path):
@@ -277,14 +282,7 @@ def squeeze_excite_cnn(path: Path) -> Path:
         initializer("fc", 16, 10, seed=9),
         initializer("fc_b", 10, seed=10),
     ]
-    graph = helper.make_graph(
-        nodes, "squeeze_excite_cnn",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 10])],
-        weights,
-    )  # fmt: skip
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
+    return save_cnn(path, "squeeze_excite_cnn", nodes, weights)
 
 
 def test_jetson_fp16_build_of_a_cnn_with_relu6_hard_sigmoid_and_squeeze_excite(cli, small_cnn_calibration, tmp_path):
