@@ -48,7 +48,7 @@ class OpenVinoBackend(Backend):
         return BuildResult(
             entrypoint=artifact,
             runtime="openvino",
-            target={"device": options.device},
+            target=_target(options, request.precision),
             param_bytes=artifact.with_suffix(".bin").stat().st_size,
         )
 
@@ -170,3 +170,9 @@ def _fused_names(op) -> set[str]:
     if "fused_names_0" not in info:
         return {op.get_friendly_name()}
     return set(info["fused_names_0"].astype(str).split(","))
+
+
+def _target(options: OvOptions, precision: str) -> dict[str, str]:
+    """What the device asks OpenVINO for. OpenVINO computes in bf16 by default on CPUs that have it (AVX512-BF16,
+    AMX), so an fp32 bundle also asks for f32: else it is neither what its name says nor what other hosts verify."""
+    return {"device": options.device, **({"inference_precision": "f32"} if precision == "fp32" else {})}

@@ -41,5 +41,7 @@ class OpenVino(Runtime):
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
         if threads and device == "CPU":
             config["INFERENCE_NUM_THREADS"] = threads
+        if "inference_precision" in target and device in ("CPU", "GPU"):
+            config["INFERENCE_PRECISION_HINT"] = target["inference_precision"]
         compiled = core.compile_model(core.read_model(str(model)), device, config)
         return OvSession(compiled, f"openvino {device}")

@@ -68,6 +68,18 @@ def test_each_precision_matches_fp32_reference(builds):
         assert cosine > (0.98 if precision == "int8" else 0.9999), precision
 
 
+def test_fp32_asks_for_f32_arithmetic(builds):
+    """OpenVINO computes in bf16 by default on CPUs with AVX512-BF16 or AMX (this test's CI machines may have it):
+    an fp32 bundle asks for f32 and matches ONNX Runtime to float rounding."""
+    model, results = builds
+    assert results["fp32"].target == {"device": "CPU", "inference_precision": "f32"}
+    assert "inference_precision" not in results["fp16"].target
+    x = {"input": np.random.default_rng(6).random((1, 3, 32, 32), dtype=np.float32)}
+    reference = get_runtime("onnxruntime").load(model.path, {}).run(x)[0]
+    got = get_runtime("openvino").load(results["fp32"].entrypoint, results["fp32"].target).run(x)[0]
+    assert np.max(np.abs(reference - got)) < 1e-4 * max(1.0, float(np.max(np.abs(reference))))
+
+
 def test_npu_profile_asks_for_npu_first():
     backend = backends()["openvino"]()
     options = backend.parse_options(load_profile("intel-core-ultra-npu").candidates[0].options, "test")
