@@ -40,7 +40,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from zoo_corpus import CORPUS, REPO, MissingPackage, ZooModel
+from zoo_corpus import BY_KEY, CORPUS, REPO, MissingPackage, ZooModel
 
 from edgekit.profiles import Profile, load_profile
 
@@ -209,11 +209,10 @@ def chosen_facts(report: dict[str, Any], bundle: Path) -> dict[str, Any]:
 
 
 def float_layers(details: dict[str, Any]) -> list[str] | None:
-    """The layers a mixed-precision build kept in float, under whichever key the backend reports them."""
-    for key, value in details.items():
-        if ("keep_float" in key or "mixed" in key or "float_layers" in key) and value:
-            return [str(v) for v in value] if isinstance(value, list | tuple | set) else [str(value)]
-    return None
+    """The layers a mixed-precision build kept in float (`details.mixed_precision.keep_float`)."""
+    mixed = details.get("mixed_precision")
+    kept = mixed.get("keep_float") if isinstance(mixed, dict) else details.get("keep_float")
+    return [str(layer) for layer in kept] if kept else None
 
 
 TRACEBACK_HEADER = "Traceback (most recent call last):"
@@ -284,9 +283,11 @@ def cell_text(result: CellResult) -> str:
         ratio = f"{result.p50_ratio:.2f}x" if result.p50_ratio else "?x"
         mixed = f" mixed({len(result.float_layers or [])} float)" if result.mixed else ""
         return f"ok {result.backend} {result.chosen_precision}{mixed} · {verdict(result)} · {size} · {ratio}"
-    if result.status == "failed":
-        return f"failed: {'; '.join(c[:70] for c in result.candidates) or result.message}"[:160]
-    return f"{result.status}: {result.message}"[:160] if result.message else result.status
+    # A failure's error line names the closest candidate and by how much it missed; each reason is in the JSON.
+    message = result.message.removeprefix("no candidate passed; ")
+    if result.status == "failed" and message.startswith("no candidate built"):
+        message = "; ".join(c[:90] for c in result.candidates)
+    return f"{result.status}: {message}"[:200] if message else result.status
 
 
 def verdict(result: CellResult) -> str:
@@ -456,20 +457,20 @@ def main() -> int:
     parser.add_argument(
         "--merge", action="store_true", help="keep the cells of the last results.json that this run does not redo"
     )
+    parser.add_argument(
+        "--rescore", action="store_true", help="classify the last results.json again from its logs; compile nothing"
+    )
     args = parser.parse_args()
     console = Console(width=None if sys.stdout.isatty() else 220)
     if args.list:
         list_corpus(console)
         return 0
-    keys = selected(args.models, [m.key for m in CORPUS], "model")
-    models = [m for m in CORPUS if m.key in keys]
-    profiles = [load_profile(name) for name in selected(args.profiles, list(PROFILES), "profile")]
-    families = selected(args.precisions, list(PRECISION_FAMILIES), "precision")
-    prepare(models, console)
-    cells = [Cell(m, p, f) for m in models for p in profiles for f in families]
-    results = run_matrix(cells, args.timeout, console)
-    if args.merge:
-        results = merged(previous_results(), results)
+    if args.rescore:
+        results = rescored(previous_results(), args.timeout)
+    else:
+        results = run_selected(args, console)
+        if args.merge:
+            results = merged(previous_results(), results)
     summary = totals(results)
     console.print(matrix(results, [f for f in PRECISION_FAMILIES if any(r.family == f for r in results)]))
     console.print(summary.line())
@@ -478,6 +479,30 @@ def main() -> int:
     write_results(results, summary, args)
     console.print(f"results: {(OUT / 'results.json').relative_to(REPO)}, logs: {(OUT / 'logs').relative_to(REPO)}/")
     return 0
+
+
+def run_selected(args: argparse.Namespace, console: Console) -> list[CellResult]:
+    keys = selected(args.models, [m.key for m in CORPUS], "model")
+    models = [m for m in CORPUS if m.key in keys]
+    profiles = [load_profile(name) for name in selected(args.profiles, list(PROFILES), "profile")]
+    families = selected(args.precisions, list(PRECISION_FAMILIES), "precision")
+    prepare(models, console)
+    return run_matrix([Cell(m, p, f) for m in models for p in profiles for f in families], args.timeout, console)
+
+
+def rescored(previous: list[CellResult], timeout: float) -> list[CellResult]:
+    """Each recorded cell classified again from its saved stderr log and JSON report (bundle sizes kept)."""
+    results = []
+    for old in previous:
+        if old.log is None:
+            results.append(old)
+            continue
+        log = REPO / old.log
+        finished = Finished(old.exit_code, log.with_suffix(".json").read_text(), log.read_text(errors="replace"), 0)
+        cell = Cell(BY_KEY[old.model], load_profile(old.profile), old.family)
+        new = classify(cell, finished, log.with_suffix(".ekb"), timeout)
+        results.append(new.model_copy(update={k: getattr(old, k) for k in ("seconds", "bundle_bytes", "log", "code")}))
+    return results
 
 
 def run_matrix(cells: list[Cell], timeout: float, console: Console) -> list[CellResult]:
@@ -496,6 +521,7 @@ def run_matrix(cells: list[Cell], timeout: float, console: Console) -> list[Cell
                 f"({result.seconds:.0f} s; {elapsed / 60:.1f} min in all)",
                 markup=False,
                 highlight=False,
+                soft_wrap=True,
             )
     return results
 
