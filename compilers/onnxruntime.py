@@ -120,7 +120,20 @@ def quantize_qdq(request: BuildRequest, per_channel: bool = True, calibrate_meth
             }[calibrate_method],
         )
     _feed_float(quantized, request.keep_float)
+    _require_quantized(request, quantized)
     return quantized
+
+
+def _require_quantized(request: BuildRequest, quantized: Path) -> None:
+    """An "int8" model in which nothing was quantized is fp32 under another name. It happens when all the compute
+    sits inside If/Loop bodies (a VAD's per-sample-rate branches), which ONNX Runtime's quantizer does not enter."""
+    import onnx
+
+    if not any(node.op_type == "DequantizeLinear" for node in onnx.load(str(quantized)).graph.node):
+        raise BadInput(
+            f"{request.model.source}: int8 quantized nothing: the model's compute is inside If/Loop bodies (or all "
+            "of it is kept in float), which ONNX Runtime's quantizer does not enter; build it as fp32"
+        )
 
 
 def _prepare_for_quantizer(request: BuildRequest, target: Path, per_channel: bool) -> tuple[bool, list[str]]:

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from helpers import compile_args
+from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.agents.runtimes import get_runtime
 from edgekit.calibration import load_samples
@@ -277,3 +278,31 @@ def test_int8_keeps_the_named_layers_in_float(tmp_path, mobilenet_small):
 def test_keep_float_naming_a_missing_node_fails(tmp_path, small_cnn_model, small_cnn_calibration):
     with pytest.raises(ValueError, match="keep_float names nodes the model does not have: no-such-conv"):
         build(small_cnn_model, tmp_path, "x86-64-avx512", "int8", small_cnn_calibration, frozenset({"no-such-conv"}))
+
+
+def test_int8_with_all_compute_inside_an_if_is_refused_not_labelled_int8(cli, tmp_path):
+    """A VAD keeps its network inside If branches (one per sample rate); ONNX Runtime's quantizer does not enter
+    them, so an "int8" build would be the fp32 model under another name."""
+    rng = np.random.default_rng(0)
+    branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y_branch"])], "branch", [],
+        [helper.make_tensor_value_info("y_branch", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    nodes = [
+        helper.make_node("Equal", ["sr", "rate"], ["is16k"]),
+        helper.make_node("If", ["is16k"], ["y"], then_branch=branch, else_branch=branch),
+    ]
+    graph = helper.make_graph(
+        nodes, "vad_like",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array(16000, np.int64), "rate")],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "vad.onnx"))
+    np.savez(data := tmp_path / "d.npz", x=rng.standard_normal((40, 8)).astype(np.float32), sr=np.full(40, 16000))
+    result = cli(*compile_args(tmp_path / "vad.onnx", "x86-64-avx512", "--precision", "int8", "--backend",
+                               "onnxruntime", "--calibration", data))  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "int8 quantized nothing" in result.stderr and "If/Loop" in result.stderr
