@@ -546,7 +546,9 @@ def print_reasons(console: Console, title: str, reasons: dict[str, list[str]]) -
         return
     console.print(f"\n{title}:")
     for reason, cells in sorted(reasons.items(), key=lambda item: -len(item[1])):
-        text = f"- {reason}\n    {len(cells)} cell(s): {', '.join(cells)}"
+        # Reasons are grouped when only numbers, paths or names differ; the text shown is the first cell's.
+        numbers = f" (numbers: {cells[0]})" if len(cells) > 1 and reason != reason_key(reason) else ""
+        text = f"- {reason}{numbers}\n    {len(cells)} cell(s): {', '.join(cells)}"
         console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
