@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -468,26 +469,29 @@ def main() -> int:
     if args.rescore:
         results = rescored(previous_results(), args.timeout)
     else:
-        results = run_selected(args, console)
-        if args.merge:
-            results = merged(previous_results(), results)
-    summary = totals(results)
+        earlier = previous_results() if args.merge else []
+        # Saved after every cell, so a run that is stopped keeps what it measured (and --merge can go on from it).
+        results = run_selected(args, console, lambda done: write_results(merged(earlier, done), args))
+        results = merged(earlier, results)
     console.print(matrix(results, [f for f in PRECISION_FAMILIES if any(r.family == f for r in results)]))
-    console.print(summary.line())
+    console.print(totals(results).line())
     print_reasons(console, "why cells got no bundle", failure_reasons(results))
     print_reasons(console, "candidates that failed in cells that still got a bundle", candidate_failures(results))
-    write_results(results, summary, args)
+    write_results(results, args)
     console.print(f"results: {(OUT / 'results.json').relative_to(REPO)}, logs: {(OUT / 'logs').relative_to(REPO)}/")
     return 0
 
 
-def run_selected(args: argparse.Namespace, console: Console) -> list[CellResult]:
-    keys = selected(args.models, [m.key for m in CORPUS], "model")
-    models = [m for m in CORPUS if m.key in keys]
+def run_selected(
+    args: argparse.Namespace, console: Console, save: Callable[[list[CellResult]], None]
+) -> list[CellResult]:
+    """The cells --models (in the order given), --profiles and --precisions select."""
+    models = [BY_KEY[key] for key in selected(args.models, list(BY_KEY), "model")]
     profiles = [load_profile(name) for name in selected(args.profiles, list(PROFILES), "profile")]
     families = selected(args.precisions, list(PRECISION_FAMILIES), "precision")
     prepare(models, console)
-    return run_matrix([Cell(m, p, f) for m in models for p in profiles for f in families], args.timeout, console)
+    cells = [Cell(m, p, f) for m in models for p in profiles for f in families]
+    return run_matrix(cells, args.timeout, console, save)
 
 
 def rescored(previous: list[CellResult], timeout: float) -> list[CellResult]:
@@ -505,7 +509,9 @@ def rescored(previous: list[CellResult], timeout: float) -> list[CellResult]:
     return results
 
 
-def run_matrix(cells: list[Cell], timeout: float, console: Console) -> list[CellResult]:
+def run_matrix(
+    cells: list[Cell], timeout: float, console: Console, save: Callable[[list[CellResult]], None]
+) -> list[CellResult]:
     OUT.mkdir(parents=True, exist_ok=True)
     # Keys and TVM tuning databases of these runs stay out of the user's own edgekit home.
     env = {**os.environ, "EDGEKIT_HOME": str(OUT / "home")}
@@ -523,6 +529,7 @@ def run_matrix(cells: list[Cell], timeout: float, console: Console) -> list[Cell
                 highlight=False,
                 soft_wrap=True,
             )
+            save(results)
     return results
 
 
@@ -552,7 +559,8 @@ def print_reasons(console: Console, title: str, reasons: dict[str, list[str]]) -
         console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def write_results(results: list[CellResult], summary: Totals, args: argparse.Namespace) -> None:
+def write_results(results: list[CellResult], args: argparse.Namespace) -> None:
+    summary = totals(results)
     document = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "arguments": vars(args),
@@ -563,7 +571,10 @@ def write_results(results: list[CellResult], summary: Totals, args: argparse.Nam
         "candidate_failures": candidate_failures(results),
         "cells": [r.model_dump() for r in results],
     }
-    (OUT / "results.json").write_text(json.dumps(document, indent=2))
+    # Written whole, then renamed: a run stopped mid-write leaves the previous file intact.
+    temporary = OUT / "results.json.tmp"
+    temporary.write_text(json.dumps(document, indent=2))
+    temporary.replace(OUT / "results.json")
 
 
 if __name__ == "__main__":
