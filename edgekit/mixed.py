@@ -1,14 +1,22 @@
 """Mixed precision: which layers to keep in float when plain int8 misses the accuracy budget.
 
 Sensitivity comes from ONNX Runtime's QDQ model of the same calibration data, run side by side with the fp32 model
-on a few calibration samples (never the held-out ones that judge the result). For every quantized node, its
-output's error against fp32 is compared with the error already present at its activation inputs: the increase is
-what quantizing that node (its weights and inputs) costs. Errors are normalised (|q - f|^2 / |f|^2), so layers of
-any scale compare. The pipeline keeps the top of this ranking in float and rebuilds, in a few growing rounds.
+on a few calibration samples (never the held-out ones that judge the result), in two steps:
+
+1. Local: for every quantized node, its output's error against fp32 is compared with the error already present at
+   its activation inputs: the increase is what quantizing that node (its weights and inputs) costs. Errors are
+   normalised (|q - f|^2 / |f|^2), so layers of any scale compare. One run ranks every layer.
+2. End to end: the top of that ranking is measured again where it matters, at the model's outputs: the fp32 model
+   with only that one node quantized (its own QuantizeLinear/DequantizeLinear taken from the QDQ model). A local
+   error says little about a layer whose output a sigmoid squashes or whose error a recurrent state carries on, and
+   a small model (a voice detector's six convolutions) can be measured layer by layer in a second.
+
+The pipeline keeps the top of the ranking in float and rebuilds, in a few growing rounds.
 """
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +27,10 @@ from edgekit.intake import PreparedModel
 log = logging.getLogger(__name__)
 
 SENSITIVITY_SAMPLES = 8
+# The end-to-end step re-measures at most this many layers from the top of the local ranking, for at most this
+# long: one ONNX Runtime session per layer.
+END_TO_END_LAYERS = 64
+END_TO_END_SECONDS = 90.0
 # Fractions of the quantized layers kept in float, one rebuild each: a few layers first, then more.
 ROUNDS = (0.04, 0.12, 0.3, 0.6)
 
@@ -61,7 +73,88 @@ def rank_sensitive_nodes(model: PreparedModel, qdq_model: Path, calibration: Sam
             continue
         inputs = [errors[k] for k in errors if k.startswith(f"{node.name}/in/")]
         sensitivity[node.name] = errors[f"{node.name}/out"] - max(inputs, default=0.0)
-    return sorted(sensitivity, key=sensitivity.get, reverse=True)
+    local = sorted(sensitivity, key=sensitivity.get, reverse=True)
+    measured = _end_to_end(model.path, qdq_graph, quantized, local[:END_TO_END_LAYERS], feeds)
+    return sorted(measured, key=measured.get, reverse=True) + [name for name in local if name not in measured]
+
+
+def _end_to_end(
+    float_model: Path, qdq_graph, quantized: dict, names: list[str], feeds: list[dict[str, np.ndarray]]
+) -> dict[str, float]:
+    """Per node, the worst relative error over the model's float outputs with only that node quantized. Stops at
+    END_TO_END_SECONDS; a node whose single-node model does not run is left out (it keeps its local rank)."""
+    import onnx
+    import onnxruntime as ort
+
+    base = onnx.load(str(float_model))
+    reference = ort.InferenceSession(base.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = [reference.run(None, feed) for feed in feeds]
+    floating = [i for i, out in enumerate(reference.get_outputs()) if out.type == "tensor(float)"]
+    producers = {output: node for node in qdq_graph.node for output in node.output}
+    weights = {init.name: init for init in qdq_graph.initializer}
+    deadline = time.monotonic() + END_TO_END_SECONDS
+    errors: dict[str, float] = {}
+    for name in names:
+        if time.monotonic() > deadline:
+            log.info("end-to-end sensitivity: time is up after %d of %d layers", len(errors), len(names))
+            break
+        probe = _quantizing_only(base, name, quantized[name], producers, weights)
+        try:
+            session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+            errors[name] = _output_error([session.run(None, feed) for feed in feeds], expected, floating)
+        except Exception:  # an unmeasurable node keeps its local rank
+            log.debug("end-to-end sensitivity of %s not measured", name, exc_info=True)
+    return errors
+
+
+def _quantizing_only(base, name: str, twin, producers: dict, weights: dict):
+    """A copy of the fp32 model in which node `name` reads its inputs through the QuantizeLinear/DequantizeLinear
+    pairs the QDQ model gave its twin, and nothing else is quantized."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.CopyFrom(base)
+    graph = model.graph
+    position, node = next((i, n) for i, n in enumerate(graph.node) if n.name == name)
+    added = []
+    for slot, (ours, theirs) in enumerate(zip(node.input, twin.input, strict=False)):
+        dequantize = producers.get(theirs)
+        if not ours or dequantize is None or dequantize.op_type != "DequantizeLinear":
+            continue
+        prefix = f"{name}/probe{slot}"
+        quantized_input = dequantize.input[0]  # a weight, stored quantized
+        source = producers.get(quantized_input)
+        if source is not None and source.op_type == "QuantizeLinear":  # an activation, quantized as it is read
+            quantized_input = f"{prefix}/q"
+            added.append(onnx.helper.make_node("QuantizeLinear", [ours, *source.input[1:]], [quantized_input],
+                                               f"{prefix}/q", **_attributes(source)))  # fmt: skip
+        added.append(onnx.helper.make_node("DequantizeLinear", [quantized_input, *dequantize.input[1:]],
+                                           [f"{prefix}/dq"], f"{prefix}/dq", **_attributes(dequantize)))  # fmt: skip
+        node.input[slot] = f"{prefix}/dq"
+    present = {init.name for init in graph.initializer}
+    needed = {tensor for step in added for tensor in step.input if tensor in weights and tensor not in present}
+    graph.initializer.extend(weights[tensor] for tensor in sorted(needed))
+    for offset, step in enumerate(added):
+        graph.node.insert(position + offset, step)
+    return model
+
+
+def _attributes(node) -> dict:
+    import onnx
+
+    return {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in node.attribute}
+
+
+def _output_error(got: list[list[np.ndarray]], expected: list[list[np.ndarray]], floating: list[int]) -> float:
+    """The worst |q - f|^2 / |f|^2 over the float outputs, accumulated over the feeds."""
+    worst = 0.0
+    for index in floating:
+        noise = sum(
+            float(np.sum((e[index].astype(np.float64) - g[index]) ** 2)) for e, g in zip(expected, got, strict=True)
+        )
+        energy = sum(float(np.sum(e[index].astype(np.float64) ** 2)) for e in expected)
+        worst = max(worst, noise / energy if energy else 0.0)
+    return worst
 
 
 def _relative_errors(

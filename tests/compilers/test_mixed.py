@@ -51,19 +51,58 @@ def test_rounds_grow():
     assert keep_float_rounds(["a", "b"]) == [["a"]]
 
 
-def test_sensitivity_ranks_the_layer_fed_by_outliers_first(tmp_path):
+def quantize(model, samples, tmp_path):
     from edgekit.compilers import BuildRequest
     from edgekit.compilers.onnxruntime import OrtOptions, quantize_qdq
     from edgekit.profiles import load_profile
     from edgekit.progress import NoProgress
 
+    request = BuildRequest(model, load_profile("x86-64-avx512"), "int8", samples, OrtOptions(), tmp_path / "q",
+                           NoProgress())  # fmt: skip
+    return quantize_qdq(request)
+
+
+def test_sensitivity_ranks_the_layer_fed_by_outliers_first(tmp_path):
     model = prepare_model(outlier_classifier(tmp_path / "m.onnx"), tmp_path)
     data = np.load(outlier_data(tmp_path / "d.npz"))
     samples = SampleSet({"x": data["x"]}, None, "test", {"x": 0})
-    request = BuildRequest(model, load_profile("x86-64-avx512"), "int8", samples, OrtOptions(), tmp_path / "q",
-                           NoProgress())  # fmt: skip
-    ranking = rank_sensitive_nodes(model, quantize_qdq(request), samples)
-    assert ranking[0] == "fc1"
+    assert rank_sensitive_nodes(model, quantize(model, samples, tmp_path), samples)[0] == "fc1"
+
+
+def sign_model(path):
+    """Two outputs: the sign of x @ wa (a dominant feature makes wa's int8 steps coarse: a large local error the
+    output barely sees) and x @ wb itself (a small local error, all of it visible)."""
+    rng = np.random.default_rng(0)
+    wa = rng.standard_normal((16, 8)).astype(np.float32)
+    wa[0] *= 50
+    wb = rng.standard_normal((16, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "wa"], ["a"], name="squashed"),
+            helper.make_node("Sign", ["a"], ["s"], name="sign"),
+            helper.make_node("MatMul", ["x", "wb"], ["b"], name="seen"),
+        ],
+        "signs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 8]) for n in ("s", "b")],
+        [numpy_helper.from_array(wa, "wa"), numpy_helper.from_array(wb, "wb")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_sensitivity_is_measured_at_the_outputs(tmp_path, monkeypatch):
+    from edgekit import mixed
+
+    model = prepare_model(sign_model(tmp_path / "m.onnx"), tmp_path)
+    samples = SampleSet({"x": np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)}, None, "t",
+                        {"x": 0})  # fmt: skip
+    qdq = quantize(model, samples, tmp_path)
+    ranking = rank_sensitive_nodes(model, qdq, samples)
+    assert ranking.index("seen") < ranking.index("squashed")
+    monkeypatch.setattr(mixed, "END_TO_END_LAYERS", 0)  # the local ranking alone is misled by wa's coarse steps
+    local = rank_sensitive_nodes(model, qdq, samples)
+    assert local.index("squashed") < local.index("seen")
 
 
 def test_mixed_precision_rescues_int8_that_plain_int8_fails(cli, tmp_path):
