@@ -74,6 +74,12 @@ class CompileFailed(OperationFailed):
         self.report = report
 
 
+class DoesNotFit(CompileFailed):
+    """Every candidate built, and none fits the device's memory: a refusal that names the limit (exit 2)."""
+
+    exit_code = 2
+
+
 @dataclass
 class _Plan:
     candidate: Candidate
@@ -567,7 +573,7 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
             warnings=_warnings(model, samples, request),
         )
         if chosen is None:
-            raise CompileFailed(_way_forward(built, request), report)
+            raise _failure(built, len(outcomes), request, report)
         report = report.model_copy(update={"bundle": str(request.out)})
         manifest = _package(request, model, chosen, verifier, report, workdir)
     return report, manifest
@@ -582,6 +588,18 @@ def _warnings(model: PreparedModel, samples: _Samples, request: CompileRequest) 
             f"the {request.max_accuracy_drop}-point budget, so no candidate is rejected on a single flipped sample"
         )
     return notes
+
+
+def _failure(built: list[_Built], planned: int, request: CompileRequest, report: CompileReport) -> CompileFailed:
+    """A refusal naming the device limit when every candidate built but none fits; else what came closest."""
+    if built and len(built) == planned and all(b.result.unfit for b in built):
+        limits = "; ".join(sorted({limit for b in built for limit in b.result.unfit}))
+        return DoesNotFit(
+            f"{request.model.name} does not fit {request.profile.name}: {limits} (every candidate). Use a profile "
+            "with more memory, a smaller input (--input-shape) or a smaller model",
+            report,
+        )
+    return CompileFailed(_way_forward(built, request), report)
 
 
 def _way_forward(built: list[_Built], request: CompileRequest) -> str:
