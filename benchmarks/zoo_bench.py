@@ -4,10 +4,10 @@ each compiled by the real CLI in its own process, as a user would run it.
     python benchmarks/zoo_bench.py [--models a,b] [--profiles x,y] [--precisions float,int8] [--timeout 900] [--list]
 
 A cell runs `edgekit compile MODEL -p PROFILE --precision P [--calibration DATA.npz] [--input-shape ...]
---bench-seconds 0.3 --json -o OUT.ekb`. The float precision is the one the profile lists for its accelerator
-(fp16 for jetson-orin-nano and intel-core-ultra-npu), else fp32; ethos-u55 lists no float candidate (its NPU is
-int8-only), so that cell is n/a. int8 cells get the corpus calibration data; float cells do too (so outputs are
-compared on real data, not synthetic).
+[--input-value ...] --bench-seconds 0.3 --json -o OUT.ekb`. The float precision is the one the profile lists for
+its accelerator (fp16 for jetson-orin-nano and intel-core-ultra-npu), else fp32; ethos-u55 lists no float
+candidate (its NPU is int8-only), so that cell is n/a. int8 cells get the corpus calibration data; float cells do
+too (so outputs are compared on real data, not synthetic).
 
 Each cell is one of:
 - ok: a bundle was written (chosen backend and precision, accuracy / top-1 agreement / cosine, bundle size,
@@ -114,6 +114,8 @@ def compile_command(cell: Cell, model: Path, data: Path, bundle: Path) -> list[s
     command += ["--calibration", str(data)]
     for shape in cell.model.input_shapes:
         command += ["--input-shape", shape]
+    for value in cell.model.input_values:
+        command += ["--input-value", value]
     return [*command, "--bench-seconds", str(BENCH_SECONDS), "--json", "-o", str(bundle)]
 
 

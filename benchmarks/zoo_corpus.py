@@ -190,6 +190,7 @@ class ZooModel:
     make_data: DataMaker
     samples: int
     input_shapes: tuple[str, ...] = ()  # --input-shape values for the dynamic dims
+    input_values: tuple[str, ...] = ()  # --input-value values, where intake's note suggests freezing an input
 
     def model_path(self) -> Path:
         return self.source.model_path(CACHE / "models" / f"{self.key}.onnx")
@@ -793,12 +794,14 @@ CORPUS: list[ZooModel] = [
                  _light(name), photo_regions(input_name), 120)
         for name, (input_name, title) in LIGHT.items()
     ],
-    ZooModel("silero_vad", "voice activity detector (LSTM state, If on int64 scalar sr; spox export)",
+    ZooModel("silero_vad", "voice activity detector (LSTM state, If on int64 scalar sr; spox export; "
+             "sr frozen to 16000 as intake's note suggests)",
              Shipped(_silero("silero_vad.onnx")), vad_windows(STATE, True), 400,
-             ("input:1x576", "state:2x1x128")),
-    ZooModel("silero_vad_ifless", "voice activity detector (opset 18, no If; inputs input, sr, state)",
+             ("input:1x576", "state:2x1x128"), ("sr=16000",)),
+    ZooModel("silero_vad_ifless", "voice activity detector (opset 18, its If is on sr only; inputs input, sr, "
+             "state; sr frozen to 16000 as intake's note suggests)",
              Shipped(_silero("silero_vad_op18_ifless.onnx")), vad_windows(STATE, True), 400,
-             ("input:1x576", "state:2x1x128")),
+             ("input:1x576", "state:2x1x128"), ("sr=16000",)),
     ZooModel("silero_vad_half", "voice activity detector (fp16 inside, fp32 I/O; no sr input)",
              Shipped(_silero("silero_vad_half.onnx")), vad_windows(STATE, False), 400,
              ("input:1x576", "state:2x1x128")),

@@ -64,6 +64,60 @@ def parse_shape_overrides(specs: list[str]) -> dict[str, list[int]]:
     return shapes
 
 
+def parse_input_values(specs: list[str]) -> dict[str, list[float]]:
+    """`--input-value sr=16000` → {"sr": [16000.0]}; cast to the input's type when it is frozen."""
+    values: dict[str, list[float]] = {}
+    for spec in specs:
+        name, sep, text = spec.partition("=")
+        try:
+            numbers = [float(v) for v in text.split(",")]
+        except ValueError:
+            numbers = []
+        if not sep or not name or not numbers:
+            raise BadInput(f"--input-value '{spec}': expected NAME=VALUE or NAME=V1,V2,..., e.g. sr=16000")
+        values[name] = numbers
+    return values
+
+
+def _freeze_inputs(path: Path, model, values: dict[str, list[float]], notes: list[str]) -> None:
+    """Replace each named graph input by a constant of its type and shape (onnxslim then folds control flow that
+    reads it)."""
+    from onnx import helper, numpy_helper
+
+    inputs = {value.name: value for value in _graph_inputs(model)}
+    for name, numbers in values.items():
+        value = inputs.get(name)
+        if value is None:
+            raise BadInput(f"{path}: --input-value {name}: no such input (inputs: {', '.join(inputs)})")
+        tensor_type = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        shape = dims if None not in dims else [len(numbers)] * len(dims)
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        if int(np.prod(shape)) != len(numbers):
+            raise BadInput(
+                f"{path}: --input-value {name}: {len(numbers)} value(s) given, the input's shape {dims or '[]'} "
+                f"holds {int(np.prod(shape))}"
+            )
+        model.graph.input.remove(value)
+        model.graph.initializer.append(numpy_helper.from_array(np.array(numbers).astype(dtype).reshape(shape), name))
+        shown = ",".join(f"{n:g}" for n in numbers)
+        notes.append(f"input {name} frozen to {shown} (--input-value): the bundle has no {name} input")
+
+
+def _freezing_hints(model, hints: dict[str, list[int]]) -> list[str]:
+    """Control flow at the top of the graph hides its layers from int8 quantizers and most converters; where an
+    integer input it compares with constants is what it branches on, freezing that input folds it away."""
+    if not any(node.op_type in ("If", "Loop") for node in model.graph.node):
+        return []
+    remaining = {value.name for value in _graph_inputs(model)}
+    return [
+        f"the graph branches on input {name}: if the device always feeds one value, --input-value {name}="
+        f"{values[0]} folds the branches away, so int8 and every backend see its layers"
+        for name, values in hints.items()
+        if name in remaining and values
+    ]
+
+
 def _load(path: Path):
     import onnx
     from google.protobuf.message import DecodeError
@@ -416,9 +470,13 @@ def _weight_bytes(model) -> int:
 
 
 def prepare_model(
-    path: Path, workdir: Path, input_shapes: dict[str, list[int]] | None = None, batch_size: int = 1
+    path: Path,
+    workdir: Path,
+    input_shapes: dict[str, list[int]] | None = None,
+    batch_size: int = 1,
+    input_values: dict[str, list[float]] | None = None,
 ) -> PreparedModel:
-    """Check, make static and simplify `path`; writes `workdir/model.fp32.onnx`."""
+    """Check, freeze inputs given values, make static and simplify `path`; writes `workdir/model.fp32.onnx`."""
     import onnx
 
     notes: list[str] = []
@@ -427,6 +485,7 @@ def prepare_model(
     _check_ops(path, model, opset)
     model = _modernize(path, model, opset, notes)
     _unwrap_zipmap(model, notes)
+    _freeze_inputs(path, model, input_values or {}, notes)
     _clear_value_info(model.graph)
     hints = _integer_hints(model)
     symbolic = onnx.ModelProto()
@@ -441,6 +500,7 @@ def prepare_model(
         notes.append("input dims stay symbolic in the graph: ONNX Runtime rejects its control flow with them fixed")
         model = _simplify(path, symbolic)
     _name_nodes(model)
+    notes.extend(_freezing_hints(model, hints))
     if not all(_is_static(value) for value in model.graph.output):
         _measure_output_shapes(path, model, inputs, hints)
     prepared = workdir / "model.fp32.onnx"

@@ -53,6 +53,7 @@ class CompileRequest:
     calibration: Path | None = None
     eval_data: Path | None = None  # a separate evaluation set: then all of --calibration calibrates
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    input_values: dict[str, list[float]] = field(default_factory=dict)  # inputs frozen to constants
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     sign_key: Path | None = None
     name: str | None = None
@@ -545,7 +546,9 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
     with tempfile.TemporaryDirectory(prefix="edgekit-compile-") as scratch:
         workdir = Path(scratch)
         with progress.task("checking and simplifying the model", total=1):
-            model = prepare_model(request.model, workdir, request.input_shapes, request.profile.batch_size)
+            model = prepare_model(
+                request.model, workdir, request.input_shapes, request.profile.batch_size, request.input_values
+            )
         samples = _load_samples(request, model)
         with progress.task("fp32 reference (onnxruntime)", total=1):
             verifier = _Verifier(request, model, samples.held_out, samples.data)

@@ -14,12 +14,12 @@ from edgekit.agents.runtimes import Runtime
 from edgekit.plugins import installed
 
 
-def _interpreter_class():
+def _interpreter_module():
     if installed("ai_edge_litert"):
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert import interpreter
     else:
-        from tflite_runtime.interpreter import Interpreter
-    return Interpreter
+        from tflite_runtime import interpreter
+    return interpreter
 
 
 def _is_quantized(detail: dict) -> bool:
@@ -68,6 +68,19 @@ class LiteRt(Runtime):
         return installed("ai_edge_litert") or installed("tflite_runtime")
 
     def load(self, model: Path, target: dict[str, Any], threads: int | None = None) -> LiteSession:
-        interpreter = _interpreter_class()(model_path=str(model), num_threads=threads or os.cpu_count())
-        interpreter.allocate_tensors()
+        module = _interpreter_module()
+        interpreter = module.Interpreter(model_path=str(model), num_threads=threads or os.cpu_count())
+        try:
+            interpreter.allocate_tensors()
+        except RuntimeError as error:
+            if "XNNPACK" not in str(error):
+                raise
+            # XNNPACK refuses some graphs it claimed (e.g. a large int8 ResNet-50's node 144); the builtin kernels
+            # run every op, only slower.
+            resolver = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+            interpreter = module.Interpreter(
+                model_path=str(model), num_threads=threads or os.cpu_count(), experimental_op_resolver_type=resolver
+            )
+            interpreter.allocate_tensors()
+            return LiteSession(interpreter, "litert builtin CPU kernels (XNNPACK refused this graph)")
         return LiteSession(interpreter, "litert XNNPACK CPU")

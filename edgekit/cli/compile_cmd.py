@@ -57,6 +57,15 @@ def compile_command(
             "state:2x1x128). One per input; the batch dim comes from the profile when not given.",
         ),
     ] = None,
+    input_value: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--input-value",
+            help="Freeze an input to a constant (NAME=VALUE, or NAME=V1,V2,... for a small tensor), e.g. a VAD's "
+            "sample rate sr=16000: control flow that reads it folds away, so int8 and every backend can build the "
+            "model. The bundle then has no such input.",
+        ),
+    ] = None,
     mean: Annotated[
         Optional[str], typer.Option(help="Image mean per channel after scaling, e.g. 0.485,0.456,0.406.")
     ] = None,
@@ -109,7 +118,7 @@ def compile_command(
     """
     from edgekit.cli.render import compile_report
     from edgekit.errors import BadInput
-    from edgekit.intake import parse_shape_overrides
+    from edgekit.intake import parse_input_values, parse_shape_overrides
     from edgekit.pipeline import CompileFailed, CompileRequest, compile_model
     from edgekit.profiles import Preprocessing, load_profile
     from edgekit.progress import RichProgress
@@ -131,6 +140,7 @@ def compile_command(
         calibration=calibration,
         eval_data=eval_data,
         input_shapes=parse_shape_overrides(input_shape or []),
+        input_values=parse_input_values(input_value or []),
         preprocessing=preprocessing,
         sign_key=sign_key,
         name=name,
