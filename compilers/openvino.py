@@ -174,5 +174,7 @@ def _fused_names(op) -> set[str]:
 
 def _target(options: OvOptions, precision: str) -> dict[str, str]:
     """What the device asks OpenVINO for. OpenVINO computes in bf16 by default on CPUs that have it (AVX512-BF16,
-    AMX), so an fp32 bundle also asks for f32: else it is neither what its name says nor what other hosts verify."""
-    return {"device": options.device, **({"inference_precision": "f32"} if precision == "fp32" else {})}
+    AMX), so an fp32 bundle also asks for f32: else it is neither what its name says nor what other hosts verify.
+    So does int8: the layers it leaves in float (mixed precision keeps the sensitive ones there) are fp32."""
+    asks_f32 = precision in ("fp32", "int8")
+    return {"device": options.device, **({"inference_precision": "f32"} if asks_f32 else {})}

@@ -70,9 +70,10 @@ def test_each_precision_matches_fp32_reference(builds):
 
 def test_fp32_asks_for_f32_arithmetic(builds):
     """OpenVINO computes in bf16 by default on CPUs with AVX512-BF16 or AMX (this test's CI machines may have it):
-    an fp32 bundle asks for f32 and matches ONNX Runtime to float rounding."""
+    an fp32 bundle asks for f32 and matches ONNX Runtime to float rounding; int8 asks it for its float layers."""
     model, results = builds
     assert results["fp32"].target == {"device": "CPU", "inference_precision": "f32"}
+    assert results["int8"].target == {"device": "CPU", "inference_precision": "f32"}
     assert "inference_precision" not in results["fp16"].target
     x = {"input": np.random.default_rng(6).random((1, 3, 32, 32), dtype=np.float32)}
     reference = get_runtime("onnxruntime").load(model.path, {}).run(x)[0]
@@ -188,3 +189,22 @@ def test_sklearn_model_is_refused_in_one_line_naming_the_op(tmp_path):
     assert message.count("\n") == 0 and message.startswith(str(path))
     assert message.endswith("OpenVINO cannot convert this model: No conversion rule found for operations: "
                             "ai.onnx.ml.ArrayFeatureExtractor")  # fmt: skip
+
+
+def test_cpu_standing_in_for_an_accelerator_computes_in_f32(builds, monkeypatch):
+    """No NPU here: the host CPU runs an NPU bundle, in f32 rather than its bf16 default (further from the NPU's
+    fp16 than f32 is)."""
+    import openvino as ov
+
+    _, results = builds
+    asked = {}
+    compile_model = ov.Core.compile_model
+
+    def recording(core, model, device, config):
+        asked.update(config)
+        return compile_model(core, model, device, config)
+
+    monkeypatch.setattr(ov.Core, "compile_model", recording)
+    session = get_runtime("openvino").load(results["fp16"].entrypoint, {"device": "NPU"})
+    assert session.device == "openvino CPU" and asked["INFERENCE_PRECISION_HINT"] == "f32"
+
