@@ -284,13 +284,23 @@ class _Candidates:
         self.request, self.model, self.samples, self.verifier = request, model, samples, verifier
         self.workdir, self.progress = workdir, progress
         self._ranking: list[str] | str | None = None  # layer names by sensitivity, or why they are unknown
+        self._int8_passed = False
 
     def build_and_verify(self, plan: _Plan, index: int) -> _Built | CandidateReport:
         candidate = plan.candidate
         report = CandidateReport(backend=candidate.backend, precision=candidate.precision, status="passed")
         outcome = self._attempt(plan, f"{index:02d}-{candidate.backend}-{candidate.precision}", report)
         if isinstance(outcome, _Built) and self._rescuable(outcome):
-            return self._rescue(outcome, index)
+            if self._int8_passed:
+                # Mixed precision rescues int8 that would be missing; rounds on a large detector take minutes each.
+                outcome.report = outcome.report.model_copy(
+                    update={"reason": f"{outcome.report.reason}; mixed precision not tried: an earlier int8 "
+                            "candidate passed"}
+                )  # fmt: skip
+                return outcome
+            outcome = self._rescue(outcome, index)
+        if isinstance(outcome, _Built) and candidate.precision == "int8" and outcome.report.status == "passed":
+            self._int8_passed = True
         return outcome
 
     def _attempt(self, plan: _Plan, folder: str, report: CandidateReport,

@@ -119,3 +119,24 @@ def test_mixed_precision_rescues_int8_that_plain_int8_fails(cli, tmp_path):
     shown = cli("compile", model, "-p", "x86-64-avx512", "--precision", "int8", "--backend", "onnxruntime",
                 "--calibration", data, "--bench-seconds", "0.05", "-o", tmp_path / "n.ekb")  # fmt: skip
     assert "onnxruntime int8 mixed" in shown.stdout and "1 of 2 quantized layers kept in float" in shown.stdout
+
+
+def test_no_rescue_once_an_int8_candidate_passed(cli, tmp_path):
+    """Two ONNX Runtime int8 candidates, both failing plain: the first is rescued; the second keeps its plain-int8
+    verdict, since the compile already has int8 (rounds on a large detector take minutes each)."""
+    import yaml
+
+    from edgekit.profiles import load_profile
+
+    twice = load_profile("x86-64-avx512").model_dump(mode="json") | {"name": "twice"}
+    twice["candidates"] = [{"backend": "onnxruntime", "precision": "int8", "options": {"per_channel": flag}}
+                           for flag in (True, False)]  # fmt: skip
+    profile = tmp_path / "twice.yaml"
+    profile.write_text(yaml.safe_dump(twice))
+    model, data = outlier_classifier(tmp_path / "m.onnx"), outlier_data(tmp_path / "d.npz")
+    result = cli(*compile_args(model, profile, "--calibration", data, "--json", out=tmp_path / "m.ekb"))
+    assert result.exit_code == 0, result.output
+    first, second = json.loads(result.stdout)["candidates"]
+    assert first["status"] == "chosen" and "mixed_precision" in first["details"]
+    assert second["status"] == "rejected" and "mixed_precision" not in second["details"]
+    assert second["reason"].endswith("mixed precision not tried: an earlier int8 candidate passed")
