@@ -51,6 +51,7 @@ OUT = REPO / "out" / "zoo"
 EDGEKIT = Path(sys.executable).with_name("edgekit")
 BENCH_SECONDS = 0.3
 REFUSED, FAILED = 2, 1  # edgekit's exit codes: bad input, failed operation
+DEVICE_LIMIT = "does not fit"  # edgekit's refusal when every candidate overflows the device's SRAM/flash
 Status = Literal["ok", "refused", "failed", "TRACEBACK", "n/a"]
 
 
@@ -324,19 +325,33 @@ class Totals(BaseModel):
     failed: int
     tracebacks: int
     not_applicable: int
+    float_cells: int = 0
+    int8_cells: int = 0
+    float_refused_for_device_limits: int = 0
+    int8_refused_for_device_limits: int = 0
 
     def line(self) -> str:
+        int8_judged = self.int8_cells - self.int8_refused_for_device_limits
+        float_covered = self.bundles_float + self.float_refused_for_device_limits
         return (
             f"{self.cells} cells: {self.bundles_float} bundles at float, {self.bundles_int8} at int8 "
             f"({self.bundles_int8_mixed} mixed precision), {self.refused} refused, {self.failed} failed, "
-            f"{self.tracebacks} tracebacks ({self.not_applicable} n/a not counted)"
+            f"{self.tracebacks} tracebacks ({self.not_applicable} n/a not counted)\n"
+            f"float: {float_covered} of {self.float_cells} have a bundle or a device-limit refusal; "
+            f"int8: {self.bundles_int8} of {int8_judged} ({_percent(self.bundles_int8, int8_judged)}) have an int8 "
+            f"or mixed bundle, the {self.int8_refused_for_device_limits} device-limit refusals not counted"
         )
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "-"
 
 
 def totals(results: list[CellResult]) -> Totals:
     counted = [r for r in results if r.status != "n/a"]
     ok = [r for r in counted if r.status == "ok"]
     int8 = [r for r in ok if r.family == "int8"]
+    limited = [r for r in counted if r.status == "refused" and DEVICE_LIMIT in r.message]
     return Totals(
         cells=len(counted),
         bundles_float=sum(r.family == "float" for r in ok),
@@ -346,6 +361,10 @@ def totals(results: list[CellResult]) -> Totals:
         failed=sum(r.status == "failed" for r in counted),
         tracebacks=sum(r.status == "TRACEBACK" for r in counted),
         not_applicable=len(results) - len(counted),
+        float_cells=sum(r.family == "float" for r in counted),
+        int8_cells=sum(r.family == "int8" for r in counted),
+        float_refused_for_device_limits=sum(r.family == "float" for r in limited),
+        int8_refused_for_device_limits=sum(r.family == "int8" for r in limited),
     )
 
 
@@ -461,6 +480,11 @@ def main() -> int:
         "--merge", action="store_true", help="keep the cells of the last results.json that this run does not redo"
     )
     parser.add_argument(
+        "--redo-failed",
+        action="store_true",
+        help="with --merge: run only the selected cells that the last results.json lacks or has without a bundle",
+    )
+    parser.add_argument(
         "--rescore", action="store_true", help="classify the last results.json again from its logs; compile nothing"
     )
     args = parser.parse_args()
@@ -473,7 +497,9 @@ def main() -> int:
     else:
         earlier = previous_results() if args.merge else []
         # Saved after every cell, so a run that is stopped keeps what it measured (and --merge can go on from it).
-        results = run_selected(args, console, lambda done: write_results(merged(earlier, done), args))
+        done_before = {(r.model, r.profile, r.family) for r in earlier if r.status in ("ok", "n/a")}
+        skip = done_before if args.redo_failed else set()
+        results = run_selected(args, console, lambda done: write_results(merged(earlier, done), args), skip)
         results = merged(earlier, results)
     console.print(matrix(results, [f for f in PRECISION_FAMILIES if any(r.family == f for r in results)]))
     console.print(totals(results).line())
@@ -485,14 +511,14 @@ def main() -> int:
 
 
 def run_selected(
-    args: argparse.Namespace, console: Console, save: Callable[[list[CellResult]], None]
+    args: argparse.Namespace, console: Console, save: Callable[[list[CellResult]], None], skip: set[tuple]
 ) -> list[CellResult]:
-    """The cells --models (in the order given), --profiles and --precisions select."""
+    """The cells --models (in the order given), --profiles and --precisions select, less those in `skip`."""
     models = [BY_KEY[key] for key in selected(args.models, list(BY_KEY), "model")]
     profiles = [load_profile(name) for name in selected(args.profiles, list(PROFILES), "profile")]
     families = selected(args.precisions, list(PRECISION_FAMILIES), "precision")
     prepare(models, console)
-    cells = [Cell(m, p, f) for m in models for p in profiles for f in families]
+    cells = [Cell(m, p, f) for m in models for p in profiles for f in families if (m.key, p.name, f) not in skip]
     return run_matrix(cells, args.timeout, console, save)
 
 
