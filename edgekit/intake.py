@@ -23,6 +23,11 @@ BATCH_DIM_NAMES = {"batch", "batch_size", "batchsize", "bs", "b", "n", "unk__bat
 # Domains whose ops some runtime implements: the ONNX standard sets and ONNX Runtime's contrib ops.
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
 GRAPH_ATTRIBUTE = 5  # onnx.AttributeProto.GRAPH: If branches, Loop and Scan bodies
+# A lowered op family must give ONNX Runtime's outputs on this many synthetic feeds, floats at these scales, within
+# these tolerances (integer outputs, e.g. labels, exactly).
+LOWERING_FEEDS = 12
+LOWERING_SCALES = (1.0, 10.0, 100.0)
+LOWERING_RTOL, LOWERING_ATOL = 1e-4, 1e-5
 
 
 @dataclass(frozen=True)
@@ -369,12 +374,106 @@ def _infer_shapes(path: Path, model):
 
 
 def _run_synthetic(model, inputs: list[TensorSpec], hints: dict[str, list[int]]) -> list:
-    import onnxruntime as ort
-
     from edgekit.calibration import synthetic_feed
 
+    return _run(model, [synthetic_feed(inputs, hints)])[0]
+
+
+def _run(model, feeds: list[dict[str, np.ndarray]]) -> list[list]:
+    """ONNX Runtime's outputs for each feed, from one CPU session."""
+    import onnxruntime as ort
+
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, synthetic_feed(inputs, hints))
+    return [session.run(None, feed) for feed in feeds]
+
+
+def _lower(path: Path, model, overrides: dict[str, list[int]], batch_size: int, hints: dict[str, list[int]],
+           notes: list[str]):  # fmt: skip
+    """Rewrite ops only ONNX Runtime runs (ai.onnx.ml, com.microsoft fusions) as standard ONNX (edgekit.lowering),
+    one op family at a time. A family's lowering is kept only where ONNX Runtime gives the same outputs for it as
+    for the original on synthetic feeds: integers equal, floats within LOWERING_RTOL/ATOL. What stays is noted."""
+    import onnx
+
+    from edgekit import lowering
+
+    families = lowering.lowerable(model)
+    if not families:
+        return model
+    static = onnx.ModelProto()
+    static.CopyFrom(model)
+    axes = _fix_input_shapes(path, static, overrides, batch_size)
+    initializers = {init.name for init in static.graph.initializer}
+    feeds = _lowering_feeds(_tensor_specs(path, static.graph.input, initializers, axes), hints)
+    try:
+        expected = _run(model, feeds)
+    except Exception as error:  # the original does not run here; intake's later checks say why
+        log.debug("%s: not lowered, ONNX Runtime cannot run the original: %s", path, error)
+        return model
+    for domain, op_type in families:
+        lowered = lowering.lower(model, (domain, op_type))
+        reasons = lowered.skipped
+        if lowered.model is not None:
+            difference = _lowering_difference(model.graph.output, expected, lowered.model, feeds)
+            if difference is None:
+                model = lowered.model
+                count = f" ({lowered.count} nodes)" if lowered.count > 1 else ""
+                notes.append(f"{domain} {op_type}{count} lowered to {'/'.join(lowered.ops)} so every backend can "
+                             "build it")  # fmt: skip
+            else:
+                reasons = [difference]
+        if reasons:
+            why = "; ".join(dict.fromkeys(reasons))
+            notes.append(f"{domain} {op_type} could not be lowered to standard ONNX ({why}): backends other than "
+                         "ONNX Runtime may refuse it")  # fmt: skip
+    return model
+
+
+def _lowering_feeds(inputs: list[TensorSpec], hints: dict[str, list[int]]) -> list[dict[str, np.ndarray]]:
+    """Synthetic feeds, floats at several scales: standard-normal values alone would leave a tree's splits on raw
+    features (pixel counts, ages) mostly on one side."""
+    from edgekit.calibration import feed_size, synthetic_samples
+
+    batch = feed_size(inputs)
+    feeds = list(synthetic_samples(inputs, batch * LOWERING_FEEDS, hints, seed=1).batches(batch))
+    for index, feed in enumerate(feeds):
+        scale = LOWERING_SCALES[index % len(LOWERING_SCALES)]
+        for name, array in feed.items():
+            if array.dtype.kind == "f":
+                feed[name] = (array * scale).astype(array.dtype)
+    return feeds
+
+
+def _lowering_difference(outputs, expected: list[list], model, feeds: list[dict[str, np.ndarray]]) -> str | None:
+    """How the lowered model's outputs differ from the original's, in words; None where they agree. Integer outputs
+    (labels) are compared on the feeds where no float output has a tie for its highest score: a forest's votes tie
+    exactly, and which class wins then depends on the order the runtime adds the trees in."""
+    try:
+        actual = _run(model, feeds)
+    except Exception as error:  # ORT's errors name the node
+        return f"ONNX Runtime cannot run the lowered graph: {str(error).strip().splitlines()[0]}"
+    decided = [not any(_top_tied(np.asarray(array)) for array in run) for run in expected]
+    for position, value in enumerate(outputs):
+        pairs = [
+            (np.asarray(want[position]), np.asarray(got[position])) for want, got in zip(expected, actual, strict=True)
+        ]
+        if any(want.shape != got.shape or want.dtype != got.dtype for want, got in pairs):
+            return f"output '{value.name}' changes shape or type"
+        if pairs[0][0].dtype.kind != "f":
+            differ = sum(int(np.any(want != got)) for (want, got), clear in zip(pairs, decided, strict=True) if clear)
+            if differ:
+                return f"output '{value.name}' differs on {differ} of {sum(decided)} synthetic feeds"
+        elif not all(np.allclose(got, want, LOWERING_RTOL, LOWERING_ATOL) for want, got in pairs):
+            error = max(float(np.max(np.abs(got - want), initial=0)) for want, got in pairs)
+            return f"output '{value.name}' differs by up to {error:.3g}"
+    return None
+
+
+def _top_tied(array: np.ndarray) -> bool:
+    """Whether some row of a float array [..., C >= 2] has its two highest values within LOWERING_RTOL/ATOL."""
+    if array.dtype.kind != "f" or array.ndim < 1 or array.shape[-1] < 2:
+        return False
+    top = np.sort(array.reshape(-1, array.shape[-1]), axis=-1)[:, -2:]
+    return bool(np.isclose(top[:, 0], top[:, 1], LOWERING_RTOL, LOWERING_ATOL).any())
 
 
 def _measure_output_shapes(path: Path, model, inputs: list[TensorSpec], hints: dict[str, list[int]]) -> None:
@@ -488,6 +587,7 @@ def prepare_model(
     _freeze_inputs(path, model, input_values or {}, notes)
     _clear_value_info(model.graph)
     hints = _integer_hints(model)
+    model = _lower(path, model, input_shapes or {}, batch_size, hints, notes)
     symbolic = onnx.ModelProto()
     symbolic.CopyFrom(model)
     axes = _fix_input_shapes(path, model, input_shapes or {}, batch_size)
