@@ -118,13 +118,12 @@ def convert(request: BuildRequest, variant: str, artifact: Path) -> int:
 
 
 def _write_tf_named_model(source: Path, target: Path) -> _TfGraph:
-    """Write the model as onnx2tf can take it: node names TensorFlow accepts, and skl2onnx's label lookup as a
-    Gather. Refuses other ops of other domains (ai.onnx.ml: TreeEnsemble, ZipMap, LinearClassifier, ...) up front:
-    TFLite has nothing like them, and onnx2tf would only fail on them after TensorFlow's start-up."""
+    """Write the model as onnx2tf can take it: node names TensorFlow accepts. Refuses ops of other domains up front
+    (the ai.onnx.ml and com.microsoft ops intake could not lower to standard ONNX): TFLite has nothing like them,
+    and onnx2tf would only fail on them after TensorFlow's start-up."""
     import onnx
 
     model = onnx.load(str(source))
-    _replace_array_feature_extractors(model.graph)
     foreign = next((n for n in model.graph.node if n.domain not in ("", "ai.onnx")), None)
     if foreign is not None:
         raise UnsupportedByTflite(
@@ -141,43 +140,6 @@ def _write_tf_named_model(source: Path, target: Path) -> _TfGraph:
         safe_names[original] = node.name
     onnx.save(model, str(target))
     return _TfGraph(nodes=nodes, safe_names=safe_names, output_producers=_output_producers(model.graph))
-
-
-def _replace_array_feature_extractors(graph) -> None:
-    """skl2onnx computes a classifier's label as ai.onnx.ml ArrayFeatureExtractor(classes, argmax): a Gather on the
-    last axis, which TFLite has. Replaced where the output's static shape is known, to reshape the result exactly
-    as ArrayFeatureExtractor shapes it; the Reshape/Gather/Reshape keep the node's name as a prefix."""
-    from onnx import helper, numpy_helper
-
-    shapes = {value.name: _static_shape(value) for value in [*graph.value_info, *graph.output]}
-    for node in list(graph.node):
-        shape = shapes.get(node.output[0])
-        if (node.domain, node.op_type) != ("ai.onnx.ml", "ArrayFeatureExtractor") or shape is None:
-            continue
-        prefix, (data, indices), output = node.name or node.output[0], node.input, node.output[0]
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}/flat"),
-                numpy_helper.from_array(np.array(shape, np.int64), f"{prefix}/shape"),
-            ]
-        )
-        position = list(graph.node).index(node)
-        graph.node.remove(node)
-        for offset, replacement in enumerate(
-            [
-                helper.make_node("Reshape", [indices, f"{prefix}/flat"], [f"{prefix}/indices"], f"{prefix}/flat"),
-                helper.make_node("Gather", [data, f"{prefix}/indices"], [f"{prefix}/gathered"], f"{prefix}", axis=-1),
-                helper.make_node("Reshape", [f"{prefix}/gathered", f"{prefix}/shape"], [output], f"{prefix}/shape"),
-            ]
-        ):
-            graph.node.insert(position + offset, replacement)
-
-
-def _static_shape(value) -> list[int] | None:
-    if not value.type.HasField("tensor_type"):
-        return None
-    dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
-    return dims if all(dims) else None
 
 
 def _unique(name: str, taken: set[str]) -> str:

@@ -46,3 +46,21 @@ def compile_bundle(model: Path, calibration: Path, key: Path, version: str, out:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return out
+
+
+def ml_imputer_model(path: Path) -> Path:
+    """A model of one ai.onnx.ml op that intake has no lowering for (Imputer: NaN → 0), so only ONNX Runtime runs
+    it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Imputer", ["x"], ["y"], name="imputer", domain="ai.onnx.ml",
+                            imputed_value_floats=[0.0] * 4, replaced_value_float=float("nan"))  # fmt: skip
+    graph = helper.make_graph(
+        [node], "imputer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    return path

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import ml_imputer_model
 
 from edgekit.agents.runtimes import get_runtime
 from edgekit.calibration import load_samples
@@ -171,24 +172,33 @@ def test_int8_keeps_the_named_layers_without_fake_quantize(builds, tmp_path, sma
     assert reads_quantized(mixed_ops[f"{first}/WithoutBiases"]), "the other layer stays int8"
 
 
-def test_sklearn_model_is_refused_in_one_line_naming_the_op(tmp_path):
-    """OpenVINO has no ai.onnx.ml ops; its own report is many lines, the candidate's reason is one."""
-    from skl2onnx import to_onnx
-    from sklearn.datasets import load_digits
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.neural_network import MLPClassifier
-
-    x, y = load_digits(return_X_y=True)
-    with pytest.warns(ConvergenceWarning):
-        classifier = MLPClassifier((16,), max_iter=20, random_state=0).fit(x.astype(np.float32), y)
-    path = tmp_path / "mlp.onnx"
-    onnx.save(to_onnx(classifier, x[:1].astype(np.float32), options={id(classifier): {"zipmap": False}}), str(path))
+def test_ai_onnx_ml_op_is_refused_in_one_line_naming_the_op(tmp_path):
+    """OpenVINO has no ai.onnx.ml ops (those intake cannot lower); its own report is many lines, the candidate's
+    reason is one."""
+    path = ml_imputer_model(tmp_path / "imputer.onnx")
     with pytest.raises(BadInput) as refused:
         build(prepare_model(path, tmp_path), tmp_path / "out", "fp32")
     message = str(refused.value)
     assert message.count("\n") == 0 and message.startswith(str(path))
     assert message.endswith("OpenVINO cannot convert this model: No conversion rule found for operations: "
-                            "ai.onnx.ml.ArrayFeatureExtractor")  # fmt: skip
+                            "ai.onnx.ml.Imputer")  # fmt: skip
+
+
+def test_sklearn_classifier_lowered_at_intake_builds_and_keeps_its_labels(tmp_path):
+    """skl2onnx's logistic regression (LinearClassifier, Normalizer) reaches OpenVINO as standard ops."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16).astype(np.float32)
+    classifier = LogisticRegression(max_iter=200).fit(x[:1000], y[:1000])
+    path = tmp_path / "logreg.onnx"
+    onnx.save(to_onnx(classifier, x[:1], options={id(classifier): {"zipmap": False}}), str(path))
+    result = build(prepare_model(path, tmp_path), tmp_path / "out", "fp32")
+    compiled = get_runtime("openvino").load(result.entrypoint, result.target)
+    labels = [int(compiled.run({"X": row[None]})[0][0]) for row in x[1000:1100]]
+    np.testing.assert_array_equal(labels, classifier.predict(x[1000:1100]))
 
 
 def test_cpu_standing_in_for_an_accelerator_computes_in_f32(builds, monkeypatch):
@@ -207,4 +217,3 @@ def test_cpu_standing_in_for_an_accelerator_computes_in_f32(builds, monkeypatch)
     monkeypatch.setattr(ov.Core, "compile_model", recording)
     session = get_runtime("openvino").load(results["fp16"].entrypoint, {"device": "NPU"})
     assert session.device == "openvino CPU" and asked["INFERENCE_PRECISION_HINT"] == "f32"
-

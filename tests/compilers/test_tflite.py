@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_user_error, compile_args
+from helpers import assert_user_error, compile_args, ml_imputer_model
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.agents.runtimes import get_runtime
@@ -154,28 +154,14 @@ def test_inputs_and_outputs_keep_their_onnx_order_and_shape(cli, tmp_path):
     assert candidate["metrics"]["cosine"] > 0.999
 
 
-def linear_regressor(path: Path) -> Path:
-    """A scikit-learn style export: one ai.onnx.ml LinearRegressor."""
-    node = helper.make_node("LinearRegressor", ["x"], ["y"], name="regressor", domain="ai.onnx.ml",
-                            coefficients=[0.5, -1.0, 2.0, 0.25], intercepts=[0.1])  # fmt: skip
-    graph = helper.make_graph(
-        [node], "reg",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
-    )  # fmt: skip
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
-    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
-    return path
-
-
 def test_ai_onnx_ml_op_is_refused_without_running_onnx2tf(cli, tmp_path):
-    model = linear_regressor(tmp_path / "reg.onnx")
+    model = ml_imputer_model(tmp_path / "imputer.onnx")
     asked = cli(*compile_args(model, "x86-64-avx512", "--backend", "tflite", "--precision", "fp32"))
-    assert_user_error(asked, "TFLite has no equivalent of ai.onnx.ml op LinearRegressor (node regressor)")
-    auto = cli(*compile_args(model, "x86-64-avx2", "--precision", "fp32", "--json", out=tmp_path / "reg.ekb"))
+    assert_user_error(asked, "TFLite has no equivalent of ai.onnx.ml op Imputer (node imputer)")
+    auto = cli(*compile_args(model, "x86-64-avx2", "--precision", "fp32", "--json", out=tmp_path / "imp.ekb"))
     tflite = next(c for c in json.loads(auto.stdout)["candidates"] if c["backend"] == "tflite")
     assert tflite["status"] == "failed"
-    assert "TFLite has no equivalent of ai.onnx.ml op LinearRegressor" in tflite["reason"]
+    assert "TFLite has no equivalent of ai.onnx.ml op Imputer" in tflite["reason"]
 
 
 def sklearn_style_classifier(path: Path) -> Path:
@@ -219,7 +205,7 @@ def test_sklearn_label_lookup_converts_as_a_gather(tmp_path):
                            tmp_path / "fp32" / "artifacts", NoProgress())  # fmt: skip
     interpreter = Interpreter(model_path=str(TfliteBackend().build(request).entrypoint))
     interpreter.allocate_tensors()
-    reference = get_runtime("onnxruntime").load(model.path, {})
+    reference = get_runtime("onnxruntime").load(model.source, {})  # the original, with ArrayFeatureExtractor
     labels, expected = [], []
     for x in np.random.default_rng(1).standard_normal((40, 1, 6)).astype(np.float32):
         interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
