@@ -230,8 +230,12 @@ def _nodes_left_in_float(model, keep_float: frozenset[str]) -> list[str]:
         for node in model.graph.node
         if any(types.get(output, onnx.TensorProto.FLOAT) not in floats for output in node.output if output)
     }
+    # The quantizer pins a Softmax output's range to [0, 1] and fails ("Only an existing tensor can be modified")
+    # where that output was never calibrated: its calibrator skips tensors of unknown type, as ONNX's shape inference
+    # leaves them downstream of a contrib op it does not know.
+    untyped = {node.name for node in model.graph.node if node.op_type == "Softmax" and node.output[0] not in types}
     float_fed = keep_float | {node.name for node in model.graph.node if _is_foreign(node)}
-    return sorted(float_fed | integer | _activations_feeding(model, float_fed))
+    return sorted(float_fed | integer | untyped | _activations_feeding(model, float_fed))
 
 
 def _is_foreign(node) -> bool:

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import compile_args
+from helpers import compile_args, ml_imputer_model
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.agents.runtimes import get_runtime
@@ -214,8 +214,9 @@ def sklearn_digits(tmp_path: Path, classifier) -> tuple[Path, np.ndarray]:
 
 def test_int8_of_a_sklearn_mlp_quantizes_the_layers_and_keeps_the_label_exact(tmp_path):
     """Was ValueError: The truth value of an array … is ambiguous: skl2onnx writes Gemm biases as [1, N], which ORT's
-    per-channel bias check indexes as 1-D. The label path (ArgMax, ai.onnx.ml ArrayFeatureExtractor, int64 Cast)
-    stays in float/integer and reports the class of the probabilities the model outputs."""
+    per-channel bias check indexes as 1-D. The label path (ArgMax, the Gather intake lowered ai.onnx.ml
+    ArrayFeatureExtractor to, int64 Cast) stays in integer and reports the class of the probabilities the model
+    outputs."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
@@ -225,7 +226,8 @@ def test_int8_of_a_sklearn_mlp_quantizes_the_layers_and_keeps_the_label_exact(tm
     prepared = onnx.load(str(model.path)).graph
     biases = {node.input[2] for node in prepared.node if node.op_type == "Gemm"}
     assert all(list(i.dims)[:1] == [1] and len(i.dims) == 2 for i in prepared.initializer if i.name in biases)
-    assert {"QGemm", "ArrayFeatureExtractor"} <= {node.op_type for node in onnx.load(str(result.entrypoint)).graph.node}
+    ops = {node.op_type for node in onnx.load(str(result.entrypoint)).graph.node}
+    assert "QGemm" in ops and "ArrayFeatureExtractor" not in ops
     reference = get_runtime("onnxruntime").load(model.path, {})
     quantized = get_runtime("onnxruntime").load(result.entrypoint, result.target)
     runs = [(reference.run({"X": row[None]}), quantized.run({"X": row[None]})) for row in tests]
@@ -235,12 +237,52 @@ def test_int8_of_a_sklearn_mlp_quantizes_the_layers_and_keeps_the_label_exact(tm
     assert np.mean(labels == [r[0][0] for r, _ in runs]) > 0.97
 
 
-def test_int8_of_a_tree_ensemble_says_there_is_nothing_to_quantize(tmp_path):
+def test_int8_of_a_softmax_after_an_op_onnx_cannot_type(tmp_path):
+    """Was RuntimeError: Only an existing tensor can be modified, 'p' is not: ONNX's shape inference leaves tensors
+    after a com.microsoft op untyped, ORT's calibrator skips them, and its quantizer then pins the uncalibrated
+    Softmax output to [0, 1]. That Softmax stays in float; the MatMuls are quantized."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("QuickGelu", ["h"], ["g"], name="gelu", domain="com.microsoft", alpha=1.702),
+        helper.make_node("MatMul", ["g", "w2"], ["logits"], name="fc2"),
+        helper.make_node("Softmax", ["logits"], ["p"], name="softmax", axis=-1),
+        helper.make_node("Mul", ["p", "two"], ["y"], name="double"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w2"),
+         numpy_helper.from_array(np.float32(2), "two")],
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(tmp_path / "gelu.onnx"))
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((40, 8)).astype(np.float32))
+    _, result = build(tmp_path / "gelu.onnx", tmp_path, "x86-64-avx512", "int8", tmp_path / "data.npz")
+    assert "DequantizeLinear" in {node.op_type for node in onnx.load(str(result.entrypoint)).graph.node}
+
+
+def test_int8_of_only_ai_onnx_ml_ops_says_there_is_nothing_to_quantize(tmp_path):
+    path = ml_imputer_model(tmp_path / "imputer.onnx")
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32))
+    with pytest.raises(BadInput, match="int8 has nothing to quantize"):
+        build(path, tmp_path, "x86-64-avx512", "int8", tmp_path / "data.npz")
+
+
+def test_int8_of_a_forest_lowered_at_intake_keeps_its_labels(tmp_path):
+    """Intake lowers the TreeEnsembleClassifier to standard ops whose routing is boolean: int8 quantizes the leaf
+    weights' MatMul, and which leaf each tree reaches does not change."""
     from sklearn.ensemble import RandomForestClassifier
 
-    path, _ = sklearn_digits(tmp_path, RandomForestClassifier(3, max_depth=3, random_state=0))
-    with pytest.raises(BadInput, match="int8 has nothing to quantize"):
-        build(path, tmp_path, "x86-64-avx512", "int8", tmp_path / "digits.npz")
+    path, tests = sklearn_digits(tmp_path, RandomForestClassifier(5, max_depth=5, random_state=0))
+    _, result = build(path, tmp_path, "x86-64-avx512", "int8", tmp_path / "digits.npz")
+    assert "DequantizeLinear" in {node.op_type for node in onnx.load(str(result.entrypoint)).graph.node}
+    reference = get_runtime("onnxruntime").load(path, {})
+    quantized = get_runtime("onnxruntime").load(result.entrypoint, result.target)
+    agree = [reference.run({"X": row[None]})[0][0] == quantized.run({"X": row[None]})[0][0] for row in tests]
+    assert np.mean(agree) > 0.97
 
 
 def float_fed(graph, name: str) -> bool:
