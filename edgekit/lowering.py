@@ -15,7 +15,7 @@ import numpy as np
 
 MIN_OPSET = 13  # ReduceSum's axes input, Softmax over one axis, Clip's min/max inputs
 ML, MS = "ai.onnx.ml", "com.microsoft"
-FLOAT, INT64, DOUBLE, STRING = 1, 7, 11, 8  # onnx.TensorProto element types
+FLOAT, INT64, DOUBLE, STRING, BOOL = 1, 7, 11, 8, 9  # onnx.TensorProto element types
 INTEGERS = {2, 3, 4, 5, 6, 7, 12, 13}
 MAX_TREE_DEPTH = 64
 # Tree node modes: the comparison that sends a sample down the true branch.
@@ -162,7 +162,7 @@ def _post_transform(b: _Builder, scores: str, transform: str) -> str:
                        to=FLOAT)  # fmt: skip
         exp = b.op("Exp", [b.op("Sub", [scores, top])])
         zero = b.op("Mul", [scores, b.op("Exp", [b.op("Neg", [top])])])
-        values = b.op("Where", [b.op("Cast", [nonzero], to=9), exp, zero])
+        values = b.op("Where", [b.op("Cast", [nonzero], to=BOOL), exp, zero])
         return b.op("Div", [values, b.reduce("ReduceSum", b.op("Mul", [values, nonzero]))])
     raise Unsupported(f"post_transform {transform}")
 

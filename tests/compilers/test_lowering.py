@@ -179,6 +179,31 @@ def test_every_branch_mode_on_values_at_the_thresholds(tmp_path):
     assert_lowered(path, tmp_path, grid)
 
 
+def test_regressor_with_missing_values_several_targets_and_softmax_zero(tmp_path):
+    """NaN takes the true branch where nodes_missing_value_tracks_true says so; a single-leaf tree adds a constant;
+    AVERAGE divides by the tree count; SOFTMAX_ZERO leaves zero scores out of the softmax."""
+    node = helper.make_node(
+        "TreeEnsembleRegressor", ["X"], ["Y"], name="trees", domain="ai.onnx.ml", n_targets=2,
+        aggregate_function="AVERAGE", post_transform="SOFTMAX_ZERO", base_values=[0.5, -0.5],
+        nodes_treeids=[0, 0, 0, 1, 1, 1, 2], nodes_nodeids=[0, 1, 2, 0, 1, 2, 0],
+        nodes_modes=["BRANCH_LT", "LEAF", "LEAF", "BRANCH_GTE", "LEAF", "LEAF", "LEAF"],
+        nodes_featureids=[0, 0, 0, 2, 0, 0, 0], nodes_values=[0.1, 0, 0, -0.3, 0, 0, 0],
+        nodes_truenodeids=[1, 0, 0, 1, 0, 0, 0], nodes_falsenodeids=[2, 0, 0, 2, 0, 0, 0],
+        nodes_missing_value_tracks_true=[1, 0, 0, 0, 0, 0, 0],
+        target_treeids=[0, 0, 0, 1, 1, 2], target_nodeids=[1, 2, 2, 1, 2, 0], target_ids=[0, 0, 1, 1, 0, 1],
+        target_weights=[1.5, -2.0, 0.5, 3.0, 0.25, 0.75],
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [node], "trees",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2])],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=ML_OPSETS), str(path := tmp_path / "trees.onnx"))
+    rows = np.random.default_rng(0).standard_normal((30, 3)).astype(np.float32)
+    rows[::4, 0] = np.nan
+    assert lowered_to(assert_lowered(path, tmp_path, rows), "TreeEnsembleRegressor")
+
+
 def fused_model(path: Path) -> Path:
     """ONNX Runtime's fusions: Conv+Relu, Conv+HardSigmoid with parameters, Conv+Add(Z)+Clip, Gemm+LeakyRelu."""
     rng = np.random.default_rng(0)
