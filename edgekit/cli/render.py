@@ -40,7 +40,7 @@ def _details_line(details: dict[str, Any]) -> str:
         )
     if "npu_ops" in details:
         line = (
-            f"{details['npu_ops']} ops on the NPU, {details['cpu_ops']} on the CPU; "
+            f"{_num(details['npu_ops'], 'd')} ops on the NPU, {details['cpu_ops']} on the CPU; "
             f"SRAM {details['sram_kib']:.0f} KiB, flash {details['flash_kib']:.0f} KiB; "
             f"vela estimate {details['estimated_inference_ms']:.2f} ms "
             f"({details['npu_cycles']} cycles, {details['system_config']})"

@@ -111,3 +111,28 @@ def test_vela_stand_in_uses_integer_io(cli, small_cnn_model, small_cnn_calibrati
     report = compile_json(cli, small_cnn_model, small_cnn_calibration, "ethos-u55", tmp_path / "s.ekb")
     metrics = report["candidates"][0]["metrics"]
     assert metrics["cosine"] > 0.95 and np.isfinite(metrics["max_abs_error"])
+
+
+def test_logistic_regression_builds_although_velas_operator_table_fails(cli, tmp_path):
+    """vela 4 raises KeyError printing its operator table for a lowered scikit-learn classifier (GATHER of the
+    label, CASTs); the build goes on without the table, and the CPU fallbacks are still named."""
+    import warnings
+
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a short fit does not converge
+        fitted = LogisticRegression(max_iter=50).fit(x, y)
+    model = tmp_path / "logreg.onnx"
+    onnx.save(to_onnx(fitted, x[:1], options={id(fitted): {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3}),
+              str(model))  # fmt: skip
+    data = tmp_path / "digits.npz"
+    np.savez(data, input=x[:200], labels=y[:200])
+    report = compile_json(cli, model, data, "ethos-u55", tmp_path / "logreg.ekb")
+    chosen = report["candidates"][0]
+    assert chosen["status"] == "chosen", chosen["reason"]
+    assert "GATHER" in " ".join(chosen["details"]["cpu_fallback"]) and chosen["details"]["cpu_ops"] > 0
