@@ -39,6 +39,10 @@ class BuildRequest:
     # Node names of the prepared fp32 model that an int8 build leaves in float: the most quantization-sensitive
     # layers, chosen by the pipeline's mixed-precision search when plain int8 misses the accuracy budget.
     keep_float: frozenset[str] = frozenset()
+    # With mixed precision, the only nodes int8 may quantize: the ranked layers not kept in float. A backend whose
+    # quantizer also picks ops the ranking never saw (NNCF quantizes ReduceMean and LSTM inputs; ONNX Runtime's
+    # QDQ does not) keeps those in float too, so that the ranking describes what it builds.
+    int8_only: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)

@@ -303,13 +303,13 @@ class _Candidates:
             self._int8_passed = True
         return outcome
 
-    def _attempt(self, plan: _Plan, folder: str, report: CandidateReport,
-                 keep_float: frozenset[str] = frozenset()) -> _Built | CandidateReport:  # fmt: skip
+    def _attempt(self, plan: _Plan, folder: str, report: CandidateReport, keep_float: frozenset[str] = frozenset(),
+                 int8_only: frozenset[str] | None = None) -> _Built | CandidateReport:  # fmt: skip
         candidate = plan.candidate
         outdir = self.workdir / folder / "artifacts"
         started = time.perf_counter()
         try:
-            result = self._build(plan, outdir, keep_float)
+            result = self._build(plan, outdir, keep_float, int8_only)
         except BadInput as error:
             if self.request.backend != "auto":
                 raise  # the one backend the user asked for cannot take this model: their input, exit 2
@@ -341,7 +341,8 @@ class _Candidates:
         )
         return built
 
-    def _build(self, plan: _Plan, outdir: Path, keep_float: frozenset[str]) -> BuildResult:
+    def _build(self, plan: _Plan, outdir: Path, keep_float: frozenset[str],
+               int8_only: frozenset[str] | None) -> BuildResult:  # fmt: skip
         assert plan.backend is not None and plan.options is not None, "skipped plans are never built"
         build_request = BuildRequest(
             model=self.model,
@@ -352,6 +353,7 @@ class _Candidates:
             outdir=outdir,
             progress=self.progress,
             keep_float=keep_float,
+            int8_only=int8_only,
         )
         # Libraries print their own progress; stdout is reserved for the report (--json).
         with contextlib.redirect_stdout(sys.stderr):
@@ -397,7 +399,7 @@ class _Candidates:
         for number, layers in enumerate(keep_float_rounds(ranking), 1):
             folder = f"{index:02d}-{candidate.backend}-{candidate.precision}-mixed{number}"
             report = CandidateReport(backend=candidate.backend, precision=candidate.precision, status="passed")
-            attempt = self._attempt(plain.plan, folder, report, frozenset(layers))
+            attempt = self._attempt(plain.plan, folder, report, frozenset(layers), frozenset(ranking) - set(layers))
             if not isinstance(attempt, _Built):
                 failed = f"mixed precision round {number} ({len(layers)} layers in float) failed: {attempt.reason}"
                 tried.report = tried.report.model_copy(update={"reason": f"{tried.report.reason}; {failed}"})

@@ -17,8 +17,14 @@ from edgekit.profiles import Preprocessing, load_profile
 from edgekit.progress import NoProgress
 
 
-def build(model: PreparedModel, outdir: Path, precision: str, calibration: Path | None = None,
-          keep_float: frozenset[str] = frozenset()) -> BuildResult:  # fmt: skip
+def build(
+    model: PreparedModel,
+    outdir: Path,
+    precision: str,
+    calibration: Path | None = None,
+    keep_float: frozenset[str] = frozenset(),
+    int8_only: frozenset[str] | None = None,
+) -> BuildResult:
     backend = backends()["openvino"]()
     return backend.build(
         BuildRequest(
@@ -30,6 +36,7 @@ def build(model: PreparedModel, outdir: Path, precision: str, calibration: Path 
             outdir=outdir,
             progress=NoProgress(),
             keep_float=keep_float,
+            int8_only=int8_only,
         )
     )
 
@@ -170,6 +177,30 @@ def test_int8_keeps_the_named_layers_without_fake_quantize(builds, tmp_path, sma
     for kept in (f"{second}/WithoutBiases", "logits"):
         assert reads_quantized(plain_ops[kept]) and not reads_quantized(mixed_ops[kept]), kept
     assert reads_quantized(mixed_ops[f"{first}/WithoutBiases"]), "the other layer stays int8"
+
+
+def test_mixed_precision_quantizes_only_the_ranked_layers_with_global_ranges(builds, tmp_path):
+    """With int8_only, what NNCF would also quantize (here the second conv and fc) stays float, and activation
+    ranges are the global min/max the ranking measured with, not NNCF's mean of per-sample maxima (one sample of
+    the calibration set peaks at 50, the others at 1)."""
+    model, _ = builds
+    first, second = [node.name for node in onnx.load(str(model.path)).graph.node if node.op_type == "Conv"]
+    x = np.random.default_rng(2).random((20, 3, 32, 32), dtype=np.float32)
+    x[0, 0, 0, 0] = 50.0
+    np.savez(tmp_path / "peaks.npz", input=x)
+    plain = ops_by_name(build(model, tmp_path / "plain", "int8", tmp_path / "peaks.npz"))
+    mixed = ops_by_name(build(model, tmp_path / "mixed", "int8", tmp_path / "peaks.npz", int8_only=frozenset({first})))
+    assert reads_quantized(mixed[f"{first}/WithoutBiases"])
+    assert not reads_quantized(mixed[f"{second}/WithoutBiases"]) and not reads_quantized(mixed["logits"])
+    plain_range, mixed_range = (
+        next(
+            float(np.max(op.input_value(2).get_node().get_data()))
+            for op in ops.values()
+            if op.get_type_name() == "FakeQuantize" and op.input_value(0).get_node().get_type_name() == "Parameter"
+        )
+        for ops in (plain, mixed)
+    )
+    assert plain_range < 10 and mixed_range == pytest.approx(50.0, rel=0.02), (plain_range, mixed_range)
 
 
 def test_ai_onnx_ml_op_is_refused_in_one_line_naming_the_op(tmp_path):
