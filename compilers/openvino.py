@@ -200,6 +200,7 @@ def _fused_names(op) -> set[str]:
 def _target(options: OvOptions, precision: str) -> dict[str, str]:
     """What the device asks OpenVINO for. OpenVINO computes in bf16 by default on CPUs that have it (AVX512-BF16,
     AMX), so an fp32 bundle also asks for f32: else it is neither what its name says nor what other hosts verify.
-    So does int8: the layers it leaves in float (mixed precision keeps the sensitive ones there) are fp32."""
-    asks_f32 = precision in ("fp32", "int8")
+    So does int8 on a CPU: the layers it leaves in float (mixed precision keeps the sensitive ones there) are fp32.
+    An accelerator (NPU) computes those in fp16 whatever is asked."""
+    asks_f32 = precision == "fp32" or (precision == "int8" and options.device == "CPU")
     return {"device": options.device, **({"inference_precision": "f32"} if asks_f32 else {})}

@@ -104,9 +104,12 @@ def test_compile_reports_every_candidate(cli, tmp_path, small_cnn_model, small_c
     assert list(statuses.values()).count("chosen") == 1
     if profile == "rpi4":
         # Profile order picks for a foreign CPU: the first candidate within the budget (a vendor runtime; which
-        # one depends on how many of the 40 random-data predictions int8 flips), and TVM builds and passes after it.
+        # one depends on how many of the 40 random-data predictions int8 flips), and TVM builds after it; a TVM
+        # int8 that misses is not rescued once an earlier int8 passed.
         within = [key for key, status in statuses.items() if status in ("chosen", "passed")]
-        assert statuses[within[0]] == "chosen" and within[0][0] != "tvm" and statuses[("tvm", "int8")] == "passed"
+        assert statuses[within[0]] == "chosen" and within[0][0] != "tvm"
+        tvm = next(c for c in report["candidates"] if (c["backend"], c["precision"]) == ("tvm", "int8"))
+        assert tvm["status"] == "passed" or tvm["reason"].endswith("an earlier int8 candidate passed"), tvm
         chosen = next(c for c in report["candidates"] if c["status"] == "chosen")
         assert "stand-in for the aarch64 device" in chosen["metrics"]["verified_on"]
     for c in report["candidates"]:

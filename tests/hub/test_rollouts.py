@@ -82,10 +82,14 @@ def _reported_bundle(hub, device_id: str) -> str | None:
 
 
 def _desired_sent(sub: Subscriber) -> dict[str, list[DesiredState]]:
-    """Every desired state published during the test, by device, in order."""
+    """Every desired state published during the test, by device, in order. A QoS 1 message may arrive twice (the
+    broker resends one whose PUBACK was late, as on a loaded CI machine): one revision is one publication."""
     sent: dict[str, list[DesiredState]] = {}
     for topic, payload in sub.messages(DESIRED):
-        sent.setdefault(topic.split("/")[2], []).append(DesiredState.model_validate_json(payload))
+        state = DesiredState.model_validate_json(payload)
+        states = sent.setdefault(topic.split("/")[2], [])
+        if not states or states[-1].rev != state.rev:
+            states.append(state)
     return sent
 
 
