@@ -62,6 +62,7 @@ class CompileRequest:
     max_accuracy_drop: float = 1.0  # top-1 points, for classifiers
     min_cosine: float = 0.999  # for other outputs
     bench_seconds: float = 2.0
+    mixed_seconds: float = 600.0  # what all mixed-precision rounds of one compile may take; 0: none are tried
     threads: int | None = None
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # CLI overrides, e.g. TVM tune_trials
     verify_emulated: bool = False  # also run aarch64 TVM libraries under qemu-user (edgekit.emulation)
@@ -285,18 +286,19 @@ class _Candidates:
         self.workdir, self.progress = workdir, progress
         self._ranking: list[str] | str | None = None  # layer names by sensitivity, or why they are unknown
         self._int8_passed = False
+        self._mixed_spent = 0.0  # seconds of mixed-precision ranking and rebuilds so far
 
     def build_and_verify(self, plan: _Plan, index: int) -> _Built | CandidateReport:
         candidate = plan.candidate
         report = CandidateReport(backend=candidate.backend, precision=candidate.precision, status="passed")
         outcome = self._attempt(plan, f"{index:02d}-{candidate.backend}-{candidate.precision}", report)
         if isinstance(outcome, _Built) and self._rescuable(outcome):
-            if self._int8_passed:
-                # Mixed precision rescues int8 that would be missing; rounds on a large detector take minutes each.
+            # Mixed precision rescues int8 that would be missing; rounds on a large detector take minutes each.
+            why_not = "an earlier int8 candidate passed" if self._int8_passed else self._budget_spent()
+            if why_not:
                 outcome.report = outcome.report.model_copy(
-                    update={"reason": f"{outcome.report.reason}; mixed precision not tried: an earlier int8 "
-                            "candidate passed"}
-                )  # fmt: skip
+                    update={"reason": f"{outcome.report.reason}; mixed precision not tried: {why_not}"}
+                )
                 return outcome
             outcome = self._rescue(outcome, index)
         if isinstance(outcome, _Built) and candidate.precision == "int8" and outcome.report.status == "passed":
@@ -386,8 +388,22 @@ class _Candidates:
             and backend.keeps_float
         )
 
+    def _budget_spent(self, running_since: float | None = None) -> str | None:
+        """Why no more mixed-precision rounds may start (counting a rescue under way since `running_since`)."""
+        running = time.perf_counter() - running_since if running_since is not None else 0.0
+        if self._mixed_spent + running < self.request.mixed_seconds:
+            return None
+        return f"its {self.request.mixed_seconds:.0f} s budget is spent (--mixed-seconds)"
+
     def _rescue(self, plain: _Built, index: int) -> _Built:
         """Keep the most sensitive layers in float and rebuild, in growing rounds, until the budget holds."""
+        started = time.perf_counter()
+        try:
+            return self._rescue_rounds(plain, index, started)
+        finally:
+            self._mixed_spent += time.perf_counter() - started
+
+    def _rescue_rounds(self, plain: _Built, index: int, started: float) -> _Built:
         ranking = self._sensitivity()
         if isinstance(ranking, str):
             plain.report = plain.report.model_copy(
@@ -397,6 +413,12 @@ class _Candidates:
         candidate = plain.plan.candidate
         tried = plain
         for number, layers in enumerate(keep_float_rounds(ranking), 1):
+            spent = self._budget_spent(started)
+            if spent:
+                tried.report = tried.report.model_copy(
+                    update={"reason": f"{tried.report.reason}; mixed precision stopped before round {number}: {spent}"}
+                )
+                return tried
             folder = f"{index:02d}-{candidate.backend}-{candidate.precision}-mixed{number}"
             report = CandidateReport(backend=candidate.backend, precision=candidate.precision, status="passed")
             attempt = self._attempt(plain.plan, folder, report, frozenset(layers), frozenset(ranking) - set(layers))

@@ -90,6 +90,14 @@ def compile_command(
         float, typer.Option(help="Other models: reject a candidate whose outputs' cosine to fp32 is below this.")
     ] = 0.999,
     bench_seconds: Annotated[float, typer.Option(help="Seconds of latency measurement per candidate.")] = 2.0,
+    mixed_seconds: Annotated[
+        float,
+        typer.Option(
+            help="Time all mixed-precision ranking and rebuilds of this compile may take; a round does not start "
+            "once it is spent (0: no mixed precision).",
+            min=0,
+        ),
+    ] = 600.0,
     tune_trials: Annotated[
         Optional[int],
         typer.Option(
@@ -148,6 +156,7 @@ def compile_command(
         max_accuracy_drop=max_accuracy_drop,
         min_cosine=min_cosine,
         bench_seconds=bench_seconds,
+        mixed_seconds=mixed_seconds,
         threads=threads,
         backend_options={"tvm": {"tune_trials": tune_trials}} if tune_trials is not None else {},
         verify_emulated=verify_emulated,

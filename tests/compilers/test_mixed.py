@@ -140,3 +140,17 @@ def test_no_rescue_once_an_int8_candidate_passed(cli, tmp_path):
     assert first["status"] == "chosen" and "mixed_precision" in first["details"]
     assert second["status"] == "rejected" and "mixed_precision" not in second["details"]
     assert second["reason"].endswith("mixed precision not tried: an earlier int8 candidate passed")
+
+
+def test_mixed_precision_stays_within_its_time_budget(cli, tmp_path):
+    model, data = outlier_classifier(tmp_path / "m.onnx"), outlier_data(tmp_path / "d.npz")
+    args = compile_args(model, "x86-64-avx512", "--precision", "int8", "--backend", "onnxruntime", "--calibration",
+                        data, "--json", out=tmp_path / "m.ekb")  # fmt: skip
+    result = cli(*args, "--mixed-seconds", "0")
+    assert result.exit_code == 1, result.output
+    (candidate,) = json.loads(result.stdout)["candidates"]
+    assert candidate["status"] == "rejected" and "mixed_precision" not in candidate["details"]
+    assert candidate["reason"].endswith("mixed precision not tried: its 0 s budget is spent (--mixed-seconds)")
+    ranked_only = cli(*args, "--mixed-seconds", "0.001")  # the ranking alone takes longer
+    (candidate,) = json.loads(ranked_only.stdout)["candidates"]
+    assert "mixed precision stopped before round 1: its 0 s budget is spent" in candidate["reason"]
