@@ -14,11 +14,13 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgekit.compilers import Backend, BackendOptions, BuildRequest, BuildResult
 from edgekit.errors import BadInput
+from edgekit.manifest import TensorSpec
 from edgekit.plugins import installed
 from edgekit.profiles import Profile
 from edgekit.schema import Precision
@@ -77,7 +79,23 @@ class TfliteBackend(Backend):
         variant = "int8-io" if request.precision == "int8" and options.integer_io else request.precision
         artifact = request.outdir / "model.tflite"
         weight_bytes = convert(request, variant, artifact)
-        return BuildResult(entrypoint=artifact, runtime="litert", target={}, param_bytes=weight_bytes)
+        target = output_layouts(artifact, request.model.outputs)
+        return BuildResult(entrypoint=artifact, runtime="litert", target=target, param_bytes=weight_bytes)
+
+
+def output_layouts(artifact: Path, outputs: list[TensorSpec]) -> dict[str, Any]:
+    """The LiteRT target: onnx2tf leaves some outputs channels-last (a Conv1d's [1, 4, 13] comes out [1, 13, 4]);
+    `output_transpose` gives, per output, the permutation that restores the ONNX layout (None: already ONNX's)."""
+    from edgekit.agents.runtimes.litert import interpreter_module
+
+    details = interpreter_module().Interpreter(model_path=str(artifact)).get_output_details()
+    permutations: list[list[int] | None] = []
+    for detail, spec in zip(details, outputs, strict=True):
+        rank, shape = len(spec.shape), [int(d) for d in detail["shape"]]
+        channels_last = [spec.shape[0], *spec.shape[2:], spec.shape[1]] if rank >= 3 else None
+        moved = shape != list(spec.shape) and shape == channels_last
+        permutations.append([0, rank - 1, *range(1, rank - 1)] if moved else None)
+    return {"output_transpose": permutations} if any(permutations) else {}
 
 
 @dataclass(frozen=True)
@@ -129,6 +147,7 @@ def _write_tf_named_model(source: Path, target: Path) -> _TfGraph:
         raise UnsupportedByTflite(
             f"TFLite has no equivalent of {foreign.domain} op {foreign.op_type} (node {foreign.name or '?'})"
         )
+    _split_multi_axis_slices(model.graph)
     nodes, safe_names = {}, {}
     taken = {node.name for node in model.graph.node}
     for index, node in enumerate(model.graph.node):
@@ -140,6 +159,39 @@ def _write_tf_named_model(source: Path, target: Path) -> _TfGraph:
         safe_names[original] = node.name
     onnx.save(model, str(target))
     return _TfGraph(nodes=nodes, safe_names=safe_names, output_producers=_output_producers(model.graph))
+
+
+def _split_multi_axis_slices(graph) -> None:
+    """One Slice per axis instead of one over several: onnx2tf, having made a tensor channels-last, applies such a
+    Slice's starts and ends to the wrong axes (silero's STFT takes [0:129] of 258 channels and [1:] of the frames in
+    one Slice, and onnx2tf kept 257 channels). The first keeps the node's name, so errors and layers still name it."""
+    from onnx import helper, numpy_helper
+
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in list(graph.node):
+        parameters = [constants.get(name) for name in node.input[1:]]
+        if node.op_type != "Slice" or len(parameters) < 3 or any(p is None for p in parameters):
+            continue
+        starts, ends, axes, *steps = parameters
+        if starts.size < 2:
+            continue
+        position = list(graph.node).index(node)
+        graph.node.remove(node)
+        source = node.input[0]
+        for index, values in enumerate(
+            zip(starts, ends, axes, steps[0] if steps else np.ones_like(starts), strict=True)
+        ):
+            prefix = f"{node.name}/axis{values[2]}"
+            names = [f"{prefix}/{part}" for part in ("starts", "ends", "axes", "steps")]
+            graph.initializer.extend(
+                numpy_helper.from_array(np.array([value], (axes if part == "axes" else starts).dtype), name)
+                for value, name, part in zip(values, names, ("starts", "ends", "axes", "steps"), strict=True)
+            )
+            last = index == starts.size - 1
+            output = node.output[0] if last else f"{prefix}/output"
+            name = node.name if index == 0 else prefix
+            graph.node.insert(position + index, helper.make_node("Slice", [source, *names], [output], name))
+            source = output
 
 
 def _unique(name: str, taken: set[str]) -> str:

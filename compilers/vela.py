@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgekit.compilers import Backend, BackendOptions, BuildRequest, BuildResult, HostStandIn
-from edgekit.compilers.tflite import TfliteBackend, convert
+from edgekit.compilers.tflite import TfliteBackend, convert, output_layouts
 from edgekit.profiles import Profile
 from edgekit.schema import Precision
 
@@ -75,7 +75,7 @@ class VelaBackend(Backend):
             host_stand_in=HostStandIn(
                 entrypoint=stand_in,
                 runtime="litert",
-                target={},
+                target=output_layouts(stand_in, request.model.outputs),
                 note="the pre-vela int8 TFLite; the NPU build runs only on the Ethos-U",
             ),
             details=details,

@@ -14,7 +14,7 @@ from edgekit.agents.runtimes import Runtime
 from edgekit.plugins import installed
 
 
-def _interpreter_module():
+def interpreter_module():
     if installed("ai_edge_litert"):
         from ai_edge_litert import interpreter
     else:
@@ -44,10 +44,12 @@ def _dequantize(array: np.ndarray, detail: dict) -> np.ndarray:
 
 
 class LiteSession:
-    def __init__(self, interpreter, device: str) -> None:
+    def __init__(self, interpreter, device: str, output_transpose: list[list[int] | None] | None = None) -> None:
         self._interpreter = interpreter
         self._inputs = interpreter.get_input_details()
         self._outputs = interpreter.get_output_details()
+        # Per output, the permutation back to the ONNX layout where onnx2tf left it channels-last.
+        self._transpose = output_transpose or [None] * len(self._outputs)
         self.device = device
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -55,7 +57,8 @@ class LiteSession:
         for detail, array in zip(self._inputs, feeds.values(), strict=True):
             self._interpreter.set_tensor(detail["index"], _quantize(array, detail))
         self._interpreter.invoke()
-        return [_dequantize(self._interpreter.get_tensor(d["index"]), d) for d in self._outputs]
+        outputs = [_dequantize(self._interpreter.get_tensor(d["index"]), d) for d in self._outputs]
+        return [o if perm is None else np.transpose(o, perm) for o, perm in zip(outputs, self._transpose, strict=True)]
 
 
 class LiteRt(Runtime):
@@ -68,7 +71,7 @@ class LiteRt(Runtime):
         return installed("ai_edge_litert") or installed("tflite_runtime")
 
     def load(self, model: Path, target: dict[str, Any], threads: int | None = None) -> LiteSession:
-        module = _interpreter_module()
+        module = interpreter_module()
         interpreter = module.Interpreter(model_path=str(model), num_threads=threads or os.cpu_count())
         try:
             interpreter.allocate_tensors()
@@ -82,5 +85,7 @@ class LiteRt(Runtime):
                 model_path=str(model), num_threads=threads or os.cpu_count(), experimental_op_resolver_type=resolver
             )
             interpreter.allocate_tensors()
-            return LiteSession(interpreter, "litert builtin CPU kernels (XNNPACK refused this graph)")
-        return LiteSession(interpreter, "litert XNNPACK CPU")
+            return LiteSession(
+                interpreter, "litert builtin CPU kernels (XNNPACK refused this graph)", target.get("output_transpose")
+            )
+        return LiteSession(interpreter, "litert XNNPACK CPU", target.get("output_transpose"))

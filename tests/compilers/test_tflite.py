@@ -133,6 +133,30 @@ def test_paddle_node_names_convert_and_match_fp32(cli, tmp_path):
     assert candidate["metrics"]["top1_agreement"] >= 0.98
 
 
+def stft_like(path: Path) -> Path:
+    """Silero's STFT front end: a strided Conv makes channels-first frames, and one Slice over two axes takes the
+    first half of the channels and drops the first frame. onnx2tf applied that Slice to the wrong axes of its
+    channels-last tensor, and the Conv after it found 15 channels where it expects 8."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "basis"], ["frames"], name="stft", strides=[4]),
+        helper.make_node("Slice", ["frames", "starts", "ends", "axes"], ["real"], name="real_part"),
+        helper.make_node("Mul", ["real", "real"], ["power"], name="power"),
+        helper.make_node("Conv", ["power", "w"], ["y"], name="encoder"),
+    ]
+    weights = {"basis": rng.standard_normal((16, 1, 8)), "w": rng.standard_normal((4, 8, 3)),
+               "starts": np.array([0, 1]), "ends": np.array([8, 2**62]), "axes": np.array([1, 2])}  # fmt: skip
+    return save(path, nodes, {"x": [1, 1, 64]}, {"y": [1, 4, 12]}, weights)
+
+
+def test_a_slice_over_two_axes_of_channels_first_frames_converts(cli, tmp_path):
+    model = stft_like(tmp_path / "stft.onnx")
+    np.savez(data := tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((60, 1, 64), np.float32))
+    candidate = compile_tflite(cli, model, "fp32", data, tmp_path / "stft.ekb")
+    assert candidate["status"] == "chosen", candidate["reason"]
+    assert candidate["metrics"]["cosine"] > 0.9999
+
+
 def test_inputs_and_outputs_keep_their_onnx_order_and_shape(cli, tmp_path):
     """onnx2tf's int8 SavedModel sorts inputs and outputs by name (here: img before seq, pooled before tokens), and
     onnx2tf makes 3-5D inputs channels-last unless told otherwise (seq [1, 5, 12] → [1, 12, 5], the channels-last
