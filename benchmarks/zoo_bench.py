@@ -47,7 +47,8 @@ from edgekit.profiles import Profile, load_profile
 
 PROFILES = ("x86-64-avx512", "rpi4", "jetson-orin-nano", "ethos-u55", "intel-core-ultra-npu")
 PRECISION_FAMILIES = ("float", "int8")
-OUT = REPO / "out" / "zoo"
+# EDGEKIT_ZOO_OUT runs a part of the matrix beside another run (each keeps its own results.json and logs).
+OUT = Path(os.environ.get("EDGEKIT_ZOO_OUT", REPO / "out" / "zoo")).resolve()
 EDGEKIT = Path(sys.executable).with_name("edgekit")
 BENCH_SECONDS = 0.3
 REFUSED, FAILED = 2, 1  # edgekit's exit codes: bad input, failed operation
