@@ -265,7 +265,7 @@ def run_cell(cell: Cell, timeout: float, scratch: Path, env: dict[str, str]) -> 
     (logs / f"{cell.label}.json").write_text(finished.stdout)
     result = classify(cell, finished, bundle, timeout)
     bundle.unlink(missing_ok=True)
-    return result.model_copy(update={"log": str(log.relative_to(REPO)), "code": code})
+    return result.model_copy(update={"log": str(_shown(log)), "code": code})
 
 
 def code_state() -> str:
@@ -486,6 +486,12 @@ def main() -> int:
         help="with --merge: run only the selected cells that the last results.json lacks or has without a bundle",
     )
     parser.add_argument(
+        "--merge-from",
+        action="append",
+        metavar="RESULTS_JSON",
+        help="fold another run's results.json (e.g. one made with EDGEKIT_ZOO_OUT) into this one; compile nothing",
+    )
+    parser.add_argument(
         "--rescore", action="store_true", help="classify the last results.json again from its logs; compile nothing"
     )
     args = parser.parse_args()
@@ -495,6 +501,10 @@ def main() -> int:
         return 0
     if args.rescore:
         results = rescored(previous_results(), args.timeout)
+    elif args.merge_from:
+        results = previous_results()
+        for other in args.merge_from:
+            results = merged(results, results_in(Path(other)))
     else:
         earlier = previous_results() if args.merge else []
         # Saved after every cell, so a run that is stopped keeps what it measured (and --merge can go on from it).
@@ -507,8 +517,12 @@ def main() -> int:
     print_reasons(console, "why cells got no bundle", failure_reasons(results))
     print_reasons(console, "candidates that failed in cells that still got a bundle", candidate_failures(results))
     write_results(results, args)
-    console.print(f"results: {(OUT / 'results.json').relative_to(REPO)}, logs: {(OUT / 'logs').relative_to(REPO)}/")
+    console.print(f"results: {_shown(OUT / 'results.json')}, logs: {_shown(OUT / 'logs')}/")
     return 0
+
+
+def _shown(path: Path) -> Path:
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 
 def run_selected(
@@ -564,8 +578,10 @@ def run_matrix(
 
 def previous_results() -> list[CellResult]:
     path = OUT / "results.json"
-    if not path.is_file():
-        return []
+    return results_in(path) if path.is_file() else []
+
+
+def results_in(path: Path) -> list[CellResult]:
     return [CellResult.model_validate(cell) for cell in json.loads(path.read_text())["cells"]]
 
 
