@@ -43,7 +43,7 @@ class OpenVino(Runtime):
             config["INFERENCE_NUM_THREADS"] = threads
         if "inference_precision" in target and device in ("CPU", "GPU"):
             config["INFERENCE_PRECISION_HINT"] = target["inference_precision"]
-        elif device == "CPU" and not target.get("device", "CPU").endswith("CPU"):
+        elif device == "CPU" and pick_device(target.get("device", "CPU"), ["NPU", "GPU"]) != "CPU":  # asks for one
             # A CPU standing in for an fp16 accelerator (no NPU/GPU here) would compute in bf16 where it has
             # AVX512-BF16 or AMX: 8 mantissa bits against fp16's 11, failing builds the accelerator runs well.
             config["INFERENCE_PRECISION_HINT"] = "f32"

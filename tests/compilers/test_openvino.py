@@ -246,5 +246,10 @@ def test_cpu_standing_in_for_an_accelerator_computes_in_f32(builds, monkeypatch)
         return compile_model(core, model, device, config)
 
     monkeypatch.setattr(ov.Core, "compile_model", recording)
-    session = get_runtime("openvino").load(results["fp16"].entrypoint, {"device": "NPU"})
-    assert session.device == "openvino CPU" and asked["INFERENCE_PRECISION_HINT"] == "f32"
+    for device in ("NPU", "AUTO:NPU,GPU,CPU"):
+        asked.clear()
+        session = get_runtime("openvino").load(results["fp16"].entrypoint, {"device": device})
+        assert session.device == "openvino CPU" and asked["INFERENCE_PRECISION_HINT"] == "f32", device
+    asked.clear()
+    get_runtime("openvino").load(results["fp16"].entrypoint, {"device": "CPU"})
+    assert "INFERENCE_PRECISION_HINT" not in asked, "a CPU target keeps OpenVINO's own choice for fp16"
