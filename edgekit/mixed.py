@@ -149,10 +149,8 @@ def _output_error(got: list[list[np.ndarray]], expected: list[list[np.ndarray]],
     """The worst |q - f|^2 / |f|^2 over the float outputs, accumulated over the feeds."""
     worst = 0.0
     for index in floating:
-        noise = sum(
-            float(np.sum((e[index].astype(np.float64) - g[index]) ** 2)) for e, g in zip(expected, got, strict=True)
-        )
-        energy = sum(float(np.sum(e[index].astype(np.float64) ** 2)) for e in expected)
+        parts = [_noise_and_energy(e[index], g[index]) for e, g in zip(expected, got, strict=True)]
+        noise, energy = sum(n for n, _ in parts), sum(e for _, e in parts)
         worst = max(worst, noise / energy if energy else 0.0)
     return worst
 
@@ -169,10 +167,16 @@ def _relative_errors(
     for feed in feeds:
         ours, theirs = reference(feed), quantized(feed)
         for key, (f, q) in pairs.items():
-            exact = ours[f].astype(np.float64)
-            noise[key] += float(np.sum((exact - theirs[q].astype(np.float64)) ** 2))
-            energy[key] += float(np.sum(exact**2))
+            added_noise, added_energy = _noise_and_energy(ours[f], theirs[q])
+            noise[key] += added_noise
+            energy[key] += added_energy
     return {key: noise[key] / energy[key] if energy[key] else 0.0 for key in pairs}
+
+
+def _noise_and_energy(exact: np.ndarray, approximate: np.ndarray) -> tuple[float, float]:
+    """|q - f|^2 and |f|^2, in float64: their ratio over all feeds is the normalised error the rankings use."""
+    exact = exact.astype(np.float64)
+    return float(np.sum((exact - approximate.astype(np.float64)) ** 2)), float(np.sum(exact**2))
 
 
 def _quantized_nodes(graph) -> dict:

@@ -99,6 +99,11 @@ class _Built:
     outputs: list[np.ndarray] = field(default_factory=list)
     judgement: Judgement | None = None
 
+    def add_reason(self, more: str) -> "_Built":
+        """Append to the report's reason: why mixed precision was not tried, or how far it got."""
+        self.report = self.report.model_copy(update={"reason": f"{self.report.reason}; {more}"})
+        return self
+
 
 def plan_candidates(request: CompileRequest) -> list[_Plan]:
     """The profile's candidates narrowed by --precision/--backend, each with its backend or why it is skipped."""
@@ -296,10 +301,7 @@ class _Candidates:
             # Mixed precision rescues int8 that would be missing; rounds on a large detector take minutes each.
             why_not = "an earlier int8 candidate passed" if self._int8_passed else self._budget_spent()
             if why_not:
-                outcome.report = outcome.report.model_copy(
-                    update={"reason": f"{outcome.report.reason}; mixed precision not tried: {why_not}"}
-                )
-                return outcome
+                return outcome.add_reason(f"mixed precision not tried: {why_not}")
             outcome = self._rescue(outcome, index)
         if isinstance(outcome, _Built) and candidate.precision == "int8" and outcome.report.status == "passed":
             self._int8_passed = True
@@ -406,26 +408,20 @@ class _Candidates:
     def _rescue_rounds(self, plain: _Built, index: int, started: float) -> _Built:
         ranking = self._sensitivity()
         if isinstance(ranking, str):
-            plain.report = plain.report.model_copy(
-                update={"reason": f"{plain.report.reason}; mixed precision not tried: {ranking}"}
-            )
-            return plain
+            return plain.add_reason(f"mixed precision not tried: {ranking}")
         candidate = plain.plan.candidate
         tried = plain
         for number, layers in enumerate(keep_float_rounds(ranking), 1):
             spent = self._budget_spent(started)
             if spent:
-                tried.report = tried.report.model_copy(
-                    update={"reason": f"{tried.report.reason}; mixed precision stopped before round {number}: {spent}"}
-                )
-                return tried
+                return tried.add_reason(f"mixed precision stopped before round {number}: {spent}")
             folder = f"{index:02d}-{candidate.backend}-{candidate.precision}-mixed{number}"
             report = CandidateReport(backend=candidate.backend, precision=candidate.precision, status="passed")
             attempt = self._attempt(plain.plan, folder, report, frozenset(layers), frozenset(ranking) - set(layers))
             if not isinstance(attempt, _Built):
-                failed = f"mixed precision round {number} ({len(layers)} layers in float) failed: {attempt.reason}"
-                tried.report = tried.report.model_copy(update={"reason": f"{tried.report.reason}; {failed}"})
-                return tried
+                return tried.add_reason(
+                    f"mixed precision round {number} ({len(layers)} layers in float) failed: {attempt.reason}"
+                )
             tried = attempt
             tried.report = tried.report.model_copy(
                 update={"details": {**tried.report.details, "mixed_precision": _mixed_facts(plain, tried, layers,
@@ -436,11 +432,10 @@ class _Candidates:
         if tried is plain:
             return plain
         facts = tried.report.details["mixed_precision"]
-        tried.report = tried.report.model_copy(
-            update={"reason": f"{tried.report.reason}; still outside the budget with {facts['float_layers']} of "
-                    f"{facts['quantized_layers']} layers in float ({facts['rounds']} rounds)"}
-        )  # fmt: skip
-        return tried
+        return tried.add_reason(
+            f"still outside the budget with {facts['float_layers']} of {facts['quantized_layers']} layers in float "
+            f"({facts['rounds']} rounds)"
+        )
 
     def _sensitivity(self) -> list[str] | str:
         """Layers by quantization sensitivity (computed once per compile), or why they cannot be ranked."""

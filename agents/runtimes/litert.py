@@ -72,7 +72,8 @@ class LiteRt(Runtime):
 
     def load(self, model: Path, target: dict[str, Any], threads: int | None = None) -> LiteSession:
         module = interpreter_module()
-        interpreter = module.Interpreter(model_path=str(model), num_threads=threads or os.cpu_count())
+        options = {"model_path": str(model), "num_threads": threads or os.cpu_count()}
+        interpreter, device = module.Interpreter(**options), "litert XNNPACK CPU"
         try:
             interpreter.allocate_tensors()
         except RuntimeError as error:
@@ -81,11 +82,7 @@ class LiteRt(Runtime):
             # XNNPACK refuses some graphs it claimed (e.g. a large int8 ResNet-50's node 144); the builtin kernels
             # run every op, only slower.
             resolver = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-            interpreter = module.Interpreter(
-                model_path=str(model), num_threads=threads or os.cpu_count(), experimental_op_resolver_type=resolver
-            )
+            interpreter = module.Interpreter(**options, experimental_op_resolver_type=resolver)
             interpreter.allocate_tensors()
-            return LiteSession(
-                interpreter, "litert builtin CPU kernels (XNNPACK refused this graph)", target.get("output_transpose")
-            )
-        return LiteSession(interpreter, "litert XNNPACK CPU", target.get("output_transpose"))
+            device = "litert builtin CPU kernels (XNNPACK refused this graph)"
+        return LiteSession(interpreter, device, target.get("output_transpose"))
