@@ -107,7 +107,8 @@ def quantize(
     output_producers: list[str],
 ) -> bytes:
     """Full-integer int8 TFLite calibrated on `feeds` (one array per input, feeds along axis 0), with float32 or
-    int8 input/output; the ops of `float_nodes` ({ONNX node: its Keras layers}) stay float (float32 I/O only)."""
+    int8 input/output; the ops of `float_nodes` ({ONNX node: its Keras layers}) stay float (between a DEQUANTIZE
+    and a QUANTIZE)."""
     import tensorflow as tf
 
     run = tf.function(

@@ -7,6 +7,7 @@ work folder, and a failure names the ONNX op and node onnx2tf stopped at.
 
 import importlib.metadata
 import json
+import logging
 import re
 import shutil
 import signal
@@ -24,6 +25,8 @@ from edgekit.manifest import TensorSpec
 from edgekit.plugins import installed
 from edgekit.profiles import Profile
 from edgekit.schema import Precision
+
+log = logging.getLogger(__name__)
 
 # What onnx2tf writes for model.onnx; int8 (float32 I/O) and int8-io (int8 throughout, for NPUs that take integer
 # tensors) are quantized by the worker itself.
@@ -105,13 +108,14 @@ class _TfGraph:
     nodes: dict[str, tuple[str, str]]  # TF-safe node name → (op type, name in the prepared model)
     safe_names: dict[str, str]  # name in the prepared model → TF-safe name
     output_producers: list[str]  # per graph output, the TF-safe name of the node that computes it
+    recurrent: frozenset[str]  # the nodes of unrolled recurrent layers, which int8 keeps in float
 
 
 def convert(request: BuildRequest, variant: str, artifact: Path) -> int:
     """Convert request.model to the TFLite variant (fp32, fp16, int8, int8-io), write it to artifact, and
     return its weight bytes."""
-    if request.keep_float and variant != "int8":
-        raise ValueError(f"TFLite {variant} cannot keep layers in float: only int8 with float32 input/output can")
+    if request.keep_float and not variant.startswith("int8"):
+        raise ValueError(f"TFLite {variant} cannot keep layers in float: only its int8 variants can")
     work = (artifact.parent.parent / f"onnx2tf-{variant}").resolve()  # the worker runs in its own folder
     work.mkdir(parents=True, exist_ok=True)
     graph = _write_tf_named_model(request.model.path, work / "model.onnx")
@@ -138,10 +142,16 @@ def convert(request: BuildRequest, variant: str, artifact: Path) -> int:
 def _write_tf_named_model(source: Path, target: Path) -> _TfGraph:
     """Write the model as onnx2tf can take it: node names TensorFlow accepts. Refuses ops of other domains up front
     (the ai.onnx.ml and com.microsoft ops intake could not lower to standard ONNX): TFLite has nothing like them,
-    and onnx2tf would only fail on them after TensorFlow's start-up."""
+    and onnx2tf would only fail on them after TensorFlow's start-up. LSTMs are unrolled: onnx2tf's LSTM fails on the
+    state shapes of exported voice detectors ("An `initial_state` was passed that is not compatible with
+    `cell.state_size`")."""
     import onnx
 
-    model = onnx.load(str(source))
+    from edgekit.lowering import unroll_recurrent
+
+    model, recurrent, kept = unroll_recurrent(onnx.load(str(source)))
+    for reason in kept:
+        log.info("recurrent layer left for onnx2tf: %s", reason)
     foreign = next((n for n in model.graph.node if n.domain not in ("", "ai.onnx")), None)
     if foreign is not None:
         raise UnsupportedByTflite(
@@ -158,7 +168,8 @@ def _write_tf_named_model(source: Path, target: Path) -> _TfGraph:
         nodes[node.name] = (node.op_type, original or node.name)
         safe_names[original] = node.name
     onnx.save(model, str(target))
-    return _TfGraph(nodes=nodes, safe_names=safe_names, output_producers=_output_producers(model.graph))
+    return _TfGraph(nodes=nodes, safe_names=safe_names, output_producers=_output_producers(model.graph),
+                    recurrent=frozenset(safe_names[name] for name in recurrent))  # fmt: skip
 
 
 def _split_multi_axis_slices(graph) -> None:
@@ -226,9 +237,20 @@ def _int8_job(request: BuildRequest, variant: str, graph: _TfGraph, work: Path) 
         "calibration": paths,
         "integer_io": variant == "int8-io",
         "file": INT8_FILE,
-        "keep_float": sorted(graph.safe_names[name] for name in request.keep_float if name in graph.safe_names),
+        "keep_float": sorted(_float_nodes(request, graph)),
         "output_producers": graph.output_producers,
     }
+
+
+def _float_nodes(request: BuildRequest, graph: _TfGraph) -> set[str]:
+    """TF-safe names of the nodes int8 leaves in float: the request's keep_float, unrolled recurrent layers, and
+    with mixed precision every node the ranking did not leave int8 (the TFLite quantizer takes every op, also the
+    STFT magnitudes and reductions that ONNX Runtime's, which the ranking measured, leaves in float)."""
+    float_nodes = set(graph.recurrent)
+    float_nodes.update(graph.safe_names[name] for name in request.keep_float if name in graph.safe_names)
+    if request.int8_only is not None:
+        float_nodes.update(safe for name, safe in graph.safe_names.items() if name not in request.int8_only)
+    return float_nodes
 
 
 def _timeout(request: BuildRequest, variant: str, graph: _TfGraph) -> float:

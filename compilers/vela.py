@@ -37,6 +37,9 @@ class VelaBackend(Backend):
     module = "ethosu"
     extra = "tflite"
     precisions = frozenset({"int8"})
+    # Layers mixed precision keeps in float run on the Cortex-M beside the NPU (vela leaves float ops to TFLite
+    # Micro's kernels), at CPU speed.
+    keeps_float = True
     Options = VelaOptions
 
     @classmethod

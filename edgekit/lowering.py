@@ -15,9 +15,11 @@ import numpy as np
 
 MIN_OPSET = 13  # ReduceSum's axes input, Softmax over one axis, Clip's min/max inputs
 ML, MS = "ai.onnx.ml", "com.microsoft"
-FLOAT, INT64, DOUBLE, STRING, BOOL = 1, 7, 11, 8, 9  # onnx.TensorProto element types
+FLOAT, INT64, DOUBLE, STRING, BOOL, FLOAT16 = 1, 7, 11, 8, 9, 10  # onnx.TensorProto element types
 INTEGERS = {2, 3, 4, 5, 6, 7, 12, 13}
 MAX_TREE_DEPTH = 64
+MAX_UNROLLED_STEPS = 64  # a recurrent layer over more time steps is left as it is
+Dims = tuple[int | None, ...] | None
 # Tree node modes: the comparison that sends a sample down the true branch.
 BRANCHES = {
     "BRANCH_LEQ": "LessOrEqual",
@@ -50,6 +52,7 @@ class Lowered:
     model: object | None  # onnx.ModelProto; None when no node of the family could be lowered
     count: int = 0
     ops: list[str] = field(default_factory=list)  # op types the rewrites wrote, first use first
+    nodes: list[str] = field(default_factory=list)  # names of the nodes the rewrites wrote
     skipped: list[str] = field(default_factory=list)  # why nodes were left as they are
 
 
@@ -57,10 +60,12 @@ class _Builder:
     """Writes one node's replacement: fresh names under the node's name, constants as initializers, and the
     node's outputs bound to the tensors that compute them."""
 
-    def __init__(self, node, opset: int, types: dict[str, tuple[int, int | None]], taken: set[str]) -> None:
+    def __init__(self, node, opset: int, types: dict[str, tuple[int, Dims]], taken: set[str],
+                 initializers: dict) -> None:  # fmt: skip
         self.node = node
         self.opset = opset
-        self.types = types  # tensor name → (element type, rank or None)
+        self.types = types  # tensor name → (element type, dims or None)
+        self.initializers_in_model = initializers  # name → onnx.TensorProto
         self.taken = taken
         self.prefix = node.name or node.output[0]
         self.nodes: list = []
@@ -88,6 +93,19 @@ class _Builder:
         self.nodes.append(helper.make_node(op_type, inputs, [output], name or self.fresh(op_type), **attributes))
         return output
 
+    def split(self, x: str, sizes: list[int], axis: int) -> list[str]:
+        """Split x into parts of `sizes` along `axis` (sizes as an input, opset 13 on)."""
+        from onnx import helper
+
+        parts = [self.fresh(f"part{index}") for index in range(len(sizes))]
+        sizes_name = self.const("sizes", np.array(sizes, np.int64))
+        self.nodes.append(helper.make_node("Split", [x, sizes_name], parts, self.fresh("Split"), axis=axis))
+        return parts
+
+    def axes(self, op_type: str, x: str, axes: list[int]) -> str:
+        """Squeeze or Unsqueeze over `axes` (an input from opset 13)."""
+        return self.op(op_type, [x, self.const("axes", np.array(axes, np.int64))])
+
     def reduce(self, op_type: str, x: str, axis: int = -1) -> str:
         """Reduce over one axis, keeping it; ReduceSum takes axes as an input from opset 13, the others from 18."""
         if op_type == "ReduceSum" or self.opset >= 18:
@@ -97,7 +115,7 @@ class _Builder:
     def float_input(self, name: str, ranks: tuple[int, ...] = (2,), double: bool = True) -> str:
         """The input as float32 (ONNX Runtime's ml kernels cast integers, and doubles where `double`), checked to
         have one of `ranks` ([N, features] for most ml ops)."""
-        elem_type, rank = self.types.get(name, (0, None))
+        elem_type, rank = self.typed(name)
         if rank not in ranks:
             raise Unsupported(f"input of rank {'unknown' if rank is None else rank}")
         if elem_type == FLOAT:
@@ -105,6 +123,19 @@ class _Builder:
         if elem_type in INTEGERS or (double and elem_type == DOUBLE):
             return self.op("Cast", [name], to=FLOAT)
         raise Unsupported(f"input of element type {elem_type}")
+
+    def constant(self, name: str) -> np.ndarray:
+        """The value of an initializer of the model; Unsupported for a computed tensor."""
+        from onnx import numpy_helper
+
+        if name not in self.initializers_in_model:
+            raise Unsupported(f"computed (not constant) {name}")
+        return numpy_helper.to_array(self.initializers_in_model[name])
+
+    def typed(self, name: str) -> tuple[int, int | None]:
+        """(element type, rank), 0 and None where unknown."""
+        elem_type, dims = self.types.get(name, (0, None))
+        return elem_type, None if dims is None else len(dims)
 
     def output(self, index: int, tensor: str) -> None:
         """Bind the node's output `index` (when the graph uses it) to `tensor`."""
@@ -259,7 +290,7 @@ def _array_feature_extractor(node, b: _Builder) -> None:
     """A Gather on the last axis (skl2onnx's label lookup classes[argmax]); a 1-D X gives [1, n], as in ONNX
     Runtime."""
     data, indices = node.input
-    elem_type, rank = b.types.get(data, (0, None))
+    elem_type, rank = b.typed(data)
     if rank is None or rank < 1 or elem_type == STRING:
         raise Unsupported("data of unknown rank" if rank is None else "string or scalar data")
     flat = b.op("Reshape", [indices, b.const("flat", np.array([-1], np.int64))])
@@ -493,6 +524,52 @@ def _fused_gemm(node, b: _Builder) -> None:
     b.output(0, _activation(b, gemm, activation, [named[n] for n in names] if named else []))
 
 
+def _lstm(node, b: _Builder) -> None:
+    """A forward LSTM (ONNX's default gates and activations, no peepholes, clip or sequence lengths) unrolled
+    over its static time steps as Gemm, Split, Sigmoid, Tanh, Mul and Add: ops every converter maps, where
+    onnx2tf's LSTM fails on the state shapes of exported voice detectors. The first Gemm keeps the node's name."""
+    attributes = _attributes(node)
+    supported = {"hidden_size", "direction", "layout", "activations"}
+    if set(attributes) - supported or attributes.get("direction", "forward") != "forward":
+        raise Unsupported(f"LSTM with {', '.join(sorted(set(attributes) - {'hidden_size'}))}")
+    if attributes.get("layout", 0) != 0 or attributes.get("activations", ["Sigmoid", "Tanh", "Tanh"]) != [
+        "Sigmoid",
+        "Tanh",
+        "Tanh",
+    ]:
+        raise Unsupported("LSTM with batch-first layout or custom activations")
+    x, w, r, bias, lengths, initial_h, initial_c, peepholes = [*node.input, *[""] * (8 - len(node.input))]
+    if lengths or peepholes:
+        raise Unsupported("LSTM with sequence lengths or peepholes")
+    elem_type, dims = b.types.get(x, (0, None))
+    if dims is None or None in dims or elem_type not in (FLOAT, FLOAT16) or dims[0] > MAX_UNROLLED_STEPS:
+        raise Unsupported(f"LSTM over input of unknown, non-float or more than {MAX_UNROLLED_STEPS}-step shape")
+    steps, batch, hidden = dims[0], dims[1], attributes["hidden_size"]
+    # Weights as transposed 2-D constants and x_t by Reshape: onnx2tf makes 3-D tensors channels-last, and a
+    # Squeeze of one then feeds its Gemm transposed.
+    weight = b.const("W", b.constant(w)[0].T.copy())
+    recurrence = b.const("R", b.constant(r)[0].T.copy())
+    gate_bias = [b.const("B", b.constant(bias)[0].reshape(2, -1).sum(axis=0))] if bias else []
+    flat = b.const("shape", np.array([batch, -1], np.int64))
+    zeros = np.zeros((batch, hidden), np.float16 if elem_type == FLOAT16 else np.float32)
+    h = b.op("Reshape", [initial_h, flat]) if initial_h else b.const("h0", zeros)
+    c = b.op("Reshape", [initial_c, flat]) if initial_c else b.const("c0", zeros)
+    outputs = []
+    for step in range(steps):
+        x_t = b.op("Reshape", [x if steps == 1 else b.op("Gather", [x, b.const("t", np.int64(step))], axis=0), flat])
+        name = (node.name or None) if step == 0 else None
+        gates = b.op("Add", [b.op("Gemm", [x_t, weight, *gate_bias], name=name),
+                             b.op("MatMul", [h, recurrence])])  # fmt: skip
+        input_gate, output_gate, forget_gate, cell = b.split(gates, [hidden] * 4, axis=1)
+        c = b.op("Add", [b.op("Mul", [b.op("Sigmoid", [forget_gate]), c]),
+                         b.op("Mul", [b.op("Sigmoid", [input_gate]), b.op("Tanh", [cell])])])  # fmt: skip
+        h = b.op("Mul", [b.op("Sigmoid", [output_gate]), b.op("Tanh", [c])])
+        outputs.append(b.axes("Unsqueeze", h, [0, 1]))
+    b.output(0, outputs[0] if steps == 1 else b.op("Concat", outputs, axis=0))
+    b.output(1, b.axes("Unsqueeze", h, [0]))
+    b.output(2, b.axes("Unsqueeze", c, [0]))
+
+
 LOWERINGS: dict[tuple[str, str], Callable] = {
     (ML, "LinearClassifier"): _linear_classifier,
     (ML, "LinearRegressor"): _linear_regressor,
@@ -506,13 +583,39 @@ LOWERINGS: dict[tuple[str, str], Callable] = {
 }
 
 
+# Standard ops some converters fail on, unrolled for those backends only (the others run them as they are).
+UNROLLINGS: dict[tuple[str, str], Callable] = {("", "LSTM"): _lstm}
+
+
+def unroll_recurrent(model) -> tuple[object, list[str], list[str]]:
+    """The model with its recurrent layers unrolled where UNROLLINGS can, the names of the nodes that compute them
+    now, and why any were not unrolled. Weights only the unrolled layers read are dropped."""
+    nodes: list[str] = []
+    skipped: list[str] = []
+    for key in UNROLLINGS:
+        if any((node.domain, node.op_type) == key for node in model.graph.node):
+            unrolled = lower(model, key, UNROLLINGS)
+            model = unrolled.model or model
+            nodes.extend(unrolled.nodes)
+            skipped.extend(unrolled.skipped)
+    if nodes:
+        _drop_unread_initializers(model.graph)
+    return model, nodes, skipped
+
+
+def _drop_unread_initializers(graph) -> None:
+    read = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+    for init in [init for init in graph.initializer if init.name not in read]:
+        graph.initializer.remove(init)
+
+
 def lowerable(model) -> list[tuple[str, str]]:
     """The (domain, op type) families in the model's main graph that have a lowering, in order of appearance."""
     found = [(node.domain, node.op_type) for node in model.graph.node]
     return [key for key in dict.fromkeys(found) if key in LOWERINGS]
 
 
-def lower(model, key: tuple[str, str]) -> Lowered:
+def lower(model, key: tuple[str, str], rewrites: dict[tuple[str, str], Callable] = LOWERINGS) -> Lowered:
     """A copy of the model with every node of the `key` family that its rewrite handles replaced by standard ops."""
     import onnx
 
@@ -525,6 +628,7 @@ def lower(model, key: tuple[str, str]) -> Lowered:
     lowered.CopyFrom(model)
     graph = lowered.graph
     types = _types(lowered)
+    initializers = {init.name: init for init in graph.initializer}
     taken = {n.name for n in graph.node} | {o for n in graph.node for o in (*n.input, *n.output)}
     taken |= {value.name for value in (*graph.input, *graph.output, *graph.initializer)}
     nodes = []
@@ -532,15 +636,16 @@ def lower(model, key: tuple[str, str]) -> Lowered:
         if (node.domain, node.op_type) != key:
             nodes.append(node)
             continue
-        builder = _Builder(node, opset, types, taken)
+        builder = _Builder(node, opset, types, taken, initializers)
         try:
-            LOWERINGS[key](node, builder)
+            rewrites[key](node, builder)
             replacement = builder.finish()
         except Unsupported as reason:
             result.skipped.append(str(reason))
             nodes.append(node)
             continue
         nodes.extend(replacement)
+        result.nodes.extend(n.name for n in replacement)
         graph.initializer.extend(builder.initializers)
         result.count += 1
         result.ops.extend(op for op in dict.fromkeys(n.op_type for n in replacement) if op not in result.ops)
@@ -556,8 +661,9 @@ def lower(model, key: tuple[str, str]) -> Lowered:
     return result
 
 
-def _types(model) -> dict[str, tuple[int, int | None]]:
-    """Element type and rank (None where unknown) of every tensor ONNX's shape inference can type."""
+def _types(model) -> dict[str, tuple[int, Dims]]:
+    """Element type and dims (None where unknown: the rank, or a dim) of every tensor ONNX's shape inference can
+    type."""
     import onnx
 
     try:
@@ -568,7 +674,8 @@ def _types(model) -> dict[str, tuple[int, int | None]]:
     for value in (*inferred.input, *inferred.value_info, *inferred.output):
         if value.type.HasField("tensor_type"):
             tensor = value.type.tensor_type
-            types[value.name] = (tensor.elem_type, len(tensor.shape.dim) if tensor.HasField("shape") else None)
+            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+            types[value.name] = (tensor.elem_type, dims if tensor.HasField("shape") else None)
     for init in inferred.initializer:
-        types[init.name] = (init.data_type, len(init.dims))
+        types[init.name] = (init.data_type, tuple(init.dims))
     return types

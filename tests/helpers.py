@@ -3,6 +3,9 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from edgekit.cli import app
@@ -64,3 +67,38 @@ def ml_imputer_model(path: Path) -> Path:
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
     onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
     return path
+
+
+def save(path: Path, nodes: list, inputs: dict, outputs: dict, weights: dict, opset: int = 17) -> Path:
+    """A float32 ONNX model from nodes, {input: shape}, {output: shape} and {initializer: array} (float32 unless
+    given as an integer array)."""
+    graph = helper.make_graph(
+        nodes,
+        path.stem,
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs.items()],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs.items()],
+        [numpy_helper.from_array(_float32_unless_integer(array), name) for name, array in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _float32_unless_integer(array) -> np.ndarray:
+    return array if isinstance(array, np.ndarray) and array.dtype.kind == "i" else np.asarray(array, np.float32)
+
+
+def outlier_classifier(path: Path) -> Path:
+    """Feature 0 spikes to ±1000 and has zero weight; the class comes from the other, unit-scale features. The
+    int8 input quantization spends its 256 steps on the spikes, so plain int8 guesses; with fc1 in float the input
+    is never quantized."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 32))
+    w1[0] = 0.0
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["logits"], name="fc2"),
+    ]
+    return save(path, nodes, {"x": [1, 16]}, {"logits": [1, 4]}, {"w1": w1, "w2": rng.standard_normal((32, 4))})

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
-from helpers import assert_user_error, compile_args, ml_imputer_model
+from helpers import assert_user_error, compile_args, ml_imputer_model, outlier_classifier, save
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.agents.runtimes import get_runtime
@@ -72,26 +73,6 @@ def test_onnx2tf_failure_names_the_op_and_node(cli, tmp_path):
     assert statuses["tflite"][1].startswith("build: UnsupportedByTflite: onnx2tf cannot convert op GridSample "
                                             "(node sampler): ")  # fmt: skip
     assert "\n" not in statuses["tflite"][1]
-
-
-def save(path: Path, nodes: list, inputs: dict, outputs: dict, weights: dict, opset: int = 17) -> Path:
-    """A float32 ONNX model from nodes, {input: shape}, {output: shape} and {initializer: array} (float32 unless
-    given as an integer array)."""
-    graph = helper.make_graph(
-        nodes,
-        path.stem,
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs.items()],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs.items()],
-        [numpy_helper.from_array(_float32_unless_integer(array), name) for name, array in weights.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
-def _float32_unless_integer(array) -> np.ndarray:
-    return array if isinstance(array, np.ndarray) and array.dtype.kind == "i" else np.asarray(array, np.float32)
 
 
 def compile_tflite(cli, model: Path, precision: str, data: Path, out: Path) -> dict:
@@ -252,21 +233,6 @@ def test_a_conversion_past_its_time_limit_is_stopped(cli, small_cnn_model, tmp_p
     assert reason.startswith("build: RuntimeError: onnx2tf did not finish within 1 s"), reason
 
 
-def outlier_classifier(path: Path) -> Path:
-    """Feature 0 spikes to ±1000 and has zero weight; the class comes from the other, unit-scale features. The
-    int8 input quantization spends its 256 steps on the spikes, so plain int8 guesses; with fc1 in float the input
-    is never quantized."""
-    rng = np.random.default_rng(0)
-    w1 = rng.standard_normal((16, 32))
-    w1[0] = 0.0
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-        helper.make_node("Relu", ["h"], ["r"], name="relu"),
-        helper.make_node("MatMul", ["r", "w2"], ["logits"], name="fc2"),
-    ]
-    return save(path, nodes, {"x": [1, 16]}, {"logits": [1, 4]}, {"w1": w1, "w2": rng.standard_normal((32, 4))})
-
-
 def test_mixed_precision_keeps_the_sensitive_layer_in_float(cli, tmp_path):
     model = outlier_classifier(tmp_path / "outliers.onnx")
     x = np.random.default_rng(1).standard_normal((200, 16)).astype(np.float32)
@@ -280,7 +246,58 @@ def test_mixed_precision_keeps_the_sensitive_layer_in_float(cli, tmp_path):
     assert mixed["size_vs_int8"] > 1  # fc1's weights stayed float32
 
 
-def test_keep_float_needs_float_io(small_cnn_model, tmp_path):
+def voice_detector_lstm(path: Path, steps: int = 1) -> Path:
+    """A recurrent head exported like silero's: LSTM over [steps, 1, 16] with its state [1, 1, 8] as inputs and
+    h/c as outputs. onnx2tf's own LSTM failed on it ("An `initial_state` was passed that is not compatible with
+    `cell.state_size`")."""
+    rng = np.random.default_rng(0)
+    hidden = 8
+    nodes = [
+        helper.make_node("LSTM", ["x", "w", "r", "b", "", "h", "c"], ["y", "hn", "cn"], name="rnn", hidden_size=hidden),
+        helper.make_node("Reshape", ["y", "flat"], ["y2"], name="flatten"),
+        helper.make_node("Gemm", ["y2", "head"], ["logit"], name="head", transB=1),
+        helper.make_node("Sigmoid", ["logit"], ["p"], name="probability"),
+    ]
+    weights = {"w": rng.standard_normal((1, 4 * hidden, 16)) * 0.3,
+               "r": rng.standard_normal((1, 4 * hidden, hidden)) * 0.3, "b": rng.standard_normal((1, 8 * hidden)) * 0.1,
+               "head": rng.standard_normal((1, steps * hidden)),
+               "flat": np.array([1, -1])}  # fmt: skip
+    state = [1, 1, hidden]
+    return save(path, nodes, {"x": [steps, 1, 16], "h": state, "c": state}, {"p": [1, 1], "hn": state, "cn": state},
+                weights)  # fmt: skip
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_an_lstm_is_unrolled_exactly(tmp_path, steps):
+    from edgekit.lowering import unroll_recurrent
+
+    model = onnx.load(str(voice_detector_lstm(tmp_path / "vad.onnx", steps)))
+    unrolled, nodes, skipped = unroll_recurrent(model)
+    assert not skipped and "rnn" in nodes and not any(n.op_type == "LSTM" for n in unrolled.graph.node)
+    rng = np.random.default_rng(2)
+    original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    lowered = ort.InferenceSession(unrolled.SerializeToString(), providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        state = {name: rng.standard_normal((1, 1, 8), np.float32) for name in ("h", "c")}
+        feed = {"x": rng.standard_normal((steps, 1, 16), np.float32), **state}
+        for want, got in zip(original.run(None, feed), lowered.run(None, feed), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_lstm_with_state_inputs_converts_and_int8_keeps_it_in_float(cli, tmp_path):
+    model = voice_detector_lstm(tmp_path / "vad.onnx")
+    rng = np.random.default_rng(1)
+    state = {name: rng.standard_normal((60, 1, 8), np.float32) * 0.5 for name in ("h", "c")}
+    np.savez(data := tmp_path / "x.npz", x=rng.standard_normal((60, 1, 16), np.float32), **state)
+    fp32 = compile_tflite(cli, model, "fp32", data, tmp_path / "fp32.ekb")
+    assert fp32["status"] == "chosen", fp32["reason"]
+    assert fp32["metrics"]["cosine"] > 0.99999
+    int8 = compile_tflite(cli, model, "int8", data, tmp_path / "int8.ekb")
+    assert int8["status"] == "chosen", int8["reason"]
+    assert int8["metrics"]["cosine"] > 0.999
+
+
+def test_only_float_variants_refuse_keep_float(small_cnn_model, tmp_path):
     from edgekit.compilers import BuildRequest
     from edgekit.compilers.tflite import TfliteBackend, TfliteOptions
     from edgekit.intake import prepare_model
@@ -288,7 +305,8 @@ def test_keep_float_needs_float_io(small_cnn_model, tmp_path):
     from edgekit.progress import NoProgress
 
     model, profile = prepare_model(small_cnn_model, tmp_path), load_profile("rpi5")
-    options = TfliteOptions(integer_io=True)
-    request = BuildRequest(model, profile, "int8", None, options, tmp_path / "out", NoProgress(), frozenset({"fc"}))
-    with pytest.raises(ValueError, match="TFLite int8-io cannot keep layers in float"):
+    request = BuildRequest(
+        model, profile, "fp32", None, TfliteOptions(), tmp_path / "out", NoProgress(), frozenset({"fc"})
+    )
+    with pytest.raises(ValueError, match="TFLite fp32 cannot keep layers in float"):
         TfliteBackend().build(request)

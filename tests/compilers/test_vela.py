@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from helpers import outlier_classifier
 from onnx import helper
 
 from edgekit.compilers import backends
@@ -136,3 +137,21 @@ def test_logistic_regression_builds_although_velas_operator_table_fails(cli, tmp
     chosen = report["candidates"][0]
     assert chosen["status"] == "chosen", chosen["reason"]
     assert "GATHER" in " ".join(chosen["details"]["cpu_fallback"]) and chosen["details"]["cpu_ops"] > 0
+
+
+def test_mixed_precision_keeps_the_sensitive_layer_on_the_cortex_m(cli, tmp_path):
+    """Plain int8 collapses the outlier feature; mixed precision keeps fc1 in float, which vela leaves to the CPU
+    (TFLite Micro) between a DEQUANTIZE and a QUANTIZE while the rest stays on the NPU."""
+    model = outlier_classifier(tmp_path / "outliers.onnx")
+    x = np.random.default_rng(1).standard_normal((200, 16)).astype(np.float32)
+    x[:, 0] = np.where(np.arange(200) % 2, 1000.0, -1000.0)
+    np.savez(data := tmp_path / "x.npz", x=x)
+    result = cli("compile", model, "-p", "ethos-u55", "--calibration", data, "--bench-seconds", "0.05",
+                 "-o", tmp_path / "o.ekb", "--json")  # fmt: skip
+    candidate = json.loads(result.stdout)["candidates"][0]
+    assert candidate["status"] == "chosen", candidate["reason"]
+    assert candidate["details"]["mixed_precision"]["keep_float"] == ["fc1"]
+    assert candidate["metrics"]["top1_agreement"] >= 0.97
+    assert candidate["details"]["npu_ops"] >= 1 and any(
+        "DEQUANTIZE" in op for op in candidate["details"]["cpu_fallback"]
+    )
