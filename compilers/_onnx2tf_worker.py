@@ -48,7 +48,7 @@ def main(job_path: str) -> None:
         feeds = [np.load(path) for path in int8["calibration"]]
         float_nodes = {name: layers.get(name, set()) for name in int8["keep_float"]}
         quantized = quantize(model, feeds, int8["integer_io"], float_nodes, int8["output_producers"])
-        (output / int8["file"]).write_bytes(quantized)
+        (output / int8["file"]).write_bytes(integer_arg_max(quantized))
     write_weight_bytes(output)
 
 
@@ -146,6 +146,40 @@ def _float_op_outputs(calibrated: bytes, float_nodes: dict[str, set[str]], outpu
     if not denied:
         raise RuntimeError(f"none of the {len(float_nodes)} layers to keep in float has an op in the TFLite graph")
     return denied
+
+
+def integer_arg_max(tflite: bytes) -> bytes:
+    """ARG_MAX/ARG_MIN read the int8 tensor instead of its DEQUANTIZE: the quantizer leaves them float (a forest's
+    label from its class scores), and vela refuses a float ARG_MAX outright ("IFM has to be 8bit", then "Failed to
+    parse TFLite file") instead of leaving it on the CPU. Exact: dequantizing with one positive scale keeps the order
+    and the ties of the values. A DEQUANTIZE left without a consumer is dropped."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(tflite)
+    codes = [max(code.builtinCode, code.deprecatedBuiltinCode) for code in model.operatorCodes]
+    arg_ops = {schema.BuiltinOperator.ARG_MAX, schema.BuiltinOperator.ARG_MIN}
+    dequantize = schema.BuiltinOperator.DEQUANTIZE
+    integer = {schema.TensorType.INT8, schema.TensorType.UINT8}
+    changed = False
+    for graph in model.subgraphs:
+        producers = {output: op for op in graph.operators for output in op.outputs}
+        rewired = False
+        for op in graph.operators:
+            source = producers.get(op.inputs[0]) if codes[op.opcodeIndex] in arg_ops else None
+            if source is None or codes[source.opcodeIndex] != dequantize:
+                continue
+            tensor = graph.tensors[source.inputs[0]]
+            scale = tensor.quantization.scale if tensor.quantization is not None else None
+            if tensor.type in integer and scale is not None and len(scale) == 1 and scale[0] > 0:
+                op.inputs = np.array([source.inputs[0], *op.inputs[1:]], np.int32)
+                rewired = True
+        if rewired:
+            used = {index for op in graph.operators for index in op.inputs} | set(graph.outputs)
+            graph.operators = [op for op in graph.operators
+                               if codes[op.opcodeIndex] != dequantize or op.outputs[0] in used]  # fmt: skip
+            changed = True
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)) if changed else tflite
 
 
 def write_weight_bytes(folder: Path) -> None:

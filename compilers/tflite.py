@@ -158,6 +158,7 @@ def _write_tf_named_model(source: Path, target: Path) -> _TfGraph:
             f"TFLite has no equivalent of {foreign.domain} op {foreign.op_type} (node {foreign.name or '?'})"
         )
     _split_multi_axis_slices(model.graph)
+    _flatten_row_gathers(model)
     nodes, safe_names = {}, {}
     taken = {node.name for node in model.graph.node}
     for index, node in enumerate(model.graph.node):
@@ -203,6 +204,51 @@ def _split_multi_axis_slices(graph) -> None:
             name = node.name if index == 0 else prefix
             graph.node.insert(position + index, helper.make_node("Slice", [source, *names], [output], name))
             source = output
+
+
+def _flatten_row_gathers(model) -> None:
+    """A Gather of one index on axis 0 of a static 3-D tensor (silero's state[0] and state[1] of a
+    [2, 1, 128] state) as Reshape to [rows, -1], the same Gather, Reshape to the output's shape: onnx2tf holds a 3-D
+    tensor channels-last ([2, 128, 1]), so its Gather gave [128, 1] where ONNX has [1, 128] and the next Gemm
+    failed ("Dimensions must be equal, but are 1 and 128"); onnx2tf's Reshape restores the ONNX layout first. The
+    Gather keeps the node's name."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # inference raises assorted errors; then nothing is rewritten
+        return
+    shapes = {
+        value.name: [dim.dim_value if dim.HasField("dim_value") else 0 for dim in value.type.tensor_type.shape.dim]
+        for value in (*inferred.input, *inferred.value_info, *inferred.output)
+        if value.type.tensor_type.HasField("shape")
+    }
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in list(graph.node):
+        if node.op_type != "Gather" or node.input[0] in constants:
+            continue
+        shape, output = shapes.get(node.input[0], []), shapes.get(node.output[0], [])
+        indices = constants.get(node.input[1])
+        axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 0)
+        static = len(shape) == 3 and len(output) == 2 and all([*shape, *output])
+        if not static or axis % 3 or indices is None or indices.ndim:
+            continue
+        position = list(graph.node).index(node)
+        rows, row = f"{node.name or node.output[0]}/rows", f"{node.name or node.output[0]}/row"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array([shape[0], -1], np.int64), f"{rows}/shape"),
+            numpy_helper.from_array(np.array(output, np.int64), f"{row}/shape"),
+        ])  # fmt: skip
+        graph.node.remove(node)
+        replacement = [
+            helper.make_node("Reshape", [node.input[0], f"{rows}/shape"], [f"{rows}/output"], rows),
+            helper.make_node("Gather", [f"{rows}/output", node.input[1]], [f"{row}/input"], node.name, axis=0),
+            helper.make_node("Reshape", [f"{row}/input", f"{row}/shape"], [node.output[0]], row),
+        ]
+        for offset, new in enumerate(replacement):
+            graph.node.insert(position + offset, new)
 
 
 def _unique(name: str, taken: set[str]) -> str:

@@ -297,6 +297,25 @@ def test_an_lstm_with_state_inputs_converts_and_int8_keeps_it_in_float(cli, tmp_
     assert int8["metrics"]["cosine"] > 0.999
 
 
+def test_rows_gathered_from_a_state_input_feed_a_gemm(cli, tmp_path):
+    """silero's if-less export reads state[0] of its [2, 1, 8] state input with a Gather; onnx2tf, holding the 3-D
+    input channels-last, gave [8, 1] and its Gemm failed ("Dimensions must be equal, but are 1 and 8")."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Gather", ["state", "zero"], ["h"], name="h_of_state", axis=0),
+        helper.make_node("Gemm", ["x", "w"], ["xw"], name="input_gemm", transB=1),
+        helper.make_node("Gemm", ["h", "r"], ["hr"], name="state_gemm", transB=1),
+        helper.make_node("Add", ["xw", "hr"], ["y"], name="add"),
+    ]
+    weights = {"zero": np.array(0), "w": rng.standard_normal((8, 16)), "r": rng.standard_normal((8, 8))}
+    model = save(tmp_path / "state.onnx", nodes, {"x": [1, 16], "state": [2, 1, 8]}, {"y": [1, 8]}, weights)
+    np.savez(data := tmp_path / "x.npz", x=rng.standard_normal((60, 16), np.float32),
+             state=rng.standard_normal((60, 2, 1, 8), np.float32))  # fmt: skip
+    candidate = compile_tflite(cli, model, "fp32", data, tmp_path / "state.ekb")
+    assert candidate["status"] == "chosen", candidate["reason"]
+    assert candidate["metrics"]["cosine"] > 0.99999
+
+
 def test_only_float_variants_refuse_keep_float(small_cnn_model, tmp_path):
     from edgekit.compilers import BuildRequest
     from edgekit.compilers.tflite import TfliteBackend, TfliteOptions

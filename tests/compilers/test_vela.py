@@ -114,26 +114,31 @@ def test_vela_stand_in_uses_integer_io(cli, small_cnn_model, small_cnn_calibrati
     assert metrics["cosine"] > 0.95 and np.isfinite(metrics["max_abs_error"])
 
 
-def test_logistic_regression_builds_although_velas_operator_table_fails(cli, tmp_path):
+@pytest.mark.parametrize("estimator", ["logistic", "forest"])
+def test_lowered_sklearn_classifiers_build_for_the_npu(cli, tmp_path, estimator):
     """vela 4 raises KeyError printing its operator table for a lowered scikit-learn classifier (GATHER of the
-    label, CASTs); the build goes on without the table, and the CPU fallbacks are still named."""
+    label, CASTs); the build goes on without the table, and the CPU fallbacks are still named. A forest's label is
+    an ARG_MAX of its class scores, which the int8 quantizer leaves float and vela then refuses to parse ("IFM has
+    to be 8bit"), so it reads the int8 scores."""
     import warnings
 
     from skl2onnx import to_onnx
     from sklearn.datasets import load_digits
+    from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16).astype(np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a short fit does not converge
-        fitted = LogisticRegression(max_iter=50).fit(x, y)
-    model = tmp_path / "logreg.onnx"
+        model = LogisticRegression(max_iter=50) if estimator == "logistic" else RandomForestClassifier(8, max_depth=5)
+        fitted = model.fit(x, y)
+    model = tmp_path / f"{estimator}.onnx"
     onnx.save(to_onnx(fitted, x[:1], options={id(fitted): {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3}),
               str(model))  # fmt: skip
     data = tmp_path / "digits.npz"
     np.savez(data, input=x[:200], labels=y[:200])
-    report = compile_json(cli, model, data, "ethos-u55", tmp_path / "logreg.ekb")
+    report = compile_json(cli, model, data, "ethos-u55", tmp_path / f"{estimator}.ekb")
     chosen = report["candidates"][0]
     assert chosen["status"] == "chosen", chosen["reason"]
     assert "GATHER" in " ".join(chosen["details"]["cpu_fallback"]) and chosen["details"]["cpu_ops"] > 0
