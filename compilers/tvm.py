@@ -115,7 +115,11 @@ def import_onnx(path: Path):
     import onnx
     from tvm.relax.frontend.onnx import from_onnx
 
-    model = onnx.load(str(path))
+    from edgekit.lowering import unroll_recurrent
+
+    # TVM's ONNX frontend has no LSTM; unrolled, it is Gemm and element-wise ops (in float: the QDQ graph of an
+    # int8 build leaves recurrent cells unquantized).
+    model, _, _ = unroll_recurrent(onnx.load(str(path)))
     reshape_scalar_qdq_to_vectors(model)
     try:
         return from_onnx(model, keep_params_in_input=False)

@@ -102,3 +102,24 @@ def outlier_classifier(path: Path) -> Path:
         helper.make_node("MatMul", ["r", "w2"], ["logits"], name="fc2"),
     ]
     return save(path, nodes, {"x": [1, 16]}, {"logits": [1, 4]}, {"w1": w1, "w2": rng.standard_normal((32, 4))})
+
+
+def voice_detector_lstm(path: Path, steps: int = 1) -> Path:
+    """A recurrent head exported like silero's: LSTM over [steps, 1, 16] with its state [1, 1, 8] as inputs and
+    h/c as outputs. onnx2tf's own LSTM failed on it ("An `initial_state` was passed that is not compatible with
+    `cell.state_size`")."""
+    rng = np.random.default_rng(0)
+    hidden = 8
+    nodes = [
+        helper.make_node("LSTM", ["x", "w", "r", "b", "", "h", "c"], ["y", "hn", "cn"], name="rnn", hidden_size=hidden),
+        helper.make_node("Reshape", ["y", "flat"], ["y2"], name="flatten"),
+        helper.make_node("Gemm", ["y2", "head"], ["logit"], name="head", transB=1),
+        helper.make_node("Sigmoid", ["logit"], ["p"], name="probability"),
+    ]
+    weights = {"w": rng.standard_normal((1, 4 * hidden, 16)) * 0.3,
+               "r": rng.standard_normal((1, 4 * hidden, hidden)) * 0.3, "b": rng.standard_normal((1, 8 * hidden)) * 0.1,
+               "head": rng.standard_normal((1, steps * hidden)),
+               "flat": np.array([1, -1])}  # fmt: skip
+    state = [1, 1, hidden]
+    return save(path, nodes, {"x": [steps, 1, 16], "h": state, "c": state}, {"p": [1, 1], "hn": state, "cn": state},
+                weights)  # fmt: skip

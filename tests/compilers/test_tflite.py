@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import assert_user_error, compile_args, ml_imputer_model, outlier_classifier, save
+from helpers import assert_user_error, compile_args, ml_imputer_model, outlier_classifier, save, voice_detector_lstm
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.agents.runtimes import get_runtime
@@ -244,27 +244,6 @@ def test_mixed_precision_keeps_the_sensitive_layer_in_float(cli, tmp_path):
     assert candidate["status"] == "chosen" and mixed["keep_float"] == ["fc1"]
     assert candidate["metrics"]["top1_agreement"] >= 0.97
     assert mixed["size_vs_int8"] > 1  # fc1's weights stayed float32
-
-
-def voice_detector_lstm(path: Path, steps: int = 1) -> Path:
-    """A recurrent head exported like silero's: LSTM over [steps, 1, 16] with its state [1, 1, 8] as inputs and
-    h/c as outputs. onnx2tf's own LSTM failed on it ("An `initial_state` was passed that is not compatible with
-    `cell.state_size`")."""
-    rng = np.random.default_rng(0)
-    hidden = 8
-    nodes = [
-        helper.make_node("LSTM", ["x", "w", "r", "b", "", "h", "c"], ["y", "hn", "cn"], name="rnn", hidden_size=hidden),
-        helper.make_node("Reshape", ["y", "flat"], ["y2"], name="flatten"),
-        helper.make_node("Gemm", ["y2", "head"], ["logit"], name="head", transB=1),
-        helper.make_node("Sigmoid", ["logit"], ["p"], name="probability"),
-    ]
-    weights = {"w": rng.standard_normal((1, 4 * hidden, 16)) * 0.3,
-               "r": rng.standard_normal((1, 4 * hidden, hidden)) * 0.3, "b": rng.standard_normal((1, 8 * hidden)) * 0.1,
-               "head": rng.standard_normal((1, steps * hidden)),
-               "flat": np.array([1, -1])}  # fmt: skip
-    state = [1, 1, hidden]
-    return save(path, nodes, {"x": [steps, 1, 16], "h": state, "c": state}, {"p": [1, 1], "hn": state, "cn": state},
-                weights)  # fmt: skip
 
 
 @pytest.mark.parametrize("steps", [1, 3])

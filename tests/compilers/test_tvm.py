@@ -8,9 +8,10 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
-from helpers import assert_user_error, compile_args
+from helpers import assert_user_error, compile_args, voice_detector_lstm
 from onnx import TensorProto, helper
 
 
@@ -297,3 +298,16 @@ def test_jetson_fp16_build_of_a_cnn_with_relu6_hard_sigmoid_and_squeeze_excite(c
     library = tmp_path / "se" / "artifacts" / "model.so"
     unpack(tmp_path / "se-fp16.ekb", tmp_path / "se")
     assert cuda_binary_arch(library.read_bytes()) == 87
+
+
+def test_an_lstm_imports_unrolled(cli, tmp_path):
+    """TVM's ONNX frontend has no LSTM ("not supported for frontend ONNX: LSTM"); the import unrolls it."""
+    model = voice_detector_lstm(tmp_path / "vad.onnx")
+    rng = np.random.default_rng(1)
+    state = {name: rng.standard_normal((40, 1, 8), np.float32) * 0.5 for name in ("h", "c")}
+    np.savez(data := tmp_path / "x.npz", x=rng.standard_normal((40, 1, 16), np.float32), **state)
+    result = cli(*compile_args(model, "rpi4", "--backend", "tvm", "--precision", "fp32", "--calibration", data,
+                               "--json", out=tmp_path / "vad.ekb"))  # fmt: skip
+    candidate = json.loads(result.stdout)["candidates"][0]
+    assert candidate["status"] == "chosen", candidate["reason"]
+    assert candidate["metrics"]["cosine"] > 0.99999
