@@ -96,7 +96,7 @@ def quantize_qdq(request: BuildRequest, per_channel: bool = True, calibrate_meth
     work = request.outdir / "quant"
     work.mkdir(parents=True, exist_ok=True)
     prepared = work / "model.pre.onnx"
-    per_channel, excluded = _prepare_for_quantizer(request, prepared, per_channel)
+    per_channel, excluded, float_fed = _prepare_for_quantizer(request, prepared, per_channel)
     feeds = list(request.calibration.batches(request.model.batch_size))
     quantized = work / "model.int8.onnx"
     profile = request.profile
@@ -119,7 +119,7 @@ def quantize_qdq(request: BuildRequest, per_channel: bool = True, calibrate_meth
                 "percentile": CalibrationMethod.Percentile,
             }[calibrate_method],
         )
-    _feed_float(quantized, request.keep_float)
+    _feed_float(quantized, float_fed)
     _require_quantized(request, quantized)
     return quantized
 
@@ -136,15 +136,16 @@ def _require_quantized(request: BuildRequest, quantized: Path) -> None:
         )
 
 
-def _prepare_for_quantizer(request: BuildRequest, target: Path, per_channel: bool) -> tuple[bool, list[str]]:
-    """Write the model ORT's quantizer gets to `target`; return whether it can be quantized per channel and the
-    nodes to leave in float. Intake already simplified the graph and inferred shapes, so ORT's own pre-processing
-    (quant_pre_process) is not run: its optimiser would rename nodes that keep_float refers to."""
+def _prepare_for_quantizer(request: BuildRequest, target: Path, per_channel: bool) -> tuple[bool, list[str], set[str]]:
+    """Write the model ORT's quantizer gets to `target`; return whether it can be quantized per channel, the nodes
+    to leave in float, and those of them to feed float tensors (_feed_float). Intake already simplified the graph
+    and inferred shapes, so ORT's own pre-processing (quant_pre_process) is not run: its optimiser would rename
+    nodes that keep_float refers to."""
     import onnx
 
     model = onnx.load(str(request.model.path))
     _merge_duplicate_opsets(model)
-    excluded = _nodes_left_in_float(model, request.keep_float)
+    excluded, float_fed = _nodes_left_in_float(model, request.keep_float)
     if len(excluded) == len(model.graph.node):
         raise BadInput(
             f"{request.model.source}: int8 has nothing to quantize: every node is an ai.onnx.ml op, produces "
@@ -156,7 +157,7 @@ def _prepare_for_quantizer(request: BuildRequest, target: Path, per_channel: boo
     # ORT's quantizer warns about every model without this mark; intake has done the equivalent work.
     model.metadata_props.add(key="onnx.quant.pre_process", value="onnxruntime.quant")
     onnx.save(model, str(target))
-    return per_channel, excluded
+    return per_channel, excluded, float_fed
 
 
 def _merge_duplicate_opsets(model) -> None:
@@ -213,7 +214,7 @@ def _flatten_gemm_biases(model) -> None:
         node.input[2] = flattened[bias.name]
 
 
-def _nodes_left_in_float(model, keep_float: frozenset[str]) -> list[str]:
+def _nodes_left_in_float(model, keep_float: frozenset[str]) -> tuple[list[str], set[str]]:
     """keep_float plus what int8 cannot serve: ops outside the ONNX domain (ai.onnx.ml label lookups, tree
     ensembles) and nodes producing integer tensors (shape arithmetic, labels), which the quantizer would otherwise
     try to wrap in Q/DQ where shape inference left their types unknown."""
@@ -234,12 +235,22 @@ def _nodes_left_in_float(model, keep_float: frozenset[str]) -> list[str]:
     # where that output was never calibrated: its calibrator skips tensors of unknown type, as ONNX's shape inference
     # leaves them downstream of a contrib op it does not know.
     untyped = {node.name for node in model.graph.node if node.op_type == "Softmax" and node.output[0] not in types}
-    # A standalone BatchNormalization (DenseNet's 62 pre-activation ones, which no Conv absorbs) reads its input
-    # through Q/DQ when quantized: a constant channel (variance ~0) is rounded off its mean, and BN multiplies that
-    # error by 1/sqrt(epsilon), ~300 (the zoo's DenseNet-121: top-1 agreement with fp32 0%; BNs in float, 97.5%).
-    batch_norms = {node.name for node in model.graph.node if node.op_type == "BatchNormalization"}
-    float_fed = keep_float | batch_norms | {node.name for node in model.graph.node if _is_foreign(node)}
-    return sorted(float_fed | integer | untyped | _activations_feeding(model, float_fed))
+    foreign = {node.name for node in model.graph.node if _is_foreign(node)}
+    float_fed = set(keep_float) | foreign | _standalone_batch_norms(model)
+    return sorted(float_fed | integer | untyped | _activations_feeding(model, float_fed)), float_fed
+
+
+def _standalone_batch_norms(model) -> set[str]:
+    """BatchNormalization nodes no Conv or Gemm feeds (pre-activation ones), left in float and fed float: reading a
+    quantized tensor, a constant channel (variance ~0) is rounded off its mean, and BN multiplies that error by
+    1/sqrt(epsilon), ~300. One after a Conv is the Conv's (ORT fuses the two at load)."""
+    producers = {output: node.op_type for node in model.graph.node for output in node.output}
+    return {
+        node.name
+        for node in model.graph.node
+        if node.op_type == "BatchNormalization"
+        and producers.get(node.input[0]) not in ("Conv", "ConvTranspose", "Gemm")
+    }
 
 
 def _is_foreign(node) -> bool:
@@ -261,17 +272,18 @@ def _activations_feeding(model, nodes: set[str]) -> set[str]:
     }
 
 
-def _feed_float(path: Path, keep_float: frozenset[str]) -> None:
-    """Give keep_float and foreign nodes the float tensors that Q→DQ pairs quantized. The quantizer leaves them
-    unquantized but still feeds them through Q→DQ where a quantized neighbour shares the tensor, and ONNX Runtime's
-    WeightBiasQuantization pass (at every load, also on the device) then quantizes the weights of a Conv,
-    ConvTranspose or Gemm fed by a DequantizeLinear: per tensor, worse than the int8 build it was meant to escape."""
+def _feed_float(path: Path, float_fed: set[str]) -> None:
+    """Give the float_fed nodes (keep_float, foreign ops, standalone BNs) the float tensors that Q→DQ pairs
+    quantized. The quantizer leaves them unquantized but still feeds them through Q→DQ where a quantized neighbour
+    shares the tensor, and ONNX Runtime's WeightBiasQuantization pass (at every load, also on the device) then
+    quantizes the weights of a Conv, ConvTranspose or Gemm fed by a DequantizeLinear: per tensor, worse than the
+    int8 build it was meant to escape."""
     import onnx
 
     model = onnx.load(str(path))
     producers = {output: node for node in model.graph.node for output in node.output}
     for node in model.graph.node:
-        if node.name in keep_float or _is_foreign(node):
+        if node.name in float_fed:
             node.input[:] = [_before_qdq(producers, name) for name in node.input]
     _remove_unused_qdq(model)
     onnx.save(model, str(path))
