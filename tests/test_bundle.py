@@ -1,6 +1,7 @@
 """`edgekit verify` rejects every kind of damage, naming what failed (exit 1); a good bundle passes (exit 0)."""
 
 import io
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -204,14 +205,22 @@ def test_ctrl_c_during_compile_exits_130_and_leaves_nothing(tmp_path, small_cnn_
 
     edgekit = Path(sys.executable).with_name("edgekit")
     out = tmp_path / "never.ekb"
+    scratch = tmp_path / "scratch"  # the compile's temporary folder goes here (TMPDIR), to be watched
+    scratch.mkdir()
     command = [edgekit, "compile", small_cnn_model, "-p", "x86-64-avx2", "--calibration", small_cnn_calibration]
-    process = subprocess.Popen([*command, "-o", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(4)  # well inside the build: it runs every x86 candidate
+    process = subprocess.Popen([*command, "-o", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "TMPDIR": str(scratch)})  # fmt: skip
+    deadline = time.monotonic() + 120
+    # The first candidate's build folder: the build is under way, with every other x86 candidate still to come.
+    while not list(scratch.glob("edgekit-compile-*/00-*")) and process.poll() is None:
+        assert time.monotonic() < deadline, "no candidate build started within 120 s"
+        time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
+    assert not list(scratch.glob("edgekit-compile-*")), "the compile's temporary folder is left behind"
 
 
 @pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, "absolute"])
