@@ -1,7 +1,7 @@
 """The real-model conformance matrix: every corpus model (benchmarks/zoo_corpus.py) × profile family × precision,
 each compiled by the real CLI in its own process, as a user would run it.
 
-    python benchmarks/zoo_bench.py [--models a,b] [--profiles x,y] [--precisions float,int8] [--timeout 900] [--list]
+    python benchmarks/zoo_bench.py [--models a,b] [--profiles x,y] [--precisions float,int8] [--timeout 1800] [--list]
 
 A cell runs `edgekit compile MODEL -p PROFILE --precision P [--calibration DATA.npz] [--input-shape ...]
 [--input-value ...] --bench-seconds 0.3 --json -o OUT.ekb`. The float precision is the one the profile lists for
@@ -475,7 +475,7 @@ def main() -> int:
     parser.add_argument("--models", help="comma-separated corpus keys (default: all; see --list)")
     parser.add_argument("--profiles", help=f"comma-separated (default: {','.join(PROFILES)})")
     parser.add_argument("--precisions", help="float, int8 or both (default: float,int8)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per cell (default: 900)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per cell (default: 1800; the slowest cells, int8 of DenseNet-121 and PicoDet for rpi4, take about 1050)")
     parser.add_argument("--list", action="store_true", help="print the corpus and exit")
     parser.add_argument(
         "--merge", action="store_true", help="keep the cells of the last results.json that this run does not redo"
