@@ -475,7 +475,10 @@ def main() -> int:
     parser.add_argument("--models", help="comma-separated corpus keys (default: all; see --list)")
     parser.add_argument("--profiles", help=f"comma-separated (default: {','.join(PROFILES)})")
     parser.add_argument("--precisions", help="float, int8 or both (default: float,int8)")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per cell (default: 1800; the slowest cells, int8 of DenseNet-121 and PicoDet for rpi4, take about 1050)")
+    parser.add_argument(
+        "--timeout", type=float, default=1800,
+        help="seconds per cell (default: 1800; the slowest, DenseNet-121 and PicoDet int8 for rpi4, take about 1050)",
+    )  # fmt: skip
     parser.add_argument("--list", action="store_true", help="print the corpus and exit")
     parser.add_argument(
         "--merge", action="store_true", help="keep the cells of the last results.json that this run does not redo"
