@@ -212,27 +212,20 @@ def _flatten_row_gathers(model) -> None:
     tensor channels-last ([2, 128, 1]), so its Gather gave [128, 1] where ONNX has [1, 128] and the next Gemm
     failed ("Dimensions must be equal, but are 1 and 128"); onnx2tf's Reshape restores the ONNX layout first. The
     Gather keeps the node's name."""
-    import onnx
     from onnx import helper, numpy_helper
 
+    from edgekit.lowering import tensor_types
+
     graph = model.graph
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph
-    except Exception:  # inference raises assorted errors; then nothing is rewritten
-        return
-    shapes = {
-        value.name: [dim.dim_value if dim.HasField("dim_value") else 0 for dim in value.type.tensor_type.shape.dim]
-        for value in (*inferred.input, *inferred.value_info, *inferred.output)
-        if value.type.tensor_type.HasField("shape")
-    }
+    types = tensor_types(model)
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     for node in list(graph.node):
         if node.op_type != "Gather" or node.input[0] in constants:
             continue
-        shape, output = shapes.get(node.input[0], []), shapes.get(node.output[0], [])
+        shape, output = types.get(node.input[0], (0, None))[1] or (), types.get(node.output[0], (0, None))[1] or ()
         indices = constants.get(node.input[1])
         axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 0)
-        static = len(shape) == 3 and len(output) == 2 and all([*shape, *output])
+        static = len(shape) == 3 and len(output) == 2 and None not in (*shape, *output)
         if not static or axis % 3 or indices is None or indices.ndim:
             continue
         position = list(graph.node).index(node)

@@ -19,6 +19,7 @@ FLOAT, INT64, DOUBLE, STRING, BOOL, FLOAT16 = 1, 7, 11, 8, 9, 10  # onnx.TensorP
 INTEGERS = {2, 3, 4, 5, 6, 7, 12, 13}
 MAX_TREE_DEPTH = 64
 MAX_UNROLLED_STEPS = 64  # a recurrent layer over more time steps is left as it is
+LSTM_ACTIVATIONS = ["Sigmoid", "Tanh", "Tanh"]  # ONNX's default: gates, cell input, output
 Dims = tuple[int | None, ...] | None
 # Tree node modes: the comparison that sends a sample down the true branch.
 BRANCHES = {
@@ -532,11 +533,7 @@ def _lstm(node, b: _Builder) -> None:
     supported = {"hidden_size", "direction", "layout", "activations"}
     if set(attributes) - supported or attributes.get("direction", "forward") != "forward":
         raise Unsupported(f"LSTM with {', '.join(sorted(set(attributes) - {'hidden_size'}))}")
-    if attributes.get("layout", 0) != 0 or attributes.get("activations", ["Sigmoid", "Tanh", "Tanh"]) != [
-        "Sigmoid",
-        "Tanh",
-        "Tanh",
-    ]:
+    if attributes.get("layout", 0) != 0 or attributes.get("activations", LSTM_ACTIVATIONS) != LSTM_ACTIVATIONS:
         raise Unsupported("LSTM with batch-first layout or custom activations")
     x, w, r, bias, lengths, initial_h, initial_c, peepholes = [*node.input, *[""] * (8 - len(node.input))]
     if lengths or peepholes:
@@ -627,7 +624,7 @@ def lower(model, key: tuple[str, str], rewrites: dict[tuple[str, str], Callable]
     lowered = onnx.ModelProto()
     lowered.CopyFrom(model)
     graph = lowered.graph
-    types = _types(lowered)
+    types = tensor_types(lowered)
     initializers = {init.name: init for init in graph.initializer}
     taken = {n.name for n in graph.node} | {o for n in graph.node for o in (*n.input, *n.output)}
     taken |= {value.name for value in (*graph.input, *graph.output, *graph.initializer)}
@@ -661,7 +658,7 @@ def lower(model, key: tuple[str, str], rewrites: dict[tuple[str, str], Callable]
     return result
 
 
-def _types(model) -> dict[str, tuple[int, Dims]]:
+def tensor_types(model) -> dict[str, tuple[int, Dims]]:
     """Element type and dims (None where unknown: the rank, or a dim) of every tensor ONNX's shape inference can
     type."""
     import onnx
