@@ -215,9 +215,10 @@ def _flatten_gemm_biases(model) -> None:
 
 
 def _nodes_left_in_float(model, keep_float: frozenset[str]) -> tuple[list[str], set[str]]:
-    """keep_float plus what int8 cannot serve: ops outside the ONNX domain (ai.onnx.ml label lookups, tree
-    ensembles) and nodes producing integer tensors (shape arithmetic, labels), which the quantizer would otherwise
-    try to wrap in Q/DQ where shape inference left their types unknown."""
+    """(nodes to leave in float, those of them to feed float tensors): keep_float plus what int8 cannot serve: ops
+    outside the ONNX domain (ai.onnx.ml label lookups, tree ensembles), standalone BatchNormalizations, and nodes
+    producing integer tensors (shape arithmetic, labels), which the quantizer would otherwise try to wrap in Q/DQ
+    where shape inference left their types unknown."""
     import onnx
 
     names = {node.name for node in model.graph.node}
