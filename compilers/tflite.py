@@ -187,9 +187,7 @@ def _split_multi_axis_slices(graph) -> None:
         starts, ends, axes, *steps = parameters
         if starts.size < 2:
             continue
-        position = list(graph.node).index(node)
-        graph.node.remove(node)
-        source = node.input[0]
+        source, replacement = node.input[0], []
         for index, values in enumerate(
             zip(starts, ends, axes, steps[0] if steps else np.ones_like(starts), strict=True)
         ):
@@ -202,8 +200,9 @@ def _split_multi_axis_slices(graph) -> None:
             last = index == starts.size - 1
             output = node.output[0] if last else f"{prefix}/output"
             name = node.name if index == 0 else prefix
-            graph.node.insert(position + index, helper.make_node("Slice", [source, *names], [output], name))
+            replacement.append(helper.make_node("Slice", [source, *names], [output], name))
             source = output
+        _replace_node(graph, node, replacement)
 
 
 def _flatten_row_gathers(model) -> None:
@@ -228,20 +227,24 @@ def _flatten_row_gathers(model) -> None:
         static = len(shape) == 3 and len(output) == 2 and None not in (*shape, *output)
         if not static or axis % 3 or indices is None or indices.ndim:
             continue
-        position = list(graph.node).index(node)
         rows, row = f"{node.name or node.output[0]}/rows", f"{node.name or node.output[0]}/row"
         graph.initializer.extend([
             numpy_helper.from_array(np.array([shape[0], -1], np.int64), f"{rows}/shape"),
             numpy_helper.from_array(np.array(output, np.int64), f"{row}/shape"),
         ])  # fmt: skip
-        graph.node.remove(node)
-        replacement = [
+        _replace_node(graph, node, [
             helper.make_node("Reshape", [node.input[0], f"{rows}/shape"], [f"{rows}/output"], rows),
             helper.make_node("Gather", [f"{rows}/output", node.input[1]], [f"{row}/input"], node.name, axis=0),
             helper.make_node("Reshape", [f"{row}/input", f"{row}/shape"], [node.output[0]], row),
-        ]
-        for offset, new in enumerate(replacement):
-            graph.node.insert(position + offset, new)
+        ])  # fmt: skip
+
+
+def _replace_node(graph, node, replacement: list) -> None:
+    """Put `replacement` where `node` was, keeping the graph's topological order."""
+    position = list(graph.node).index(node)
+    graph.node.remove(node)
+    for offset, new in enumerate(replacement):
+        graph.node.insert(position + offset, new)
 
 
 def _unique(name: str, taken: set[str]) -> str:
