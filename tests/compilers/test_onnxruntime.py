@@ -393,3 +393,45 @@ def test_int8_leaves_a_standalone_batchnorm_in_float(tmp_path):
     int8 = get_runtime("onnxruntime").load(result.entrypoint, result.target)
     for sample in data[:4]:
         assert cosine(fp32.run({"x": sample[None]})[0], int8.run({"x": sample[None]})[0]) > 0.99
+
+
+def conv_pool_conv(path: Path) -> Path:
+    """Inception's stem: Conv → Relu → MaxPool → Conv, the second Conv's output channels at scales 1000 apart (as
+    layer-wise rescaled or BN-folded weights are), which one per-tensor weight scale cannot hold."""
+    rng = np.random.default_rng(0)
+    second = rng.standard_normal((8, 8, 3, 3)) * np.geomspace(10.0, 0.01, 8)[:, None, None, None]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], name="stem", pads=[1] * 4),
+        helper.make_node("Relu", ["c0"], ["r0"], name="relu"),
+        helper.make_node("MaxPool", ["r0"], ["p0"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p0", "w1"], ["y"], name="second", pads=[1] * 4),
+    ]
+    graph = helper.make_graph(
+        nodes, "stem",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w0"),
+         numpy_helper.from_array(second.astype(np.float32), "w1")],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_float_layer_behind_a_maxpool_keeps_float_weights(tmp_path):
+    """ORT moves a DequantizeLinear forward past MaxPool (and Reshape, Transpose, ...) at load; a float Conv behind it
+    then reads a DQ, and WeightBiasQuantization quantizes its weights per tensor, which rounds the small channels to
+    zero: keeping Inception v2's second conv in float made it worse than plain int8. The MaxPool reads float too."""
+    path = conv_pool_conv(tmp_path / "stem.onnx")
+    data = np.random.default_rng(1).standard_normal((32, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "calibration.npz", x=data)
+    (tmp_path / "prepared").mkdir()
+    model = prepare_model(path, tmp_path / "prepared")
+    result = build_prepared(model, tmp_path / "out", "x86-64-avx512", "int8", tmp_path / "calibration.npz",
+                            keep_float=frozenset({"second"}))  # fmt: skip
+    graph = onnx.load(str(result.entrypoint)).graph
+    assert float_fed(graph, "second") and "QLinearConv" in {node.op_type for node in graph.node}
+    fp32 = get_runtime("onnxruntime").load(path, {})
+    int8 = get_runtime("onnxruntime").load(result.entrypoint, result.target)
+    for sample in data[:4]:
+        expected, got = fp32.run({"x": sample[None]})[0], int8.run({"x": sample[None]})[0]
+        assert cosine(expected[0, -1], got[0, -1]) > 0.98  # the smallest channel survives
