@@ -8,8 +8,9 @@ on a few calibration samples (never the held-out ones that judge the result), in
    normalised (|q - f|^2 / |f|^2), so layers of any scale compare. One run ranks every layer.
 2. End to end: the layers are measured again, in that order for as long as END_TO_END_SECONDS allows, where it
    matters, at the model's outputs: the fp32 model with only that one node quantized (its own
-   QuantizeLinear/DequantizeLinear taken from the QDQ model). A local error says little about a layer whose output a sigmoid squashes or whose error a recurrent state carries on, and
-   a small model (a voice detector's six convolutions) can be measured layer by layer in a second.
+   QuantizeLinear/DequantizeLinear taken from the QDQ model). A local error says little about a layer whose output
+   a sigmoid squashes or whose error a recurrent state carries on, and a small model (a voice detector's six
+   convolutions) can be measured layer by layer in a second.
 
 The pipeline keeps the top of the ranking in float and rebuilds, in a few growing rounds.
 """
