@@ -435,3 +435,63 @@ def test_a_float_layer_behind_a_maxpool_keeps_float_weights(tmp_path):
     for sample in data[:4]:
         expected, got = fp32.run({"x": sample[None]})[0], int8.run({"x": sample[None]})[0]
         assert cosine(expected[0, -1], got[0, -1]) > 0.98  # the smallest channel survives
+
+
+def dense_block(path: Path) -> tuple[Path, np.ndarray]:
+    """Two DenseNet layers: each concatenates the features so far with a few new ones, which are small against
+    them, and normalises the result with a pre-activation BN whose statistics are the data's own. Returns the model
+    and its data."""
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((24, 16, 6, 6)) * 3.0).astype(np.float32)
+    w_a, w_b = rng.standard_normal((4, 16)) * 0.003, rng.standard_normal((4, 20)) * 0.01
+    w_out = rng.standard_normal((8, 24))
+
+    def conv(w, x):
+        return np.einsum("oi,nihw->nohw", w, x)
+
+    def normalise(x):
+        mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+        return np.maximum((x - mean[None, :, None, None]) / np.sqrt(var + 1e-5)[None, :, None, None], 0), mean, var
+
+    first = np.concatenate([data, conv(w_a, data)], axis=1)
+    active, mean1, var1 = normalise(first)
+    _, mean2, var2 = normalise(np.concatenate([first, conv(w_b, active)], axis=1))
+    tensors = {"w_a": w_a, "w_b": w_b, "w_out": w_out, "mean1": mean1, "var1": var1, "mean2": mean2, "var2": var2,
+               "one1": np.ones(20), "zero1": np.zeros(20), "one2": np.ones(24), "zero2": np.zeros(24)}  # fmt: skip
+    tensors = {name: t.reshape(*t.shape, 1, 1) if name.startswith("w_") else t for name, t in tensors.items()}
+    nodes = [
+        helper.make_node("Conv", ["x", "w_a"], ["a"], name="conv_a"),
+        helper.make_node("Concat", ["x", "a"], ["c1"], name="concat1", axis=1),
+        helper.make_node("BatchNormalization", ["c1", "one1", "zero1", "mean1", "var1"], ["n1"], name="bn1"),
+        helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w_b"], ["b"], name="conv_b"),
+        helper.make_node("Concat", ["c1", "b"], ["c2"], name="concat2", axis=1),
+        helper.make_node("BatchNormalization", ["c2", "one2", "zero2", "mean2", "var2"], ["n2"], name="bn2"),
+        helper.make_node("Relu", ["n2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w_out"], ["y"], name="conv_out"),
+    ]
+    graph = helper.make_graph(
+        nodes, "dense_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [numpy_helper.from_array(t.astype(np.float32), name) for name, t in tensors.items()],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path, data
+
+
+def test_int8_does_not_requantize_what_a_standalone_batchnorm_reads(tmp_path):
+    """The second Concat re-reads the first one's output through one per-tensor scale set by the large features,
+    which rounds the small new ones to a few steps; BN then scales them back up to unit spread. The Concats that
+    feed BNs stay float (the Convs stay int8)."""
+    path, data = dense_block(tmp_path / "block.onnx")
+    np.savez(tmp_path / "calibration.npz", x=data)
+    (tmp_path / "prepared").mkdir()
+    model = prepare_model(path, tmp_path / "prepared")
+    result = build_prepared(model, tmp_path / "out", "x86-64-avx512", "int8", tmp_path / "calibration.npz")
+    graph = onnx.load(str(result.entrypoint)).graph
+    assert {node.op_type for node in graph.node} >= {"QLinearConv", "Concat"}
+    fp32 = get_runtime("onnxruntime").load(path, {})
+    int8 = get_runtime("onnxruntime").load(result.entrypoint, result.target)
+    for sample in data[:4]:
+        assert cosine(fp32.run({"x": sample[None]})[0], int8.run({"x": sample[None]})[0]) > 0.999  # 0.978 re-quantized
