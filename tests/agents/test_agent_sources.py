@@ -6,6 +6,7 @@ import fcntl
 import os
 import select
 import statistics
+import struct
 import termios
 import time
 from collections.abc import Iterator
@@ -147,11 +148,18 @@ def pty() -> Iterator[tuple[int, int, str]]:
             os.close(fd)
 
 
-def wait_port_opened(slave: int, timeout: float = START_S) -> None:
-    """Until the agent opened the port: pyserial puts the terminal in raw mode, then flushes its input once, so
-    anything written before that would be lost."""
+def wait_port_reading(master: int, slave: int, timeout: float = START_S) -> None:
+    """Until the agent reads the port. pyserial puts the terminal in raw mode, then flushes its input once, so
+    anything written before that would be lost: a blank line (the agent skips those) written after raw mode is
+    consumed either by that flush or by a read, and a second one, written once the first is gone, only by a read."""
     wait_until(lambda: not termios.tcgetattr(slave)[3] & termios.ICANON, timeout, "the agent to open the serial port")
-    time.sleep(0.3)  # the input flush follows raw mode within the same open() call
+    for _ in range(2):
+        os.write(master, b"\n")
+        wait_until(lambda: unread_bytes(slave) == 0, timeout, "the agent to read the serial port")
+
+
+def unread_bytes(fd: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
 
 
 def write_all(fd: int, data: bytes, timeout: float = 10.0) -> None:
@@ -185,7 +193,7 @@ def test_serial_port_windows_are_classified(broker, start_agent, digits_bundle, 
     images, labels = digit_windows
     with Subscriber(broker.url, TOPICS) as sub:
         start_agent(broker, bundle=digits_bundle("1.0.0"), source=f"serial:{port}?baud=115200")
-        wait_port_opened(slave)
+        wait_port_reading(master, slave)
         for image in images[:10]:
             write_all(master, csv_window(image))
         sub.wait_count(10, RESULTS, timeout=10)
@@ -205,7 +213,7 @@ def test_serial_burst_is_not_dropped_when_the_model_is_slower(broker, start_agen
     images, labels = digit_windows
     with Subscriber(broker.url, TOPICS) as sub:
         start_agent(broker, bundle=digits_bundle("1.0.0"), source=f"serial:{port}")
-        wait_port_opened(slave)
+        wait_port_reading(master, slave)
         cap_inference_rate(broker.url, sub, max_fps=20)  # 20 windows arrive at once; 1 s to work through them
         write_all(master, b"".join(csv_window(image) for image in images[20:40]))
         sub.wait_count(20, RESULTS, timeout=10)
@@ -240,7 +248,7 @@ def test_unplugged_serial_port_is_reported_and_telemetry_keeps_flowing(
     images, _ = digit_windows
     with Subscriber(broker.url, TOPICS) as sub:
         start_agent(broker, bundle=digits_bundle("1.0.0"), source=f"serial:{port}")
-        wait_port_opened(slave)
+        wait_port_reading(master, slave)
         write_all(master, csv_window(images[0]))
         sub.wait_count(1, RESULTS, timeout=10)
         assert not events(sub, "source.error")
