@@ -23,7 +23,7 @@ from edgekit.errors import BadInput, OperationFailed
 from edgekit.intake import PreparedModel, prepare_model
 from edgekit.manifest import Manifest, Metrics, SelfTest
 from edgekit.measure import compare, like_reference, measure_latency, peak_memory, predictions, run_batches
-from edgekit.mixed import keep_float_rounds, rank_sensitive_nodes
+from edgekit.mixed import compute_layers, keep_float_rounds, rank_sensitive_nodes
 from edgekit.profiles import Candidate, Preprocessing, Profile, host_arch
 from edgekit.progress import NoProgress, Progress
 from edgekit.report import CandidateReport, CompileReport, ReferenceReport
@@ -411,7 +411,7 @@ class _Candidates:
             return plain.add_reason(f"mixed precision not tried: {ranking}")
         candidate = plain.plan.candidate
         tried = plain
-        for number, layers in enumerate(keep_float_rounds(ranking), 1):
+        for number, layers in enumerate(keep_float_rounds(ranking, compute_layers(self.model)), 1):
             spent = self._budget_spent(started)
             if spent:
                 return tried.add_reason(f"mixed precision stopped before round {number}: {spent}")

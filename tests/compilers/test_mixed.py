@@ -51,6 +51,17 @@ def test_rounds_grow():
     assert keep_float_rounds(["a", "b"]) == [["a"]]
 
 
+def test_the_last_round_keeps_most_compute_layers_in_float():
+    """A ranking in which elementwise ops crowd out the convolutions: the four layer-count rounds keep none of them
+    in float; the last keeps 6 of the 10, with every op ranked above the sixth."""
+    ranked = [f"mul{i}" for i in range(40)] + [f"conv{i}" for i in range(10)]
+    rounds = keep_float_rounds(ranked, frozenset(f"conv{i}" for i in range(10)))
+    assert [len(r) for r in rounds] == [2, 6, 15, 30, 46] and rounds[-1][-1] == "conv5"
+    convs_first = ranked[40:] + ranked[:40]  # the fourth round already holds 6 convolutions: nothing to add
+    assert len(keep_float_rounds(convs_first, frozenset(ranked[40:]))) == 4
+    assert keep_float_rounds(ranked) == rounds[:4]  # no compute layers known: the layer-count rounds alone
+
+
 def quantize(model, samples, tmp_path):
     from edgekit.compilers import BuildRequest
     from edgekit.compilers.onnxruntime import OrtOptions, quantize_qdq
