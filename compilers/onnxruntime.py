@@ -237,7 +237,7 @@ def _nodes_left_in_float(model, keep_float: frozenset[str]) -> tuple[list[str], 
     # leaves them downstream of a contrib op it does not know.
     untyped = {node.name for node in model.graph.node if node.op_type == "Softmax" and node.output[0] not in types}
     foreign = {node.name for node in model.graph.node if _is_foreign(node)}
-    float_fed = _with_movers_in_front(model, set(keep_float) | foreign | _standalone_batch_norms(model))
+    float_fed = _with_movers_in_front(model, set(keep_float) | foreign | _standalone_batch_norms_and_writers(model))
     return sorted(float_fed | integer | untyped | _activations_feeding(model, float_fed)), float_fed
 
 
@@ -262,7 +262,7 @@ def _with_movers_in_front(model, nodes: set[str]) -> set[str]:
     return grown
 
 
-def _standalone_batch_norms(model) -> set[str]:
+def _standalone_batch_norms_and_writers(model) -> set[str]:
     """BatchNormalization nodes no Conv or Gemm feeds (pre-activation ones), and the nodes that write their inputs
     (a DenseNet's Concat, a MaxPool), all left in float and fed float. BN divides each channel by its standard
     deviation, so it magnifies the rounding of a per-tensor scale in every channel whose spread is small against
