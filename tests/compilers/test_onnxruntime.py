@@ -383,16 +383,24 @@ def test_int8_leaves_a_standalone_batchnorm_in_float(tmp_path):
     """Quantizing a standalone BN (its input, for ORT's QDQ BatchNormalization) rounds a constant channel off its
     mean, and BN scales that error ~300-fold (cosine 0.44 against fp32 here)."""
     path, data = pre_activation_batchnorm(tmp_path / "block.onnx")
+    graph, outputs = int8_against_fp32(path, data, tmp_path)
+    assert "QLinearConv" in {node.op_type for node in graph.node}  # the Conv is still int8
+    for expected, got in outputs:
+        assert cosine(expected, got) > 0.99
+
+
+def int8_against_fp32(path: Path, data: np.ndarray, tmp_path: Path, keep_float: frozenset[str] = frozenset()):
+    """(the optimised int8 graph, [(fp32 output, int8 output)] on the first 4 samples) of a one-input model "x"
+    built for x86-64-avx512, calibrated on `data`."""
     np.savez(tmp_path / "calibration.npz", x=data)
     (tmp_path / "prepared").mkdir()
     model = prepare_model(path, tmp_path / "prepared")
-    result = build_prepared(model, tmp_path / "out", "x86-64-avx512", "int8", tmp_path / "calibration.npz")
-    graph = onnx.load(str(result.entrypoint)).graph
-    assert "QLinearConv" in {node.op_type for node in graph.node}  # the Conv is still int8
+    result = build_prepared(model, tmp_path / "out", "x86-64-avx512", "int8", tmp_path / "calibration.npz",
+                            keep_float=keep_float)  # fmt: skip
     fp32 = get_runtime("onnxruntime").load(path, {})
     int8 = get_runtime("onnxruntime").load(result.entrypoint, result.target)
-    for sample in data[:4]:
-        assert cosine(fp32.run({"x": sample[None]})[0], int8.run({"x": sample[None]})[0]) > 0.99
+    outputs = [(fp32.run({"x": sample[None]})[0], int8.run({"x": sample[None]})[0]) for sample in data[:4]]
+    return onnx.load(str(result.entrypoint)).graph, outputs
 
 
 def conv_pool_conv(path: Path) -> Path:
@@ -423,17 +431,9 @@ def test_a_float_layer_behind_a_maxpool_keeps_float_weights(tmp_path):
     zero: keeping Inception v2's second conv in float made it worse than plain int8. The MaxPool reads float too."""
     path = conv_pool_conv(tmp_path / "stem.onnx")
     data = np.random.default_rng(1).standard_normal((32, 3, 16, 16)).astype(np.float32)
-    np.savez(tmp_path / "calibration.npz", x=data)
-    (tmp_path / "prepared").mkdir()
-    model = prepare_model(path, tmp_path / "prepared")
-    result = build_prepared(model, tmp_path / "out", "x86-64-avx512", "int8", tmp_path / "calibration.npz",
-                            keep_float=frozenset({"second"}))  # fmt: skip
-    graph = onnx.load(str(result.entrypoint)).graph
+    graph, outputs = int8_against_fp32(path, data, tmp_path, keep_float=frozenset({"second"}))
     assert float_fed(graph, "second") and "QLinearConv" in {node.op_type for node in graph.node}
-    fp32 = get_runtime("onnxruntime").load(path, {})
-    int8 = get_runtime("onnxruntime").load(result.entrypoint, result.target)
-    for sample in data[:4]:
-        expected, got = fp32.run({"x": sample[None]})[0], int8.run({"x": sample[None]})[0]
+    for expected, got in outputs:
         assert cosine(expected[0, -1], got[0, -1]) > 0.98  # the smallest channel survives
 
 
@@ -485,13 +485,7 @@ def test_int8_does_not_requantize_what_a_standalone_batchnorm_reads(tmp_path):
     which rounds the small new ones to a few steps; BN then scales them back up to unit spread. The Concats that
     feed BNs stay float (the Convs stay int8)."""
     path, data = dense_block(tmp_path / "block.onnx")
-    np.savez(tmp_path / "calibration.npz", x=data)
-    (tmp_path / "prepared").mkdir()
-    model = prepare_model(path, tmp_path / "prepared")
-    result = build_prepared(model, tmp_path / "out", "x86-64-avx512", "int8", tmp_path / "calibration.npz")
-    graph = onnx.load(str(result.entrypoint)).graph
+    graph, outputs = int8_against_fp32(path, data, tmp_path)
     assert {node.op_type for node in graph.node} >= {"QLinearConv", "Concat"}
-    fp32 = get_runtime("onnxruntime").load(path, {})
-    int8 = get_runtime("onnxruntime").load(result.entrypoint, result.target)
-    for sample in data[:4]:
-        assert cosine(fp32.run({"x": sample[None]})[0], int8.run({"x": sample[None]})[0]) > 0.999  # 0.978 re-quantized
+    for expected, got in outputs:
+        assert cosine(expected, got) > 0.999  # 0.978 re-quantized
