@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 
@@ -14,18 +14,11 @@ def read_version() -> str:
     raise RuntimeError("edgekit/__init__.py has no __version__")
 
 
-# The user's top-level folders map into the edgekit namespace so that no bare `agents` or
-# `compilers` import name is claimed (an `agents` distribution already exists on PyPI).
-PACKAGE_DIRS = {
-    "edgekit": "edgekit",
-    "edgekit.cli": "edgekit/cli",
-    "edgekit.hub": "edgekit/hub",
-    "edgekit.compilers": "compilers",
-    "edgekit.agents": "agents",
-    "edgekit.agents.runtimes": "agents/runtimes",
-    "edgekit.agents.sources": "agents/sources",
-    "edgekit.firmware_profiles": "firmware_profiles",
-}
+# The user's top-level folders `agents/`, `compilers/` and `firmware_profiles/` are installed inside the edgekit
+# namespace (no bare `agents` import name is claimed: an `agents` distribution already exists on PyPI). The links
+# edgekit/agents -> ../agents (and the others) express that on disk, so the package is one ordinary tree that
+# import-graph tools, type checkers and IDEs follow without a package_dir mapping.
+PACKAGES = find_packages(include=["edgekit", "edgekit.*"])
 
 RUNTIME_ORT = ["onnxruntime>=1.20"]
 EXTRAS = {
@@ -92,8 +85,7 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else __doc__,
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=list(PACKAGE_DIRS),
-    package_dir=PACKAGE_DIRS,
+    packages=PACKAGES,
     package_data={
         "edgekit.firmware_profiles": ["*.yaml"],
         "edgekit.agents": ["systemd/*.service"],
