@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from edgekit import __version__
 from edgekit.agents.bundles import ActiveRecord, BundleStore, Installed, semver_key, write_atomically
-from edgekit.agents.link import Backoff, Link, TlsFiles, parse_broker_url
+from edgekit.agents.link import Link
 from edgekit.agents.runner import HealthCheck, LoadedModel, Runner
 from edgekit.agents.runtimes import get_runtime, runtimes
 from edgekit.agents.sources import parse_source
@@ -23,6 +23,7 @@ from edgekit.agents.stats import HostVitals
 from edgekit.agents.store import Outbox, StoreFull
 from edgekit.agents.transfer import Download
 from edgekit.errors import EdgekitError
+from edgekit.mqtt import Backoff, TlsFiles, parse_broker_url
 from edgekit.protocol import (
     DEFAULT_MAX_PAYLOAD,
     DEVICE_ID,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.agents.agent import Agent, AgentSettings
-from edgekit.agents.link import Backoff
+from edgekit.mqtt import Backoff
 
 STOPPERS = 32
 

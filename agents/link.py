@@ -1,4 +1,4 @@
-"""The agent's MQTT connection: connect and reconnect with jittered backoff, Last Will, retained status,
+"""The agent's MQTT link: reconnect with jittered backoff (edgekit.mqtt.Connection), Last Will, retained status,
 persistent session, subscriptions restored on every connect, and the outbox drained in seq order.
 
 A message leaves the outbox only when the broker acknowledged it (QoS 1 PUBACK). After a reconnect every
@@ -7,68 +7,20 @@ but never out of order and never missing.
 """
 
 import logging
-import random
-import ssl
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
 
 from edgekit.agents.store import Outbox
-from edgekit.errors import BadInput
+from edgekit.mqtt import Backoff, BrokerAddress, Connection, TlsFiles, new_client
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
 # Unacknowledged messages handed to paho at once; bounds memory when a long outage backlog is replayed.
 MAX_IN_FLIGHT = 200
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-    username: str | None = None
-    password: str | None = None
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """`mqtt://[user:pass@]host[:1883]` or `mqtts://…[:8883]`; BadInput names what is wrong."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
-        raise BadInput(f"broker URL '{url}': expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
-    tls = parsed.scheme == "mqtts"
-    try:
-        port = parsed.port or (8883 if tls else 1883)
-    except ValueError:
-        raise BadInput(f"broker URL '{url}': the port must be a number from 1 to 65535") from None
-    user = unquote(parsed.username) if parsed.username else None
-    password = unquote(parsed.password) if parsed.password else None
-    return BrokerAddress(parsed.hostname, port, tls, user, password)
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-
-
-@dataclass(frozen=True)
-class Backoff:
-    initial_s: float = 1.0
-    max_s: float = 30.0
-
-    def delays(self):
-        """Exponential with full jitter, so a fleet that lost the broker together does not return together."""
-        ceiling = self.initial_s
-        while True:
-            yield random.uniform(ceiling / 2, ceiling)
-            ceiling = min(ceiling * 2, self.max_s)
 
 
 class Link:
@@ -85,8 +37,6 @@ class Link:
     ) -> None:
         self.address = address
         self.outbox = outbox
-        self.backoff = backoff
-        self.keepalive = keepalive
         self._on_connect_hook = on_connect
         self._handlers: dict[str, Handler] = {}
         self._stop = threading.Event()
@@ -100,18 +50,14 @@ class Link:
         self._restart_drain = threading.Event()
         self.connects = 0
         self._client = self._make_client(client_id, will, tls_files)
-        self._threads: list[threading.Thread] = []
+        self._connection = Connection(self._client, address, backoff, keepalive, on_lost=self._connected.clear)
+        self._drain = threading.Thread(target=self._drain_loop, name="mqtt-outbox", daemon=True)
 
     def _make_client(self, client_id: str, will: tuple[str, bytes], tls_files: TlsFiles | None) -> mqtt.Client:
         # clean_session=False: the broker keeps our subscriptions and queues QoS 1 messages (desired state,
         # bundle chunks) while we are away.
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+        client = new_client(self.address, client_id, tls_files, clean_session=False)
         client.will_set(will[0], will[1], qos=1, retain=True)
-        if self.address.username:
-            client.username_pw_set(self.address.username, self.address.password)
-        if self.address.tls:
-            files = tls_files or TlsFiles()
-            client.tls_set(ca_certs=files.ca, certfile=files.cert, keyfile=files.key)
         client.max_inflight_messages_set(MAX_IN_FLIGHT)
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
@@ -145,10 +91,8 @@ class Link:
             self._wake.notify()
 
     def start(self) -> None:
-        for target, name in ((self._network_loop, "mqtt-network"), (self._drain_loop, "mqtt-outbox")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._connection.start()
+        self._drain.start()
 
     def stop(self, goodbye: tuple[str, bytes] | None = None) -> None:
         """Disconnect cleanly; `goodbye` (e.g. status offline) is published first, since a clean disconnect
@@ -158,34 +102,12 @@ class Link:
             info.wait_for_publish(timeout=2)
         self._stop.set()
         self.notify()
-        self._client.disconnect()
-        for thread in self._threads:
-            thread.join(timeout=5)
+        self._connection.stop()
+        if self._drain.is_alive():
+            self._drain.join(timeout=5)
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
-
-    def _network_loop(self) -> None:
-        delays = self.backoff.delays()
-        first = True
-        while not self._stop.is_set():
-            try:
-                if first:
-                    self._client.connect(self.address.host, self.address.port, self.keepalive)
-                    first = False
-                else:
-                    self._client.reconnect()
-            except (OSError, ssl.SSLError) as error:
-                log.info("broker %s:%s unreachable: %s", self.address.host, self.address.port, error)
-                self._stop.wait(next(delays))
-                continue
-            delays = self.backoff.delays()
-            while not self._stop.is_set() and self._client.loop(timeout=0.2) == mqtt.MQTT_ERR_SUCCESS:
-                pass
-            self._connected.clear()
-            if not self._stop.is_set():
-                self._stop.wait(next(delays))
-        self._connected.clear()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgekit.agents.bundles import Installed
-from edgekit.agents.link import Backoff
 from edgekit.agents.postprocess import Task, infer_task, outputs_are_sane, postprocess
 from edgekit.agents.runtimes import Session
 from edgekit.agents.sources import (
@@ -29,6 +28,7 @@ from edgekit.agents.sources import (
 from edgekit.agents.stats import InferenceStats
 from edgekit.errors import EdgekitError
 from edgekit.manifest import TensorSpec
+from edgekit.mqtt import Backoff
 from edgekit.protocol import Rates, Thresholds
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
 
-from edgekit.broker import MosquittoBroker, free_port
+from edgekit.hub.broker import MosquittoBroker, free_port
 from edgekit.protocol import Telemetry, Topic, device_topic, encode
 
 console = Console(stderr=True)

@@ -6,10 +6,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from brokers import host_port
 
-from edgekit.broker import EmbeddedBroker
 from edgekit.bundle import sha256_file
+from edgekit.hub.broker import EmbeddedBroker
+from edgekit.hub.transfer import BundleServer
 from edgekit.protocol import DesiredBundle, DesiredState, Sequenced
-from edgekit.transfer import BundleServer
 
 
 def desired_for(bundle: Path, rev: int, version: str, name: str = "digits", **fields) -> DesiredState:

@@ -14,7 +14,7 @@ import pytest
 from paho.mqtt.client import CallbackAPIVersion, Client, MQTTMessage, topic_matches_sub
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgekit.broker import AmqttBroker, EmbeddedBroker, MosquittoBroker, mosquitto_available
+from edgekit.hub.broker import AmqttBroker, EmbeddedBroker, MosquittoBroker, mosquitto_available
 
 BROKER_KINDS = ["mosquitto", "amqtt"]
 NO_MOSQUITTO = "Debian mosquitto not installed (make sysdeps installs it)"

@@ -11,8 +11,8 @@ from brokers import BROKER_KINDS, started_broker
 from helpers import CliResult
 from typer.testing import CliRunner
 
-from edgekit.broker import EmbeddedBroker
 from edgekit.cli import app
+from edgekit.hub.broker import EmbeddedBroker
 
 REPO = Path(__file__).resolve().parent.parent
 

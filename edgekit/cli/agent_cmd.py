@@ -80,8 +80,8 @@ def agent(
     if not broker or not device_id:
         raise BadInput("edgekit agent needs --broker and --device-id (see edgekit agent --help)")
     from edgekit.agents.agent import Agent, AgentSettings
-    from edgekit.agents.link import TlsFiles, parse_broker_url
     from edgekit.agents.sources import parse_source
+    from edgekit.mqtt import TlsFiles, parse_broker_url
     from edgekit.schema import validate_file
 
     parse_broker_url(broker)
@@ -119,7 +119,7 @@ def install(
 ) -> None:
     """Write a systemd unit that runs this agent at boot and restarts it on failure."""
     from edgekit.agents.install import InstallSettings, write_unit
-    from edgekit.agents.link import parse_broker_url
+    from edgekit.mqtt import parse_broker_url
 
     parse_broker_url(broker)
     extra = [("--telemetry-s", telemetry), ("--tls-ca", tls_ca), ("--tls-cert", tls_cert), ("--tls-key", tls_key)]
@@ -143,7 +143,7 @@ def simulate(
 ) -> None:
     """Run N real agents in this process against a broker (real MQTT connections, real bundles)."""
     from edgekit.agents.fleet import Fleet, FleetSettings
-    from edgekit.agents.link import parse_broker_url
+    from edgekit.mqtt import parse_broker_url
 
     parse_broker_url(broker)
     fleet = Fleet(FleetSettings(n, broker, data, trust_key, bundle, source, prefix, telemetry))

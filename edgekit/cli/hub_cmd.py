@@ -125,7 +125,7 @@ def hub(
 
     host, port = parse_http(http)
     if broker:
-        from edgekit.agents.link import parse_broker_url
+        from edgekit.mqtt import parse_broker_url
 
         parse_broker_url(broker)
     if trust_key is not None and not trust_key.is_file():

@@ -8,16 +8,18 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from edgekit.agents.link import parse_broker_url
-from edgekit.broker import EmbeddedBroker, start_embedded_broker
+from edgekit.hub.broker import EmbeddedBroker, start_embedded_broker
 from edgekit.hub.db import database_url, open_database
 from edgekit.hub.ingest import Ingest, subscriptions
 from edgekit.hub.registry import Registry
+from edgekit.hub.transfer import BundleServer
+from edgekit.mqtt import Backoff, Connection, new_client, parse_broker_url
 from edgekit.protocol import Topic
-from edgekit.transfer import BundleServer
 
 log = logging.getLogger(__name__)
 CHUNK_REQUEST_SUFFIX = "/" + Topic.TRANSFER_REQUEST
+# Short: the hub is usually next to its broker, and devices wait on it for chunks and desired state.
+HUB_BACKOFF = Backoff(initial_s=0.2, max_s=10.0)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Hub:
         self.ingest = Ingest(self.sessions, on_stored=self._on_stored)
         self.listeners: list = []  # callables(stored) for live views (the dashboard's SSE feed)
         self.client: mqtt.Client | None = None
+        self.connection: Connection | None = None
         self.transfer: BundleServer | None = None
         self.rollouts = None
         self.retention = None
@@ -86,20 +89,13 @@ class Hub:
     def _connect_mqtt(self) -> None:
         address = parse_broker_url(self.broker_url)
         # MQTT 5 for shared subscriptions; a unique client id so several hub processes can share a broker.
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgekit-hub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
-        )
-        if address.username:
-            self.client.username_pw_set(address.username, address.password)
-        if address.tls:
-            self.client.tls_set()
+        self.client = new_client(address, f"edgekit-hub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
         self.client.max_inflight_messages_set(1000)
         self.transfer = BundleServer(self.client, self.registry.path, workers=4)
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
-        self.client.reconnect_delay_set(0.2, 10)
-        self.client.connect_async(address.host, address.port, keepalive=30)
-        self.client.loop_start()
+        self.connection = Connection(self.client, address, HUB_BACKOFF, name="hub-mqtt")
+        self.connection.start()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -157,9 +153,8 @@ class Hub:
         if self.http is not None:
             self.http.should_exit = True
             self._http_thread.join(timeout=10)
-        if self.client is not None:
-            self.client.disconnect()
-            self.client.loop_stop()
+        if self.connection is not None:
+            self.connection.stop()
         if self.transfer is not None:
             self.transfer.stop()
         self.ingest.stop()

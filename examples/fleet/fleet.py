@@ -25,8 +25,8 @@ from rich.console import Console
 from sqlalchemy import func, select
 
 from edgekit import emulation
-from edgekit.broker import free_port
 from edgekit.demo import compile_bundle, train
+from edgekit.hub.broker import free_port
 from edgekit.hub.db import Deployment, Device, ResultRecord
 from edgekit.hub.service import Hub, HubSettings
 from edgekit.signing import generate_keypair

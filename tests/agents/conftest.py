@@ -8,8 +8,8 @@ from agent_helpers import ServedBundles
 from helpers import compile_bundle
 
 from edgekit.agents.agent import Agent, AgentSettings
-from edgekit.agents.link import Backoff
-from edgekit.broker import EmbeddedBroker
+from edgekit.hub.broker import EmbeddedBroker
+from edgekit.mqtt import Backoff
 
 
 @pytest.fixture(scope="session")

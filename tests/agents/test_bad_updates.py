@@ -21,9 +21,9 @@ from brokers import Subscriber, host_port, publish
 from typer.testing import CliRunner
 
 from edgekit.agents.agent import Agent
-from edgekit.broker import EmbeddedBroker
 from edgekit.bundle import open_bundle, sha256_file, write_bundle
 from edgekit.cli import app
+from edgekit.hub.broker import EmbeddedBroker
 from edgekit.manifest import FileEntry, Manifest
 from edgekit.protocol import DesiredState, Event, ReportedState, Result, Status, device_topic, encode
 from edgekit.signing import generate_keypair, load_private_key, load_public_key

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from edgekit.agents.agent import Agent
-from edgekit.broker import EmbeddedBroker
+from edgekit.hub.broker import EmbeddedBroker
 from edgekit.protocol import (
     CHUNK_MAGIC,
     ChunkHeader,

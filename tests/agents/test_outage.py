@@ -7,7 +7,7 @@ import time
 
 from brokers import Subscriber, wait_until
 
-from edgekit.agents.link import Backoff
+from edgekit.mqtt import Backoff
 from edgekit.protocol import Event, Result, Telemetry
 
 DEVICE = "edgekit/v1/dev-1"
@@ -53,7 +53,7 @@ def _stop_amqtt_between_messages(broker, agent, sub: Subscriber) -> None:
 
 
 def _unreachable_logged(caplog) -> int:
-    return sum(1 for r in caplog.records if r.name == "edgekit.agents.link" and "unreachable" in r.getMessage())
+    return sum(1 for r in caplog.records if r.name == "edgekit.mqtt" and "unreachable" in r.getMessage())
 
 
 def test_broker_outage_loses_nothing_and_keeps_order(broker, start_agent, digits_bundle, caplog):
@@ -66,7 +66,7 @@ def test_broker_outage_loses_nothing_and_keeps_order(broker, start_agent, digits
         # after a failed attempt (seen in the link's log) with a fresh subscriber subscribed at once: the agent's
         # next attempt is then at least 2 s away, while the subscriber is back within milliseconds.
         settings["backoff"] = Backoff(initial_s=2.0, max_s=4.0)
-        caplog.set_level(logging.INFO, logger="edgekit.agents.link")
+        caplog.set_level(logging.INFO, logger="edgekit.mqtt")
     subscribers = [Subscriber(broker.url, TOPICS, client_id="outage-sub", clean_session=False)]
     try:
         agent = start_agent(broker, bundle=digits_bundle("1.0.0"), source="synthetic:?fps=10", **settings)

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edgekit.agents.link import TlsFiles
-from edgekit.broker import accepts_connections, free_port, mosquitto_binary
+from edgekit.hub.broker import accepts_connections, free_port, mosquitto_binary
+from edgekit.mqtt import TlsFiles
 from edgekit.protocol import Status
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason=NO_MOSQUITTO)

@@ -7,7 +7,7 @@ import pytest
 from helpers import compile_bundle
 from hub_helpers import signing_keys
 
-from edgekit.broker import free_port
+from edgekit.hub.broker import free_port
 from edgekit.hub.service import Hub, HubSettings
 
 

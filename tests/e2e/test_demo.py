@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekit.broker import free_port
+from edgekit.hub.broker import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"

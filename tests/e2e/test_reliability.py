@@ -21,9 +21,9 @@ from sqlalchemy import select
 
 import edgekit.agents.agent as agent_module
 from edgekit.agents.agent import Agent, AgentSettings
-from edgekit.agents.link import Backoff
 from edgekit.bundle import sha256_file
 from edgekit.hub.db import Deployment, Device, EventRecord, ResultRecord, TelemetrySample
+from edgekit.mqtt import Backoff
 from edgekit.protocol import Event, Result, Telemetry
 
 TIMEOUT_S = 60.0

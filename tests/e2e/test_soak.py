@@ -22,7 +22,7 @@ from reliability import record
 
 from edgekit.agents.bundles import BundleStore
 from edgekit.agents.store import Outbox
-from edgekit.broker import free_port
+from edgekit.hub.broker import free_port
 from edgekit.hub.client import HubClient
 
 SOAK_S = float(os.environ.get("EDGEKIT_SOAK_S", 600))

@@ -19,10 +19,10 @@ from helpers import CliResult
 from typer.testing import CliRunner
 
 from edgekit.agents.agent import Agent, AgentSettings
-from edgekit.agents.link import Backoff
 from edgekit.agents.runtimes import get_runtime
 from edgekit.bundle import open_bundle
 from edgekit.cli import app
+from edgekit.mqtt import Backoff
 from edgekit.protocol import Result
 from edgekit.signing import generate_keypair
 

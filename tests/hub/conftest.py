@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekit.broker import free_port
+from edgekit.hub.broker import free_port
 from edgekit.hub.service import Hub, HubSettings
 
 

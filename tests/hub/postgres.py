@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekit.broker import LOOPBACK, free_port
+from edgekit.hub.broker import LOOPBACK, free_port
 
 
 def _binaries() -> Path:

@@ -7,8 +7,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from brokers import NO_MOSQUITTO, wait_until
 
-from edgekit.broker import MosquittoBroker, mosquitto_available
 from edgekit.hub.acl import HUB_USER, mosquitto_password_hash, write_acl_files
+from edgekit.hub.broker import MosquittoBroker, mosquitto_available
 
 pytestmark = pytest.mark.skipif(not mosquitto_available(), reason=NO_MOSQUITTO)
 

@@ -18,9 +18,9 @@ from helpers import compile_bundle
 from hub_helpers import fleet, fleet_ids, signing_keys, wait_devices_reported
 from typer.testing import CliRunner
 
-from edgekit.broker import free_port
 from edgekit.cli import app
 from edgekit.hub.auth import create_token
+from edgekit.hub.broker import free_port
 
 TIMEOUT_S = 30.0
 

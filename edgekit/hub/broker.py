@@ -373,7 +373,7 @@ def _open_auth_plugin() -> type:
 
 
 def __getattr__(name: str) -> Any:
-    # amqtt loads plugins by dotted path; building the class on first lookup keeps amqtt out of `import edgekit.broker`.
+    # amqtt loads plugins by dotted path; building the class on first lookup keeps amqtt out of the import.
     if name == AMQTT_AUTH_PLUGIN:
         plugin = globals()[name] = _open_auth_plugin()
         return plugin

@@ -1,4 +1,4 @@
-"""edgekit/broker.py with real paho clients: delivery, retained messages, Last Will, sessions, restarts."""
+"""edgekit/hub/broker.py with real paho clients: delivery, retained messages, Last Will, sessions, restarts."""
 
 import select
 import signal
@@ -13,8 +13,9 @@ import pytest
 from brokers import NO_MOSQUITTO, Subscriber, host_port, publish, publish_many, wait_until
 from paho.mqtt.client import CallbackAPIVersion, Client
 
-import edgekit.broker
-from edgekit.broker import (
+import edgekit.hub.broker
+from edgekit.errors import OperationFailed
+from edgekit.hub.broker import (
     AmqttBroker,
     EmbeddedBroker,
     MosquittoBroker,
@@ -22,7 +23,6 @@ from edgekit.broker import (
     mosquitto_available,
     start_embedded_broker,
 )
-from edgekit.errors import OperationFailed
 
 needs_mosquitto = pytest.mark.skipif(not mosquitto_available(), reason=NO_MOSQUITTO)
 
@@ -154,7 +154,7 @@ def test_start_embedded_broker_prefers_mosquitto(tmp_path: Path, monkeypatch: py
         assert preferred.kind == "mosquitto" and preferred.running
     with start_embedded_broker(tmp_path / "asked", prefer="amqtt") as asked:
         assert asked.kind == "amqtt" and asked.running
-    monkeypatch.setattr(edgekit.broker, "mosquitto_available", lambda: False)
+    monkeypatch.setattr(edgekit.hub.broker, "mosquitto_available", lambda: False)
     with start_embedded_broker(tmp_path / "fallback") as fallback:
         assert fallback.kind == "amqtt" and fallback.running
 
@@ -182,6 +182,6 @@ def test_mosquitto_start_failure_quotes_its_log(tmp_path: Path) -> None:
 
 
 def test_importing_the_module_does_not_import_amqtt() -> None:
-    code = "import sys, edgekit.broker; print(sorted(m for m in sys.modules if m.split('.')[0] == 'amqtt'))"
+    code = "import sys, edgekit.hub.broker; print(sorted(m for m in sys.modules if m.split('.')[0] == 'amqtt'))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     assert result.stdout.strip() == "[]"
