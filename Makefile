@@ -35,7 +35,7 @@ sysdeps:
 # The emulated arm64 device (Debian arm64 Python + aarch64 wheels), built once into .cache/ (~1 min, ~300 MB).
 export EDGEKIT_ARM64_SYSROOT := $(CURDIR)/.cache/arm64-sysroot
 arm64-sysroot: install
-	$(BIN)/python -m edgekit.emulation
+	$(BIN)/python -m edgekit.compile.emulation
 
 $(STAMP): setup.py Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "edgekit needs Python >= 3.10")'

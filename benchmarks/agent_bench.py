@@ -32,13 +32,13 @@ from edgekit.agents.fleet import Fleet, FleetSettings
 from edgekit.agents.runtimes import get_runtime
 from edgekit.agents.sources import Frame, parse_source, to_feeds
 from edgekit.bundle import open_bundle, sha256_file
+from edgekit.compile.pipeline import CompileRequest, compile_model
+from edgekit.compile.synthetic import mobilenet_v2, wide_mlp
 from edgekit.hub.broker import MosquittoBroker
 from edgekit.hub.transfer import BundleServer
-from edgekit.pipeline import CompileRequest, compile_model
 from edgekit.profiles import load_profile
 from edgekit.protocol import DesiredBundle, DesiredState, ReportedState, Result, Topic, device_topic, encode
 from edgekit.signing import generate_keypair
-from edgekit.synthetic import mobilenet_v2, wide_mlp
 
 console = Console(stderr=True)
 BLOCK_S = 1.0  # short alternating blocks: this shared VM's speed drifts within seconds, so compare neighbours

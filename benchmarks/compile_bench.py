@@ -21,11 +21,11 @@ from rich.table import Table
 
 from edgekit.agents.runtimes import Session, get_runtime
 from edgekit.bundle import open_bundle
-from edgekit.measure import measure_latency
-from edgekit.pipeline import CompileRequest, compile_model
+from edgekit.compile.measure import measure_latency
+from edgekit.compile.pipeline import CompileRequest, compile_model
+from edgekit.compile.synthetic import mobilenet_v2
 from edgekit.profiles import load_profile
 from edgekit.progress import RichProgress
-from edgekit.synthetic import mobilenet_v2
 
 TARGET_INT8_RATIO = 0.40
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)

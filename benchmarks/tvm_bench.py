@@ -22,10 +22,10 @@ from rich.table import Table
 
 from edgekit.agents.runtimes import get_runtime
 from edgekit.bundle import open_bundle
-from edgekit.pipeline import CompileRequest, compile_model
+from edgekit.compile.pipeline import CompileRequest, compile_model
+from edgekit.compile.synthetic import mobilenet_v2
 from edgekit.profiles import Candidate, load_profile
 from edgekit.progress import RichProgress
-from edgekit.synthetic import mobilenet_v2
 
 
 def compile_bundle(work: Path, name: str, candidate: Candidate, progress: RichProgress) -> tuple[Path, float]:

@@ -14,12 +14,12 @@ from typing import Any, ClassVar
 
 from pydantic import ValidationError
 
-from edgekit.calibration import SampleSet
+from edgekit.compile.intake import PreparedModel
 from edgekit.errors import BadInput
-from edgekit.intake import PreparedModel
 from edgekit.plugins import discover, installed
 from edgekit.profiles import Profile
 from edgekit.progress import Progress
+from edgekit.samples import SampleSet
 from edgekit.schema import Precision, StrictModel, describe_validation_error
 
 

@@ -5,9 +5,9 @@ import logging
 from pathlib import Path
 from typing import Literal
 
+from edgekit.compile.intake import initializer_bytes
 from edgekit.compilers import Backend, BackendOptions, BuildRequest, BuildResult
 from edgekit.errors import BadInput
-from edgekit.intake import initializer_bytes
 from edgekit.profiles import Profile
 from edgekit.schema import Precision
 

@@ -5,9 +5,9 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
+from edgekit.compile.intake import PreparedModel
 from edgekit.compilers import Backend, BackendOptions, BuildRequest, BuildResult
 from edgekit.errors import BadInput
-from edgekit.intake import PreparedModel
 from edgekit.profiles import Profile
 from edgekit.schema import Precision
 

@@ -147,7 +147,7 @@ def _write_tf_named_model(source: Path, target: Path) -> _TfGraph:
     `cell.state_size`")."""
     import onnx
 
-    from edgekit.lowering import unroll_recurrent
+    from edgekit.compile.lowering import unroll_recurrent
 
     model, recurrent, kept = unroll_recurrent(onnx.load(str(source)))
     for reason in kept:
@@ -213,7 +213,7 @@ def _flatten_row_gathers(model) -> None:
     Gather keeps the node's name."""
     from onnx import helper, numpy_helper
 
-    from edgekit.lowering import tensor_types
+    from edgekit.compile.lowering import tensor_types
 
     graph = model.graph
     types = tensor_types(model)

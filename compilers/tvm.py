@@ -115,7 +115,7 @@ def import_onnx(path: Path):
     import onnx
     from tvm.relax.frontend.onnx import from_onnx
 
-    from edgekit.lowering import unroll_recurrent
+    from edgekit.compile.lowering import unroll_recurrent
 
     # TVM's ONNX frontend has no LSTM; unrolled, it is Gemm and element-wise ops (in float: the QDQ graph of an
     # int8 build leaves recurrent cells unquantized).

@@ -79,7 +79,7 @@ def make_video(test_npz: Path, path: Path, frames: int = 200) -> np.ndarray:
 
 def compile_bundle(model: Path, calibration: Path, key: Path, profile: str, out: Path, console: Console,
                    backend: str = "auto", eval_data: Path | None = None) -> Path:  # fmt: skip
-    from edgekit.pipeline import CompileRequest, compile_model
+    from edgekit.compile.pipeline import CompileRequest, compile_model
     from edgekit.profiles import load_profile
     from edgekit.progress import RichProgress
 

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.agents.runtimes import Session
-from edgekit.calibration import SampleSet, feed_size
+from edgekit.agents.runtimes import Session, run_batches
 from edgekit.manifest import Manifest, TensorSpec
-from edgekit.measure import run_batches
+from edgekit.samples import SampleSet, feed_size
 
 INPUT_PREFIX = "in."
 OUTPUT_PREFIX = "out."

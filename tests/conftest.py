@@ -46,7 +46,7 @@ def cli():
 def small_cnn_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import onnx
 
-    from edgekit.synthetic import small_cnn
+    from edgekit.compile.synthetic import small_cnn
 
     path = tmp_path_factory.mktemp("models") / "small_cnn.onnx"
     onnx.save(small_cnn(), str(path))
@@ -74,7 +74,7 @@ def mobilenet_small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     """(model, calibration .npz): MobileNetV2 architecture at width 0.35 and 96x96, random weights."""
     import onnx
 
-    from edgekit.synthetic import mobilenet_v2
+    from edgekit.compile.synthetic import mobilenet_v2
 
     folder = tmp_path_factory.mktemp("mobilenet")
     onnx.save(mobilenet_v2(resolution=96, width=0.35), str(folder / "mobilenet_v2.onnx"))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edgekit.calibration import load_samples
+from edgekit.compile.calibration import load_samples
 from edgekit.errors import BadInput
 from edgekit.manifest import TensorSpec
 from edgekit.profiles import Preprocessing

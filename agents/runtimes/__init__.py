@@ -22,6 +22,12 @@ class Session(Protocol):
         """Outputs in the model's output order."""
 
 
+def run_batches(session: Session, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """Run every feed and join each output along its first axis (scalar outputs become one value per feed)."""
+    per_feed = [session.run(feed) for feed in feeds]
+    return [np.concatenate([np.atleast_1d(outputs[i]) for outputs in per_feed]) for i in range(len(per_feed[0]))]
+
+
 class Runtime(ABC):
     name: ClassVar[str]
     module: ClassVar[str]  # import name of the wrapped library

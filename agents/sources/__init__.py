@@ -171,7 +171,7 @@ def imread_flag(spec: TensorSpec) -> int:
 
 def to_feeds(frame: Frame, spec: TensorSpec, preprocessing) -> dict[str, np.ndarray]:
     """Turn a frame into the model's input exactly as compile's calibration did; ValueError when it cannot fit."""
-    from edgekit.calibration import preprocess_image, resolve_preprocessing
+    from edgekit.samples import preprocess_image, resolve_preprocessing
 
     if frame.kind == "image":
         # Here, not above: a values-only device (a serial sensor) may run without OpenCV.

@@ -19,7 +19,7 @@ from edgekit.agents.sources import (
     SourceUnavailable,
     imread_flag,
 )
-from edgekit.calibration import IMAGE_SUFFIXES
+from edgekit.samples import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 

@@ -69,8 +69,8 @@ def bench_command(
     """Latency p50/p95 and throughput on this host. A bundle runs through its own runtime after its self-test."""
     from rich.table import Table
 
-    from edgekit.benchmark import bench
-    from edgekit.intake import parse_shape_overrides
+    from edgekit.compile.benchmark import bench
+    from edgekit.compile.intake import parse_shape_overrides
 
     result = bench(subject, seconds, threads, parse_shape_overrides(input_shape or []))
     if json:

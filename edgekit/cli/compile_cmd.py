@@ -125,9 +125,9 @@ def compile_command(
     budget is rebuilt with its most sensitive layers in float (mixed precision) before it is given up.
     """
     from edgekit.cli.render import compile_report
+    from edgekit.compile.intake import parse_input_values, parse_shape_overrides
+    from edgekit.compile.pipeline import CompileFailed, CompileRequest, compile_model
     from edgekit.errors import BadInput
-    from edgekit.intake import parse_input_values, parse_shape_overrides
-    from edgekit.pipeline import CompileFailed, CompileRequest, compile_model
     from edgekit.profiles import Preprocessing, load_profile
     from edgekit.progress import RichProgress
     from edgekit.schema import PRECISIONS, validate_file

@@ -7,8 +7,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from edgekit.compile.report import CompileReport
 from edgekit.manifest import Manifest
-from edgekit.report import CompileReport
 
 STATUS_STYLE = {"chosen": "bold green", "passed": "green", "rejected": "yellow", "failed": "red", "skipped": "dim"}
 

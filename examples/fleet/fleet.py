@@ -24,7 +24,7 @@ from typing import Any
 from rich.console import Console
 from sqlalchemy import func, select
 
-from edgekit import emulation
+from edgekit.compile import emulation
 from edgekit.demo import compile_bundle, train
 from edgekit.hub.broker import free_port
 from edgekit.hub.db import Deployment, Device, ResultRecord

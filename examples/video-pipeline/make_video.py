@@ -11,7 +11,7 @@ Writes into OUT (default ./video-out):
 The model is fixed edge-direction filters (no training), a rotation-invariant summary of their histogram, and a
 small MLP head trained with scikit-learn (see feature_graph). Training frames come from the same renderer,
 pass through a JPEG round trip like MJPG frames, and are preprocessed by the function the agent applies to every
-video frame (edgekit.calibration.preprocess_image: grey, linear resize to 64x48, divide by 255).
+video frame (edgekit.samples.preprocess_image: grey, linear resize to 64x48, divide by 255).
 
 Run:  python examples/video-pipeline/make_video.py OUT
 Then: edgekit compile OUT/shapes.onnx --profile x86-64-avx2 --precision int8 \
@@ -30,8 +30,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.neural_network import MLPClassifier
 
-from edgekit.calibration import preprocess_image
 from edgekit.profiles import Preprocessing
+from edgekit.samples import preprocess_image
 
 # The examples folder holds the helper the examples share; it is not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

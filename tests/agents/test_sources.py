@@ -25,7 +25,7 @@ from edgekit.agents.sources import (
     sources,
     to_feeds,
 )
-from edgekit.calibration import load_samples
+from edgekit.compile.calibration import load_samples
 from edgekit.errors import BadInput
 from edgekit.manifest import TensorSpec
 from edgekit.profiles import Preprocessing

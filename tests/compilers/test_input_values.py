@@ -8,7 +8,7 @@ import onnx
 from helpers import assert_user_error, compile_args
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekit.intake import prepare_model
+from edgekit.compile.intake import prepare_model
 
 
 def branching_model(path):

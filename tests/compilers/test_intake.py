@@ -10,7 +10,7 @@ from helpers import assert_user_error
 from helpers import compile_args as base_args
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekit.intake import parse_shape_overrides, prepare_model
+from edgekit.compile.intake import parse_shape_overrides, prepare_model
 
 
 def compile_args(model: Path, *extra: str) -> list:

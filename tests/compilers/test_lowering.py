@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekit import lowering
-from edgekit.intake import prepare_model
+from edgekit.compile import lowering
+from edgekit.compile.intake import prepare_model
 
 ML_OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
 

@@ -8,9 +8,9 @@ import onnx
 from helpers import compile_args
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekit.calibration import SampleSet
-from edgekit.intake import prepare_model
-from edgekit.mixed import keep_float_rounds, rank_sensitive_nodes
+from edgekit.compile.intake import prepare_model
+from edgekit.compile.mixed import keep_float_rounds, rank_sensitive_nodes
+from edgekit.samples import SampleSet
 
 
 def outlier_classifier(path):
@@ -103,7 +103,7 @@ def sign_model(path):
 
 
 def test_sensitivity_is_measured_at_the_outputs(tmp_path, monkeypatch):
-    from edgekit import mixed
+    from edgekit.compile import mixed
 
     model = prepare_model(sign_model(tmp_path / "m.onnx"), tmp_path)
     samples = SampleSet({"x": np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)}, None, "t",

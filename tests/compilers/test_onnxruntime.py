@@ -9,10 +9,10 @@ from helpers import compile_args, ml_imputer_model
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.agents.runtimes import get_runtime
-from edgekit.calibration import load_samples
+from edgekit.compile.calibration import load_samples
+from edgekit.compile.intake import PreparedModel, prepare_model
 from edgekit.compilers import BuildRequest, BuildResult, backends
 from edgekit.errors import BadInput
-from edgekit.intake import PreparedModel, prepare_model
 from edgekit.manifest import TensorSpec
 from edgekit.profiles import Preprocessing, load_profile
 from edgekit.progress import NoProgress

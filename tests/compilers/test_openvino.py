@@ -8,10 +8,10 @@ import pytest
 from helpers import ml_imputer_model
 
 from edgekit.agents.runtimes import get_runtime
-from edgekit.calibration import load_samples
+from edgekit.compile.calibration import load_samples
+from edgekit.compile.intake import PreparedModel, prepare_model
 from edgekit.compilers import BuildRequest, BuildResult, backends
 from edgekit.errors import BadInput
-from edgekit.intake import PreparedModel, prepare_model
 from edgekit.manifest import TensorSpec
 from edgekit.profiles import Preprocessing, load_profile
 from edgekit.progress import NoProgress

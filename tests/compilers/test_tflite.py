@@ -199,9 +199,9 @@ def sklearn_style_classifier(path: Path) -> Path:
 def test_sklearn_label_lookup_converts_as_a_gather(tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
+    from edgekit.compile.intake import prepare_model
     from edgekit.compilers import BuildRequest
     from edgekit.compilers.tflite import TfliteBackend, TfliteOptions
-    from edgekit.intake import prepare_model
     from edgekit.profiles import load_profile
     from edgekit.progress import NoProgress
 
@@ -248,7 +248,7 @@ def test_mixed_precision_keeps_the_sensitive_layer_in_float(cli, tmp_path):
 
 @pytest.mark.parametrize("steps", [1, 3])
 def test_an_lstm_is_unrolled_exactly(tmp_path, steps):
-    from edgekit.lowering import unroll_recurrent
+    from edgekit.compile.lowering import unroll_recurrent
 
     model = onnx.load(str(voice_detector_lstm(tmp_path / "vad.onnx", steps)))
     unrolled, nodes, skipped = unroll_recurrent(model)
@@ -296,9 +296,9 @@ def test_rows_gathered_from_a_state_input_feed_a_gemm(cli, tmp_path):
 
 
 def test_only_float_variants_refuse_keep_float(small_cnn_model, tmp_path):
+    from edgekit.compile.intake import prepare_model
     from edgekit.compilers import BuildRequest
     from edgekit.compilers.tflite import TfliteBackend, TfliteOptions
-    from edgekit.intake import prepare_model
     from edgekit.profiles import load_profile
     from edgekit.progress import NoProgress
 

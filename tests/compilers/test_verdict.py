@@ -9,8 +9,8 @@ import pytest
 from helpers import compile_args
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekit.measure import compare
-from edgekit.verdict import Budget, judge, paired_drop_interval, wilson_interval
+from edgekit.compile.measure import compare
+from edgekit.compile.verdict import Budget, judge, paired_drop_interval, wilson_interval
 
 BUDGET = Budget(max_accuracy_drop=1.0, min_cosine=0.999)
 
@@ -151,7 +151,7 @@ def test_collapsed_classifier_scores_are_rejected_although_top1_agrees():
 
 
 def test_a_label_returned_as_float_is_compared_as_a_label():
-    from edgekit.measure import like_reference
+    from edgekit.compile.measure import like_reference
 
     reference = [np.array([3, 1, 2], np.int64)]
     candidate = like_reference(reference, [np.array([3.0, 1.0, 0.0], np.float32)])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekit import emulation
+from edgekit.compile import emulation
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "fleet" / "fleet.py"
 

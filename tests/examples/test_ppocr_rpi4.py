@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from hub_helpers import signing_keys
 
-from edgekit import emulation
 from edgekit.bundle import unpack
+from edgekit.compile import emulation
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ppocr-rpi4"
 

@@ -5,7 +5,7 @@ optimisation carry its `com.microsoft` fusions; OpenVINO, onnx2tf, TVM and ORT's
 either. Each rewrite reproduces what ONNX Runtime computes for one op family (binary-case quirks included) from
 standard ops at opset >= 13, or raises Unsupported for what it does not reproduce, leaving that node as it is.
 `LOWERINGS` maps (domain, op type) to its rewrite: adding an op is adding a function. Intake
-(`edgekit.intake._lower`) runs each lowering against the original on ONNX Runtime before keeping it.
+(`edgekit.compile.intake._lower`) runs each lowering against the original on ONNX Runtime before keeping it.
 """
 
 from collections.abc import Callable

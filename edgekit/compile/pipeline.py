@@ -15,22 +15,23 @@ from typing import Any
 import numpy as np
 
 from edgekit import __version__
-from edgekit.agents.runtimes import Session, get_runtime
+from edgekit.agents.runtimes import Session, get_runtime, run_batches
 from edgekit.bundle import file_entries, write_bundle
-from edgekit.calibration import SampleSet, load_samples, resolve_preprocessing, synthetic_samples
+from edgekit.compile.calibration import load_samples, synthetic_samples
+from edgekit.compile.intake import PreparedModel, prepare_model
+from edgekit.compile.measure import compare, like_reference, measure_latency, peak_memory, predictions
+from edgekit.compile.mixed import compute_layers, keep_float_rounds, rank_sensitive_nodes
+from edgekit.compile.report import CandidateReport, CompileReport, ReferenceReport
+from edgekit.compile.verdict import Budget, Judgement, judge
 from edgekit.compilers import Backend, BackendOptions, BuildRequest, BuildResult, HostStandIn, backends
 from edgekit.errors import BadInput, OperationFailed
-from edgekit.intake import PreparedModel, prepare_model
 from edgekit.manifest import Manifest, Metrics, SelfTest
-from edgekit.measure import compare, like_reference, measure_latency, peak_memory, predictions, run_batches
-from edgekit.mixed import compute_layers, keep_float_rounds, rank_sensitive_nodes
 from edgekit.profiles import Candidate, Preprocessing, Profile, host_arch
 from edgekit.progress import NoProgress, Progress
-from edgekit.report import CandidateReport, CompileReport, ReferenceReport
+from edgekit.samples import SampleSet, resolve_preprocessing
 from edgekit.schema import Precision
 from edgekit.selftest import expected_tolerance, write_vectors
 from edgekit.signing import default_signing_key, key_id, load_private_key
-from edgekit.verdict import Budget, Judgement, judge
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class CompileRequest:
     mixed_seconds: float = 600.0  # what all mixed-precision rounds of one compile may take; 0: none are tried
     threads: int | None = None
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # CLI overrides, e.g. TVM tune_trials
-    verify_emulated: bool = False  # also run aarch64 TVM libraries under qemu-user (edgekit.emulation)
+    verify_emulated: bool = False  # also run aarch64 TVM libraries under qemu-user (edgekit.compile.emulation)
 
 
 class CompileFailed(OperationFailed):
@@ -224,7 +225,7 @@ class _Verifier:
 
     def verify(self, built: _Built) -> tuple[Metrics, Judgement]:
         """The candidate's figures against the reference, and its accuracy verdict (sample-size aware:
-        edgekit/verdict.py)."""
+        edgekit/compile/verdict.py)."""
         stand_in = built.result.host_stand_in
         run = stand_in or built.result
         with peak_memory() as peak:
@@ -268,7 +269,7 @@ class _Verifier:
 
     def emulate(self, built: _Built) -> dict[str, Any] | None:
         """Run an aarch64 TVM library itself under qemu-user on the first held-out feeds, if it is one."""
-        from edgekit import emulation
+        from edgekit.compile import emulation
 
         result = built.result
         if result.runtime != "tvm" or self.request.profile.cpu.arch != "aarch64" or host_arch() == "aarch64":

@@ -47,7 +47,7 @@ class PreparedModel:
 
     @property
     def batch_size(self) -> int:
-        from edgekit.calibration import feed_size
+        from edgekit.samples import feed_size
 
         return feed_size(self.inputs)
 
@@ -374,7 +374,7 @@ def _infer_shapes(path: Path, model):
 
 
 def _run_synthetic(model, inputs: list[TensorSpec], hints: dict[str, list[int]]) -> list:
-    from edgekit.calibration import synthetic_feed
+    from edgekit.compile.calibration import synthetic_feed
 
     return _run(model, [synthetic_feed(inputs, hints)])[0]
 
@@ -389,12 +389,12 @@ def _run(model, feeds: list[dict[str, np.ndarray]]) -> list[list]:
 
 def _lower(path: Path, model, overrides: dict[str, list[int]], batch_size: int, hints: dict[str, list[int]],
            notes: list[str]):  # fmt: skip
-    """Rewrite ops only ONNX Runtime runs (ai.onnx.ml, com.microsoft fusions) as standard ONNX (edgekit.lowering),
+    """Rewrite ops only ONNX Runtime runs (ai.onnx.ml, com.microsoft fusions) as standard ONNX (compile.lowering),
     one op family at a time. A family's lowering is kept only where ONNX Runtime gives the same outputs for it as
     for the original on synthetic feeds: integers equal, floats within LOWERING_RTOL/ATOL. What stays is noted."""
     import onnx
 
-    from edgekit import lowering
+    from edgekit.compile import lowering
 
     families = lowering.lowerable(model)
     if not families:
@@ -431,7 +431,8 @@ def _lower(path: Path, model, overrides: dict[str, list[int]], batch_size: int, 
 def _lowering_feeds(inputs: list[TensorSpec], hints: dict[str, list[int]]) -> list[dict[str, np.ndarray]]:
     """Synthetic feeds, floats at several scales: standard-normal values alone would leave a tree's splits on raw
     features (pixel counts, ages) mostly on one side."""
-    from edgekit.calibration import feed_size, synthetic_samples
+    from edgekit.compile.calibration import synthetic_samples
+    from edgekit.samples import feed_size
 
     batch = feed_size(inputs)
     feeds = list(synthetic_samples(inputs, batch * LOWERING_FEEDS, hints, seed=1).batches(batch))

@@ -11,7 +11,7 @@ Status = Literal["chosen", "passed", "rejected", "failed", "skipped", "unverifie
 
 
 class Verdict(StrictModel):
-    """Sample-size figures behind a candidate's accuracy verdict (edgekit/verdict.py)."""
+    """Sample-size figures behind a candidate's accuracy verdict (edgekit/compile/verdict.py)."""
 
     samples: int
     sample_points: float | None = Field(None, description="What one sample is worth, in top-1 points (100/n)")

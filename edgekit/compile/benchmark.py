@@ -7,9 +7,9 @@ import numpy as np
 
 from edgekit.agents.runtimes import Session, get_runtime, runtimes
 from edgekit.bundle import open_bundle
-from edgekit.calibration import synthetic_feed
+from edgekit.compile.calibration import synthetic_feed
+from edgekit.compile.measure import measure_latency
 from edgekit.errors import BadInput, OperationFailed
-from edgekit.measure import measure_latency
 from edgekit.schema import StrictModel
 from edgekit.selftest import run_selftest
 
@@ -69,7 +69,7 @@ def bench_bundle(path: Path, seconds: float, threads: int | None) -> BenchResult
 
 def bench_model(path: Path, seconds: float, threads: int | None, input_shapes: dict[str, list[int]]) -> BenchResult:
     """Check the model as `compile` does, then time it with ONNX Runtime fp32 on synthetic inputs."""
-    from edgekit.intake import prepare_model
+    from edgekit.compile.intake import prepare_model
 
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as scratch:
         model = prepare_model(path, Path(scratch), input_shapes)

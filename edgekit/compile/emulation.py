@@ -1,6 +1,6 @@
 """An emulated arm64 device on an x86 workstation: Debian arm64 Python + aarch64 wheels under qemu-user.
 
-`make arm64-sysroot` (python -m edgekit.emulation) assembles it once from Debian's and PyPI's packages (install
+`make arm64-sysroot` (python -m edgekit.compile.emulation) assembles it once from Debian's and PyPI's packages (install
 time, never during a compile); `edgekit compile --verify-emulated` then runs aarch64 TVM libraries in it, so the
 report holds agreement numbers from real aarch64 execution. Location: $EDGEKIT_ARM64_SYSROOT, else the user cache.
 """

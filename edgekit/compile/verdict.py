@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgekit.measure import Agreement, predictions
-from edgekit.report import Verdict
+from edgekit.compile.measure import Agreement, predictions
+from edgekit.compile.report import Verdict
 
 Z95 = 1.959964
 # A classifier is judged by top-1, but scores this unlike fp32's in a typical sample are broken even where the

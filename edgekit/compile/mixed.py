@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.calibration import SampleSet
-from edgekit.intake import PreparedModel
+from edgekit.compile.intake import PreparedModel
+from edgekit.samples import SampleSet
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.agents.runtimes import Session
-
 
 @dataclass(frozen=True)
 class OutputAgreement:
@@ -90,12 +88,6 @@ def like_reference(reference: list[np.ndarray], candidate: list[np.ndarray]) -> 
         np.rint(got).astype(ref.dtype) if ref.dtype.kind in "iub" and got.dtype.kind == "f" else got
         for ref, got in zip(reference, candidate, strict=True)
     ]
-
-
-def run_batches(session: Session, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """Run every feed and join each output along its first axis (scalar outputs become one value per feed)."""
-    per_feed = [session.run(feed) for feed in feeds]
-    return [np.concatenate([np.atleast_1d(outputs[i]) for outputs in per_feed]) for i in range(len(per_feed[0]))]
 
 
 def measure_latency(
