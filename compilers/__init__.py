@@ -12,6 +12,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+import yaml
 from pydantic import ValidationError
 
 from edgekit.compile.intake import PreparedModel
@@ -92,6 +94,13 @@ class Backend(ABC):
             return f"{self.name} does not build {precision}"
         return None
 
+    def emulate(
+        self, result: BuildResult, profile: Profile, feeds: list[dict[str, np.ndarray]]
+    ) -> list[np.ndarray] | None:
+        """Run the device artifact itself on `feeds` under emulation, when this backend has an emulator for the
+        profile and the host cannot run the artifact natively; None otherwise (`compile --verify-emulated`)."""
+        return None
+
     @abstractmethod
     def build(self, request: BuildRequest) -> BuildResult:
         """Write artifacts under request.outdir; return the entrypoint and how to run it."""
@@ -104,3 +113,36 @@ class Backend(ABC):
 @cache
 def backends() -> dict[str, type[Backend]]:
     return discover(sys.modules[__name__], Backend)
+
+
+def parse_backend_options(specs: list[str]) -> dict[str, dict[str, Any]]:
+    """`--option tvm.tune_trials=64` → {"tvm": {"tune_trials": 64}}: values read as YAML scalars and checked
+    against the backend's own Options model here, so a typo fails before any build, even for a backend the
+    profile does not list."""
+    options: dict[str, dict[str, Any]] = {}
+    known = backends()
+    for spec in specs:
+        key, sep, text = spec.partition("=")
+        backend, dot, name = key.partition(".")
+        if not sep or not dot or not backend or not name:
+            raise BadInput(f"--option '{spec}': expected BACKEND.NAME=VALUE, e.g. tvm.tune_trials=64")
+        if backend not in known:
+            raise BadInput(f"--option '{spec}': no backend '{backend}' (known: {', '.join(sorted(known))})")
+        fields = known[backend].Options.model_fields
+        if name not in fields:
+            listed = ", ".join(sorted(fields)) or "none"
+            raise BadInput(f"--option '{spec}': backend '{backend}' has no option '{name}' (its options: {listed})")
+        options.setdefault(backend, {})[name] = _scalar(spec, text)
+    for backend, values in options.items():
+        try:
+            known[backend].Options.model_validate(values)
+        except ValidationError as error:
+            raise BadInput(f"--option: backend '{backend}': {describe_validation_error(error)}") from None
+    return options
+
+
+def _scalar(spec: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        raise BadInput(f"--option '{spec}': cannot read the value '{text}'") from None

@@ -18,6 +18,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from pydantic import Field
+
 from edgekit.compilers import Backend, BackendOptions, BuildRequest, BuildResult, HostStandIn
 from edgekit.errors import BadInput
 from edgekit.paths import edgekit_cache
@@ -29,7 +32,7 @@ AARCH64_ATTRS = {"dotprod": "+dotprod", "fp16": "+fullfp16"}  # profile ISA name
 
 
 class TvmOptions(BackendOptions):
-    tune_trials: int = 0  # MetaSchedule trials in all (0: apply the database only); CLI --tune-trials
+    tune_trials: int = Field(0, ge=0)  # MetaSchedule trials in all (0: apply the database only)
     trials_per_task: int = 64
     database: str | None = None  # tuning database folder [default: per profile in the user cache]
 
@@ -44,6 +47,16 @@ class TvmBackend(Backend):
     precisions = frozenset({"fp32", "fp16", "int8"})
     Options = TvmOptions
     keeps_float = True
+
+    def emulate(
+        self, result: BuildResult, profile: Profile, feeds: list[dict[str, np.ndarray]]
+    ) -> list[np.ndarray] | None:
+        """An aarch64 library built on another host runs under qemu-user (edgekit.compile.emulation)."""
+        if profile.cpu.arch != "aarch64" or host_arch() == "aarch64":
+            return None
+        from edgekit.compile import emulation
+
+        return emulation.run_tvm_library(result.entrypoint, feeds)
 
     def unsupported_reason(self, profile: Profile, precision: Precision) -> str | None:
         if profile.cpu.arch not in ("x86_64", "aarch64"):
@@ -140,7 +153,6 @@ def reshape_scalar_qdq_to_vectors(model) -> int:
     DequantizeLinear). TVM's ONNX importer maps such a node to relax.quantize/dequantize with axis 0, which Relax
     rejects on a 0-d tensor ("axis param is out of range (0)"). Reshape to [1] before the node and back to [] after
     it computes the same values with a rank Relax accepts; constant inputs fold away when TVM lowers the module."""
-    import numpy as np
     from onnx import NodeProto, helper, numpy_helper
 
     graph = model.graph

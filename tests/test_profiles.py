@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,38 @@ def test_bad_backend_options_name_the_candidate(tmp_path, cli, small_cnn_model):
     }
     path = write(tmp_path, "board", yaml.safe_dump(data))
     assert_user_error(cli("compile", small_cnn_model, "--profile", path), "candidate #1", "per_chanel")
+
+
+@pytest.mark.parametrize(
+    ("option", "fragments"),
+    [
+        ("tune_trials=8", ["expected BACKEND.NAME=VALUE"]),
+        ("tvmm.tune_trials=8", ["no backend 'tvmm'", "onnxruntime"]),
+        ("onnxruntime.per_chanel=true", ["no option 'per_chanel'", "per_channel"]),
+        ("openvino.preset=fast", ["backend 'openvino'", "preset", "performance"]),
+        ("tvm.tune_trials=many", ["backend 'tvm'", "tune_trials"]),
+    ],
+)
+def test_bad_backend_option_flags_are_usage_errors(cli, small_cnn_model, option, fragments):
+    assert_user_error(cli("compile", small_cnn_model, "--profile", "x86-64-avx2", "--option", option), *fragments)
+
+
+def test_backend_option_flag_reaches_the_backend(tmp_path, cli, small_cnn_model):
+    """--option overrides the profile candidate's own value, and lands in what the backend writes: here the
+    execution providers the bundle asks the device's ONNX Runtime for."""
+    out = tmp_path / "m.ekb"
+    providers = "onnxruntime.execution_providers=[XnnpackExecutionProvider, CPUExecutionProvider]"
+    result = cli("compile", small_cnn_model, "-p", "x86-64-avx2", "--backend", "onnxruntime", "--precision", "fp32",
+                 "--bench-seconds", "0.02", "-o", out, "--option", providers)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(cli("inspect", out, "--json").stdout)
+    assert manifest["target"]["execution_providers"] == ["XnnpackExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_deprecated_tune_trials_flag_is_the_tvm_option(cli, small_cnn_model):
+    """edgekit 0.1's --tune-trials still parses, as tvm.tune_trials (a bad value is that option's error)."""
+    result = cli("compile", small_cnn_model, "-p", "x86-64-avx2", "--tune-trials", "-1")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    notice, error = result.stderr.strip().splitlines()
+    assert "deprecated" in notice and "--option tvm.tune_trials" in notice
+    assert error.startswith("error: --option: backend 'tvm': tune_trials") and "greater than or equal to 0" in error

@@ -98,12 +98,16 @@ def compile_command(
             min=0,
         ),
     ] = 600.0,
-    tune_trials: Annotated[
-        Optional[int],
+    option: Annotated[
+        Optional[list[str]],
         typer.Option(
-            help="TVM: MetaSchedule trials in all, on this host (host-architecture profiles only); tuned tasks are "
-            "kept in a per-profile database and not tuned again (default: profile's, else 0 = database only)."
+            "--option",
+            help="BACKEND.NAME=VALUE: set one option of a backend over the profile's, repeatable; each backend's "
+            "options are listed in docs/profiles.md (e.g. tvm.tune_trials=64, openvino.preset=mixed).",
         ),
+    ] = None,
+    tune_trials: Annotated[
+        Optional[int], typer.Option(hidden=True, help="Deprecated: use --option tvm.tune_trials=N.")
     ] = None,
     threads: Annotated[
         Optional[int], typer.Option(help="Runtime threads on this host (default: runtime's choice).")
@@ -127,6 +131,7 @@ def compile_command(
     from edgekit.cli.render import compile_report
     from edgekit.compile.intake import parse_input_values, parse_shape_overrides
     from edgekit.compile.pipeline import CompileFailed, CompileRequest, compile_model
+    from edgekit.compilers import parse_backend_options
     from edgekit.errors import BadInput
     from edgekit.profiles import Preprocessing, load_profile
     from edgekit.progress import RichProgress
@@ -158,7 +163,7 @@ def compile_command(
         bench_seconds=bench_seconds,
         mixed_seconds=mixed_seconds,
         threads=threads,
-        backend_options={"tvm": {"tune_trials": tune_trials}} if tune_trials is not None else {},
+        backend_options=parse_backend_options(_with_deprecated_flags(option or [], tune_trials)),
         verify_emulated=verify_emulated,
     )
     try:
@@ -177,6 +182,14 @@ def compile_command(
         f"[bold green]wrote[/] {request.out}: {manifest.backend} {manifest.precision}, "
         f"signed by key {manifest.signing_key_id}"
     )
+
+
+def _with_deprecated_flags(options: list[str], tune_trials: int | None) -> list[str]:
+    """`--tune-trials N` (edgekit 0.1) still works, as the backend option it always was."""
+    if tune_trials is None:
+        return options
+    err_console.print("[yellow]--tune-trials is deprecated: use --option tvm.tune_trials=N[/]")
+    return [f"tvm.tune_trials={tune_trials}", *options]
 
 
 def register(app: typer.Typer) -> None:

@@ -65,8 +65,11 @@ class CompileRequest:
     bench_seconds: float = 2.0
     mixed_seconds: float = 600.0  # what all mixed-precision rounds of one compile may take; 0: none are tried
     threads: int | None = None
-    backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # CLI overrides, e.g. TVM tune_trials
-    verify_emulated: bool = False  # also run aarch64 TVM libraries under qemu-user (edgekit.compile.emulation)
+    # Per-backend option overrides (`--option BACKEND.NAME=VALUE`), over the profile candidates' own.
+    backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    verify_emulated: bool = (
+        False  # also run the device artifact under emulation where its backend can (Backend.emulate)
+    )
 
 
 class CompileFailed(OperationFailed):
@@ -268,14 +271,12 @@ class _Verifier:
         return where
 
     def emulate(self, built: _Built) -> dict[str, Any] | None:
-        """Run an aarch64 TVM library itself under qemu-user on the first held-out feeds, if it is one."""
-        from edgekit.compile import emulation
-
-        result = built.result
-        if result.runtime != "tvm" or self.request.profile.cpu.arch != "aarch64" or host_arch() == "aarch64":
-            return None
+        """Run the device artifact itself on the first held-out feeds, when its backend can emulate the device."""
+        assert built.plan.backend is not None, "only built plans are emulated"
         feeds = self.feeds[:EMULATED_FEEDS]
-        outputs = emulation.run_tvm_library(result.entrypoint, feeds)
+        outputs = built.plan.backend.emulate(built.result, self.request.profile, feeds)
+        if outputs is None:
+            return None
         count = len(outputs[0])
         agreement = compare([o[:count] for o in self.reference_outputs], outputs)
         return {"samples": count, "max_abs_error": agreement.max_abs_error, "cosine": agreement.cosine,

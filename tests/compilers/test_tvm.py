@@ -99,13 +99,13 @@ def test_tuning_database_is_reused(cli, tmp_path):
             "candidates:\n", f"candidates:\n  - {{backend: tvm, precision: fp32, options: {{database: {database}}}}}\n"
         )
     )
-    first = cli(*compile_args(model, profile, "--backend", "tvm", "--tune-trials", "8", "--json"),
+    first = cli(*compile_args(model, profile, "--backend", "tvm", "--option", "tvm.tune_trials=8", "--json"),
                 "-o", tmp_path / "a.ekb")  # fmt: skip
     assert first.exit_code == 0, first.output
     details = json.loads(first.stdout)["candidates"][0]["details"]
     assert details["tuned_before"] == 0 and details["trials"] >= 8
     assert (database / "database_tuning_record.json").stat().st_size > 0
-    second = cli(*compile_args(model, profile, "--backend", "tvm", "--tune-trials", "8", "--json"),
+    second = cli(*compile_args(model, profile, "--backend", "tvm", "--option", "tvm.tune_trials=8", "--json"),
                  "-o", tmp_path / "b.ekb")  # fmt: skip
     again = json.loads(second.stdout)["candidates"][0]["details"]
     assert again["tuned_before"] == details["tasks"] and "none this run" in again["tuning"]
