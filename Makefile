@@ -58,9 +58,13 @@ test-all: install arm64-sysroot
 	tests/offline $(BIN)/python -m pytest -n $(WORKERS) -m "not soak"
 	EDGEKIT_KEEP_FIGURES=1 tests/offline $(BIN)/python -m pytest -p no:xdist -m soak
 
+# Style (ruff), the import rules between device, workstation and hub (.importlinter), and a strict type check of
+# the shared contracts (mypy.ini).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python benchmarks/compile_bench.py

@@ -67,6 +67,10 @@ EXTRAS = {
         "pytest>=8",
         "pytest-xdist>=3.5",
         "ruff>=0.6",
+        # `make lint`: import rules (.importlinter) and the type check of the shared contracts (mypy.ini).
+        "import-linter>=2.1",
+        "mypy>=1.10",
+        "types-PyYAML>=6.0",
         "scikit-learn>=1.4",
         # Exports the scikit-learn models of the real-model corpus (benchmarks/zoo_corpus.py).
         "skl2onnx>=1.17",

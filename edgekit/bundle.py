@@ -77,7 +77,9 @@ def unpack(bundle: Path, dest: Path) -> None:
             for member in tar:
                 target = _member_target(bundle, dest, member)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(member) as source, open(target, "wb") as out:
+                source = tar.extractfile(member)
+                assert source is not None, "_member_target admits regular files only"
+                with source, open(target, "wb") as out:
                     shutil.copyfileobj(source, out)
             archive_end = tar.offset
     except (tarfile.TarError, EOFError) as error:

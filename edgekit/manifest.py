@@ -22,10 +22,12 @@ class TensorSpec(StrictModel):
     )
 
     @model_serializer(mode="wrap")
-    def _omit_default_batch_axis(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict:
+    def _omit_default_batch_axis(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
         # Written only where it says something: manifests of axis-0 models stay readable by earlier agents,
         # which know no batch_axis field.
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         if self.batch_axis == 0:
             data.pop("batch_axis", None)
         return data

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edgekit.errors import BadInput
 
@@ -64,12 +65,12 @@ def new_client(
     address: BrokerAddress,
     client_id: str,
     tls_files: TlsFiles | None = None,
-    protocol: int = mqtt.MQTTv311,
+    protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv311,
     clean_session: bool | None = None,
 ) -> mqtt.Client:
     """A paho client with the address's credentials and TLS applied; callbacks are the caller's."""
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, clean_session=clean_session
+        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, clean_session=clean_session
     )
     if address.username:
         client.username_pw_set(address.username, address.password)

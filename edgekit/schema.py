@@ -1,7 +1,7 @@
 """Pydantic base and helpers shared by every schema (profiles, manifests, payloads)."""
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -26,7 +26,10 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def validate_file(model: type[BaseModel], data: object, source: Path | str) -> BaseModel:
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validate_file(model: type[Model], data: object, source: Path | str) -> Model:
     """Validate already-parsed data, turning a ValidationError into a BadInput naming the file and field."""
     try:
         return model.model_validate(data)
