@@ -126,7 +126,7 @@ def build_agent_site(dest: Path) -> None:
 
 def _edgekit_wheel(folder: Path) -> Path:
     """A wheel of this checkout: the same files `pip install edgekit` would put on a device."""
-    project = Path(__file__).resolve().parents[1]
+    project = Path(__file__).resolve().parents[2]
     if not (project / "setup.py").is_file():
         raise BadInput("the emulated arm64 agent is built from an edgekit checkout (setup.py not found)")
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(folder),
