@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, 
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 import edgekit.hub.dashboard
@@ -30,12 +30,12 @@ from edgekit.hub.db import (
     AuditEntry,
     BundleRecord,
     Deployment,
-    DeploymentDevice,
     Device,
     EventRecord,
     TelemetryRollup,
     TelemetrySample,
 )
+from edgekit.hub.rollouts import UnknownDeployment
 from edgekit.protocol import DEVICE_ID
 
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
@@ -256,33 +256,10 @@ def _matches(labels: dict[str, Any], filters: list[tuple[str, str | None]]) -> b
     return all(key in labels and (value is None or str(labels[key]) == value) for key, value in filters)
 
 
-def _state_counts(session: Session, deployment_ids: list[int]) -> dict[int, Counter]:
-    counts: dict[int, Counter] = {i: Counter() for i in deployment_ids}
-    if deployment_ids:
-        rows = session.execute(
-            select(DeploymentDevice.deployment_id, DeploymentDevice.state, func.count())
-            .where(DeploymentDevice.deployment_id.in_(deployment_ids))
-            .group_by(DeploymentDevice.deployment_id, DeploymentDevice.state)
-        )
-        for deployment_id, state, count in rows:
-            counts[deployment_id][state] = count
-    return counts
-
-
 def _deployment_out(deployment: Deployment, counts: Counter) -> DeploymentOut:
     out = DeploymentOut.model_validate(deployment)
     out.states, out.devices_total = dict(counts), sum(counts.values())
     return out
-
-
-def _controller(hub):
-    """This process's rollout controller; with --no-controller, an unstarted one that only writes the plan
-    (the controller in another hub process drives it)."""
-    if hub.rollouts is not None:
-        return hub.rollouts
-    from edgekit.hub.rollouts import RolloutController
-
-    return RolloutController(hub.sessions, hub.publish, hub.registry)
 
 
 def _user_message(error: Exception, *paths: Path) -> str:
@@ -469,13 +446,13 @@ def create_deployment(request: Request, body: DeploymentIn, actor: Actor) -> Dep
     except EdgekitError as error:
         raise unprocessable(["body", "bundle_id"], str(error)) from None
     try:
-        deployment = _controller(hub).create(
+        deployment = hub.rollouts.create(
             bundle.id, body.target, canary_percent=body.canary_percent, wave_percent=body.wave_percent,
             failure_threshold=body.failure_threshold, wave_timeout_s=body.wave_timeout_s, actor=actor,
             health_checks=body.health_checks,
         )  # fmt: skip
     except EdgekitError as error:
-        # The controller refuses targets that match no device, or a device already in a running rollout.
+        # Deployments.create refuses targets that match no device, or a device already in a running rollout.
         raise unprocessable(["body", "target"], str(error)) from None
     auth.audit(hub.sessions, actor, "deploy", deployment_id=deployment.id, bundle_id=bundle.id,
                bundle=f"{bundle.name}@{bundle.version}", target=body.target)  # fmt: skip
@@ -486,28 +463,14 @@ def create_deployment(request: Request, body: DeploymentIn, actor: Actor) -> Dep
 def list_deployments(
     request: Request, state: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[DeploymentOut]:
-    statement = select(Deployment).order_by(Deployment.id.desc()).limit(limit)
-    if state is not None:
-        statement = statement.where(Deployment.state == state)
-    with _hub(request).sessions() as session:
-        deployments = list(session.scalars(statement))
-        counts = _state_counts(session, [d.id for d in deployments])
-    return [_deployment_out(d, counts[d.id]) for d in deployments]
+    return [_deployment_out(d, counts) for d, counts in _hub(request).rollouts.recent(state, limit)]
 
 
 def _deployment_detail(hub, deployment_id: int) -> DeploymentDetail:
-    with hub.sessions() as session:
-        deployment = session.get(Deployment, deployment_id)
-        if deployment is None:
-            raise HTTPException(status_code=404, detail=f"no deployment {deployment_id}")
-        devices = list(
-            session.scalars(
-                select(DeploymentDevice)
-                .where(DeploymentDevice.deployment_id == deployment_id)
-                .order_by(DeploymentDevice.wave, DeploymentDevice.device_id)
-            )
-        )
-        bundle = session.get(BundleRecord, deployment.bundle_id)
+    try:
+        deployment, devices, bundle = hub.rollouts.detail(deployment_id)
+    except UnknownDeployment:
+        raise HTTPException(status_code=404, detail=f"no deployment {deployment_id}") from None
     waves: dict[int, Counter] = {}
     for device in devices:
         waves.setdefault(device.wave, Counter())[device.state] += 1
@@ -535,7 +498,7 @@ def halt_deployment(request: Request, deployment_id: int, actor: Actor, body: Ha
     if deployment.state != "running":
         raise HTTPException(status_code=409, detail=f"deployment {deployment_id} is already {deployment.state}")
     try:
-        _controller(hub).halt(deployment_id, actor, reason)
+        hub.rollouts.halt(deployment_id, actor, reason)
     except EdgekitError as error:
         raise HTTPException(status_code=409, detail=str(error)) from None
     auth.audit(hub.sessions, actor, "halt", deployment_id=deployment_id, reason=reason)

@@ -108,7 +108,7 @@ def prune_rollups(sessions: sessionmaker, older_than_s: float, now: float | None
 class Retention:
     """Runs `downsample` (and `prune_rollups` when `keep_rollups_s` is set) every `interval_s` in a thread.
 
-    Start it in one hub process (the one running the rollout controller); it is also safe, only wasteful, in
+    Start it in one hub process (the one running the rollout driver); it is also safe, only wasteful, in
     several at once."""
 
     def __init__(

@@ -1,17 +1,18 @@
 """Staged rollouts: a canary wave first, then waves of the rest; each wave waits until its devices report the new
 bundle healthy (or fail, or time out), and the rollout halts and rolls back when a wave's failures pass the threshold.
 
-Everything is in the database (Deployment, DeploymentDevice, Device.desired/desired_rev), and `tick()` only moves a
-deployment forward from what the database says, so a hub restarted mid-rollout picks up where it stopped. Desired
-states go out as retained messages with a rev above anything the device has seen; a device ignores a rev it has
-already applied, which makes re-sending harmless.
+Two halves: `Deployments` plans, halts and reads deployments for a request (no thread), and `RolloutDriver` is
+the loop that moves them on. Everything is in the database (Deployment, DeploymentDevice, Device.desired and
+desired_rev), and the driver only moves a deployment forward from what the database says, so a hub restarted
+mid-rollout picks up where it stopped. Desired states go out as retained messages with a rev above anything the
+device has seen; a device ignores a rev it has already applied, which makes re-sending harmless.
 
 Device outcomes come from `Device.reported` (the device's retained config/reported, stored by ingest):
 - healthy: it runs the bundle and says its update is healthy, or it converged to our rev already running it;
 - failed: it converged to our rev with the update refused (bad signature, self-test), rolled back (health check)
   or failed (download) — the agent is back on its old bundle by itself;
 - timed_out: neither within `wave_timeout_s` of the send.
-Halting (automatic or `halt()`) asks every device the deployment touched for its previous bundle again, with
+Halting (automatic or `Deployments.halt()`) asks every device the deployment touched for its previous bundle again, with
 `allow_downgrade`, so the fleet's desired state matches what it runs.
 
 Database writes are plain UPDATE/INSERT statements issued after all reads, in their own short transaction: on
@@ -23,16 +24,18 @@ import math
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from edgekit.errors import BadInput
 from edgekit.hub.db import BundleRecord, Deployment, DeploymentDevice, Device
+from edgekit.hub.registry import Registry
 from edgekit.protocol import DEVICE_ID, DesiredState, Topic, device_topic, encode
 
 log = logging.getLogger(__name__)
@@ -184,21 +187,101 @@ class _Loaded:
         return [m for m in self.members if m.wave == number]
 
 
-# ---- the controller -----------------------------------------------------------------------------------------------
+# ---- shared by operator actions and the driver -------------------------------------------------------------------
 
 
-class RolloutController:
-    def __init__(self, sessions: sessionmaker, publish: Publish, registry) -> None:
+def _deployment(session: Session, deployment_id: int) -> Deployment:
+    deployment = session.get(Deployment, deployment_id)
+    if deployment is None:
+        raise UnknownDeployment(f"no deployment #{deployment_id}")
+    return deployment
+
+
+def _members(session: Session, deployment_id: int) -> list[DeploymentDevice]:
+    query = select(DeploymentDevice).where(DeploymentDevice.deployment_id == deployment_id)
+    return list(session.scalars(query.order_by(DeploymentDevice.wave, DeploymentDevice.device_id)))
+
+
+def load(sessions: sessionmaker, deployment_id: int) -> _Loaded:
+    """A deployment with its members (by wave, then device) and their devices' rows; UnknownDeployment if none."""
+    with sessions() as session:
+        deployment = _deployment(session, deployment_id)
+        members = _members(session, deployment_id)
+        ids = [member.device_id for member in members]
+        devices = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(ids)))} if ids else {}
+    return _Loaded(deployment, members, devices)
+
+
+def find_bundle(registry: Registry, bundle_id: str) -> BundleRecord:
+    """A registry bundle by full id or unambiguous prefix; BadInput when unknown."""
+    return registry.get(bundle_id) if len(bundle_id) == 64 else registry.find(bundle_id)
+
+
+def publish_desired(publish: Publish, device: Device, bundle: dict[str, Any], allow_downgrade: bool,
+                    health_checks: int | None, writes: _Writes) -> int:  # fmt: skip
+    """Publish (retained) the device's last desired state with `bundle` swapped in and a fresh rev; returns it.
+
+    Published before the database records it: if the hub dies in between, the next step sends again, and the
+    device ignores a rev it has applied."""
+    rev = next_rev(device)
+    fields = {**_desired_base(device), "rev": rev, "bundle": {**bundle, "allow_downgrade": allow_downgrade}}
+    if health_checks is not None:
+        fields["health_checks"] = health_checks
+    desired = DesiredState.model_validate(fields)
+    publish(device_topic(device.id, Topic.DESIRED), encode(desired), True)
+    writes.device(device, desired=desired.model_dump(mode="json", exclude_none=True), desired_rev=rev)
+    return rev
+
+
+def halt_loaded(loaded: _Loaded, publish: Publish, writes: _Writes, reason: str) -> None:
+    """Mark the deployment halted and ask every device it touched for its previous bundle again.
+
+    Healthy ones (and ones still in flight or timed out, which may yet install the new bundle from the retained
+    desired state) are rolled back; failed ones already run their old bundle, but their desired state is reset
+    too so that it names what they run. Pending devices were never asked for anything."""
+    deployment = loaded.deployment
+    writes.deployment(deployment, state="halted", reason=reason)
+    log.warning("deployment #%d halted: %s", deployment.id, reason)
+    for member in loaded.members:
+        if member.state == "pending" or member.state == "rolled_back":
+            continue
+        device = loaded.devices.get(member.device_id)
+        previous = member.previous_bundle
+        if device is None or not previous:
+            if member.state != "failed":
+                writes.member(member, detail=f"{member.detail}; cannot roll back: no previous bundle known")
+            continue
+        if previous["id"] == deployment.bundle_id:
+            continue  # it ran this bundle before the deployment: nothing to go back to
+        publish_desired(publish, device, previous, True, None, writes)
+        if member.state != "failed":
+            label = f"{previous['name']}@{previous['version']}"
+            detail = f"{member.state}{': ' + member.detail if member.detail else ''}; rolled back to {label}"
+            writes.member(member, state="rolled_back", detail=detail[:2000])
+
+
+# ---- the driver ---------------------------------------------------------------------------------------------------
+
+
+class RolloutDriver:
+    """Moves every running deployment forward each `TICK_S`, from what the database says; run it in one hub
+    process per fleet (`--no-controller` elsewhere). A step writes only while the deployment is still running, so
+    a halt from another process is never overwritten."""
+
+    def __init__(self, sessions: sessionmaker, publish: Publish, registry: Registry) -> None:
         self.sessions = sessions
         self.publish = publish
         self.registry = registry
-        # One step at a time: the tick thread and API calls (create, halt) must not interleave on a deployment.
-        self._lock = threading.RLock()
+        # One step at a time: the loop and operator actions (Deployments) must not interleave on a deployment.
+        self.lock = threading.RLock()
+        self.ticks = 0  # completed ticks, for whoever waits for the driver to have looked again
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._resume = True
 
-    # ---- life cycle ---------------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
 
     def start(self) -> None:
         self._stop.clear()
@@ -216,106 +299,38 @@ class RolloutController:
         while not self._stop.wait(TICK_S):
             try:
                 self.tick()
-            except Exception:  # the controller must outlive a bad row or a database hiccup; next tick retries
+            except Exception:  # the driver must outlive a bad row or a database hiccup; next tick retries
                 log.exception("rollout tick failed")
-
-    # ---- operator actions ---------------------------------------------------------------------------------------
-
-    def create(self, bundle_id: str, target: str, canary_percent: float = 10, wave_percent: float = 30,
-               failure_threshold: float = 0.2, wave_timeout_s: float = 600, actor: str = "hub",
-               health_checks: int | None = None) -> Deployment:  # fmt: skip
-        """Plan a rollout of a registry bundle to the devices `target` names now, and send the canary wave.
-
-        `health_checks` sets how many inferences each device must get through on the new bundle before it calls
-        it healthy; None keeps each device's current setting."""
-        _check_settings(canary_percent, wave_percent, failure_threshold, wave_timeout_s)
-        if health_checks is not None and not 1 <= health_checks <= 10_000:
-            raise BadInput(f"health checks {health_checks}: expected 1 to 10000")
-        bundle = self._bundle(bundle_id)
-        with self._lock:
-            chosen = self._resolve_target(target)
-            self._check_not_busy([d.id for d in chosen])
-            sizes = wave_sizes(len(chosen), canary_percent, wave_percent)
-            deployment = Deployment(
-                bundle_id=bundle.id, target=target, canary_percent=canary_percent, wave_percent=wave_percent,
-                failure_threshold=failure_threshold, wave_timeout_s=wave_timeout_s, health_checks=health_checks,
-                state="running", current_wave=0, waves=len(sizes), reason="", created_by=actor,
-            )  # fmt: skip
-            with self.sessions.begin() as session:
-                session.add(deployment)
-                session.flush()
-                waves = [number for number, size in enumerate(sizes) for _ in range(size)]
-                for number, device in zip(waves, chosen, strict=True):
-                    previous = _reported(device).get("bundle")
-                    session.add(DeploymentDevice(
-                        deployment_id=deployment.id, device_id=device.id, wave=number, state="pending",
-                        previous_bundle_id=previous["id"] if previous else None, previous_bundle=previous, detail="",
-                    ))  # fmt: skip
-            log.info("deployment #%d: %s@%s to %s (%d devices in waves %s) by %s", deployment.id, bundle.name,
-                     bundle.version, target, len(chosen), sizes, actor)  # fmt: skip
-            if self._thread is not None:
-                # The canary goes out now rather than at the next tick. An unstarted controller (a hub process
-                # run without one) only writes the plan: the controller in another process drives it.
-                self._step_safely(deployment.id, resume=False)
-            return self.get(deployment.id)
-
-    def halt(self, deployment_id: int, actor: str, reason: str) -> Deployment:
-        """Stop a running deployment and roll back every device it moved to the new bundle."""
-        with self._lock:
-            loaded = self._load(deployment_id)
-            if loaded.deployment.state != "running":
-                raise BadInput(f"deployment #{deployment_id} is {loaded.deployment.state}; only a running one halts")
-            writes = _Writes()
-            self._halt(loaded, writes, f"halted by {actor}: {reason or 'no reason given'}")
-            writes.commit(self.sessions)
-            return self.get(deployment_id)
-
-    def get(self, deployment_id: int) -> Deployment:
-        with self.sessions() as session:
-            deployment = session.get(Deployment, deployment_id)
-        if deployment is None:
-            raise UnknownDeployment(f"no deployment #{deployment_id}")
-        return deployment
-
-    def progress(self, deployment_id: int) -> list[dict[str, Any]]:
-        """Per wave: {wave, size, states: {state: count}} — for the API and the dashboard."""
-        loaded = self._load(deployment_id)
-        waves: dict[int, dict[str, Any]] = {}
-        for member in loaded.members:
-            wave = waves.setdefault(member.wave, {"wave": member.wave, "size": 0, "states": {}})
-            wave["size"] += 1
-            wave["states"][member.state] = wave["states"].get(member.state, 0) + 1
-        return [waves[number] for number in sorted(waves)]
-
-    # ---- the loop -----------------------------------------------------------------------------------------------
+            self.ticks += 1
 
     def tick(self) -> None:
         """Move every running deployment as far as the devices' reported states allow."""
-        with self._lock:
+        with self.lock:
             resume, self._resume = self._resume, False
             with self.sessions() as session:
                 running = list(session.scalars(select(Deployment.id).where(Deployment.state == "running")))
             if resume and running:
                 log.info("resuming running deployments %s", ", ".join(f"#{d}" for d in running))
             for deployment_id in running:
-                self._step_safely(deployment_id, resume)
+                self.step(deployment_id, resume)
 
-    def _step_safely(self, deployment_id: int, resume: bool) -> None:
-        # One broken deployment must not stop the others; it is retried on the next tick.
-        try:
-            self._step(deployment_id, resume)
-        except Exception:
-            log.exception("deployment #%d: step failed", deployment_id)
+    def step(self, deployment_id: int, resume: bool = False) -> None:
+        """One deployment as far as it goes now. A broken one must not stop the others: logged, retried next tick."""
+        with self.lock:
+            try:
+                self._step(deployment_id, resume)
+            except Exception:
+                log.exception("deployment #%d: step failed", deployment_id)
 
     def _step(self, deployment_id: int, resume: bool) -> None:
-        loaded = self._load(deployment_id)
+        loaded = load(self.sessions, deployment_id)
         deployment = loaded.deployment
         if deployment.state != "running":
             return
         writes = _Writes()
         if resume:
             self._republish(loaded)
-        bundle = self._bundle(deployment.bundle_id)
+        bundle = find_bundle(self.registry, deployment.bundle_id)
         while deployment.state == "running":
             wave = loaded.wave(deployment.current_wave)
             now = time.time()
@@ -329,7 +344,7 @@ class RolloutController:
                 break
             failures = [member for member in wave if member.state != "healthy"]
             if wave and len(failures) / len(wave) > deployment.failure_threshold:
-                self._halt(loaded, writes, self._failure_reason(deployment, wave, failures))
+                halt_loaded(loaded, self.publish, writes, _failure_reason(deployment, wave, failures))
             elif deployment.current_wave + 1 >= deployment.waves:
                 healthy = sum(member.state == "healthy" for member in loaded.members)
                 done = f"every wave done: {healthy} of {len(loaded.members)} devices healthy on the bundle"
@@ -341,34 +356,6 @@ class RolloutController:
                          deployment.current_wave)  # fmt: skip
         writes.commit(self.sessions)
 
-    def _load(self, deployment_id: int) -> _Loaded:
-        with self.sessions() as session:
-            deployment = session.get(Deployment, deployment_id)
-            if deployment is None:
-                raise UnknownDeployment(f"no deployment #{deployment_id}")
-            query = select(DeploymentDevice).where(DeploymentDevice.deployment_id == deployment_id)
-            members = list(session.scalars(query.order_by(DeploymentDevice.wave, DeploymentDevice.device_id)))
-            ids = [member.device_id for member in members]
-            devices = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(ids)))} if ids else {}
-        return _Loaded(deployment, members, devices)
-
-    # ---- sending ------------------------------------------------------------------------------------------------
-
-    def _publish_desired(self, device: Device, bundle: dict[str, Any], allow_downgrade: bool,
-                         health_checks: int | None, writes: _Writes) -> int:  # fmt: skip
-        """Publish (retained) the device's last desired state with `bundle` swapped in and a fresh rev; returns it.
-
-        Published before the database records it: if the hub dies in between, the next step sends again, and the
-        device ignores a rev it has applied."""
-        rev = next_rev(device)
-        fields = {**_desired_base(device), "rev": rev, "bundle": {**bundle, "allow_downgrade": allow_downgrade}}
-        if health_checks is not None:
-            fields["health_checks"] = health_checks
-        desired = DesiredState.model_validate(fields)
-        self.publish(device_topic(device.id, Topic.DESIRED), encode(desired), True)
-        writes.device(device, desired=desired.model_dump(mode="json", exclude_none=True), desired_rev=rev)
-        return rev
-
     def _send(self, deployment: Deployment, bundle: BundleRecord, member: DeploymentDevice, device: Device | None,
               writes: _Writes) -> None:  # fmt: skip
         now = time.time()
@@ -376,7 +363,7 @@ class RolloutController:
             writes.member(member, state="failed", detail="the device is no longer known to the hub", resolved_at=now)
             return
         ref = {"id": bundle.id, "name": bundle.name, "version": bundle.version, "size": bundle.size}
-        rev = self._publish_desired(device, ref, False, deployment.health_checks, writes)
+        rev = publish_desired(self.publish, device, ref, False, deployment.health_checks, writes)
         writes.member(member, state="sent", rev=rev, sent_at=now, detail="")
 
     def _republish(self, loaded: _Loaded) -> None:
@@ -403,47 +390,111 @@ class RolloutController:
             writes.member(member, state=state, detail=detail[:2000], resolved_at=now)
             log.info("deployment #%d: %s %s (%s)", deployment.id, member.device_id, state, detail)
 
-    @staticmethod
-    def _failure_reason(deployment: Deployment, wave: list[DeploymentDevice], failures: list) -> str:
-        name = "the canary" if deployment.current_wave == 0 else f"wave {deployment.current_wave}"
-        causes = "; ".join(f"{m.device_id} {m.state}: {m.detail}" for m in failures[:3])
-        more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
-        return (f"{len(failures)} of {len(wave)} devices in {name} failed (over the {deployment.failure_threshold:.0%} "
-                f"threshold): {causes}{more}")  # fmt: skip
 
-    # ---- halting ------------------------------------------------------------------------------------------------
+def _failure_reason(deployment: Deployment, wave: list[DeploymentDevice], failures: list) -> str:
+    name = "the canary" if deployment.current_wave == 0 else f"wave {deployment.current_wave}"
+    causes = "; ".join(f"{m.device_id} {m.state}: {m.detail}" for m in failures[:3])
+    more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
+    return (f"{len(failures)} of {len(wave)} devices in {name} failed (over the {deployment.failure_threshold:.0%} "
+            f"threshold): {causes}{more}")  # fmt: skip
 
-    def _halt(self, loaded: _Loaded, writes: _Writes, reason: str) -> None:
-        """Mark the deployment halted and ask every device it touched for its previous bundle again.
 
-        Healthy ones (and ones still in flight or timed out, which may yet install the new bundle from the retained
-        desired state) are rolled back; failed ones already run their old bundle, but their desired state is reset
-        too so that it names what they run. Pending devices were never asked for anything."""
-        deployment = loaded.deployment
-        writes.deployment(deployment, state="halted", reason=reason)
-        log.warning("deployment #%d halted: %s", deployment.id, reason)
-        for member in loaded.members:
-            if member.state == "pending" or member.state == "rolled_back":
-                continue
-            device = loaded.devices.get(member.device_id)
-            previous = member.previous_bundle
-            if device is None or not previous:
-                if member.state != "failed":
-                    writes.member(member, detail=f"{member.detail}; cannot roll back: no previous bundle known")
-                continue
-            if previous["id"] == deployment.bundle_id:
-                continue  # it ran this bundle before the deployment: nothing to go back to
-            self._publish_desired(device, previous, True, None, writes)
-            if member.state != "failed":
-                label = f"{previous['name']}@{previous['version']}"
-                detail = f"{member.state}{': ' + member.detail if member.detail else ''}; rolled back to {label}"
-                writes.member(member, state="rolled_back", detail=detail[:2000])
+# ---- operator actions ---------------------------------------------------------------------------------------------
 
-    # ---- lookups ------------------------------------------------------------------------------------------------
 
-    def _bundle(self, bundle_id: str) -> BundleRecord:
-        """A registry bundle by full id or unambiguous prefix; BadInput when unknown."""
-        return self.registry.get(bundle_id) if len(bundle_id) == 64 else self.registry.find(bundle_id)
+class DeploymentDetail(NamedTuple):
+    deployment: Deployment
+    members: list[DeploymentDevice]  # by wave, then device
+    bundle: BundleRecord | None
+
+
+class Deployments:
+    """What a request needs of rollouts: plan one, halt one, read them. No thread: `driver` (None in a hub process
+    run with --no-controller) moves them on; without one, a plan waits for the driver in another process."""
+
+    def __init__(self, sessions: sessionmaker, publish: Publish, registry: Registry,
+                 driver: RolloutDriver | None) -> None:  # fmt: skip
+        self.sessions = sessions
+        self.publish = publish
+        self.registry = registry
+        self.driver = driver
+        self._lock = driver.lock if driver is not None else threading.RLock()
+
+    def create(self, bundle_id: str, target: str, canary_percent: float = 10, wave_percent: float = 30,
+               failure_threshold: float = 0.2, wave_timeout_s: float = 600, actor: str = "hub",
+               health_checks: int | None = None) -> Deployment:  # fmt: skip
+        """Plan a rollout of a registry bundle to the devices `target` names now, and send the canary wave.
+
+        `health_checks` sets how many inferences each device must get through on the new bundle before it calls
+        it healthy; None keeps each device's current setting."""
+        _check_settings(canary_percent, wave_percent, failure_threshold, wave_timeout_s)
+        if health_checks is not None and not 1 <= health_checks <= 10_000:
+            raise BadInput(f"health checks {health_checks}: expected 1 to 10000")
+        bundle = find_bundle(self.registry, bundle_id)
+        with self._lock:
+            chosen = self._resolve_target(target)
+            self._check_not_busy([d.id for d in chosen])
+            sizes = wave_sizes(len(chosen), canary_percent, wave_percent)
+            deployment = Deployment(
+                bundle_id=bundle.id, target=target, canary_percent=canary_percent, wave_percent=wave_percent,
+                failure_threshold=failure_threshold, wave_timeout_s=wave_timeout_s, health_checks=health_checks,
+                state="running", current_wave=0, waves=len(sizes), reason="", created_by=actor,
+            )  # fmt: skip
+            with self.sessions.begin() as session:
+                session.add(deployment)
+                session.flush()
+                waves = [number for number, size in enumerate(sizes) for _ in range(size)]
+                for number, device in zip(waves, chosen, strict=True):
+                    previous = _reported(device).get("bundle")
+                    session.add(DeploymentDevice(
+                        deployment_id=deployment.id, device_id=device.id, wave=number, state="pending",
+                        previous_bundle_id=previous["id"] if previous else None, previous_bundle=previous, detail="",
+                    ))  # fmt: skip
+            log.info("deployment #%d: %s@%s to %s (%d devices in waves %s) by %s", deployment.id, bundle.name,
+                     bundle.version, target, len(chosen), sizes, actor)  # fmt: skip
+            if self.driver is not None and self.driver.running:
+                self.driver.step(deployment.id)  # the canary goes out now rather than at the next tick
+            return self.get(deployment.id)
+
+    def halt(self, deployment_id: int, actor: str, reason: str) -> Deployment:
+        """Stop a running deployment and roll back every device it moved to the new bundle."""
+        with self._lock:
+            loaded = load(self.sessions, deployment_id)
+            if loaded.deployment.state != "running":
+                raise BadInput(f"deployment #{deployment_id} is {loaded.deployment.state}; only a running one halts")
+            writes = _Writes()
+            halt_loaded(loaded, self.publish, writes, f"halted by {actor}: {reason or 'no reason given'}")
+            writes.commit(self.sessions)
+            return self.get(deployment_id)
+
+    def get(self, deployment_id: int) -> Deployment:
+        with self.sessions() as session:
+            return _deployment(session, deployment_id)
+
+    def detail(self, deployment_id: int) -> DeploymentDetail:
+        """The deployment, its members and its bundle, read together."""
+        with self.sessions() as session:
+            deployment = _deployment(session, deployment_id)
+            members = _members(session, deployment_id)
+            return DeploymentDetail(deployment, members, session.get(BundleRecord, deployment.bundle_id))
+
+    def recent(self, state: str | None, limit: int) -> list[tuple[Deployment, Counter]]:
+        """The newest `limit` deployments (in `state`, when given), each with its members counted by state."""
+        statement = select(Deployment).order_by(Deployment.id.desc()).limit(limit)
+        if state is not None:
+            statement = statement.where(Deployment.state == state)
+        with self.sessions() as session:
+            deployments = list(session.scalars(statement))
+            counts: dict[int, Counter] = {d.id: Counter() for d in deployments}
+            if counts:
+                rows = session.execute(
+                    select(DeploymentDevice.deployment_id, DeploymentDevice.state, func.count())
+                    .where(DeploymentDevice.deployment_id.in_(counts))
+                    .group_by(DeploymentDevice.deployment_id, DeploymentDevice.state)
+                )
+                for deployment_id, member_state, count in rows:
+                    counts[deployment_id][member_state] = count
+        return [(d, counts[d.id]) for d in deployments]
 
     def _resolve_target(self, target: str) -> list[Device]:
         matches = target_filter(target)

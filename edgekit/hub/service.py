@@ -12,6 +12,8 @@ from edgekit.hub.broker import EmbeddedBroker, start_embedded_broker
 from edgekit.hub.db import database_url, open_database
 from edgekit.hub.ingest import Ingest, subscriptions
 from edgekit.hub.registry import Registry
+from edgekit.hub.retention import Retention
+from edgekit.hub.rollouts import Deployments, RolloutDriver
 from edgekit.hub.transfer import BundleServer
 from edgekit.mqtt import Backoff, Connection, new_client, parse_broker_url
 from edgekit.protocol import Topic
@@ -50,8 +52,10 @@ class Hub:
         self.client: mqtt.Client | None = None
         self.connection: Connection | None = None
         self.transfer: BundleServer | None = None
-        self.rollouts = None
-        self.retention = None
+        # Run where the driver runs: raw telemetry for a day, then per-minute rollups for 90 days.
+        self.retention = Retention(self.sessions) if settings.controller else None
+        self.driver = RolloutDriver(self.sessions, self.publish, self.registry) if settings.controller else None
+        self.rollouts = Deployments(self.sessions, self.publish, self.registry, self.driver)
         self.http = None
         self._connected = threading.Event()
 
@@ -76,14 +80,10 @@ class Hub:
             self.broker_url = f"mqtt://127.0.0.1:{self.embedded.port}"
         self.ingest.start()
         self._connect_mqtt()
-        if self.settings.controller:
-            from edgekit.hub.retention import Retention
-            from edgekit.hub.rollouts import RolloutController
-
-            self.rollouts = RolloutController(self.sessions, self.publish, self.registry)
-            self.rollouts.start()
-            # Raw telemetry for a day, then per-minute rollups for 90 days; run where the controller runs.
-            self.retention = Retention(self.sessions).start()
+        if self.retention is not None:
+            self.retention.start()
+        if self.driver is not None:
+            self.driver.start()
         self._start_http()
 
     def _connect_mqtt(self) -> None:
@@ -145,9 +145,9 @@ class Hub:
         return False
 
     def stop(self) -> None:
-        # The controller first: a rollout must not advance while the rest of the hub is going away.
-        if self.rollouts is not None:
-            self.rollouts.stop()
+        # The driver first: a rollout must not advance while the rest of the hub is going away.
+        if self.driver is not None:
+            self.driver.stop()
         if self.retention is not None:
             self.retention.stop()
         if self.http is not None:

@@ -245,7 +245,7 @@ def test_restarted_hub_resumes_the_rollout(make_hub, bundles, tmp_path):
         wait_until(lambda: _deployment(hub, deployment.id).current_wave >= 1, TIMEOUT_S, "wave 1 to start")
         # Hub.stop() stops the controller too, only after the HTTP server: stopping it first (the same call) keeps
         # a slow shutdown on a loaded machine from letting the rollout run on to its end before the restart.
-        hub.rollouts.stop()
+        hub.driver.stop()
         hub.stop()
         stopped = time.time()
         before = _members_from_disk(hub.settings.data_dir, deployment.id)
