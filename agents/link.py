@@ -1,5 +1,7 @@
-"""The agent's MQTT link: reconnect with jittered backoff (edgekit.mqtt.Connection), Last Will, retained status,
-persistent session, subscriptions restored on every connect, and the outbox drained in seq order.
+"""How the agent reaches the hub: the `Link` protocol, and `MqttLink`, its paho implementation.
+
+MqttLink: reconnect with jittered backoff (edgekit.mqtt.Connection), Last Will, retained status, persistent
+session, subscriptions restored on every connect, and the outbox drained in seq order.
 
 A message leaves the outbox only when the broker acknowledged it (QoS 1 PUBACK). After a reconnect every
 unacknowledged message is published again from the oldest, so the hub may see a seq twice (it de-duplicates)
@@ -10,6 +12,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import paho.mqtt.client as mqtt
 
@@ -23,21 +26,49 @@ Handler = Callable[[str, bytes], None]
 MAX_IN_FLIGHT = 200
 
 
-class Link:
+class Link(Protocol):
+    """What the agent needs of its connection to the hub. The agent writes everything the hub must not miss to its
+    outbox and calls `notify`; the link sends it and acknowledges it there once delivered."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def subscribe(self, topic: str, handler: Handler) -> None:
+        """Route messages on `topic` (exact name) to `handler`."""
+
+    def publish_state(self, topic: str, payload: bytes) -> None:
+        """Retained state (status, reported config): only the latest matters; dropped while offline."""
+
+    def publish_direct(self, topic: str, payload: bytes, qos: int = 1) -> bool:
+        """Requests that are meaningless later (e.g. asking for bundle chunks); False when offline."""
+
+    def notify(self) -> None:
+        """The outbox has something new."""
+
+    def start(self, outbox: Outbox, on_connect: Callable[[], None]) -> None:
+        """Connect (and keep reconnecting), drain `outbox`; `on_connect` runs after every (re)connect."""
+
+    def stop(self, goodbye: tuple[str, bytes] | None = None) -> None:
+        """Disconnect; `goodbye` (topic, payload) is published as retained state first."""
+
+    def wait_connected(self, timeout: float) -> bool: ...
+
+
+class MqttLink:
+    """The Link over paho-mqtt (module docstring); the outbox and the connect hook arrive with `start`."""
+
     def __init__(
         self,
         address: BrokerAddress,
         client_id: str,
-        outbox: Outbox,
         will: tuple[str, bytes],
-        on_connect: Callable[[], None],
         tls_files: TlsFiles | None = None,
         backoff: Backoff = Backoff(),
         keepalive: int = 30,
     ) -> None:
         self.address = address
-        self.outbox = outbox
-        self._on_connect_hook = on_connect
+        self.outbox: Outbox | None = None
+        self._on_connect_hook: Callable[[], None] = lambda: None
         self._handlers: dict[str, Handler] = {}
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -82,15 +113,14 @@ class Link:
             self._client.publish(topic, payload, qos=1, retain=True)
 
     def publish_direct(self, topic: str, payload: bytes, qos: int = 1) -> bool:
-        """Requests that are meaningless later (e.g. asking for bundle chunks); False when offline."""
         return self.connected and self._client.publish(topic, payload, qos=qos).rc == mqtt.MQTT_ERR_SUCCESS
 
     def notify(self) -> None:
-        """The outbox has something new."""
         with self._wake:
             self._wake.notify()
 
-    def start(self) -> None:
+    def start(self, outbox: Outbox, on_connect: Callable[[], None]) -> None:
+        self.outbox, self._on_connect_hook = outbox, on_connect
         self._connection.start()
         self._drain.start()
 

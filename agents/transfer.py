@@ -1,4 +1,6 @@
-"""Device side of the bundle transfer: a resumable, in-order chunk download (protocol in docs/protocol.md).
+"""Device side of the bundle transfer: the `BundleFetcher` protocol, and `ChunkFetcher`, which asks the hub for
+a bundle in chunks over the agent's link and writes them with a resumable, in-order `Download` (protocol in
+docs/protocol.md).
 
 The partial file is only ever appended to in chunk order, so after a crash or power cut the number of whole
 chunks on disk is where the download resumes; the whole file's sha256 is checked before anything trusts it.
@@ -10,12 +12,92 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
-from edgekit.protocol import BundleRef, ChunkHeader, ChunkRequest
+from edgekit.agents.link import Link
+from edgekit.agents.runner import Report
+from edgekit.protocol import (
+    BundleRef,
+    ChunkHeader,
+    ChunkRequest,
+    PayloadRejected,
+    Topic,
+    decode_chunk,
+    device_topic,
+    encode,
+)
 
 CHUNK_SIZE = 256 * 1024
+CHUNK_MAX_PAYLOAD = 4 * 1024 * 1024 + 4096
 WINDOW = 8  # chunks requested ahead: enough to keep a loopback or LAN link busy, bounded memory on the broker
 STALL_S = 3.0  # no chunk for this long: ask again from where we are
+POLL_S = 1.0  # how often a running download checks for a stall, reports progress and notices the agent stopping
+
+Reject = Callable[[str, str, int], None]  # reject(topic, reason, payload bytes): a payload.rejected event
+
+
+class FetchFailed(Exception):
+    """The bundle could not be fetched; the message says why (it goes into the update.failed event)."""
+
+
+class BundleFetcher(Protocol):
+    def fetch(self, target: BundleRef, report: Report, stopping: threading.Event) -> Path:
+        """The bundle file, its whole sha256 checked against `target.id`; raises FetchFailed. Progress goes to
+        `report` as update.progress events; gives up when `stopping` is set."""
+
+
+class ChunkFetcher:
+    """Bundles in chunks over the agent's link: requests on transfer/request, chunks on transfer/chunk. Chunks of
+    no running transfer, and malformed ones, are passed to `reject`."""
+
+    def __init__(self, link: Link, device_id: str, folder: Path, reject: Reject) -> None:
+        self._link = link
+        self._folder = folder
+        self._reject = reject
+        self._request_topic = device_topic(device_id, Topic.TRANSFER_REQUEST)
+        self._downloads: dict[str, Download] = {}
+        link.subscribe(device_topic(device_id, Topic.TRANSFER_CHUNK), self._on_chunk)
+
+    def fetch(self, target: BundleRef, report: Report, stopping: threading.Event) -> Path:
+        download = Download(self._folder, target, self._request)
+        self._downloads[target.id] = download
+        if download.resumed_from:
+            report("update.progress", f"resuming download at chunk {download.resumed_from}/{download.total}",
+                   bundle=target.id, received=download.received_bytes)  # fmt: skip
+        download.start()
+        reported = 0
+        while not download.finished.wait(POLL_S):
+            if stopping.is_set():
+                # Left registered: chunks still on their way land in the partial file the next start resumes.
+                raise FetchFailed("agent stopping during download")
+            download.poke()
+            quarter = 4 * download.received_bytes // target.size
+            if quarter > reported:
+                reported = quarter
+                report("update.progress", f"downloaded {25 * quarter}%", bundle=target.id,
+                       received=download.received_bytes)  # fmt: skip
+        del self._downloads[target.id]
+        if download.error:
+            raise FetchFailed(download.error)
+        return download.done_path
+
+    def _request(self, request: ChunkRequest) -> bool:
+        return self._link.publish_direct(self._request_topic, encode(request))
+
+    def _on_chunk(self, topic: str, payload: bytes) -> None:
+        try:
+            header, data = decode_chunk(payload, CHUNK_MAX_PAYLOAD)
+        except PayloadRejected as error:
+            self._reject(topic, str(error), len(payload))
+            return
+        download = self._downloads.get(header.bundle)
+        if download is None:
+            self._reject(topic, f"chunk {header.index} of bundle {header.bundle[:12]}: no such transfer running",
+                         len(payload))  # fmt: skip
+            return
+        problem = download.on_chunk(header, data)
+        if problem:
+            self._reject(topic, problem, len(payload))
 
 
 class Download:

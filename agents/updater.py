@@ -1,0 +1,244 @@
+"""Bundle updates on the device: fetch → verify → self-test → switch → health check → keep or roll back.
+
+Every phase that fails leaves the device on a bundle it can run, says why in an event (`update.failed`,
+`update.refused` or `update.rolled_back`) and shows the outcome in `config/reported` (`UpdateState`):
+
+- fetching fails (server error, sha256 mismatch, agent stopping) → `failed`; the old bundle keeps running;
+- the bundle cannot be trusted or is not what the desired state names, the runtime cannot load it, its self-test
+  fails, or it is a downgrade that was not allowed → `refused`; the old bundle keeps running;
+- its first inferences on the device's real input fail → `rolled_back` to the previous bundle (or to none when
+  the previous one cannot be loaded either).
+"""
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from edgekit.agents.bundles import ActiveRecord, BundleStore, Installed, semver_key
+from edgekit.agents.runner import HealthCheck, LoadedModel, Runner
+from edgekit.agents.runtimes import get_runtime
+from edgekit.agents.transfer import BundleFetcher, FetchFailed
+from edgekit.errors import EdgekitError
+from edgekit.protocol import BundleRef, DesiredBundle, UpdatePhase, UpdateState
+from edgekit.selftest import run_selftest
+from edgekit.signing import load_public_key
+
+log = logging.getLogger(__name__)
+
+
+class UpdateFailed(Exception):
+    def __init__(self, phase: Literal["refused", "failed"], reason: str) -> None:
+        super().__init__(reason)
+        self.phase = phase
+
+
+class UpdateHost(Protocol):
+    """What the updater needs of the agent around it: events, and `config/reported` kept current."""
+
+    def report(self, type: str, message: str, level: str = "info", **data: Any) -> None: ...
+
+    def publish_state(self) -> None:
+        """Status and reported state: after a switch both name another bundle."""
+
+    def publish_reported(self) -> None:
+        """The reported state alone, for a new update phase."""
+
+
+class Updater:
+    def __init__(
+        self,
+        store: BundleStore,
+        runner: Runner,
+        fetcher: BundleFetcher,
+        host: UpdateHost,
+        stopping: threading.Event,
+        trust_key: Path | None,
+        threads: int | None = None,
+        health_timeout_s: float = 120.0,
+    ) -> None:
+        self.store = store
+        self.runner = runner
+        self.fetcher = fetcher
+        self._host = host
+        self._stopping = stopping
+        self._trust_key = load_public_key(trust_key) if trust_key else None
+        self._threads = threads
+        self._health_timeout_s = health_timeout_s
+        self.state = UpdateState(state="idle")
+
+    def _set_phase(self, phase: UpdatePhase, bundle: str | None, detail: str = "") -> None:
+        self.state = UpdateState(state=phase, bundle=bundle, detail=detail)
+        self._host.publish_reported()
+
+    # ---- at start-up ----------------------------------------------------------------------------------------
+
+    def install_local(self, bundle_file: Path) -> None:
+        """`--bundle FILE`: the bundle to start with, verified exactly like an update (needs --trust-key) and made
+        active, unless an installed bundle already is: the systemd unit passes --bundle on every start, and a
+        restart after an update (or a crash in its health check) must come back on what active.json names."""
+        record = self.store.record()
+        if record.active and self.store.has(record.active):
+            log.info("--bundle %s not installed: bundle %s is already active", bundle_file, record.active[:12])
+            return
+        installed = self.store.install(bundle_file, self._trust_key)
+        if record.active != installed.id:
+            self.store.set_record(ActiveRecord(active=installed.id, previous=record.active))
+
+    def activate_recorded(self, health_checks: int) -> None:
+        """Run what active.json names, falling back to the previous bundle when it cannot be loaded; a health
+        check that a crash cut short starts again (in its own thread) and decides as after a switch."""
+        record = self.store.record()
+        for candidate, trial in ((record.active, record.trial), (record.previous, False)):
+            if not candidate or not self.store.has(candidate):
+                continue
+            try:
+                model = self._load(self.store.get(candidate))
+            except UpdateFailed as error:
+                self._host.report("update.failed", f"cannot load bundle {candidate[:12]}: {error}", level="error")
+                continue
+            if candidate != record.active:
+                self.store.set_record(ActiveRecord(active=candidate, previous=record.active))
+                self._host.report("update.rolled_back", f"fell back to {model.bundle.label}", level="error")
+            health = self.runner.use_model(model, health_checks if trial else None)
+            if health:
+                threading.Thread(target=self._finish_trial, args=(model, health), daemon=True).start()
+            return
+
+    # ---- an update ------------------------------------------------------------------------------------------
+
+    def update(self, target: DesiredBundle, health_checks: int) -> None:
+        """Go to `target`, or stay on the current bundle and say why; returns once the outcome is known."""
+        current = self.runner.model
+        try:
+            self._check_version(target, current)
+            self._host.report("update.started", f"updating to {target.name}@{target.version}", bundle=target.id)
+            bundle_file = self._fetch(target)
+            self._set_phase("verifying", target.id)
+            candidate = self._verify(target, bundle_file)
+            self._set_phase("testing", target.id)
+            model = self._self_test(candidate)
+        except UpdateFailed as error:
+            kind = "update.refused" if error.phase == "refused" else "update.failed"
+            self._host.report(kind, str(error), level="error", bundle=target.id, version=target.version)
+            self._set_phase(error.phase, target.id, str(error))
+            return
+        self._switch(model, current, health_checks)
+
+    def _check_version(self, target: DesiredBundle, current: LoadedModel | None) -> None:
+        if current is None or target.allow_downgrade:
+            return
+        if semver_key(target.version) < semver_key(current.bundle.manifest.version):
+            raise UpdateFailed(
+                "refused",
+                f"version downgrade from {current.bundle.manifest.version} to {target.version} refused "
+                "(set allow_downgrade in the desired bundle to force it)",
+            )
+
+    def _fetch(self, target: BundleRef) -> Path | None:
+        """The bundle file, fetched (resuming a partial download) unless it is already installed."""
+        if self.store.has(target.id):
+            return None
+        self._set_phase("downloading", target.id)
+        try:
+            bundle_file = self.fetcher.fetch(target, self._host.report, self._stopping)
+        except FetchFailed as error:
+            raise UpdateFailed("failed", str(error)) from None
+        self._host.report("update.downloaded", f"{target.size} bytes received, sha256 verified", bundle=target.id)
+        return bundle_file
+
+    def _verify(self, target: BundleRef, bundle_file: Path | None) -> Installed:
+        if bundle_file is None:
+            return self.store.get(target.id)
+        if self._trust_key is None:
+            raise UpdateFailed("refused", "no trust key configured (--trust-key): refusing unverifiable bundles")
+        try:
+            installed = self.store.install(bundle_file, self._trust_key, expected_id=target.id)
+        except EdgekitError as error:
+            raise UpdateFailed("refused", f"verification failed: {error}") from None
+        finally:
+            bundle_file.unlink(missing_ok=True)
+        manifest = installed.manifest
+        if (manifest.name, manifest.version) != (target.name, target.version):
+            self.store.prune(self._kept_bundles())
+            raise UpdateFailed(
+                "refused",
+                f"the bundle is {manifest.name}@{manifest.version}, desired state says {target.name}@{target.version}",
+            )
+        return installed
+
+    def _load(self, installed: Installed) -> LoadedModel:
+        manifest = installed.manifest
+        try:
+            runtime = get_runtime(manifest.runtime)
+            session = runtime.load(installed.root / manifest.entrypoint, manifest.target, self._threads)
+        except EdgekitError as error:
+            raise UpdateFailed("refused", str(error)) from None
+        except Exception as error:
+            raise UpdateFailed("refused", f"{manifest.runtime} cannot load {manifest.entrypoint}: {error}") from None
+        return LoadedModel(installed, session)
+
+    def _self_test(self, installed: Installed) -> LoadedModel:
+        model = self._load(installed)
+        try:
+            outcome = run_selftest(model.session, installed.root, installed.manifest)
+        except Exception as error:
+            outcome_ok, detail = False, f"{type(error).__name__}: {error}"
+        else:
+            outcome_ok, detail = outcome.passed, outcome.detail
+        self._host.report("update.selftest", f"self-test {'passed' if outcome_ok else 'failed'}: {detail}",
+                          level="info" if outcome_ok else "error", bundle=installed.id, passed=outcome_ok)  # fmt: skip
+        if not outcome_ok:
+            self.store.prune(self._kept_bundles())
+            raise UpdateFailed("refused", f"self-test failed: {detail}")
+        return model
+
+    def _kept_bundles(self) -> set[str]:
+        record = self.store.record()
+        return {b for b in (record.active, record.previous) if b}
+
+    # ---- after the switch -----------------------------------------------------------------------------------
+
+    def _switch(self, model: LoadedModel, current: LoadedModel | None, health_checks: int) -> None:
+        previous = current.bundle.id if current else None
+        self._set_phase("switching", model.bundle.id)
+        self.store.set_record(ActiveRecord(active=model.bundle.id, previous=previous, trial=True))
+        health = self.runner.use_model(model, health_checks)
+        self._host.report("update.activated", f"now running {model.bundle.label}", bundle=model.bundle.id,
+                          previous=previous)  # fmt: skip
+        self._host.publish_state()
+        self._finish_trial(model, health)
+
+    def _finish_trial(self, model: LoadedModel, health: HealthCheck) -> None:
+        """Keep the new bundle if its first inferences are healthy, otherwise go back to the previous one."""
+        health.done.wait(self._health_timeout_s)
+        if self._stopping.is_set() and not health.done.is_set():
+            return  # the trial resumes after the restart
+        record = self.store.record()
+        if health.failure is None:
+            self.store.set_record(ActiveRecord(active=model.bundle.id, previous=record.previous))
+            self.store.prune({model.bundle.id, record.previous} - {None})
+            detail = f"{health.passed} inferences ok"
+            if not health.done.is_set():
+                detail += f" (fewer than {health.needed} inputs arrived in {self._health_timeout_s:g} s)"
+            self._host.report("update.healthy", f"{model.bundle.label}: {detail}", bundle=model.bundle.id)
+            self._set_phase("healthy", model.bundle.id, detail)
+            return
+        self._roll_back(model, record, health.failure)
+
+    def _roll_back(self, model: LoadedModel, record: ActiveRecord, reason: str) -> None:
+        previous = self.store.get(record.previous) if record.previous and self.store.has(record.previous) else None
+        restored = None
+        if previous is not None:
+            try:
+                restored = self._load(previous)
+            except UpdateFailed as error:
+                reason += f"; the previous bundle cannot be loaded either: {error}"
+        if restored:
+            self.store.set_record(ActiveRecord(active=previous.id, previous=None))
+            self.runner.use_model(restored)
+        self.store.prune({previous.id} if previous else set())
+        back = restored.bundle.label if restored else "no bundle"
+        self._host.report("update.rolled_back", f"{model.bundle.label} failed its health check ({reason}); "
+                          f"back to {back}", level="error", bundle=model.bundle.id, reason=reason)  # fmt: skip
+        self._set_phase("rolled_back", model.bundle.id, reason)
