@@ -1,7 +1,9 @@
 """The hub: embedded or external broker, fleet store, bundle registry, staged rollouts, REST API and dashboard.
 
-Every part is a module here: `db` (SQLAlchemy models), `ingest` (MQTT → database), `registry` (bundles),
-`rollouts` (staged deployments), `api` (FastAPI + dashboard), `service` (wires them for `edgekit hub`).
-Nothing assumes it is the only hub process: ingest de-duplicates in the database, and the rollout controller
-takes a row lock (PostgreSQL) or runs in the one process that owns the SQLite file.
+Every part is a module here: `db` (SQLAlchemy models), `ingest` (MQTT → database), `link` (the hub's MQTT client),
+`registry` (bundles), `rollouts` (staged deployments), `retention` (telemetry rollups), `alerts` and `live` (what
+the dashboard shows), `app` (the FastAPI app and the lifespan that runs the workers) with `schemas`, `deps` and
+`routes/`, and `service` (the `Hub` that holds them for `edgekit hub`).
+Nothing assumes it is the only hub process: ingest de-duplicates in the database, and the rollout driver runs in
+one process (`--no-controller` in the others) and only ever changes a deployment that is still running.
 """

@@ -16,13 +16,15 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Request
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from edgekit.errors import BadInput
 from edgekit.hub.db import ApiToken, AuditEntry
+from edgekit.hub.deps import Secret, Sessions
 
 COOKIE = "edgekit_session"
 SESSION_S = 12 * 3600
@@ -149,29 +151,32 @@ def cookie_name(secret: bytes, cookie: str) -> str | None:
     return name if expires > time.time() else None
 
 
-def authenticate(request: Request) -> str | None:
+def authenticate(request: Request, sessions: Sessions, secret: Secret) -> str | None:
     """The actor behind a request (a bearer token first, then the session cookie), or None."""
-    hub = request.app.state.hub
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
-        return token_actor(hub.sessions, credentials.strip())
+        return token_actor(sessions, credentials.strip())
     cookie = request.cookies.get(COOKIE)
     if cookie:
-        name = cookie_name(request.app.state.secret, cookie)
+        name = cookie_name(secret, cookie)
         # The cookie outlives nothing: a revoked token ends its dashboard sessions too.
-        if name is not None and _token_name_valid(hub.sessions, name):
+        if name is not None and _token_name_valid(sessions, name):
             return name
     return None
 
 
-def require_actor(request: Request) -> str:
-    """FastAPI dependency: the caller's token name, or 401."""
-    actor = authenticate(request)
+MaybeActor = Annotated[str | None, Depends(authenticate)]
+
+
+async def require_actor(actor: MaybeActor) -> str:
+    """The caller's token name, or 401. Async: it only checks what `authenticate` found."""
     if actor is None:
         raise HTTPException(
             status_code=401,
             detail="authentication required: send 'Authorization: Bearer TOKEN' or log in at /login",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    request.state.actor = actor
     return actor
+
+
+Actor = Annotated[str, Depends(require_actor)]

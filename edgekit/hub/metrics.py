@@ -5,14 +5,19 @@ numbers that matter — devices online, rollout states — live in the shared da
 """
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy import func, select
 
-from edgekit.hub import auth
+from edgekit.hub.auth import Actor
 from edgekit.hub.db import BundleRecord, Deployment, Device
+from edgekit.hub.deps import Metrics
+
+if TYPE_CHECKING:
+    from edgekit.hub.service import Hub
 
 DEPLOYMENT_STATES = ("running", "completed", "halted")
 PER_DEVICE = (
@@ -25,7 +30,7 @@ PER_DEVICE = (
 
 
 class HubCollector:
-    def __init__(self, hub) -> None:
+    def __init__(self, hub: "Hub") -> None:
         self.hub = hub
 
     def describe(self) -> list[Metric]:
@@ -71,8 +76,7 @@ class HubCollector:
         yield GaugeMetricFamily(
             "edgekit_ingest_pending", "Messages waiting for the writer", value=self.hub.ingest.pending()
         )
-        client = self.hub.client
-        connected = 1 if client is not None and client.is_connected() else 0
+        connected = 1 if self.hub.link.connected else 0
         yield GaugeMetricFamily(
             "edgekit_hub_broker_connected", "1 when the hub is connected to its broker", value=connected
         )
@@ -81,7 +85,7 @@ class HubCollector:
 metrics_router = APIRouter()
 
 
-def hub_registry(hub) -> CollectorRegistry:
+def hub_registry(hub: "Hub") -> CollectorRegistry:
     """A registry of its own per hub, so two hubs in one process (tests) never share series."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HubCollector(hub))
@@ -89,5 +93,5 @@ def hub_registry(hub) -> CollectorRegistry:
 
 
 @metrics_router.get("/metrics", summary="Prometheus text format", response_class=Response)
-def metrics(request: Request, _actor: str = Depends(auth.require_actor)) -> Response:
-    return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
+def metrics(_actor: Actor, registry: Metrics) -> Response:
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

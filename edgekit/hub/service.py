@@ -1,27 +1,30 @@
-"""`edgekit hub`: wires the broker, database, ingest, bundle registry, rollout controller and the HTTP server."""
+"""`edgekit hub`: one object that holds the hub's parts and runs them in-process.
 
-import logging
+`Hub.start()` starts the embedded broker (unless there is an external one) and the HTTP server in a thread; the
+app's lifespan (`edgekit.hub.app`) starts and stops the background workers: ingest, the MQTT link, the live feed,
+the median cache, retention and the rollout driver. `Hub.stop()` undoes it all, the database last.
+"""
+
 import threading
-import uuid
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
+import uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from fastapi import FastAPI
 
+from edgekit.hub.app import create_app
 from edgekit.hub.broker import EmbeddedBroker, start_embedded_broker
 from edgekit.hub.db import database_url, open_database
-from edgekit.hub.ingest import Ingest, subscriptions
+from edgekit.hub.ingest import Ingest, Message
+from edgekit.hub.link import BrokerLink
 from edgekit.hub.registry import Registry
 from edgekit.hub.retention import Retention
 from edgekit.hub.rollouts import Deployments, RolloutDriver
-from edgekit.hub.transfer import BundleServer
-from edgekit.mqtt import Backoff, Connection, new_client, parse_broker_url
-from edgekit.protocol import Topic
 
-log = logging.getLogger(__name__)
-CHUNK_REQUEST_SUFFIX = "/" + Topic.TRANSFER_REQUEST
-# Short: the hub is usually next to its broker, and devices wait on it for chunks and desired state.
-HUB_BACKOFF = Backoff(initial_s=0.2, max_s=10.0)
+# The HTTP thread's whole shutdown: open responses, then every worker's own stop (ingest's flush the longest).
+HTTP_STOP_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class HubSettings:
     broker_port: int | None = None  # embedded broker port; None: any free port
     broker_host: str = "127.0.0.1"  # where the embedded broker listens; 0.0.0.0 for devices on the network
     prefer_broker: str = "mosquitto"
-    controller: bool = True  # run the rollout controller in this process
+    controller: bool = True  # drive rollouts (and run retention) in this process
 
 
 class Hub:
@@ -49,115 +52,72 @@ class Hub:
         self.registry = Registry(settings.data_dir, self.sessions, self._trust_key())
         self.ingest = Ingest(self.sessions, on_stored=self._on_stored)
         self.listeners: list = []  # callables(stored) for live views (the dashboard's SSE feed)
-        self.client: mqtt.Client | None = None
-        self.connection: Connection | None = None
-        self.transfer: BundleServer | None = None
         # Run where the driver runs: raw telemetry for a day, then per-minute rollups for 90 days.
         self.retention = Retention(self.sessions) if settings.controller else None
         self.driver = RolloutDriver(self.sessions, self.publish, self.registry) if settings.controller else None
         self.rollouts = Deployments(self.sessions, self.publish, self.registry, self.driver)
-        self.http = None
-        self._connected = threading.Event()
+        self.stopping = threading.Event()  # set by stop(): open live streams end, so the server can stop
+        self.link: BrokerLink | None = None  # from start(), when the broker's address is known
+        self.app: FastAPI | None = None
+        self.http: uvicorn.Server | None = None
+        self._http_thread: threading.Thread | None = None
 
-    def _trust_key(self):
+    def _trust_key(self) -> Ed25519PublicKey | None:
         if self.settings.trust_key is None:
             return None
         from edgekit.signing import load_public_key
 
         return load_public_key(self.settings.trust_key)
 
-    def _on_stored(self, stored: list) -> None:
+    def _on_stored(self, stored: list[Message]) -> None:
         for listener in list(self.listeners):
             listener(stored)
 
     def start(self) -> None:
-        if not self.settings.broker:
-            settings = self.settings
+        """Start the broker (when embedded) and the HTTP server, whose lifespan starts the workers. Returns at once:
+        `wait_http()` and `wait_connected()` say when they are up."""
+        settings = self.settings
+        if not settings.broker:
             self.embedded = start_embedded_broker(
                 settings.data_dir / "broker", settings.broker_port, settings.prefer_broker, settings.broker_host
             )
             # The hub itself always connects over loopback, whatever address devices use.
             self.broker_url = f"mqtt://127.0.0.1:{self.embedded.port}"
-        self.ingest.start()
-        self._connect_mqtt()
-        if self.retention is not None:
-            self.retention.start()
-        if self.driver is not None:
-            self.driver.start()
-        self._start_http()
-
-    def _connect_mqtt(self) -> None:
-        address = parse_broker_url(self.broker_url)
-        # MQTT 5 for shared subscriptions; a unique client id so several hub processes can share a broker.
-        self.client = new_client(address, f"edgekit-hub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
-        self.client.max_inflight_messages_set(1000)
-        self.transfer = BundleServer(self.client, self.registry.path, workers=4)
-        self.client.on_message = self._on_message
-        self.client.on_connect = self._on_connect
-        self.connection = Connection(self.client, address, HUB_BACKOFF, name="hub-mqtt")
-        self.connection.start()
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            log.error("broker refused the hub: %s", reason_code)
-            return
-        for topic in subscriptions(self.settings.share_group):
-            client.subscribe(topic, qos=1)
-        self.transfer.start(route=False)
-        self._connected.set()
-
-    def _on_message(self, client, userdata, message) -> None:
-        if message.topic.endswith(CHUNK_REQUEST_SUFFIX):
-            self.transfer.on_request(client, userdata, message)
-        else:
-            self.ingest.on_message(client, userdata, message)
-
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
-
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        self.client.publish(topic, payload, qos=1, retain=retain)
-
-    def _start_http(self) -> None:
-        import uvicorn
-
-        from edgekit.hub.api import create_app
-
-        config = uvicorn.Config(
-            create_app(self), host=self.settings.http_host, port=self.settings.http_port, log_level="warning"
-        )
+        self.link = BrokerLink(self.broker_url, self.ingest, self.registry, settings.share_group)
+        self.app = create_app(self)
+        config = uvicorn.Config(self.app, host=settings.http_host, port=settings.http_port, log_level="warning")
         self.http = uvicorn.Server(config)
         self._http_thread = threading.Thread(target=self.http.run, name="hub-http", daemon=True)
         self._http_thread.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.link is not None and self.link.wait_connected(timeout)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.link.publish(topic, payload, retain)
 
     @property
     def http_url(self) -> str:
         return f"http://{self.settings.http_host}:{self.settings.http_port}"
 
     def wait_http(self, timeout: float) -> bool:
-        import time
-
+        """True once the server listens, its workers running; False after `timeout`, or as soon as the server gave
+        up starting (uvicorn logs why: the port, or the worker that failed)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.http is not None and self.http.started:
                 return True
+            if self._http_thread is not None and not self._http_thread.is_alive():
+                return False
             time.sleep(0.05)
         return False
 
     def stop(self) -> None:
-        # The driver first: a rollout must not advance while the rest of the hub is going away.
-        if self.driver is not None:
-            self.driver.stop()
-        if self.retention is not None:
-            self.retention.stop()
         if self.http is not None:
+            self.stopping.set()
+            # The server answers what is open, then its lifespan stops the workers, the rollout driver first.
             self.http.should_exit = True
-            self._http_thread.join(timeout=10)
-        if self.connection is not None:
-            self.connection.stop()
-        if self.transfer is not None:
-            self.transfer.stop()
-        self.ingest.stop()
+            self._http_thread.join(timeout=HTTP_STOP_S)
         if self.embedded is not None:
             self.embedded.stop()
         self.engine.dispose()

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgekit.hub.auth import COOKIE, create_token, revoke_token
 from edgekit.hub.db import Device, TelemetryRollup, TelemetrySample
+from edgekit.hub.routes.bundles import max_bundle_bytes
 
 TIMEOUT_S = 60.0
 PROTECTED = ["/", "/api/devices", "/api/devices/x/telemetry", "/api/events", "/api/bundles", "/api/deployments",
@@ -207,7 +208,7 @@ def test_push_verifies_signed_bundles_and_names_the_problem(make_hub, bundles, t
         wrong_type = client.post("/api/bundles", files={"file": ("b.ekb", bundles["v2"].read_bytes())})
         assert wrong_type.status_code == 415
 
-        hub.http.config.app.state.max_bundle_bytes = 10_000  # the real limit is 512 MiB; the check is the same
+        hub.app.dependency_overrides[max_bundle_bytes] = lambda: 10_000  # the real limit is 512 MiB; same check
         assert _push(client, bundles["v2"]).status_code == 413
         chunked = client.post("/api/bundles", content=iter([b"\0" * 8000, b"\0" * 8000]))
         assert chunked.status_code == 413, "an upload without Content-Length passed the size limit"

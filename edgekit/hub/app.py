@@ -1,0 +1,104 @@
+"""The hub's ASGI app: REST API (`/api/...`, OpenAPI at `/docs`), login, dashboard, `/healthz` and `/metrics`.
+
+Its lifespan owns the hub's background workers: they start before the server accepts a request and stop after it
+has answered the last one. Every route except `/healthz`, `/login`, `/logout`, static files and the docs needs a
+token (see `edgekit.hub.auth`).
+"""
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
+from sqlalchemy import text
+
+from edgekit import __version__
+from edgekit.hub import dashboard
+from edgekit.hub.alerts import MedianCache
+from edgekit.hub.auth import hub_secret, require_actor
+from edgekit.hub.deps import Link, Sessions
+from edgekit.hub.live import LiveFeed
+from edgekit.hub.metrics import hub_registry, metrics_router
+from edgekit.hub.routes import audit, bundles, deployments, devices, session
+from edgekit.hub.schemas import Health
+
+if TYPE_CHECKING:
+    from edgekit.hub.service import Hub
+
+health_router = APIRouter()
+
+
+@health_router.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+def healthz(sessions: Sessions, link: Link) -> JSONResponse:
+    db = True
+    try:
+        with sessions() as db_session:
+            db_session.execute(text("SELECT 1"))
+    except Exception:  # any database failure means not healthy; the body says which part
+        db = False
+    broker = link.connected
+    health = Health(ok=db and broker, broker=broker, db=db)
+    return JSONResponse(health.model_dump(), status_code=200 if health.ok else 503)
+
+
+@contextmanager
+def running_workers(hub: "Hub") -> Iterator[tuple[LiveFeed, MedianCache]]:
+    """Start the workers, each after what it needs, and stop them in the reverse order, also when a later one fails
+    to start: the rollout driver and retention (when this process runs them) stop first, so no rollout advances
+    while the MQTT link and ingest go away; ingest stops last, writing what it had queued."""
+    with ExitStack() as stack:
+        hub.ingest.start()
+        stack.callback(hub.ingest.stop)
+        hub.link.start()
+        stack.callback(hub.link.stop)
+        feed = LiveFeed(hub.stopping)
+        hub.listeners.append(feed)
+        stack.callback(hub.listeners.remove, feed)
+        medians = MedianCache(hub.sessions)
+        stack.callback(medians.stop)
+        for worker in (hub.retention, hub.driver):
+            if worker is not None:
+                worker.start()
+                stack.callback(worker.stop)
+        yield feed, medians
+
+
+def create_app(hub: "Hub") -> FastAPI:
+    """The app over `hub`'s database, registry, rollouts and MQTT link; its lifespan runs `running_workers(hub)`."""
+    # Read (or made) here, in the caller's thread: a broken secret file stops the start with its own message.
+    secret = hub_secret(hub.settings.data_dir)
+    metrics = hub_registry(hub)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        # Starting and stopping the workers starts and joins threads; nothing else needs the event loop then.
+        with running_workers(hub) as (feed, medians):
+            # What edgekit.hub.deps hands the routes, by name.
+            yield {
+                "sessions": hub.sessions,
+                "registry": hub.registry,
+                "deployments": hub.rollouts,
+                "link": hub.link,
+                "feed": feed,
+                "medians": medians,
+                "secret": secret,
+                "metrics": metrics,
+            }
+
+    # Swagger UI's scripts served by the hub itself (fastapi-offline vendors them): /docs works without internet.
+    app = FastAPIOffline(
+        title="edgekit hub",
+        redoc_url=None,
+        version=__version__,
+        description="Devices, telemetry, events, bundles and staged rollouts of an edgekit fleet. "
+        "Authenticate with `Authorization: Bearer TOKEN` (`edgekit hub token create NAME`).",
+        lifespan=lifespan,
+    )
+    api = APIRouter(prefix="/api", dependencies=[Depends(require_actor)])
+    for routes in (devices, bundles, deployments, audit):
+        api.include_router(routes.router)
+    for router in (health_router, session.router, api, metrics_router, dashboard.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,116 @@
+"""`/api/bundles`: the registry's bundles, and pushing one (streamed to disk, verified before it is stored)."""
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from anyio import to_thread
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+
+from edgekit.errors import EdgekitError
+from edgekit.hub.auth import Actor, audit
+from edgekit.hub.db import BundleRecord
+from edgekit.hub.deps import RegistryDep, Sessions
+from edgekit.hub.routes import unprocessable
+from edgekit.hub.schemas import BundleDetail, BundleOut, PushOut
+
+MAX_BUNDLE_BYTES = 512 * 1024 * 1024
+WRITE_BLOCK = 4 * 1024 * 1024  # upload bytes gathered before one (threaded) disk write
+
+router = APIRouter()
+
+
+async def max_bundle_bytes() -> int:
+    """The push size limit, a dependency so that tests can lower it (`app.dependency_overrides`)."""
+    return MAX_BUNDLE_BYTES
+
+
+BundleLimit = Annotated[int, Depends(max_bundle_bytes)]
+
+
+@router.get("/bundles", response_model=list[BundleOut])
+def list_bundles(registry: RegistryDep) -> list[BundleRecord]:
+    return registry.all()
+
+
+@router.get("/bundles/{bundle_id}", response_model=BundleDetail, summary="A bundle by sha256 or ≥8-character prefix")
+def get_bundle(registry: RegistryDep, bundle_id: str) -> BundleRecord:
+    try:
+        return registry.find(bundle_id)
+    except EdgekitError as error:
+        raise HTTPException(status_code=404, detail=str(error)) from None
+
+
+BUNDLE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.post(
+    "/bundles",
+    response_model=PushOut,
+    status_code=201,
+    openapi_extra=BUNDLE_BODY,
+    summary="Push a .ekb (raw body); verified before it is stored. 201 created, 200 already there",
+    responses={200: {"model": PushOut}, 413: {}, 415: {}, 422: {}},
+)
+async def push_bundle(request: Request, response: Response, actor: Actor, registry: RegistryDep, sessions: Sessions,
+                      limit: BundleLimit) -> PushOut:  # fmt: skip
+    content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
+    if content_type != "application/octet-stream":
+        raise HTTPException(status_code=415, detail="send the .ekb as the raw body, application/octet-stream")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    upload = await _receive(request, registry.dir, limit)
+    try:
+        if upload.stat().st_size == 0:
+            raise unprocessable(["body"], "empty body: send the .ekb file's bytes")
+        try:
+            record, created = await to_thread.run_sync(registry.add, upload, actor)
+        except EdgekitError as error:
+            raise unprocessable(["body"], _user_message(error, upload), "bundle_invalid") from None
+    finally:
+        upload.unlink(missing_ok=True)
+    audit(sessions, actor, "push", bundle_id=record.id, name=record.name, version=record.version,
+          created=created)  # fmt: skip
+    response.status_code = 201 if created else 200
+    return PushOut(**BundleOut.model_validate(record).model_dump(), created=created)
+
+
+def _too_large(limit: int) -> HTTPException:
+    return HTTPException(status_code=413, detail=f"bundles are limited to {limit / (1 << 20):g} MiB")
+
+
+async def _receive(request: Request, folder: Path, limit: int) -> Path:
+    """Stream the body to a temporary file beside the registry (never all in memory), enforcing the size cap."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".ekb")
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            size, block = 0, bytearray()
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:  # a chunked upload declares no length: count what arrives
+                    raise _too_large(limit)
+                block += chunk
+                if len(block) >= WRITE_BLOCK:
+                    await to_thread.run_sync(handle.write, bytes(block))
+                    block.clear()
+            await to_thread.run_sync(handle.write, bytes(block))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _user_message(error: Exception, *paths: Path) -> str:
+    """An error's text without our temporary file names, which mean nothing to the caller."""
+    message = str(error)
+    for path in paths:
+        message = message.replace(f"{path}: ", "").replace(str(path), "the upload")
+    return message
