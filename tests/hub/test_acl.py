@@ -1,7 +1,6 @@
 """ACL files from `edgekit hub acl` on a real Mosquitto: device A cannot read or write device B's topics."""
 
 import json
-import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -17,10 +16,12 @@ class Client:
     def __init__(self, port: int, user: str, password: str) -> None:
         self.messages: list[tuple[str, bytes]] = []
         self.results: list = []
+        self.subscribed = 0  # SUBACKs received
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"acl-test-{user}")
         self.client.username_pw_set(user, password)
         self.client.on_connect = lambda c, u, f, reason, p: self.results.append(reason)
         self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
+        self.client.on_subscribe = lambda *_: setattr(self, "subscribed", self.subscribed + 1)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         wait_until(lambda: self.results, 5, f"CONNACK for {user}")
@@ -52,16 +53,21 @@ def test_device_a_cannot_read_or_write_device_b(tmp_path):
         ):
             a.client.subscribe(topic, qos=1)
         b.client.subscribe("edgekit/v1/dev-b/config/desired", qos=1)
-        time.sleep(0.3)
+        wait_until(lambda: (hub.subscribed, a.subscribed, b.subscribed) == (1, 4, 1), 5, "every SUBACK")
         hub.client.publish("edgekit/v1/dev-b/config/desired", b"for b", qos=1)
         hub.client.publish("edgekit/v1/dev-a/config/desired", b"for a", qos=1)
         a.client.publish("edgekit/v1/dev-b/telemetry", b"a pretending to be b", qos=1)
         a.client.publish("edgekit/v1/dev-b/config/desired", b"a steering b", qos=1)
         a.client.publish("edgekit/v1/dev-a/telemetry", b"a's own", qos=1)
         wait_until(lambda: ("edgekit/v1/dev-a/telemetry", b"a's own") in hub.messages, 5, "a's own telemetry")
-        time.sleep(0.3)  # anything A was (wrongly) allowed would have arrived with its own message
-        assert a.messages == [("edgekit/v1/dev-a/config/desired", b"for a")]
-        assert b.messages == [("edgekit/v1/dev-b/config/desired", b"for b")]
+        # Mosquitto routes messages in the order they come in: A's publishes were routed before its own telemetry
+        # reached the hub, so a marker the hub sends now reaches A and B after anything (wrongly) routed to them.
+        desired_a, desired_b = "edgekit/v1/dev-a/config/desired", "edgekit/v1/dev-b/config/desired"
+        for topic, client in ((desired_a, a), (desired_b, b)):
+            hub.client.publish(topic, b"marker", qos=1)
+            wait_until(lambda c=client, t=topic: (t, b"marker") in c.messages, 5, f"the marker on {topic}")
+        assert a.messages == [(desired_a, b"for a"), (desired_a, b"marker")]
+        assert b.messages == [(desired_b, b"for b"), (desired_b, b"marker")]
         assert ("edgekit/v1/dev-b/telemetry", b"a pretending to be b") not in hub.messages
         assert ("edgekit/v1/dev-b/config/desired", b"a steering b") not in hub.messages
         intruder = Client(broker.port, "dev-a", "wrong password")

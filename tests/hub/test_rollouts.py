@@ -22,7 +22,7 @@ from edgekit.bundle import sha256_file
 from edgekit.errors import BadInput
 from edgekit.hub.db import Deployment, DeploymentDevice, Device
 from edgekit.hub.rollouts import outcome, wave_sizes
-from edgekit.protocol import DesiredState
+from edgekit.protocol import DesiredState, Topic, device_topic, encode
 
 TIMEOUT_S = 90.0
 DESIRED = "edgekit/v1/+/config/desired"
@@ -227,8 +227,14 @@ def test_manual_halt_rolls_back_healthy_and_in_flight_devices(hub, bundles, tmp_
         sent = _desired_sent(sub)
         assert set(sent) == {"dev-0", "dev-1"}, sorted(sent)
         assert [s.bundle.id for s in sent["dev-1"]] == [v2, v1]
-        time.sleep(1.0)  # a few more ticks: a halted deployment stays halted and sends nothing more
-        assert _deployment(hub, deployment.id).state == "halted" and set(_desired_sent(sub)) == {"dev-0", "dev-1"}
+        # A halted deployment stays halted and sends nothing more: two more ticks of the driver, then a marker
+        # through the hub's own connection, after which whatever those ticks published has arrived.
+        ticks = hub.driver.ticks
+        wait_until(lambda: hub.driver.ticks >= ticks + 2, TIMEOUT_S, "two more driver ticks")
+        hub.publish(device_topic("marker", Topic.DESIRED), encode(DesiredState(rev=1)))
+        sub.wait_for(lambda messages: any("/marker/" in topic for topic, _ in messages), topic_filter=DESIRED)
+        assert _deployment(hub, deployment.id).state == "halted"
+        assert set(_desired_sent(sub)) == {"dev-0", "dev-1", "marker"}
 
 
 def test_restarted_hub_resumes_the_rollout(make_hub, bundles, tmp_path):
@@ -243,7 +249,7 @@ def test_restarted_hub_resumes_the_rollout(make_hub, bundles, tmp_path):
         # 10 health checks at 5 fps: each device takes ≥ 2 s on the new bundle, so a wave is in flight for a while.
         deployment = hub.rollouts.create(record.id, "all", wave_timeout_s=60, actor="test", health_checks=10)
         wait_until(lambda: _deployment(hub, deployment.id).current_wave >= 1, TIMEOUT_S, "wave 1 to start")
-        # Hub.stop() stops the controller too, only after the HTTP server: stopping it first (the same call) keeps
+        # Hub.stop() stops the driver too, once the HTTP server has answered what is open: stopping it first keeps
         # a slow shutdown on a loaded machine from letting the rollout run on to its end before the restart.
         hub.driver.stop()
         hub.stop()
