@@ -2,10 +2,12 @@
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import paho.mqtt.client as mqtt
 from brokers import host_port
 
+from edgekit.agents.memory import MemoryLink
 from edgekit.bundle import sha256_file
 from edgekit.hub.broker import EmbeddedBroker
 from edgekit.hub.transfer import BundleServer
@@ -21,16 +23,12 @@ def desired_for(bundle: Path, rev: int, version: str, name: str = "digits", **fi
 
 
 class ServedBundles:
-    """A BundleServer on its own MQTT connection; `add(path)` makes a bundle downloadable by its sha256."""
+    """The hub's BundleServer answering chunk requests from `files`; `add(path)` makes a bundle downloadable by its
+    sha256."""
 
-    def __init__(self, broker: EmbeddedBroker) -> None:
+    def __init__(self, client) -> None:
         self.files: dict[str, Path] = {}
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-bundle-server")
-        self.server = BundleServer(self.client, self.files.get)
-        self.client.on_connect = lambda *args: self.server.start()
-        self.client.reconnect_delay_set(0.1, 1)
-        self.client.connect(*host_port(broker.url))
-        self.client.loop_start()
+        self.server = BundleServer(client, self.files.get)
 
     def add(self, path: Path) -> str:
         bundle_id = sha256_file(path)
@@ -39,8 +37,42 @@ class ServedBundles:
 
     def close(self) -> None:
         self.server.stop()
+
+
+class MqttServedBundles(ServedBundles):
+    """On its own MQTT connection to `broker`."""
+
+    def __init__(self, broker: EmbeddedBroker) -> None:
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-bundle-server")
+        super().__init__(self.client)
+        self.client.on_connect = lambda *args: self.server.start()
+        self.client.reconnect_delay_set(0.1, 1)
+        self.client.connect(*host_port(broker.url))
+        self.client.loop_start()
+
+    def close(self) -> None:
+        super().close()
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class MemoryHubClient:
+    """The hub's end of a MemoryLink, with the three methods of a paho client that BundleServer uses."""
+
+    def __init__(self, link: MemoryLink) -> None:
+        self.link = link
+
+    def message_callback_add(self, topic_filter: str, callback) -> None:
+        def as_paho_message(topic: str, payload: bytes) -> None:
+            callback(self, None, SimpleNamespace(topic=topic, payload=payload))
+
+        self.link.on_send(topic_filter, as_paho_message)
+
+    def subscribe(self, topic_filter: str, qos: int) -> None:
+        """Nothing to do: message_callback_add routes."""
+
+    def publish(self, topic: str, payload: bytes, qos: int) -> None:
+        self.link.deliver(topic, payload)
 
 
 def agent_command(broker_url: str, data_dir: Path, trust_key: Path, *extra: str, device_id: str = "dev-1") -> list:

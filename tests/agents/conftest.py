@@ -1,15 +1,21 @@
-"""Agent fixtures: signed bundles of real models, a bundle server next to a broker, agents that stop themselves."""
+"""Agent fixtures: signed bundles of real models, a bundle server next to a broker or on an in-memory link, agents
+that stop themselves."""
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
-from agent_helpers import ServedBundles
+from agent_helpers import MemoryHubClient, MqttServedBundles, ServedBundles
 from helpers import compile_bundle
 
 from edgekit.agents.agent import Agent, AgentSettings
+from edgekit.agents.memory import MemoryLink
 from edgekit.hub.broker import EmbeddedBroker
 from edgekit.mqtt import Backoff
+
+BIG_VERSION = "2.0.0"
+HIDDEN = 32_000  # 64x32000 + 32000x10 fp32 weights: a ~9.5 MB bundle, 37 chunks of 256 KiB
 
 
 @pytest.fixture(scope="session")
@@ -49,25 +55,73 @@ def cnn_bundle(
     return compile_bundle(small_cnn_model, small_cnn_calibration, signing_keys[0], "1.0.0", out, "cnn")
 
 
+@pytest.fixture(scope="session")
+def big_bundle(signing_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits 2.0.0: an ONNX MLP with input (1, 64) and a few MB of weights, signed, so a download takes a while."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder = tmp_path_factory.mktemp("big-bundle")
+    rng = np.random.default_rng(7)
+    w1 = (rng.standard_normal((64, HIDDEN)) / 8).astype(np.float32)
+    w2 = (rng.standard_normal((HIDDEN, 10)) / np.sqrt(HIDDEN)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["input", "w1"], ["hidden"]), helper.make_node("Relu", ["hidden"], ["relu"]),
+             helper.make_node("MatMul", ["relu", "w2"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1)]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "big_mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 10])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(folder / "big.onnx"))
+    np.savez(folder / "calibration.npz", input=rng.random((20, 64), dtype=np.float32))
+    out = compile_bundle(folder / "big.onnx", folder / "calibration.npz", signing_keys[0], BIG_VERSION,
+                         folder / f"digits-{BIG_VERSION}.ekb")  # fmt: skip
+    assert out.stat().st_size > 5_000_000
+    return out
+
+
 @pytest.fixture
 def served(broker: EmbeddedBroker) -> Iterator[ServedBundles]:
-    bundles = ServedBundles(broker)
+    bundles = MqttServedBundles(broker)
+    yield bundles
+    bundles.close()
+
+
+@pytest.fixture
+def link() -> MemoryLink:
+    """An in-memory link for one agent: the test plays the broker and the hub."""
+    return MemoryLink()
+
+
+@pytest.fixture
+def served_in_memory(link: MemoryLink) -> Iterator[ServedBundles]:
+    """The hub's BundleServer answering the chunk requests `link`'s agent sends."""
+    bundles = ServedBundles(MemoryHubClient(link))
+    bundles.server.start()
     yield bundles
     bundles.close()
 
 
 @pytest.fixture
 def start_agent(tmp_path: Path, signing_keys: tuple[Path, Path]) -> Iterator[Callable[..., Agent]]:
-    """start(broker, device_id="dev-1", **settings) → a started in-process Agent, stopped at teardown.
+    """start(broker, device_id="dev-1", link=None, **settings) → a started in-process Agent, stopped at teardown.
 
-    Defaults: trusts the session key, data under tmp_path/<device_id>, telemetry every 0.5 s, fast backoff."""
+    `broker` is an EmbeddedBroker, or None with `link` (a MemoryLink). Defaults: trusts the session key, data under
+    tmp_path/<device_id>, telemetry every 0.5 s, fast backoff."""
     agents: list[Agent] = []
 
-    def start(broker: EmbeddedBroker, device_id: str = "dev-1", **settings) -> Agent:
-        fields = {"device_id": device_id, "broker": broker.url, "data_dir": tmp_path / device_id,
-                  "trust_key": signing_keys[1], "telemetry_s": 0.5, "threads": 1,
+    def start(broker: EmbeddedBroker | None, device_id: str = "dev-1", link: MemoryLink | None = None,
+              **settings) -> Agent:  # fmt: skip
+        fields = {"device_id": device_id, "broker": broker.url if broker else "memory:",
+                  "data_dir": tmp_path / device_id, "trust_key": signing_keys[1], "telemetry_s": 0.5, "threads": 1,
                   "backoff": Backoff(initial_s=0.2, max_s=1.0), **settings}  # fmt: skip
-        agent = Agent(AgentSettings(**fields))
+        agent = Agent(AgentSettings(**fields), link=link)
         agent.start()
         agents.append(agent)
         return agent

@@ -19,20 +19,16 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from agent_helpers import agent_command, desired_for
 from brokers import Subscriber, publish_many, wait_until
 from reliability import record as record_figure
-from typer.testing import CliRunner
 
 from edgekit.agents.bundles import ActiveRecord
 from edgekit.bundle import sha256_file
-from edgekit.cli import app
 from edgekit.protocol import Event, ReportedState, Status, device_topic, encode
 
-OLD, NEW = "1.0.0", "2.0.0"
-HIDDEN = 32_000  # 64x32000 + 32000x10 fp32 weights: a ~9.5 MB bundle, 37 chunks of 256 KiB
+OLD, NEW = "1.0.0", "2.0.0"  # NEW: the big_bundle fixture's version (conftest.py)
 MODES = ("startup", "downloading", "verifying", "testing", "trial")
 # How far each message says the update got; a kill is attributed to the furthest one received before it.
 RANK = ["starting", "running", "downloading", "verifying", "testing", "switching", "trial", "healthy"]
@@ -41,41 +37,6 @@ UPDATE_PHASES = {"downloading", "verifying", "testing", "switching", "trial"}
 EVENT_PHASE = {"agent.started": "running", "update.started": "downloading", "update.downloaded": "verifying",
                "update.selftest": "switching", "update.activated": "trial", "update.healthy": "healthy"}  # fmt: skip
 TIMEOUT_S = 60.0
-
-
-@pytest.fixture(scope="session")
-def big_bundle(signing_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """digits 2.0.0: an ONNX MLP with input (1, 64) and a few MB of weights, signed, so a download takes a while."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    folder = tmp_path_factory.mktemp("big-bundle")
-    rng = np.random.default_rng(7)
-    w1 = (rng.standard_normal((64, HIDDEN)) / 8).astype(np.float32)
-    w2 = (rng.standard_normal((HIDDEN, 10)) / np.sqrt(HIDDEN)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["input", "w1"], ["hidden"]), helper.make_node("Relu", ["hidden"], ["relu"]),
-             helper.make_node("MatMul", ["relu", "w2"], ["logits"]),
-             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1)]  # fmt: skip
-    graph = helper.make_graph(
-        nodes,
-        "big_mlp",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 64])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 10])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(folder / "big.onnx"))
-    np.savez(folder / "calibration.npz", input=rng.random((20, 64), dtype=np.float32))
-    out = folder / f"digits-{NEW}.ekb"
-    args = ["compile", str(folder / "big.onnx"), "-p", "x86-64-avx2", "--precision", "fp32", "--backend",
-            "onnxruntime", "--calibration", str(folder / "calibration.npz"), "--sign-key", str(signing_keys[0]),
-            "--bundle-version", NEW, "--name", "digits", "--bench-seconds", "0.02", "-o", str(out)]  # fmt: skip
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    assert out.stat().st_size > 5_000_000
-    return out
 
 
 def _phase(messages: list[tuple[str, bytes]]) -> str:
