@@ -26,9 +26,10 @@ from reliability import record as record_figure
 
 from edgekit.agents.bundles import ActiveRecord
 from edgekit.bundle import sha256_file
-from edgekit.protocol import Event, ReportedState, Status, device_topic, encode
+from edgekit.protocol import Event, ReportedState, Status, Telemetry, device_topic, encode
 
 OLD, NEW = "1.0.0", "2.0.0"  # NEW: the big_bundle fixture's version (conftest.py)
+NEW_LABEL = f"digits@{NEW}"
 MODES = ("startup", "downloading", "verifying", "testing", "trial")
 # How far each message says the update got; a kill is attributed to the furthest one received before it.
 RANK = ["starting", "running", "downloading", "verifying", "testing", "switching", "trial", "healthy"]
@@ -111,14 +112,20 @@ def _online_since(sub: Subscriber, device: str, since: float) -> Status | None:
     return None
 
 
+def _telemetry_since(sub: Subscriber, device: str, since: float) -> list[Telemetry]:
+    telemetry = [Telemetry.model_validate_json(p) for _, p in sub.messages(device_topic(device, "telemetry"))]
+    return [t for t in telemetry if t.ts >= since]
+
+
 def _reported_since(sub: Subscriber, device: str, since: float) -> list[ReportedState]:
     topic = device_topic(device, "config/reported")
     reported = [ReportedState.model_validate_json(p) for _, p in sub.messages(topic)]
     return [r for r in reported if r.ts >= since]
 
 
-# Not the bundle chunks: megabytes the subscriber would have to read before the state messages behind them.
-WATCHED = [device_topic("+", name) for name in ("status", "config/reported", "events")]
+# Not the bundle chunks: megabytes the subscriber would have to read before the state messages behind them; nor
+# results, thousands of them: telemetry (every 0.5 s) says how many inferences ran.
+WATCHED = [device_topic("+", name) for name in ("status", "config/reported", "events", "telemetry")]
 
 
 def _log_tail(log: Path) -> str:
@@ -199,7 +206,7 @@ class Rounds:
         if mode != "startup":
             self._wait_for_phase(data, mode, process, log)
             started = time.monotonic()
-        time.sleep(max(0.0, started + delay - time.monotonic()))
+        time.sleep(max(0.0, started + delay - time.monotonic()))  # deliberate: the kill moment drawn for this round
         told = _phase(sub.messages(f"edgekit/v1/{device}/#"))
         assert process.poll() is None, f"the agent exited before the kill; {_log_tail(log)}"
         process.kill()
@@ -208,9 +215,9 @@ class Rounds:
         part = data / "downloads" / f"{self.new_id}.part"
         detail = f" ({part.stat().st_size} of {self.new.stat().st_size} bytes)" if hit == "downloading" else ""
         record = _check_left_behind(data, self.work / f"{device}-outbox-copy")
-        # Its Last Will says offline once the broker notices the dead connection; wait for it so that the
-        # next "online" is surely the restarted agent's.
-        time.sleep(0.3)
+        # Once it was seen online, its Last Will says offline when the broker notices the dead connection; wait for
+        # it, so that the broker is done with the old session before the same client id connects again. (An
+        # "online" still on its way is harmless: only statuses stamped after the restart count below.)
         # amqtt, a Python broker sharing 2 loaded cores with the test, has taken over 15 s to notice.
         wait_until(lambda: _last_state(sub, device) in (None, "offline"), 45, f"{device}'s Last Will")
 
@@ -270,7 +277,11 @@ class Rounds:
         status = _online_since(sub, device, restarted)
         assert status is not None and status.bundle is not None, _log_tail(log)
         assert status.bundle.version == NEW, f"a restart after the update came back on {status.bundle.version}"
-        time.sleep(1.0)  # a few inferences on it
+
+        def inferred() -> int:
+            return sum(t.inferences for t in _telemetry_since(sub, device, restarted) if t.bundle == NEW_LABEL)
+
+        wait_until(lambda: inferred() >= 5 or process.poll() is not None, TIMEOUT_S, "inferences on the new bundle")
         assert process.poll() is None, _log_tail(log)
         assert _read_record(self.work / device) == ActiveRecord(active=self.new_id, previous=self.old_id, trial=False)
         process.terminate()

@@ -13,7 +13,8 @@ from edgekit.protocol import Event, Result, Telemetry
 DEVICE = "edgekit/v1/dev-1"
 TOPICS = f"{DEVICE}/#"
 SEQUENCED = {f"{DEVICE}/results": Result, f"{DEVICE}/telemetry": Telemetry, f"{DEVICE}/events": Event}
-RUN_S = 5.0
+BEFORE_OUTAGE = 30  # messages through the broker before it stops (3 s at 10 results/s)
+START_TIMEOUT_S = 30.0
 OUTAGE_S = 30.0  # the issue's number: keep it
 REPLAY_TIMEOUT_S = 60.0
 
@@ -70,8 +71,8 @@ def test_broker_outage_loses_nothing_and_keeps_order(broker, start_agent, digits
     subscribers = [Subscriber(broker.url, TOPICS, client_id="outage-sub", clean_session=False)]
     try:
         agent = start_agent(broker, bundle=digits_bundle("1.0.0"), source="synthetic:?fps=10", **settings)
-        time.sleep(RUN_S)
-        assert len(_sequenced(subscribers)) >= 30, f"too few messages in the first {RUN_S:g} s at 10 results/s"
+        wait_until(lambda: len(_sequenced(subscribers)) >= BEFORE_OUTAGE, START_TIMEOUT_S,
+                   f"{BEFORE_OUTAGE} messages before the outage")  # fmt: skip
 
         if amqtt:
             _stop_amqtt_between_messages(broker, agent, subscribers[0])
@@ -79,7 +80,7 @@ def test_broker_outage_loses_nothing_and_keeps_order(broker, start_agent, digits
             broker.stop()
         stopped = time.monotonic()
         before = max((seq for seq, _ in _sequenced(subscribers)), default=0)
-        time.sleep(OUTAGE_S)
+        time.sleep(OUTAGE_S)  # deliberate: the outage itself, as long as the issue asks for
         queued = agent.outbox.depth()
         assert not agent.link.connected
         connects = agent.link.connects
