@@ -49,9 +49,10 @@ class MemoryLink:
             self._send(topic, payload)
 
     def publish_direct(self, topic: str, payload: bytes, qos: int = 1) -> bool:
-        if self.connected:
-            self._send(topic, payload)
-        return self.connected
+        if not self.connected:
+            return False
+        self._send(topic, payload)
+        return True
 
     def notify(self) -> None:
         """Sends the whole outbox at once, in the caller's thread: delivered means acknowledged here."""
@@ -102,7 +103,8 @@ class MemoryLink:
         """Until predicate(messages(topic_filter)) holds; returns those messages. TimeoutError after `timeout`."""
         with self._changed:
             if not self._changed.wait_for(lambda: predicate(self.messages(topic_filter)), timeout):
-                raise TimeoutError(f"no matching messages on {topic_filter} in {timeout:g} s")
+                got = self.messages(topic_filter)
+                raise TimeoutError(f"{timeout:g} s without the messages awaited on {topic_filter}; got {got[-5:]}")
         return self.messages(topic_filter)
 
     def _send(self, topic: str, payload: bytes) -> None:
