@@ -131,6 +131,12 @@ class Runner:
             self._restart_source()  # e.g. a serial window size follows the model's input
         return health
 
+    def unload(self) -> None:
+        """Stop inferring: no model, and its source closed (nothing to feed); use_model starts both again."""
+        with self._lock:
+            self._model, self._health = None, None
+        self._stop_source()
+
     def use_source(self, config: SourceConfig | None) -> None:
         if config == self._source_config and (config is None or self._source_thread):
             return

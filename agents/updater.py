@@ -237,6 +237,9 @@ class Updater:
         if restored:
             self.store.set_record(ActiveRecord(active=previous.id, previous=None))
             self.runner.use_model(restored)
+        else:  # a model that failed its health check must not go on serving results
+            self.store.set_record(ActiveRecord())
+            self.runner.unload()
         self.store.prune({previous.id} if previous else set())
         back = restored.bundle.label if restored else "no bundle"
         self._host.report("update.rolled_back", f"{model.bundle.label} failed its health check ({reason}); "

@@ -454,7 +454,8 @@ def test_health_check_failure_with_an_unloadable_previous_bundle_rolls_back_to_n
     assert event.message.endswith("back to no bundle")
     reported = _wait_update_state(link, "rolled_back", rev=1)
     assert "the previous bundle cannot be loaded either" in reported.update.detail
-    assert not agent.store.has(cnn_id)
+    assert reported.bundle is None and agent.runner.model is None
+    assert not agent.store.has(cnn_id) and agent.store.record() == ActiveRecord()
 
 
 # ---- what a restart finds -------------------------------------------------------------------------------------
