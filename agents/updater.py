@@ -113,12 +113,14 @@ class Updater:
         try:
             self._check_version(target, current)
             self._host.report("update.started", f"updating to {target.name}@{target.version}", bundle=target.id)
+            self._check_verifiable(target)
             bundle_file = self._fetch(target)
             self._set_phase("verifying", target.id)
             candidate = self._verify(target, bundle_file)
             self._set_phase("testing", target.id)
             model = self._self_test(candidate)
         except UpdateFailed as error:
+            self.store.prune(self._kept_bundles())  # a refused candidate leaves nothing behind
             kind = "update.refused" if error.phase == "refused" else "update.failed"
             self._host.report(kind, str(error), level="error", bundle=target.id, version=target.version)
             self._set_phase(error.phase, target.id, str(error))
@@ -135,6 +137,11 @@ class Updater:
                 "(set allow_downgrade in the desired bundle to force it)",
             )
 
+    def _check_verifiable(self, target: BundleRef) -> None:
+        """Refuse before downloading what could never be verified."""
+        if self._trust_key is None and not self.store.has(target.id):
+            raise UpdateFailed("refused", "no trust key configured (--trust-key): refusing unverifiable bundles")
+
     def _fetch(self, target: BundleRef) -> Path | None:
         """The bundle file, fetched (resuming a partial download) unless it is already installed."""
         if self.store.has(target.id):
@@ -150,8 +157,7 @@ class Updater:
     def _verify(self, target: BundleRef, bundle_file: Path | None) -> Installed:
         if bundle_file is None:
             return self.store.get(target.id)
-        if self._trust_key is None:
-            raise UpdateFailed("refused", "no trust key configured (--trust-key): refusing unverifiable bundles")
+        assert self._trust_key is not None, "_check_verifiable refuses before the download"
         try:
             installed = self.store.install(bundle_file, self._trust_key, expected_id=target.id)
         except EdgekitError as error:
@@ -160,7 +166,6 @@ class Updater:
             bundle_file.unlink(missing_ok=True)
         manifest = installed.manifest
         if (manifest.name, manifest.version) != (target.name, target.version):
-            self.store.prune(self._kept_bundles())
             raise UpdateFailed(
                 "refused",
                 f"the bundle is {manifest.name}@{manifest.version}, desired state says {target.name}@{target.version}",
@@ -189,7 +194,6 @@ class Updater:
         self._host.report("update.selftest", f"self-test {'passed' if outcome_ok else 'failed'}: {detail}",
                           level="info" if outcome_ok else "error", bundle=installed.id, passed=outcome_ok)  # fmt: skip
         if not outcome_ok:
-            self.store.prune(self._kept_bundles())
             raise UpdateFailed("refused", f"self-test failed: {detail}")
         return model
 

@@ -352,6 +352,9 @@ def test_without_a_trust_key_every_bundle_is_refused(start_agent, link, served_i
     reported = _wait_update_state(link, "refused", rev=1)
     assert reported.update.bundle == bundle_id and reported.bundle is None
     assert agent.runner.model is None and not agent.store.has(bundle_id)
+    # Refused before the download: nothing was fetched that could never be verified.
+    assert "update.downloaded" not in [e.type for e in _events(link)]
+    assert not list((agent.settings.data_dir / "downloads").glob("*"))
 
 
 def test_downgrade_is_refused_unless_allowed(start_agent, link, served_in_memory, digits_bundle):
@@ -386,10 +389,11 @@ def test_bundle_the_runtime_cannot_load_is_refused(
     start_agent, link, served_in_memory, digits_bundle, signing_keys, tmp_path: Path
 ):
     bad = _resigned(digits_bundle("1.1.0"), signing_keys, tmp_path, _garbage_model)
-    served_in_memory.add(bad)
-    _offer_from_old(start_agent, link, digits_bundle, bad, "update.refused",
-                    "onnxruntime cannot load artifacts/model.onnx")  # fmt: skip
+    bad_id = served_in_memory.add(bad)
+    agent, _ = _offer_from_old(start_agent, link, digits_bundle, bad, "update.refused",
+                               "onnxruntime cannot load artifacts/model.onnx")  # fmt: skip
     assert "update.selftest" not in [e.type for e in _events(link)]
+    assert not agent.store.has(bad_id)
 
 
 def test_selftest_mismatch_is_refused_and_the_bundle_removed(
