@@ -11,7 +11,6 @@ signature check plus one hash per file proves the whole bundle.
 
 import hashlib
 import io
-import shutil
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
@@ -27,6 +26,11 @@ from edgekit.signing import key_id, sign, signature_matches
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 RESERVED = {MANIFEST_FILE, SIGNATURE_FILE}
+SIGNATURE_BYTES = 64  # raw Ed25519
+# A manifest lists each file in ~150 bytes: 4 MiB is tens of thousands of files, far beyond any model bundle, and
+# bounds what is read into memory before the signature is checked.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+COPY_BLOCK = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
@@ -66,48 +70,68 @@ def write_bundle(root: Path, manifest: Manifest, private_key: Ed25519PrivateKey,
         partial.unlink(missing_ok=True)
 
 
-def unpack(bundle: Path, dest: Path) -> None:
-    """Extract every member; each must be a regular file at a relative path inside dest (no links, devices,
-    absolute paths or `..`). Checked here rather than with tarfile's `filter="data"`, which arrived in Python
-    3.11.4: Debian 12 and Raspberry Pi OS ship 3.11.2, where the agent must unpack bundles just the same."""
+def open_bundle(bundle: Path, dest: Path, trust_key: Ed25519PublicKey | None) -> Manifest:
+    """Check, then unpack into dest: the signature (when a trust key is given) and the manifest are checked before
+    anything is written, and then only the files the manifest lists are written, each no larger than it declares.
+
+    manifest.json and manifest.sig are the tar's first two members (write_bundle puts them there). Each listed
+    file must be a regular, non-sparse member at a safe relative path, and is streamed with its declared size as
+    a hard limit and hashed on the way; links, devices, sparse files, unlisted and repeated members are refused.
+    So a bundle writes at most what its manifest declares, and, with a trust key, nothing before the signature
+    holds. Checked here rather than with tarfile's `filter="data"` (Python 3.11.4+): Debian 12 and Raspberry Pi
+    OS ship 3.11.2, where the agent must open bundles just the same."""
     if not bundle.is_file():
         raise BadInput(f"{bundle}: no such bundle file")
     try:
         with tarfile.open(bundle, "r:") as tar:
-            for member in tar:
-                target = _member_target(bundle, dest, member)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                source = tar.extractfile(member)
-                assert source is not None, "_member_target admits regular files only"
-                with source, open(target, "wb") as out:
-                    shutil.copyfileobj(source, out)
+            manifest_bytes = _read_small_member(bundle, tar, MANIFEST_FILE, MAX_MANIFEST_BYTES)
+            signature = _read_small_member(bundle, tar, SIGNATURE_FILE, SIGNATURE_BYTES)
+            if trust_key is not None:
+                _check_signature(bundle, manifest_bytes, signature, trust_key)
+            manifest = _parse_manifest(bundle, manifest_bytes)
+            _check_listed_paths(bundle, manifest)
+            dest.mkdir(parents=True, exist_ok=True)
+            (dest / MANIFEST_FILE).write_bytes(manifest_bytes)
+            (dest / SIGNATURE_FILE).write_bytes(signature)
+            _extract_listed(bundle, tar, manifest, dest)
             archive_end = tar.offset
     except (tarfile.TarError, EOFError) as error:
         raise OperationFailed(f"{bundle}: truncated or not an edgekit bundle ({error})") from None
     _check_archive_end(bundle, archive_end)
+    return manifest
 
 
-def _member_target(bundle: Path, dest: Path, member: tarfile.TarInfo) -> Path:
+def _safe_member(bundle: Path, member: tarfile.TarInfo) -> PurePosixPath:
+    """The member's relative path, if it is a regular, non-sparse file at a path inside the bundle."""
     path = PurePosixPath(member.name)
-    if not member.isfile() or path.is_absolute() or ".." in path.parts or not path.parts:
+    regular = member.type in (tarfile.REGTYPE, tarfile.AREGTYPE) and member.sparse is None
+    if not regular or path.is_absolute() or ".." in path.parts or not path.parts:
         raise OperationFailed(f"{bundle}: unsafe member rejected: {member.name!r} (a bundle holds only regular "
                               "files at relative paths)")  # fmt: skip
-    return dest.joinpath(*path.parts)
+    return path
 
 
-def _check_archive_end(bundle: Path, archive_end: int) -> None:
-    """tarfile accepts an archive cut after its last member; a complete one has the two zero blocks and whole
-    512-byte blocks, so anything shorter was truncated in transfer."""
-    size = bundle.stat().st_size
-    if size % tarfile.BLOCKSIZE or size < archive_end + 2 * tarfile.BLOCKSIZE:
-        raise OperationFailed(f"{bundle}: truncated ({size} bytes; the archive's end-of-file marker is missing)")
+def _read_small_member(bundle: Path, tar: tarfile.TarFile, name: str, limit: int) -> bytes:
+    member = tar.next()
+    if member is None or member.name != name:
+        found = f"'{member.name}'" if member is not None else "nothing"
+        raise OperationFailed(f"{bundle}: missing {name} (found {found} where an edgekit bundle has it; truncated, "
+                              "unsigned or not an edgekit bundle)")  # fmt: skip
+    _safe_member(bundle, member)
+    if member.size > limit:
+        raise OperationFailed(f"{bundle}: {name} is {member.size} bytes; a bundle's is at most {limit}")
+    source = tar.extractfile(member)
+    assert source is not None, "_safe_member admits regular files only"
+    with source:
+        return source.read()
 
 
-def _read_manifest_bytes(bundle: Path, root: Path) -> bytes:
-    manifest_path = root / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise OperationFailed(f"{bundle}: missing {MANIFEST_FILE} (truncated or not an edgekit bundle)")
-    return manifest_path.read_bytes()
+def _check_signature(bundle: Path, manifest_bytes: bytes, signature: bytes, trust_key: Ed25519PublicKey) -> None:
+    if not signature_matches(trust_key, signature, manifest_bytes):
+        raise OperationFailed(
+            f"{bundle}: signature check failed: {MANIFEST_FILE} was not signed by the trusted key "
+            f"{key_id(trust_key)} (it was modified, or signed by another key)"
+        )
 
 
 def _parse_manifest(bundle: Path, data: bytes) -> Manifest:
@@ -117,45 +141,65 @@ def _parse_manifest(bundle: Path, data: bytes) -> Manifest:
         raise OperationFailed(f"{bundle}: {MANIFEST_FILE} is invalid: {describe_validation_error(error)}") from None
 
 
-def _check_signature(bundle: Path, root: Path, manifest_bytes: bytes, trust_key: Ed25519PublicKey) -> None:
-    signature_path = root / SIGNATURE_FILE
-    if not signature_path.is_file():
-        raise OperationFailed(f"{bundle}: missing {SIGNATURE_FILE}; the bundle is unsigned or truncated")
-    if not signature_matches(trust_key, signature_path.read_bytes(), manifest_bytes):
-        raise OperationFailed(
-            f"{bundle}: signature check failed: {MANIFEST_FILE} was not signed by the trusted key "
-            f"{key_id(trust_key)} (it was modified, or signed by another key)"
-        )
+def _check_listed_paths(bundle: Path, manifest: Manifest) -> None:
+    """Every listed path is a distinct, safe relative file path, and none is also another one's folder."""
+    paths = [entry.path for entry in manifest.files]
+    folders = {str(parent) for path in paths for parent in PurePosixPath(path).parents}
+    for path in paths:
+        parts = PurePosixPath(path).parts
+        if not parts or PurePosixPath(path).is_absolute() or ".." in parts or path in RESERVED:
+            raise OperationFailed(f"{bundle}: {MANIFEST_FILE} lists an unsafe path {path!r}")
+        if path in folders:
+            raise OperationFailed(f"{bundle}: {MANIFEST_FILE} lists {path!r} both as a file and as a folder")
+    if len(set(paths)) != len(paths):
+        raise OperationFailed(f"{bundle}: {MANIFEST_FILE} lists a file twice")
 
 
-def _check_files(bundle: Path, root: Path, manifest: Manifest) -> None:
-    listed = {entry.path for entry in manifest.files}
-    for entry in manifest.files:
-        path = root / entry.path
-        if entry.path in RESERVED or not path.is_file():
-            raise OperationFailed(f"{bundle}: missing file {entry.path} listed in the manifest")
-        if path.stat().st_size != entry.size:
-            raise OperationFailed(f"{bundle}: {entry.path} is {path.stat().st_size} bytes, manifest says {entry.size}")
-        if sha256_file(path) != entry.sha256:
-            raise OperationFailed(f"{bundle}: {entry.path} sha256 does not match the manifest (file was modified)")
-    extra = sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.is_file() and p.relative_to(root).as_posix() not in listed | RESERVED
-    )
-    if extra:
-        raise OperationFailed(f"{bundle}: files not listed in the manifest: {', '.join(extra)}")
+def _extract_listed(bundle: Path, tar: tarfile.TarFile, manifest: Manifest, dest: Path) -> None:
+    expected = {entry.path: entry for entry in manifest.files}
+    written: set[str] = set()
+    while (member := tar.next()) is not None:
+        path = _safe_member(bundle, member).as_posix()
+        if path in written:
+            raise OperationFailed(f"{bundle}: {path} appears twice in the archive")
+        entry = expected.get(path)
+        if entry is None:
+            raise OperationFailed(f"{bundle}: files not listed in the manifest: {path}")
+        if member.size != entry.size:
+            raise OperationFailed(f"{bundle}: {path} is {member.size} bytes, manifest says {entry.size}")
+        _stream_member(bundle, tar, member, entry, dest)
+        written.add(path)
+    missing = sorted(set(expected) - written)
+    if missing:
+        raise OperationFailed(f"{bundle}: missing file {missing[0]} listed in the manifest")
 
 
-def open_bundle(bundle: Path, dest: Path, trust_key: Ed25519PublicKey | None) -> Manifest:
-    """Unpack into dest and check it: every file hash always, the signature when a trust key is given."""
-    unpack(bundle, dest)
-    manifest_bytes = _read_manifest_bytes(bundle, dest)
-    if trust_key is not None:
-        _check_signature(bundle, dest, manifest_bytes, trust_key)
-    manifest = _parse_manifest(bundle, manifest_bytes)
-    _check_files(bundle, dest, manifest)
-    return manifest
+def _stream_member(bundle: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, entry: FileEntry, dest: Path) -> None:
+    """Copy one member to its listed path, never past its declared size, and check its sha256 on the way."""
+    target = dest.joinpath(*PurePosixPath(entry.path).parts)
+    source = tar.extractfile(member)
+    assert source is not None, "_safe_member admits regular files only"
+    digest, size = hashlib.sha256(), 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with source, open(target, "xb") as out:
+        while block := source.read(min(COPY_BLOCK, entry.size - size + 1)):
+            size += len(block)
+            if size > entry.size:
+                raise OperationFailed(f"{bundle}: {entry.path} is longer than the {entry.size} bytes listed")
+            digest.update(block)
+            out.write(block)
+    if size != entry.size:
+        raise OperationFailed(f"{bundle}: {entry.path} is {size} bytes, manifest says {entry.size}")
+    if digest.hexdigest() != entry.sha256:
+        raise OperationFailed(f"{bundle}: {entry.path} sha256 does not match the manifest (file was modified)")
+
+
+def _check_archive_end(bundle: Path, archive_end: int) -> None:
+    """tarfile accepts an archive cut after its last member; a complete one has the two zero blocks and whole
+    512-byte blocks, so anything shorter was truncated in transfer."""
+    size = bundle.stat().st_size
+    if size % tarfile.BLOCKSIZE or size < archive_end + 2 * tarfile.BLOCKSIZE:
+        raise OperationFailed(f"{bundle}: truncated ({size} bytes; the archive's end-of-file marker is missing)")
 
 
 def verify_bundle(bundle: Path, trust_key: Ed25519PublicKey) -> Manifest:
