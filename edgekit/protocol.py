@@ -19,6 +19,11 @@ SHA256 = r"^[0-9a-f]{64}$"
 # A payload larger than this is refused before it is parsed (chunks have their own bound).
 DEFAULT_MAX_PAYLOAD = 256 * 1024
 CHUNK_MAGIC = b"EKC1"
+# Revs fit a signed 64-bit column. A device reports its own rev, so the hub must be able to refuse one it cannot
+# go above (MAX_REV itself) rather than derive MAX_REV + 1 from it.
+MAX_REV = 2**63 - 1
+# No edge bundle comes near it; a bound keeps a made-up size from deriving an absurd download deadline.
+MAX_BUNDLE_SIZE = 16 * 1024**3
 
 
 class Topic:
@@ -76,7 +81,7 @@ class BundleRef(StrictModel):
     id: str = Field(pattern=SHA256)
     name: str
     version: str
-    size: int = Field(ge=1)
+    size: int = Field(ge=1, le=MAX_BUNDLE_SIZE)
 
 
 class Status(Payload):
@@ -183,7 +188,7 @@ class DesiredState(Payload):
 
     # Strict and bounded: "1", true or a 500-digit rev would otherwise be applied, and an absurd rev would make
     # every later (sane) desired state look stale.
-    rev: int = Field(ge=0, lt=2**63, strict=True)
+    rev: int = Field(ge=0, le=MAX_REV, strict=True)
     bundle: DesiredBundle | None = None
     source: str | dict[str, Any] | None = None
     task: Literal["auto", "classifier", "detector", "raw"] = "auto"
@@ -204,7 +209,8 @@ class UpdateState(StrictModel):
 
 
 class ReportedState(Payload):
-    rev: int = Field(ge=-1, description="The desired rev last converged to; -1 before any")
+    # Bounded and strict like DesiredState.rev: the hub derives the next desired rev from it.
+    rev: int = Field(ge=-1, le=MAX_REV, strict=True, description="The desired rev last converged to; -1 before any")
     ts: float = Field(default_factory=time.time)
     bundle: BundleRef | None = None
     previous_bundle: BundleRef | None = None
@@ -228,7 +234,7 @@ class ChunkHeader(Payload):
     bundle: str = Field(pattern=SHA256)
     index: int = Field(ge=0)
     total: int = Field(ge=1)
-    size: int = Field(ge=1, description="Bundle size in bytes")
+    size: int = Field(ge=1, le=MAX_BUNDLE_SIZE, description="Bundle size in bytes")
     sha256: str = Field(pattern=SHA256, description="Of this chunk's data")
     error: str | None = Field(None, description="Set (and no data) when the server cannot serve the bundle")
 

@@ -13,7 +13,9 @@ with its newest values, not once per message. Under load a batch is everything t
 was written (up to `batch_size`); the bigger the batch, the cheaper each message (`benchmarks/hub_bench.py`).
 
 A malformed message is counted in `stats.invalid` (by reason) and dropped; it never stops ingest and never costs
-the valid messages of its batch (see `Ingest._store`).
+the valid messages of its batch (see `Ingest._store`). That includes a `config/reported` whose rev is out of the
+protocol's bounds (`edgekit.protocol.MAX_REV`, "config/reported: invalid"): the rollout driver derives the next
+desired rev from the stored one, so an unbounded rev never reaches the database.
 """
 
 import json
@@ -217,8 +219,7 @@ class Ingest:
                 invalid[f"{kind}: invalid"] += 1
                 log.debug("invalid %s from %s: %s", kind, device_id, error)
                 continue
-            if kind in SEQUENCED and not (model.seq <= MAX_SEQ and math.isfinite(model.ts)):
-                # Valid JSON for the model, but not storable: the key must fit a BIGINT, time must be a time.
+            if not _in_range(kind, model):
                 invalid[f"{kind}: seq or ts out of range"] += 1
                 continue
             messages.append((device_id, kind, model))
@@ -280,6 +281,14 @@ class Ingest:
         self.stats.duplicates += duplicates
         self.stats.batches += 1
         return stored + [(d, k, m) for (d, k), m in states.items()]
+
+
+def _in_range(kind: str, model: Any) -> bool:
+    """Valid JSON for the model, but is it storable: a seq must fit its BIGINT key, and a time must be a time (an
+    infinite `ts` in a retained state would hold the device's last_seen forever). Revs are bounded by the model."""
+    if not math.isfinite(model.ts):
+        return False
+    return kind not in SEQUENCED or model.seq <= MAX_SEQ
 
 
 def _device_and_kind(topic: str) -> tuple:

@@ -12,6 +12,8 @@ Device outcomes come from `Device.reported` (the device's retained config/report
 - failed: it converged to our rev with the update refused (bad signature, self-test), rolled back (health check)
   or failed (download) — the agent is back on its old bundle by itself;
 - timed_out: neither within `wave_timeout_s` of the send.
+A member the hub cannot send to (a device reporting the highest rev there is, so it would ignore any desired state)
+fails at once. Members are resolved one by one: whatever one device reports never stops the wave for the others.
 Halting (automatic or `Deployments.halt()`) asks every device the deployment touched for its previous bundle again, with
 `allow_downgrade`, so the fleet's desired state matches what it runs.
 
@@ -36,7 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from edgekit.errors import BadInput
 from edgekit.hub.db import BundleRecord, Deployment, DeploymentDevice, Device
 from edgekit.hub.registry import Registry
-from edgekit.protocol import DEVICE_ID, DesiredState, Topic, device_topic, encode
+from edgekit.protocol import DEVICE_ID, MAX_REV, DesiredState, Topic, device_topic, encode
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +105,23 @@ def _reported(device: Device | None) -> dict[str, Any]:
     return (device.reported if device is not None else None) or {}
 
 
+class NoRevLeft(Exception):
+    """The device reports the highest rev there is: it would ignore any desired state the hub sends it."""
+
+
+def reported_rev(device: Device | None) -> int:
+    """The rev the device says it converged to, -1 when it has none the hub can use. Ingest validates it, but a row
+    written before revs were bounded (or by another hub version) is device data too: checked again here."""
+    rev = _reported(device).get("rev", -1)
+    return rev if type(rev) is int and -1 <= rev <= MAX_REV else -1
+
+
 def next_rev(device: Device) -> int:
     """Above both what the hub last asked for and what the device last applied (it ignores rev <= applied)."""
-    return max(device.desired_rev or 0, int(_reported(device).get("rev", -1))) + 1
+    rev = max(device.desired_rev or 0, reported_rev(device)) + 1
+    if rev > MAX_REV:
+        raise NoRevLeft(f"it reports rev {rev - 1}, the highest there is, so it would ignore any desired state")
+    return rev
 
 
 def outcome(member: DeploymentDevice, device: Device | None, bundle_id: str) -> tuple[str, str] | None:
@@ -120,7 +136,7 @@ def outcome(member: DeploymentDevice, device: Device | None, bundle_id: str) -> 
     if running == bundle_id and phase == "healthy" and update_state.get("bundle") == bundle_id:
         return "healthy", detail or "healthy"
     # Until it converged to our rev, a failure on record may be from an earlier attempt at the same bundle.
-    if int(reported.get("rev", -1)) < (member.rev or 0):
+    if reported_rev(device) < (member.rev or 0):
         return None
     if running == bundle_id and phase not in IN_PROGRESS_PHASES:
         return "healthy", "already running it"
@@ -253,7 +269,11 @@ def halt_loaded(loaded: _Loaded, publish: Publish, writes: _Writes, reason: str)
             continue
         if previous["id"] == deployment.bundle_id:
             continue  # it ran this bundle before the deployment: nothing to go back to
-        publish_desired(publish, device, previous, True, None, writes)
+        try:
+            publish_desired(publish, device, previous, True, None, writes)
+        except (NoRevLeft, ValidationError) as error:  # this device's own data: the others are still rolled back
+            writes.member(member, detail=f"{member.detail}; cannot roll back: {error}"[:2000])
+            continue
         if member.state != "failed":
             label = f"{previous['name']}@{previous['version']}"
             detail = f"{member.state}{': ' + member.detail if member.detail else ''}; rolled back to {label}"
@@ -335,11 +355,7 @@ class RolloutDriver:
             wave = loaded.wave(deployment.current_wave)
             now = time.time()
             for member in wave:
-                device = loaded.devices.get(member.device_id)
-                if member.state == "pending":
-                    self._send(deployment, bundle, member, device, writes)
-                elif member.state == "sent":
-                    self._resolve(deployment, member, device, now, writes)
+                self._advance(deployment, bundle, member, loaded.devices.get(member.device_id), now, writes)
             if any(member.state not in RESOLVED for member in wave):
                 break
             failures = [member for member in wave if member.state != "healthy"]
@@ -355,6 +371,23 @@ class RolloutDriver:
                 log.info("deployment #%d: wave %d done, starting wave %d", deployment.id, deployment.current_wave - 1,
                          deployment.current_wave)  # fmt: skip
         writes.commit(self.sessions)
+
+    def _advance(self, deployment: Deployment, bundle: BundleRecord, member: DeploymentDevice, device: Device | None,
+                 now: float, writes: _Writes) -> None:  # fmt: skip
+        """Send to or resolve one member. Whatever its device's row holds, an error fails this member alone: one
+        device must never hold up (or abort, tick after tick) the wave for the others."""
+        try:
+            if member.state == "pending":
+                self._send(deployment, bundle, member, device, writes)
+            elif member.state == "sent":
+                self._resolve(deployment, member, device, now, writes)
+        except NoRevLeft as error:
+            writes.member(member, state="failed", detail=f"cannot send: {error}", resolved_at=now)
+            log.warning("deployment #%d: %s failed: cannot send: %s", deployment.id, member.device_id, error)
+        except Exception as error:  # a bug or a row nobody foresaw: logged with its trace, the wave goes on
+            log.exception("deployment #%d: %s failed", deployment.id, member.device_id)
+            writes.member(member, state="failed", detail=f"the hub failed on this device: {error}"[:2000],
+                          resolved_at=now)  # fmt: skip
 
     def _send(self, deployment: Deployment, bundle: BundleRecord, member: DeploymentDevice, device: Device | None,
               writes: _Writes) -> None:  # fmt: skip
@@ -374,7 +407,12 @@ class RolloutDriver:
             if member.state != "sent" or device is None or not device.desired:
                 continue
             if device.desired.get("rev") == member.rev:
-                desired = DesiredState.model_validate(device.desired)
+                try:
+                    desired = DesiredState.model_validate(device.desired)
+                except ValidationError:  # stored by an older hub under looser bounds; the wave timeout resolves it
+                    log.warning("deployment #%d: %s: stored desired state no longer valid, not re-sent",
+                                member.deployment_id, device.id)  # fmt: skip
+                    continue
                 self.publish(device_topic(device.id, Topic.DESIRED), encode(desired), True)
 
     # ---- resolving ----------------------------------------------------------------------------------------------

@@ -308,7 +308,7 @@ def _worker(broker_url: str, url: str, share_group: str) -> None:
 def malformed(rng: random.Random, base: float) -> tuple[str, bytes, bool, str]:
     """One message that ingest must reject: (topic, payload, retain, what it is)."""
     good = json.loads(encode(Telemetry(seq=1, ts=base, fps=1.0)))
-    kind = rng.choice(["bytes", "schema", "json", "topic", "oversized", "other kind", "state"])
+    kind = rng.choice(["bytes", "schema", "json", "topic", "oversized", "other kind", "state", "state out of range"])
     topic = device_topic(f"bad-{rng.randrange(5)}", rng.choice([Topic.TELEMETRY, Topic.RESULTS, Topic.EVENTS]))
     if kind == "bytes":
         return topic, rng.randbytes(rng.randint(1, 300)), False, kind
@@ -336,7 +336,10 @@ def malformed(rng: random.Random, base: float) -> tuple[str, bytes, bool, str]:
     if kind == "other kind":  # a valid event payload where telemetry is expected
         event = Event(seq=2, ts=base, type="agent.started", message="hi")
         return device_topic("bad-2", Topic.TELEMETRY), encode(event), False, kind
-    payload = rng.choice([b'{"state": "sleeping"}', b'{"rev": "x"}', rng.randbytes(40)])
+    if kind == "state out of range":  # valid for the model, but an infinite ts would pin last_seen forever
+        return device_topic("bad-4", Topic.STATUS), b'{"state": "online", "ts": Infinity}', False, kind
+    revs = [b'{"rev": "x"}', b'{"rev": 9223372036854775808}', b'{"rev": "5"}', b'{"rev": -2}']
+    payload = rng.choice([b'{"state": "sleeping"}', rng.choice(revs), rng.randbytes(40)])
     return device_topic("bad-3", rng.choice([Topic.STATUS, Topic.REPORTED])), payload, False, kind
 
 
@@ -368,7 +371,8 @@ def test_malformed_payloads_do_not_stop_ingest(mosquitto, db_url: str, ingest_cl
     stats = hub.ingest.stats
     assert hub.ingest.running and hub.client.is_connected(), "ingest must keep running"
     assert sum(stats.invalid.values()) == 1000, dict(stats.invalid)
-    assert {"unknown topic", "telemetry: invalid", "events: invalid"} <= set(stats.invalid), dict(stats.invalid)
+    expected = {"unknown topic", "telemetry: invalid", "events: invalid", "status: seq or ts out of range"}
+    assert expected <= set(stats.invalid), dict(stats.invalid)
     assert (stats.stored, stats.failed) == (310, 0)
     assert len(set(stored_keys(hub.sessions))) == 310
     with hub.sessions() as session:

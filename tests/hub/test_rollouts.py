@@ -21,8 +21,8 @@ from sqlalchemy import select
 from edgekit.bundle import sha256_file
 from edgekit.errors import BadInput
 from edgekit.hub.db import Deployment, DeploymentDevice, Device
-from edgekit.hub.rollouts import outcome, wave_sizes
-from edgekit.protocol import DesiredState, Topic, device_topic, encode
+from edgekit.hub.rollouts import NoRevLeft, next_rev, outcome, wave_sizes
+from edgekit.protocol import MAX_REV, DesiredState, Topic, device_topic, encode
 
 TIMEOUT_S = 90.0
 DESIRED = "edgekit/v1/+/config/desired"
@@ -119,6 +119,17 @@ def test_outcome_waits_for_the_devices_rev():
     assert outcome(member, stale, bundle) == ("failed", "refused: self-test failed")
     running = Device(id="d", reported={"rev": 7, "bundle": {"id": bundle}, "update": {"state": "idle"}})
     assert outcome(member, running, bundle) == ("healthy", "already running it")
+
+
+def test_next_rev_comes_only_from_bounded_revs():
+    """The next rev is above the hub's last and the device's reported rev, but a stored rev that is not a bounded
+    integer (a row from before revs were bounded) is ignored, and no rev above MAX_REV is ever derived."""
+    assert next_rev(Device(id="d", desired_rev=3, reported={"rev": 9})) == 10
+    for unbounded in (2**70, "9", 9.0, True, -5, None):
+        assert next_rev(Device(id="d", desired_rev=3, reported={"rev": unbounded})) == 4, unbounded
+    assert next_rev(Device(id="d", desired_rev=3, reported={"rev": MAX_REV - 1})) == MAX_REV
+    with pytest.raises(NoRevLeft, match=f"reports rev {MAX_REV}, the highest there is"):
+        next_rev(Device(id="d", desired_rev=3, reported={"rev": MAX_REV}))
 
 
 def test_canary_failures_halt_and_roll_back(hub, bundles, tmp_path):
