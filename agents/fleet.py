@@ -28,6 +28,8 @@ class FleetSettings:
     prefix: str = "sim"
     telemetry_s: float = 5.0
     profile: str | None = None
+    # Each device's own broker URL (with its login, from `edgekit hub enroll`), by id; `broker` for the others.
+    brokers: dict[str, str] | None = None
 
 
 def device_ids(prefix: str, count: int) -> list[str]:
@@ -42,7 +44,7 @@ class Fleet:
             Agent(
                 AgentSettings(
                     device_id=device_id,
-                    broker=settings.broker,
+                    broker=(settings.brokers or {}).get(device_id, settings.broker),
                     data_dir=settings.data_dir / device_id,
                     trust_key=settings.trust_key,
                     bundle=settings.bundle,

@@ -19,6 +19,7 @@ from rich.console import Console
 from sqlalchemy import func, select
 
 from edgekit.errors import BadInput, OperationFailed
+from edgekit.mqtt import redact_url
 
 DEVICE_ID = "demo-cam-1"
 REPO = Path(__file__).resolve().parent.parent
@@ -134,12 +135,13 @@ class Demo:
             raise OperationFailed("the hub did not start (broker or HTTP server)")
         token = create_token(self.hub.sessions, f"demo-{int(time.time())}", "demo")
         kind = self.hub.embedded.kind if self.hub.embedded else "external"
-        self.console.print(f"hub: broker {kind} at {self.hub.broker_url}, dashboard {self.hub.http_url}")
+        self.console.print(f"hub: broker {kind} at {redact_url(self.hub.broker_url)}, dashboard {self.hub.http_url}")
         return token
 
     def start_agent(self, public_key: Path) -> None:
         out = self.settings.out
-        command = [sys.executable, "-m", "edgekit", "agent", "--broker", self.hub.broker_url, "--device-id",
+        broker = self.hub.enroll([DEVICE_ID])[0].broker_url()
+        command = [sys.executable, "-m", "edgekit", "agent", "--broker", broker, "--device-id",
                    DEVICE_ID, "--trust-key", str(public_key), "--source", f"video:{out / 'digits.avi'}?fps={VIDEO_FPS}",
                    "--data", str(out / "agent"), "--telemetry-s", "1", "--profile", host_profile()]  # fmt: skip
         log = open(out / "agent.log", "w")  # noqa: SIM115 (kept open for the agent's lifetime)

@@ -29,16 +29,26 @@ class BrokerAddress:
 def parse_broker_url(url: str) -> BrokerAddress:
     """`mqtt://[user:pass@]host[:1883]` or `mqtts://…[:8883]`; BadInput names what is wrong."""
     parsed = urlparse(url)
+    shown = redact_url(url)  # errors are printed and logged: never the password
     if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
-        raise BadInput(f"broker URL '{url}': expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        raise BadInput(f"broker URL '{shown}': expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
     tls = parsed.scheme == "mqtts"
     try:
         port = parsed.port or (8883 if tls else 1883)
     except ValueError:
-        raise BadInput(f"broker URL '{url}': the port must be a number from 1 to 65535") from None
+        raise BadInput(f"broker URL '{shown}': the port must be a number from 1 to 65535") from None
     user = unquote(parsed.username) if parsed.username else None
     password = unquote(parsed.password) if parsed.password else None
     return BrokerAddress(parsed.hostname, port, tls, user, password)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by ***, for logs and messages: `mqtt://cam-1:***@hub:1883`."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,11 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import pytest
-from paho.mqtt.client import CallbackAPIVersion, Client, MQTTMessage, topic_matches_sub
+from paho.mqtt.client import CallbackAPIVersion, Client, MQTTMessage, MQTTv5, topic_matches_sub
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgekit.hub.broker import AmqttBroker, EmbeddedBroker, MosquittoBroker, mosquitto_available
+from edgekit.mqtt import parse_broker_url
 
 BROKER_KINDS = ["mosquitto", "amqtt"]
 NO_MOSQUITTO = "Debian mosquitto not installed (make sysdeps installs it)"
@@ -49,6 +50,15 @@ def host_port(url: str) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or 1883
 
 
+def client_for(url: str, client_id: str = "", clean_session: bool = True) -> Client:
+    """A paho client (not connected) that logs in with the URL's user and password, if it has them."""
+    client = Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session)
+    address = parse_broker_url(url)
+    if address.username:
+        client.username_pw_set(address.username, address.password)
+    return client
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -77,7 +87,7 @@ class Subscriber:
         self._changed = threading.Condition()
         self.connections = 0
         self.subscriptions = 0
-        self.client = Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session)
+        self.client = client_for(url, client_id, clean_session)
         self.client.reconnect_delay_set(min_delay=0.1, max_delay=1)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
@@ -166,7 +176,7 @@ def publish_many(
     url: str, messages: list[tuple[str, bytes | str]], qos: int = 1, retain: bool = False, timeout: float = TIMEOUT_S
 ) -> None:
     """publish() for several messages over one connection, in order."""
-    client = Client(CallbackAPIVersion.VERSION2)
+    client = client_for(url)
     host, port = host_port(url)
     client.connect(host, port, keepalive=10)
     client.loop_start()
@@ -180,3 +190,66 @@ def publish_many(
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+class Probe:
+    """One plain paho MQTT 5 client, as an attacker or a victim would run it: records its CONNACK, its
+    disconnections, the reason codes of its SUBACKs and what it receives. Does not reconnect by itself."""
+
+    def __init__(self, url: str, client_id: str = "", timeout: float = TIMEOUT_S) -> None:
+        self.connacks: list[ReasonCode] = []
+        self.disconnects = 0
+        self.granted: list[list[ReasonCode]] = []
+        self._received: list[tuple[str, bytes]] = []
+        self._changed = threading.Condition()
+        self.client = Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTv5)
+        address = parse_broker_url(url)
+        if address.username:
+            self.client.username_pw_set(address.username, address.password)
+        self.client.on_connect = lambda _c, _u, _f, reason, _p: self._note(self.connacks.append, reason)
+        self.client.on_disconnect = lambda *_: self._note(self._count_disconnect, None)
+        self.client.on_subscribe = lambda _c, _u, _m, reasons, _p: self._note(self.granted.append, reasons)
+        self.client.on_message = lambda _c, _u, m: self._note(self._received.append, (m.topic, m.payload))
+        self.client.connect(address.host, address.port, keepalive=10)
+        self.client.loop_start()
+        self.wait(lambda: bool(self.connacks), timeout, "a CONNACK")
+
+    def _count_disconnect(self, _: None) -> None:
+        self.disconnects += 1
+
+    def _note(self, change: Callable[[Any], None], value: Any) -> None:
+        with self._changed:
+            change(value)
+            self._changed.notify_all()
+
+    def wait(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        with self._changed:
+            if not self._changed.wait_for(condition, timeout):
+                raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; got {self._received}")
+
+    @property
+    def accepted(self) -> bool:
+        return bool(self.connacks) and not self.connacks[0].is_failure
+
+    def subscribe(self, *topic_filters: str, timeout: float = TIMEOUT_S) -> list[ReasonCode]:
+        """Subscribe at QoS 1; the broker's reason code for each filter (granted or refused)."""
+        before = len(self.granted)
+        self.client.subscribe([(topic_filter, 1) for topic_filter in topic_filters])
+        self.wait(lambda: len(self.granted) > before, timeout, f"the SUBACK for {topic_filters}")
+        return self.granted[before]
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False, timeout: float = TIMEOUT_S) -> None:
+        """Publish at QoS 1 and wait for the PUBACK (which Mosquitto also sends for a publish its ACL drops)."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info.wait_for_publish(timeout)
+
+    def messages(self, topic_filter: str = "#") -> list[tuple[str, bytes]]:
+        with self._changed:
+            return [(topic, payload) for topic, payload in self._received if topic_matches_sub(topic_filter, topic)]
+
+    def wait_for(self, topic: str, payload: bytes, timeout: float = TIMEOUT_S) -> None:
+        self.wait(lambda: (topic, payload) in self._received, timeout, f"{payload!r} on {topic}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

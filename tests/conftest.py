@@ -2,7 +2,7 @@
 
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,8 @@ from helpers import CliResult
 from typer.testing import CliRunner
 
 from edgekit.cli import app
-from edgekit.hub.broker import EmbeddedBroker
+from edgekit.hub.broker import EmbeddedBroker, free_port
+from edgekit.hub.service import Hub, HubSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,3 +99,26 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBrok
 @pytest.fixture
 def amqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
     yield from started_broker("amqtt", tmp_path_factory.mktemp("broker"))
+
+
+@pytest.fixture
+def make_hub(tmp_path: Path) -> Iterator[Callable[..., Hub]]:
+    """make(**HubSettings fields) → a started Hub in tmp_path/hub-N, stopped at teardown.
+
+    Defaults: embedded broker (Mosquitto when installed; devices need `hub_helpers.device_url`, as in the field) and
+    HTTP on free loopback ports, SQLite in the data dir."""
+    hubs: list[Hub] = []
+
+    def make(**fields) -> Hub:
+        settings = {"data_dir": tmp_path / f"hub-{len(hubs)}", "http_port": free_port(), "broker_port": free_port(),
+                    **fields}  # fmt: skip
+        hub = Hub(HubSettings(**settings))
+        hub.start()
+        hubs.append(hub)
+        assert hub.wait_connected(15), "the hub did not connect to its broker"
+        assert hub.wait_http(15), "the hub's HTTP server did not start"
+        return hub
+
+    yield make
+    for hub in reversed(hubs):
+        hub.stop()

@@ -5,6 +5,7 @@ No fixtures here on purpose: tests/hub modules build their own (session-scoped) 
 """
 
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,18 +39,38 @@ def fleet(
     telemetry_s: float = 0.5,
     connect_timeout: float = TIMEOUT_S,
 ) -> Iterator[Fleet]:
-    """`n` real agents (`<prefix>-<i>`) on `hub.broker_url`, started with `bundle` installed and a low-rate synthetic
-    source; yields once all are connected, stops them on exit. Data goes to `work_dir/<prefix>/<device id>`."""
-    settings = FleetSettings(count=n, broker=hub.broker_url, data_dir=work_dir / prefix, trust_key=trust_key,
-                             bundle=bundle, source=source, prefix=prefix, telemetry_s=telemetry_s)  # fmt: skip
+    """`n` real agents (`<prefix>-<i>`), each enrolled on the hub's broker with its own login, started with `bundle`
+    installed and a low-rate synthetic source; yields once all are connected, stops them on exit. Data goes to
+    `work_dir/<prefix>/<device id>`."""
+    enrollments = hub.enroll(device_ids(prefix, n))
+    broker = enrollments[0].broker  # as devices reach it, without a login: each device has its own in `brokers`
+    settings = FleetSettings(count=n, broker=broker, data_dir=work_dir / prefix, trust_key=trust_key, bundle=bundle,
+                             source=source, prefix=prefix, telemetry_s=telemetry_s,
+                             brokers={e.device_id: e.broker_url() for e in enrollments})  # fmt: skip
     agents = Fleet(settings)
     agents.start()
     try:
         connected = agents.wait_connected(connect_timeout)
-        assert connected == n, f"only {connected} of {n} agents connected to {hub.broker_url}"
+        assert connected == n, f"only {connected} of {n} agents connected to {broker}"
         yield agents
     finally:
         agents.stop()
+
+
+def device_urls(hub: Any, ids: list[str]) -> dict[str, str]:
+    """Each device enrolled on the hub's embedded broker: its broker URL with its own login, by id."""
+    return {enrollment.device_id: enrollment.broker_url() for enrollment in hub.enroll(ids)}
+
+
+def device_url(hub: Any, device_id: str) -> str:
+    """One device's broker URL with its own login (`device_urls`)."""
+    return device_urls(hub, [device_id])[device_id]
+
+
+def watcher_url(hub: Any) -> str:
+    """A broker URL with a user of its own that may read every device's topics, like the hub (a test client that
+    logged in as the hub itself would take over the hub's connection: the broker binds client ids to users)."""
+    return hub.add_hub_user(f"watch-{uuid.uuid4().hex[:8]}")
 
 
 def fleet_ids(prefix: str, n: int) -> list[str]:

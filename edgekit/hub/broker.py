@@ -3,6 +3,12 @@
 Mosquitto (a child process) is preferred: it is ~10x faster than amqtt and keeps sessions, queued messages and
 retained messages across restarts. amqtt (pure Python, in a thread of this process) is the fallback when the
 Debian package is missing.
+
+With `users` (the hub's default) Mosquitto requires a password, applies the ACL and binds each client id to its
+username; amqtt cannot enforce the ACL, so it starts only open (`edgekit hub --insecure-broker`).
+
+Mosquitto dies with the process that started it (a parent-death signal), and a broker left over from a hub killed
+before that could act (its pid is in `mosquitto.pid`) is stopped when the next one starts in the same folder.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import errno
 import os
 import shutil
@@ -24,6 +31,7 @@ from types import TracebackType
 from typing import Any
 
 from edgekit.errors import BadInput, OperationFailed
+from edgekit.hub.acl import BrokerUsers
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 10.0
@@ -35,6 +43,9 @@ MOSQUITTO_FALLBACK = Path("/usr/sbin/mosquitto")
 MAX_QUEUED_MESSAGES = 100_000
 MAX_INFLIGHT_MESSAGES = 100
 AMQTT_AUTH_PLUGIN = "AmqttOpenAuthPlugin"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PID_FILE = "mosquitto.pid"
+RELOADED = "Reloading config."  # what mosquitto logs when it handles SIGHUP
 
 
 def mosquitto_binary() -> Path | None:
@@ -145,12 +156,13 @@ class MosquittoBroker(EmbeddedBroker):
         password_file: Path | None = None,
         acl_file: Path | None = None,
         max_packet_size: int | None = None,
+        users: BrokerUsers | None = None,
     ) -> None:
         super().__init__(port, host)
         self.data_dir = Path(data_dir)
         self.persistence = persistence
-        self.password_file = password_file
-        self.acl_file = acl_file
+        self.password_file = users.password_file if users else password_file
+        self.acl_file = users.acl_file if users else acl_file
         self.max_packet_size = max_packet_size
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -161,6 +173,10 @@ class MosquittoBroker(EmbeddedBroker):
     @property
     def log_path(self) -> Path:
         return self.data_dir / "mosquitto.log"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.data_dir / PID_FILE
 
     @property
     def running(self) -> bool:
@@ -180,7 +196,8 @@ class MosquittoBroker(EmbeddedBroker):
             # A trailing slash: mosquitto concatenates the location and the file name.
             lines += ["persistence true", f"persistence_location {self.data_dir}/", "autosave_interval 1"]
         if self.password_file:
-            lines.append(f"password_file {self.password_file}")
+            # A device logging in with another device's client id would otherwise take over its session.
+            lines += [f"password_file {self.password_file}", "use_username_as_clientid true"]
         if self.acl_file:
             lines.append(f"acl_file {self.acl_file}")
         if self.max_packet_size:
@@ -197,6 +214,7 @@ class MosquittoBroker(EmbeddedBroker):
         if binary is None:
             raise OperationFailed("mosquitto is not installed (Debian: apt-get install mosquitto, or `make sysdeps`)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        stop_stale_broker(self.data_dir)
         self._claim_port()
         self.config_path.write_text(self.config())
         # Messages printed before the log file is opened (bad config, root warning) land in the same log.
@@ -207,7 +225,9 @@ class MosquittoBroker(EmbeddedBroker):
                 stdout=log,
                 stderr=log,
                 start_new_session=True,  # a Ctrl-C meant for the hub must not kill the broker before the hub
+                preexec_fn=_die_with_parent(os.getpid()),
             )
+        self.pid_path.write_text(f"{self._process.pid}\n")
         self._wait_listening()
         return self
 
@@ -245,6 +265,82 @@ class MosquittoBroker(EmbeddedBroker):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        self.pid_path.unlink(missing_ok=True)
+
+
+def _die_with_parent(parent: int) -> Any:
+    """For Popen's preexec_fn: the child gets SIGTERM when the thread that started it dies, `kill -9` included
+    (Linux's PR_SET_PDEATHSIG); if the parent died before that was set, the child exits at once."""
+
+    def arm() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
+
+
+def running_broker_pid(data_dir: Path) -> int | None:
+    """The pid of the mosquitto started with `data_dir`'s config, if it is still running; None otherwise.
+
+    The command line is checked, not only the pid: after a reboot the pid may belong to another program."""
+    try:
+        pid = int((data_dir / PID_FILE).read_text())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if str(data_dir / "mosquitto.conf").encode() in command else None
+
+
+def reload_broker(data_dir: Path) -> bool:
+    """Make the mosquitto running on `data_dir` read its password and ACL files again (SIGHUP), and wait until it
+    has: a device enrolled a moment ago must not be refused. False when none runs there.
+
+    Mosquitto handles the signal in the loop that serves clients, so once it logged the reload, every later login
+    sees the new files."""
+    pid = running_broker_pid(data_dir)
+    if pid is None:
+        return False
+    log_path = data_dir / "mosquitto.log"
+    offset = log_path.stat().st_size
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not _logged_since(log_path, offset, RELOADED):
+        if time.monotonic() > deadline:
+            raise OperationFailed(f"mosquitto (pid {pid}) did not reload its users in {START_TIMEOUT_S:g} s; "
+                                  f"see {log_path}")  # fmt: skip
+        time.sleep(0.01)
+    return True
+
+
+def _logged_since(log_path: Path, offset: int, line: str) -> bool:
+    with log_path.open("rb") as log:
+        log.seek(offset)
+        return line.encode() in log.read()
+
+
+def listen_address(data_dir: Path) -> tuple[str, int] | None:
+    """(host, port) the mosquitto on `data_dir` listened on when it last started; None before its first start."""
+    try:
+        config = (data_dir / "mosquitto.conf").read_text()
+    except OSError:
+        return None
+    _, port, host = next(line for line in config.splitlines() if line.startswith("listener ")).split()
+    return host, int(port)
+
+
+def stop_stale_broker(data_dir: Path) -> None:
+    """Stop a mosquitto that a killed hub left running on `data_dir` (SIGTERM, then SIGKILL after the stop timeout),
+    so the new one gets the port and the persistence files."""
+    pid = running_broker_pid(data_dir)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while running_broker_pid(data_dir) == pid:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
 
 
 class AmqttBroker(EmbeddedBroker):
@@ -381,13 +477,24 @@ def __getattr__(name: str) -> Any:
 
 
 def start_embedded_broker(
-    data_dir: Path, port: int | None = None, prefer: str = "mosquitto", host: str = LOOPBACK
+    data_dir: Path,
+    port: int | None = None,
+    prefer: str = "mosquitto",
+    host: str = LOOPBACK,
+    users: BrokerUsers | None = None,
 ) -> EmbeddedBroker:
     """A started broker: mosquitto when installed and preferred, amqtt otherwise; `kind` says which.
 
-    `host` is where it listens: loopback by default; devices on other machines need an address they can reach."""
+    `host` is where it listens: loopback by default; devices on other machines need an address they can reach.
+    `users`: only they may connect, each within the ACL; None: anyone may connect and use every topic."""
     if prefer not in ("mosquitto", "amqtt"):
         raise BadInput(f"unknown MQTT broker {prefer!r}; choose mosquitto or amqtt")
     if prefer == "mosquitto" and mosquitto_available():
-        return MosquittoBroker(data_dir, port=port, host=host).start()
+        return MosquittoBroker(data_dir, port=port, host=host, users=users).start()
+    if users is not None:
+        raise OperationFailed(
+            "the embedded amqtt broker cannot enforce device passwords and topic ACLs: install mosquitto "
+            "(Debian: apt-get install mosquitto), use --broker for an external broker, or accept an open broker "
+            "with --insecure-broker"
+        )
     return AmqttBroker(port=port, host=host).start()

@@ -3,19 +3,28 @@
 `Hub.start()` starts the embedded broker (unless there is an external one) and the HTTP server in a thread; the
 app's lifespan (`edgekit.hub.app`) starts and stops the background workers: ingest, the MQTT link, the live feed,
 the median cache, retention and the rollout driver. `Hub.stop()` undoes it all, the database last.
+
+The embedded broker admits only its users (`edgekit.hub.acl.BrokerUsers`): the hub's own and the devices that
+`Hub.enroll` enrolled. An open broker takes `insecure_broker`.
 """
 
+import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import FastAPI
 
+from edgekit.enrollment import Enrollment
+from edgekit.errors import BadInput
+from edgekit.hub.acl import HUB_USER, BrokerUsers, check_share_group
 from edgekit.hub.app import create_app
-from edgekit.hub.broker import EmbeddedBroker, start_embedded_broker
+from edgekit.hub.broker import EmbeddedBroker, MosquittoBroker, reload_broker, start_embedded_broker
 from edgekit.hub.db import database_url, open_database
 from edgekit.hub.ingest import Ingest, Message
 from edgekit.hub.link import BrokerLink
@@ -23,6 +32,7 @@ from edgekit.hub.registry import Registry
 from edgekit.hub.retention import Retention
 from edgekit.hub.rollouts import Deployments, RolloutDriver
 
+log = logging.getLogger(__name__)
 # The HTTP thread's whole shutdown: open responses, then every worker's own stop (ingest's flush the longest).
 HTTP_STOP_S = 60.0
 
@@ -40,6 +50,11 @@ class HubSettings:
     broker_host: str = "127.0.0.1"  # where the embedded broker listens; 0.0.0.0 for devices on the network
     prefer_broker: str = "mosquitto"
     controller: bool = True  # drive rollouts (and run retention) in this process
+    insecure_broker: bool = False  # embedded broker open to anyone, on every topic (no passwords, no ACL)
+
+    def __post_init__(self) -> None:
+        if self.share_group is not None:
+            check_share_group(self.share_group)
 
 
 class Hub:
@@ -48,6 +63,7 @@ class Hub:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.embedded: EmbeddedBroker | None = None
         self.broker_url = settings.broker or ""
+        self.users = None if settings.broker or settings.insecure_broker else BrokerUsers(settings.data_dir / "broker")
         self.engine, self.sessions = open_database(database_url(settings.db, settings.data_dir))
         self.registry = Registry(settings.data_dir, self.sessions, self._trust_key())
         self.ingest = Ingest(self.sessions, on_stored=self._on_stored)
@@ -78,17 +94,44 @@ class Hub:
         `wait_http()` and `wait_connected()` say when they are up."""
         settings = self.settings
         if not settings.broker:
-            self.embedded = start_embedded_broker(
-                settings.data_dir / "broker", settings.broker_port, settings.prefer_broker, settings.broker_host
-            )
+            if self.users is None:
+                log.warning("INSECURE: the embedded broker accepts anyone, on every device's topics "
+                            "(--insecure-broker): anyone who reaches it can steer every device")  # fmt: skip
+            self.embedded = start_embedded_broker(settings.data_dir / "broker", settings.broker_port,
+                                                  settings.prefer_broker, settings.broker_host,
+                                                  self.users.ensure() if self.users else None)  # fmt: skip
             # The hub itself always connects over loopback, whatever address devices use.
-            self.broker_url = f"mqtt://127.0.0.1:{self.embedded.port}"
+            login = (HUB_USER, self.users.hub_password) if self.users else None
+            self.broker_url = loopback_url(self.embedded, login)
         self.link = BrokerLink(self.broker_url, self.ingest, self.registry, settings.share_group)
         self.app = create_app(self)
         config = uvicorn.Config(self.app, host=settings.http_host, port=settings.http_port, log_level="warning")
         self.http = uvicorn.Server(config)
         self._http_thread = threading.Thread(target=self.http.run, name="hub-http", daemon=True)
         self._http_thread.start()
+
+    def enroll(self, device_ids: list[str]) -> list[Enrollment]:
+        """New broker credentials for each device (replacing any it had), in effect at once; with the broker's address
+        as devices reach it and the bundle trust key."""
+        if self.users is None or self.embedded is None:
+            raise BadInput("the hub enrolls devices only on its own embedded broker, started without "
+                           "--insecure-broker; give devices on an external broker their login there")  # fmt: skip
+        enrollments = self.users.enroll(device_ids, device_broker(self.embedded.host, self.embedded.port),
+                                        self.settings.trust_key)  # fmt: skip
+        self._reload_users()
+        return enrollments
+
+    def add_hub_user(self, name: str) -> str:
+        """A loopback broker URL with a new user that has the hub's rights (`BrokerUsers.add_hub_user`)."""
+        if self.users is None or self.embedded is None:
+            raise BadInput("hub users exist only on the hub's own embedded broker (without --insecure-broker)")
+        login = self.users.add_hub_user(name)
+        self._reload_users()
+        return loopback_url(self.embedded, login)
+
+    def _reload_users(self) -> None:
+        if isinstance(self.embedded, MosquittoBroker):
+            reload_broker(self.embedded.data_dir)
 
     def wait_connected(self, timeout: float) -> bool:
         return self.link is not None and self.link.wait_connected(timeout)
@@ -121,3 +164,14 @@ class Hub:
         if self.embedded is not None:
             self.embedded.stop()
         self.engine.dispose()
+
+
+def device_broker(host: str, port: int | None) -> str:
+    """The embedded broker's URL as devices reach it: this machine's name when it listens on every address."""
+    return f"mqtt://{socket.getfqdn() if host in ('0.0.0.0', '::', '') else host}:{port}"
+
+
+def loopback_url(broker: EmbeddedBroker, login: tuple[str, str] | None) -> str:
+    """The embedded broker's URL for clients on this machine (the hub itself), with `login` (user, password)."""
+    userinfo = f"{quote(login[0], safe='')}:{quote(login[1], safe='')}@" if login else ""
+    return f"mqtt://{userinfo}127.0.0.1:{broker.port}"

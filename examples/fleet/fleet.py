@@ -29,6 +29,7 @@ from edgekit.demo import compile_bundle, train
 from edgekit.hub.broker import free_port
 from edgekit.hub.db import Deployment, Device, ResultRecord
 from edgekit.hub.service import Hub, HubSettings
+from edgekit.mqtt import redact_url
 from edgekit.signing import generate_keypair
 
 PROFILE = "rpi4"
@@ -53,14 +54,15 @@ def build(out: Path) -> tuple[Path, Path]:
 class Agents:
     """The two device processes: one native, one aarch64 under qemu-user."""
 
-    def __init__(self, out: Path, broker: str, public_key: Path) -> None:
+    def __init__(self, out: Path, brokers: dict[str, str], public_key: Path) -> None:
         self.out = out
         self.scratch = tempfile.TemporaryDirectory(prefix="edgekit-fleet-")
         self.processes: dict[str, subprocess.Popen] = {}
         self.commands: dict[str, list[str]] = {}
         for device_id, profile in DEVICES.items():
-            args = ["--broker", broker, "--device-id", device_id, "--trust-key", str(public_key), "--source", SOURCE,
-                    "--data", str(out / device_id), "--telemetry-s", "1", "--profile", profile]  # fmt: skip
+            args = ["--broker", brokers[device_id], "--device-id", device_id, "--trust-key", str(public_key),
+                    "--source", SOURCE, "--data", str(out / device_id), "--telemetry-s", "1",
+                    "--profile", profile]  # fmt: skip
             if profile == PROFILE:
                 command, env = emulation.agent_command(args, Path(self.scratch.name))
             else:
@@ -131,8 +133,9 @@ def run(out: Path, duration: float) -> dict[str, Any]:
     try:
         if not (hub.wait_connected(20) and hub.wait_http(20)):
             raise SystemExit("the hub did not start (broker or HTTP server)")
-        console.print(f"hub: broker {hub.broker_url}, dashboard {hub.http_url}")
-        agents = Agents(out, hub.broker_url, public_key)
+        console.print(f"hub: broker {redact_url(hub.broker_url)}, dashboard {hub.http_url}")
+        # Each device logs in with its own enrolled password, as in the field.
+        agents = Agents(out, {e.device_id: e.broker_url() for e in hub.enroll(list(DEVICES))}, public_key)
         wait_for(lambda: sum(d.online for d in devices(hub).values()) == len(DEVICES), agents,
                  "both devices to come online")  # fmt: skip
         record, _ = hub.registry.add(bundle, "fleet example")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from brokers import Subscriber
-from hub_helpers import fleet, fleet_ids, wait_devices_reported, wait_until
+from hub_helpers import device_url, fleet, fleet_ids, wait_devices_reported, wait_until, watcher_url
 from reliability import record
 from sqlalchemy import select
 
@@ -171,8 +171,8 @@ def test_clock_jumps_lose_nothing(make_hub, cnn_bundles, tmp_path, monkeypatch):
     clock = _JumpingClock()
     monkeypatch.setattr(agent_module, "time", clock)
     hub = make_hub()
-    sub = Subscriber(hub.broker_url, "edgekit/v1/cj-1/#")
-    agent = _start_agent(hub.broker_url, tmp_path / "cj-1", "cj-1", trust_key=cnn_bundles["public"],
+    sub = Subscriber(watcher_url(hub), "edgekit/v1/cj-1/#")
+    agent = _start_agent(device_url(hub, "cj-1"), tmp_path / "cj-1", "cj-1", trust_key=cnn_bundles["public"],
                          bundle=cnn_bundles["v1"], source="synthetic:?fps=10")  # fmt: skip
     try:
         for offset in (0.0, 3 * 3600.0, -2 * 3600.0):

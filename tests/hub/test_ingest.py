@@ -388,10 +388,13 @@ def test_malformed_payloads_do_not_stop_ingest(mosquitto, db_url: str, ingest_cl
 
 
 def test_real_agents_fill_the_device_rows(make_hub, tmp_path: Path) -> None:
-    from edgekit.agents.fleet import Fleet, FleetSettings
+    from hub_helpers import device_urls
+
+    from edgekit.agents.fleet import Fleet, FleetSettings, device_ids
 
     hub = make_hub()
-    fleet = Fleet(FleetSettings(count=3, broker=hub.broker_url, data_dir=tmp_path / "fleet", telemetry_s=0.2))
+    brokers = device_urls(hub, device_ids("sim", 3))
+    fleet = Fleet(FleetSettings(count=3, broker="", data_dir=tmp_path / "fleet", telemetry_s=0.2, brokers=brokers))
     fleet.start()
     try:
         assert fleet.wait_connected(TIMEOUT_S) == 3

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from brokers import Subscriber
 from helpers import compile_bundle
-from hub_helpers import fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until
+from hub_helpers import fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until, watcher_url
 from reliability import record as record_figure
 from sqlalchemy import select
 
@@ -143,7 +143,7 @@ def test_canary_failures_halt_and_roll_back(hub, bundles, tmp_path):
         fleet(hub, 1, tmp_path, bundles["public_a"], bundles["v1_a"], prefix="a") as first,
         fleet(hub, 6, tmp_path, bundles["public_b"], bundles["v1_b"], prefix="b") as refusers,
         fleet(hub, 13, tmp_path, bundles["public_a"], bundles["v1_a"], prefix="c"),
-        Subscriber(hub.broker_url, DESIRED) as sub,
+        Subscriber(watcher_url(hub), DESIRED) as sub,
     ):
         wait_devices_reported(hub, good_first + failing + good_rest)
         deployment = hub.rollouts.create(
@@ -217,7 +217,7 @@ def test_manual_halt_rolls_back_healthy_and_in_flight_devices(hub, bundles, tmp_
     ids = fleet_ids("dev", 4)
     with (
         fleet(hub, 4, tmp_path, bundles["public_a"], bundles["v1_a"], prefix="dev") as agents,
-        Subscriber(hub.broker_url, DESIRED) as sub,
+        Subscriber(watcher_url(hub), DESIRED) as sub,
     ):
         wait_devices_reported(hub, ids)
         deployment = hub.rollouts.create(record.id, "all", canary_percent=25, wave_percent=25, wave_timeout_s=60,
