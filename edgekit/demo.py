@@ -18,6 +18,7 @@ import numpy as np
 from rich.console import Console
 from sqlalchemy import func, select
 
+from edgekit.enrollment import write_enrollment
 from edgekit.errors import BadInput, OperationFailed
 from edgekit.mqtt import redact_url
 
@@ -138,12 +139,15 @@ class Demo:
         self.console.print(f"hub: broker {kind} at {redact_url(self.hub.broker_url)}, dashboard {self.hub.http_url}")
         return token
 
-    def start_agent(self, public_key: Path) -> None:
+    def start_agent(self) -> None:
         out = self.settings.out
-        broker = self.hub.enroll([DEVICE_ID])[0].broker_url()
-        command = [sys.executable, "-m", "edgekit", "agent", "--broker", broker, "--device-id",
-                   DEVICE_ID, "--trust-key", str(public_key), "--source", f"video:{out / 'digits.avi'}?fps={VIDEO_FPS}",
-                   "--data", str(out / "agent"), "--telemetry-s", "1", "--profile", host_profile()]  # fmt: skip
+        # Enrolled like any device: its login in a 0600 file, not on a command line that `ps` shows.
+        enrollment = out / "agent.enrollment.json"
+        write_enrollment(enrollment, self.hub.enroll([DEVICE_ID])[0])
+        # The enrollment carries the hub's trust key too.
+        command = [sys.executable, "-m", "edgekit", "agent", "--enrollment", str(enrollment),
+                   "--source", f"video:{out / 'digits.avi'}?fps={VIDEO_FPS}", "--data", str(out / "agent"),
+                   "--telemetry-s", "1", "--profile", host_profile()]  # fmt: skip
         log = open(out / "agent.log", "w")  # noqa: SIM115 (kept open for the agent's lifetime)
         self.agent = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         self.console.print(f"agent {DEVICE_ID}: pid {self.agent.pid}, log {out / 'agent.log'}")
@@ -196,7 +200,7 @@ class Demo:
             signal.signal(sig, lambda *_: self.stop_requested.set())
         token = self.start_hub(public_key)
         try:
-            self.start_agent(public_key)
+            self.start_agent()
             self.wait_for_device()
             self.deploy(bundle)
             self.console.print(f"dashboard: {self.hub.http_url}/  (log in with token {token})")

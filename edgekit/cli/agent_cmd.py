@@ -4,6 +4,7 @@ Only the runtime side is imported here: the agent must start on a device that ha
 """
 
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -15,7 +16,20 @@ from edgekit.cli.console import console, err_console
 from edgekit.errors import BadInput
 
 BrokerOpt = Annotated[
-    str, typer.Option("--broker", "-b", help="mqtt://HOST:PORT or mqtts://USER:PASS@HOST:PORT (user and port optional)")
+    str,
+    typer.Option(
+        "--broker",
+        "-b",
+        envvar="EDGEKIT_BROKER",
+        show_envvar=False,  # its value may hold a password: never print it in --help
+        help="mqtt://HOST:PORT or mqtts://USER:PASS@HOST:PORT (user and port optional); or $EDGEKIT_BROKER",
+    ),
+]
+EnrollmentOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--enrollment", "-e", help="The file `edgekit hub enroll` wrote: broker, login, device id, trust key."
+    ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device-id", "-d", help="This device's id: letters, digits, . _ -")]
 SourceOpt = Annotated[
@@ -73,15 +87,18 @@ def agent(
     tls_ca: Annotated[Path | None, typer.Option("--tls-ca", help="CA certificate for mqtts://.")] = None,
     tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="Client certificate (mutual TLS).")] = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="Client certificate's private key.")] = None,
+    enrollment: EnrollmentOpt = None,
 ) -> None:
     """Run the agent until SIGTERM or Ctrl-C. It keeps running through broker outages (messages wait on disk)."""
     if ctx.invoked_subcommand is not None:
         return
+    if enrollment is not None:
+        broker, device_id, trust_key = _enrolled(enrollment, broker, device_id, trust_key, data / "trust.pub")
     if not broker or not device_id:
-        raise BadInput("edgekit agent needs --broker and --device-id (see edgekit agent --help)")
+        raise BadInput("edgekit agent needs --enrollment FILE, or --broker and --device-id (see edgekit agent --help)")
     from edgekit.agents.agent import Agent, AgentSettings
     from edgekit.agents.sources import parse_source
-    from edgekit.mqtt import TlsFiles, parse_broker_url
+    from edgekit.mqtt import TlsFiles, parse_broker_url, redact_url
     from edgekit.schema import validate_file
 
     parse_broker_url(broker)
@@ -92,16 +109,40 @@ def agent(
                   bundle=bundle, profile=profile, telemetry_s=telemetry, tls=tls)  # fmt: skip
     settings = validate_file(AgentSettings, fields, "agent settings")
     _agent_logging()
+    # Everything the agent writes from here on (outbox, desired state, bundles) is the device's alone.
+    os.umask(0o077)
     agent = Agent(settings)
-    err_console.print(f"agent {device_id}: broker {broker}, data {data}")
+    err_console.print(f"agent {device_id}: broker {redact_url(broker)}, data {data}", highlight=False)
     _run_until_signal(agent.start, agent.stop)
+
+
+def _enrolled(
+    path: Path, broker: str, device_id: str, trust_key: Path | None, key_path: Path
+) -> tuple[str, str, Path | None]:
+    """(broker URL with the login, device id, trust key file) from an enrollment file; the file's trust key is
+    written to `key_path` unless --trust-key names one. Flags that would contradict the file are refused."""
+    from edgekit.enrollment import load_enrollment
+
+    enrolled = load_enrollment(path)
+    if broker:
+        raise BadInput(f"--enrollment {path} holds the broker and its login: leave out --broker")
+    if device_id and device_id != enrolled.device_id:
+        raise BadInput(f"--device-id {device_id}: --enrollment {path} is for '{enrolled.device_id}'")
+    if trust_key is None and enrolled.trust_key is not None:
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        key_path.write_text(enrolled.trust_key)
+        trust_key = key_path
+    return enrolled.broker_url(), enrolled.device_id, trust_key
 
 
 @app.command("install")
 def install(
-    broker: BrokerOpt,
-    device_id: DeviceOpt,
-    trust_key: Annotated[Path, typer.Option("--trust-key", "-k", help="Ed25519 public key (edgekit.pub).")],
+    broker: BrokerOpt = "",
+    device_id: DeviceOpt = "",
+    trust_key: Annotated[
+        Path | None, typer.Option("--trust-key", "-k", help="Ed25519 public key (edgekit.pub).")
+    ] = None,
+    enrollment: EnrollmentOpt = None,
     source: SourceOpt = None,
     data: Annotated[Path, typer.Option("--data", help="State folder (absolute).")] = Path("/var/lib/edgekit"),
     bundle: BundleOpt = None,
@@ -116,16 +157,27 @@ def install(
     unit_dir: Annotated[Path, typer.Option("--unit-dir", help="Where to write the unit.")] = Path(
         "/etc/systemd/system"
     ),
+    env_file: Annotated[
+        Path | None,
+        typer.Option("--env-file", help="Where the broker URL and login go (0600; default: next to the unit)."),
+    ] = None,
 ) -> None:
-    """Write a systemd unit that runs this agent at boot and restarts it on failure."""
-    from edgekit.agents.install import InstallSettings, write_unit
+    """Write a systemd unit that runs this agent at boot and restarts it on failure; the broker login goes into an
+    EnvironmentFile only root can read, never into the unit."""
+    from edgekit.agents.install import ENV_NAME, InstallSettings, write_unit
     from edgekit.mqtt import parse_broker_url
 
+    if enrollment is not None:
+        # The trust key goes next to the environment file (public: the service reads it as its own user).
+        key_path = (env_file or unit_dir / ENV_NAME).with_suffix(".pub")
+        broker, device_id, trust_key = _enrolled(enrollment, broker, device_id, trust_key, key_path)
+    if not broker or not device_id or trust_key is None:
+        raise BadInput("edgekit agent install needs --enrollment FILE, or --broker, --device-id and --trust-key")
     parse_broker_url(broker)
     extra = [("--telemetry-s", telemetry), ("--tls-ca", tls_ca), ("--tls-cert", tls_cert), ("--tls-key", tls_key)]
     settings = InstallSettings(device_id, broker, trust_key, data, source, bundle, profile, user, tuple(extra))
-    path = write_unit(settings, unit_dir)
-    console.print(f"wrote {path}")
+    path, env_path = write_unit(settings, unit_dir, env_file)
+    console.print(f"wrote {path} and {env_path} (mode 0600: the broker login)")
     console.print("enable it with:  systemctl daemon-reload && systemctl enable --now edgekit-agent")
 
 

@@ -432,8 +432,10 @@ def deployments(
 
 def register(root: typer.Typer) -> None:
     from edgekit.cli.acl_cmd import acl
+    from edgekit.cli.enroll_cmd import enroll
 
     app.command("acl")(acl)
+    app.command("enroll")(enroll)
     root.add_typer(app, name="hub")
     root.command("push")(push)
     root.command("deploy")(deploy)

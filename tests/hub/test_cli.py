@@ -15,10 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import compile_bundle
-from hub_helpers import fleet, fleet_ids, signing_keys, wait_devices_reported
+from hub_helpers import devices, fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until
 from typer.testing import CliRunner
 
 from edgekit.cli import app
+from edgekit.enrollment import load_enrollment
 from edgekit.hub.auth import create_token
 from edgekit.hub.broker import free_port
 
@@ -214,3 +215,47 @@ def test_hub_command_rejects_bad_options(tmp_path: Path) -> None:
         busy = run("hub", "--data", str(tmp_path), "--http", f"127.0.0.1:{port}")
     assert busy.code == 2 and "cannot listen there" in busy.error()
     assert run("hub", "--data", str(tmp_path), "--trust-key", str(tmp_path / "none.pub")).code == 2
+
+
+# ---- enrollment ----------------------------------------------------------------------------------------------------
+
+
+def test_hub_enroll_writes_a_private_file_an_agent_joins_with(make_hub, bundles, tmp_path: Path) -> None:
+    """`edgekit hub enroll` while the hub runs: a 0600 file with the broker as devices reach it and the trust key;
+    `edgekit agent --enrollment FILE` (a real process, no other flag about the hub) comes online with it."""
+    hub = make_hub(trust_key=bundles["public"])
+    path = tmp_path / "cam-9.json"
+    result = run("hub", "enroll", "cam-9", "--data", str(hub.settings.data_dir), "--out", str(path),
+                 "--trust-key", str(bundles["public"]))  # fmt: skip
+    assert result.code == 0, result.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    enrolled = load_enrollment(path)
+    assert (enrolled.device_id, enrolled.username) == ("cam-9", "cam-9")
+    assert enrolled.broker == f"mqtt://127.0.0.1:{hub.embedded.port}"
+    assert enrolled.trust_key == bundles["public"].read_text() and enrolled.hub_key is None
+    agent = subprocess.Popen([sys.executable, "-m", "edgekit", "agent", "--enrollment", str(path), "--data",
+                              str(tmp_path / "agent"), "--source", "synthetic:?fps=2", "--telemetry-s", "0.5"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_until(lambda: devices(hub).get("cam-9") and devices(hub)["cam-9"].online, TIMEOUT_S, "cam-9 online")
+    finally:
+        agent.terminate()
+        agent.wait(30)
+
+
+def test_hub_enroll_and_agent_enrollment_errors_are_one_line(tmp_path: Path) -> None:
+    never_started = run("hub", "enroll", "cam-1", "--data", str(tmp_path / "none"))
+    assert never_started.code == 2 and "no embedded broker has started there" in never_started.error()
+    url = ["--broker-url", "mqtt://hub.local:1883"]
+    assert "device ids bad id!" in run("hub", "enroll", "bad id!", "--data", str(tmp_path), *url).error()
+    made = run("hub", "enroll", "cam-1", "--data", str(tmp_path), *url, "--out", str(tmp_path / "cam-1.json"))
+    assert made.code == 0 and "takes effect when it starts" in made.stderr
+    (tmp_path / "broken.json").write_text('{"device_id": "cam-1"}')
+    for args, fragment in (
+        (["--enrollment", str(tmp_path / "missing.json")], "missing.json: cannot read it"),
+        (["--enrollment", str(tmp_path / "broken.json")], "broken.json: broker: Field required"),
+        (["--enrollment", str(tmp_path / "cam-1.json"), "--device-id", "cam-2"], "is for 'cam-1'"),
+        (["--enrollment", str(tmp_path / "cam-1.json"), "--broker", "mqtt://x"], "leave out --broker"),
+    ):
+        result = run("agent", *args, "--data", str(tmp_path / "agent"))
+        assert result.code == 2 and fragment in result.error(), result.stderr
