@@ -25,6 +25,7 @@ from edgekit.agents.agent import Agent
 from edgekit.hub.broker import EmbeddedBroker
 from edgekit.protocol import (
     CHUNK_MAGIC,
+    MAX_BUNDLE_SIZE,
     ChunkHeader,
     DesiredState,
     Event,
@@ -153,7 +154,7 @@ chunk_headers = st.builds(
     bundle=sha256_hex,
     index=st.integers(0, 2**40),
     total=st.integers(1, 2**40),
-    size=st.integers(1, 2**40),
+    size=st.integers(1, MAX_BUNDLE_SIZE),
     sha256=sha256_hex,
     error=st.none() | st.text(max_size=20),
 )
