@@ -26,7 +26,13 @@ from edgekit.agents.runtimes import runtimes
 from edgekit.agents.sources import parse_source
 from edgekit.agents.store import Outbox, StoreFull
 from edgekit.agents.telemetry import TelemetryLoop
-from edgekit.agents.transfer import BundleFetcher, ChunkFetcher
+from edgekit.agents.transfer import (
+    DEADLINE_BASE_S,
+    DEADLINE_MIN_RATE,
+    DEFAULT_RETRIES,
+    BundleFetcher,
+    ChunkFetcher,
+)
 from edgekit.agents.updater import Updater
 from edgekit.errors import EdgekitError
 from edgekit.mqtt import Backoff, TlsFiles, parse_broker_url
@@ -67,6 +73,11 @@ class AgentSettings(StrictModel):
     outbox_max: int = Field(100_000, ge=10)
     telemetry_s: float = Field(5.0, gt=0)
     health_timeout_s: float = Field(120.0, gt=0)
+    update_deadline_s: float | None = Field(
+        None, gt=0, description="Seconds of downloading an update may take, summed over restarts; unset: "
+        f"{DEADLINE_BASE_S:g} s plus the bundle at {DEADLINE_MIN_RATE // 1024} KiB/s"
+    )  # fmt: skip
+    update_retries: int = Field(DEFAULT_RETRIES, ge=0, description="Retries in a row without a good chunk")
     backoff: Backoff = Backoff()
 
     @model_validator(mode="after")
@@ -99,7 +110,8 @@ class Agent:
         if fetcher is None:
             fetcher = ChunkFetcher(self.link, self.device_id, data / "downloads", self._reject)
         self.updater = Updater(self.store, self.runner, fetcher, self, self._stop, settings.trust_key,
-                               settings.threads, settings.health_timeout_s)  # fmt: skip
+                               settings.threads, settings.health_timeout_s, settings.update_deadline_s,
+                               settings.update_retries)  # fmt: skip
         self.telemetry = TelemetryLoop(self.runner, self.outbox, lambda: self.rejected_payloads)
 
     def _mqtt_link(self) -> MqttLink:
@@ -292,7 +304,7 @@ class Agent:
         self._apply_config(desired)
         model = self.runner.model
         if desired.bundle and (model is None or model.bundle.id != desired.bundle.id):
-            self.updater.update(desired.bundle, desired.health_checks)
+            self.updater.update(desired.bundle, desired.health_checks, desired.rev)
         self._applied_rev = desired.rev
         self._save_state()
         self.publish_state()

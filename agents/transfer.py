@@ -4,16 +4,23 @@ docs/protocol.md).
 
 The partial file is only ever appended to in chunk order, so after a crash or power cut the number of whole
 chunks on disk is where the download resumes; the whole file's sha256 is checked before anything trusts it.
+
+Every download is bounded (`FetchLimits`): a deadline in seconds of downloading and a budget of retries without
+progress (re-requests after a stall, chunks rejected). Both are spent across restarts (kept next to the partial
+file), so a desired state naming a wrong size, or a server that never sends the right bytes, ends in FetchFailed
+instead of "downloading" forever. A new rev is a new attempt: a fresh budget, the chunks on disk kept.
 """
 
 import hashlib
-import json
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from pydantic import Field, ValidationError
+
+from edgekit.agents.bundles import write_atomically
 from edgekit.agents.link import Link
 from edgekit.agents.runner import Report
 from edgekit.protocol import (
@@ -26,12 +33,18 @@ from edgekit.protocol import (
     device_topic,
     encode,
 )
+from edgekit.schema import StrictModel
 
 CHUNK_SIZE = 256 * 1024
 CHUNK_MAX_PAYLOAD = 4 * 1024 * 1024 + 4096
 WINDOW = 8  # chunks requested ahead: enough to keep a loopback or LAN link busy, bounded memory on the broker
 STALL_S = 3.0  # no chunk for this long: ask again from where we are
-POLL_S = 1.0  # how often a running download checks for a stall, reports progress and notices the agent stopping
+POLL_S = 1.0  # how often a running download checks for a stall and its budget, reports progress, notices stopping
+# The default deadline: a fixed allowance plus the bundle at a slow link's rate, so a big bundle on a slow but
+# working link finishes while a stuck download still ends.
+DEADLINE_BASE_S = 120.0
+DEADLINE_MIN_RATE = 32 * 1024  # bytes per second
+DEFAULT_RETRIES = 30  # ~90 s of stalls at STALL_S, or ~4 windows of rejected chunks, without a single good chunk
 
 Reject = Callable[[str, str, int], None]  # reject(topic, reason, payload bytes): a payload.rejected event
 
@@ -40,10 +53,34 @@ class FetchFailed(Exception):
     """The bundle could not be fetched; the message says why (it goes into the update.failed event)."""
 
 
+def default_deadline_s(size: int) -> float:
+    return DEADLINE_BASE_S + size / DEADLINE_MIN_RATE
+
+
+class FetchLimits(StrictModel):
+    """What one update's download may spend: `deadline_s` seconds of downloading (summed over restarts) and
+    `retries` retries in a row without a good chunk. `attempt` (the desired rev) tells a resumed attempt from a
+    new one, which starts with a fresh budget."""
+
+    attempt: int
+    deadline_s: float = Field(gt=0)
+    retries: int = Field(ge=0)
+
+
 class BundleFetcher(Protocol):
-    def fetch(self, target: BundleRef, report: Report, stopping: threading.Event) -> Path:
-        """The bundle file, its whole sha256 checked against `target.id`; raises FetchFailed. Progress goes to
-        `report` as update.progress events; gives up when `stopping` is set."""
+    def fetch(self, target: BundleRef, report: Report, stopping: threading.Event, limits: FetchLimits) -> Path:
+        """The bundle file, its whole sha256 checked against `target.id`; raises FetchFailed, also once `limits`
+        are spent (what an attempt spent survives a restart). Progress goes to `report` as update.progress events;
+        gives up when `stopping` is set."""
+
+
+class _Spent(StrictModel):
+    """Kept next to the partial file (`<id>.json`): the chunk size it was started with and the attempt's spending."""
+
+    chunk_size: int = Field(ge=1)
+    attempt: int | None = None
+    seconds: float = Field(0.0, ge=0)
+    retries: int = Field(0, ge=0)
 
 
 class ChunkFetcher:
@@ -58,8 +95,8 @@ class ChunkFetcher:
         self._downloads: dict[str, Download] = {}
         link.subscribe(device_topic(device_id, Topic.TRANSFER_CHUNK), self._on_chunk)
 
-    def fetch(self, target: BundleRef, report: Report, stopping: threading.Event) -> Path:
-        download = Download(self._folder, target, self._request)
+    def fetch(self, target: BundleRef, report: Report, stopping: threading.Event, limits: FetchLimits) -> Path:
+        download = Download(self._folder, target, self._request, attempt=limits.attempt)
         self._downloads[target.id] = download
         if download.resumed_from:
             report("update.progress", f"resuming download at chunk {download.resumed_from}/{download.total}",
@@ -70,6 +107,11 @@ class ChunkFetcher:
             if stopping.is_set():
                 # Left registered: chunks still on their way land in the partial file the next start resumes.
                 raise FetchFailed("agent stopping during download")
+            download.spend(POLL_S)
+            over = download.over_budget(limits)
+            if over:
+                del self._downloads[target.id]  # its chunks stay on disk for the next attempt
+                raise FetchFailed(over)
             download.poke()
             quarter = 4 * download.received_bytes // target.size
             if quarter > reported:
@@ -108,6 +150,7 @@ class Download:
         request: Callable[[ChunkRequest], bool],
         chunk_size: int = CHUNK_SIZE,
         window: int = WINDOW,
+        attempt: int | None = None,
     ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.ref = ref
@@ -116,7 +159,11 @@ class Download:
         self._meta = folder / f"{ref.id}.json"
         self._request = request
         self.window = window
-        self.chunk_size = self._resume_chunk_size(chunk_size)
+        spent = self._resume_spent(chunk_size, attempt)
+        self.chunk_size, self._attempt = spent.chunk_size, attempt
+        self.seconds, self.retries = spent.seconds, spent.retries  # this attempt's spending so far
+        self._save()
+        self.last_problem = "no chunk has arrived yet"
         self.total = -(-ref.size // self.chunk_size)
         self.next_index = self._resume_index()
         self.resumed_from = self.next_index
@@ -126,13 +173,35 @@ class Download:
         self.finished = threading.Event()
         self.error: str | None = None
 
-    def _resume_chunk_size(self, default: int) -> int:
-        """A resumed download must keep the chunk size it started with."""
+    def _resume_spent(self, default_chunk_size: int, attempt: int | None) -> _Spent:
+        """A resumed download keeps the chunk size it started with, and a resumed attempt what it spent."""
         try:
-            return int(json.loads(self._meta.read_text())["chunk_size"])
-        except (OSError, ValueError, KeyError, TypeError):
-            self._meta.write_text(json.dumps({"chunk_size": default, "bundle": self.ref.model_dump()}))
-            return default
+            spent = _Spent.model_validate_json(self._meta.read_bytes())
+        except (OSError, ValidationError):
+            spent = _Spent(chunk_size=default_chunk_size, attempt=attempt)
+        return spent if spent.attempt == attempt else _Spent(chunk_size=spent.chunk_size, attempt=attempt)
+
+    def _save(self) -> None:
+        spent = _Spent(chunk_size=self.chunk_size, attempt=self._attempt, seconds=self.seconds, retries=self.retries)
+        write_atomically(self._meta, spent.model_dump_json().encode())
+
+    def spend(self, seconds: float) -> None:
+        """Count time spent downloading, and keep it on disk (once per poll) so a restart does not reset it."""
+        with self._lock:
+            if self.finished.is_set():
+                return
+            self.seconds += seconds
+            self._save()
+
+    def over_budget(self, limits: FetchLimits) -> str | None:
+        """Why this attempt must end now, or None."""
+        if self.seconds >= limits.deadline_s:
+            return (f"no complete bundle within the update's deadline of {limits.deadline_s:g} s of downloading: "
+                    f"{self.received_bytes} of {self.ref.size} bytes; last problem: {self.last_problem}")  # fmt: skip
+        if self.retries > limits.retries:
+            return (f"gave up after {limits.retries} retries without a good chunk: {self.received_bytes} of "
+                    f"{self.ref.size} bytes; last problem: {self.last_problem}")  # fmt: skip
+        return None
 
     def _resume_index(self) -> int:
         if self.done_path.is_file():
@@ -153,11 +222,13 @@ class Download:
             return
         self._ask(self.next_index, self.window)
 
-    def _ask(self, index: int, count: int) -> None:
+    def _ask(self, index: int, count: int) -> bool:
+        """Request chunks; whether a request went out."""
         count = min(count, self.total - index)
-        if count > 0:
-            self._requested_until = max(self._requested_until, index + count)
-            self._request(ChunkRequest(bundle=self.ref.id, index=index, count=count, chunk_size=self.chunk_size))
+        if count <= 0:
+            return False
+        self._requested_until = max(self._requested_until, index + count)
+        return self._request(ChunkRequest(bundle=self.ref.id, index=index, count=count, chunk_size=self.chunk_size))
 
     def on_chunk(self, header: ChunkHeader, data: bytes) -> str | None:
         """Take one chunk; returns why it was rejected, or None. Out-of-order and repeated chunks are ignored."""
@@ -166,10 +237,13 @@ class Download:
                 return None
             problem = self._check(header, data)
             if problem:
+                self.retries += 1
+                self.last_problem = problem
                 return problem
             with open(self.part, "ab") as handle:
                 handle.write(data)
             self.next_index += 1
+            self.retries = 0
             self._last_progress = time.monotonic()
             if self.next_index == self.total:
                 self._finish()
@@ -212,7 +286,9 @@ class Download:
             if not self.finished.is_set() and time.monotonic() - self._last_progress > STALL_S:
                 self._last_progress = time.monotonic()
                 self._requested_until = self.next_index
-                self._ask(self.next_index, self.window)
+                if self._ask(self.next_index, self.window):  # unsent (link down): not a retry, the deadline runs
+                    self.retries += 1
+                    self.last_problem = f"no chunk for {STALL_S:g} s, asked again from chunk {self.next_index}"
 
     def discard(self) -> None:
         for path in (self.part, self.done_path, self._meta):

@@ -3,7 +3,9 @@
 Every phase that fails leaves the device on a bundle it can run, says why in an event (`update.failed`,
 `update.refused` or `update.rolled_back`) and shows the outcome in `config/reported` (`UpdateState`):
 
-- fetching fails (server error, sha256 mismatch, agent stopping) → `failed`; the old bundle keeps running;
+- fetching fails (server error, sha256 mismatch, agent stopping, the update's download deadline or retry budget
+  spent) → `failed`; the old bundle keeps running, and like every outcome it converges the rev, so the next
+  desired state is taken;
 - the bundle cannot be trusted or is not what the desired state names, the runtime cannot load it, its self-test
   fails, or it is a downgrade that was not allowed → `refused`; the old bundle keeps running;
 - its first inferences on the device's real input fail → `rolled_back` to the previous bundle (or to none when
@@ -18,7 +20,7 @@ from typing import Any, Literal, Protocol
 from edgekit.agents.bundles import ActiveRecord, BundleStore, Installed, semver_key
 from edgekit.agents.runner import HealthCheck, LoadedModel, Runner
 from edgekit.agents.runtimes import get_runtime
-from edgekit.agents.transfer import BundleFetcher, FetchFailed
+from edgekit.agents.transfer import DEFAULT_RETRIES, BundleFetcher, FetchFailed, FetchLimits, default_deadline_s
 from edgekit.errors import EdgekitError
 from edgekit.protocol import BundleRef, DesiredBundle, UpdatePhase, UpdateState
 from edgekit.selftest import run_selftest
@@ -56,7 +58,10 @@ class Updater:
         trust_key: Path | None,
         threads: int | None = None,
         health_timeout_s: float = 120.0,
+        deadline_s: float | None = None,
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
+        """`deadline_s` and `retries` bound each update's download (None: a deadline from the bundle's size)."""
         self.store = store
         self.runner = runner
         self.fetcher = fetcher
@@ -65,6 +70,8 @@ class Updater:
         self._trust_key = load_public_key(trust_key) if trust_key else None
         self._threads = threads
         self._health_timeout_s = health_timeout_s
+        self._deadline_s = deadline_s
+        self._retries = retries
         self.state = UpdateState(state="idle")
 
     def _set_phase(self, phase: UpdatePhase, bundle: str | None, detail: str = "") -> None:
@@ -107,14 +114,15 @@ class Updater:
 
     # ---- an update ------------------------------------------------------------------------------------------
 
-    def update(self, target: DesiredBundle, health_checks: int) -> None:
-        """Go to `target`, or stay on the current bundle and say why; returns once the outcome is known."""
+    def update(self, target: DesiredBundle, health_checks: int, rev: int) -> None:
+        """Go to `target` as desired state `rev` asks, or stay on the current bundle and say why; returns once the
+        outcome is known."""
         current = self.runner.model
         try:
             self._check_version(target, current)
             self._host.report("update.started", f"updating to {target.name}@{target.version}", bundle=target.id)
             self._check_verifiable(target)
-            bundle_file = self._fetch(target)
+            bundle_file = self._fetch(target, rev)
             self._set_phase("verifying", target.id)
             candidate = self._verify(target, bundle_file)
             self._set_phase("testing", target.id)
@@ -142,13 +150,17 @@ class Updater:
         if self._trust_key is None and not self.store.has(target.id):
             raise UpdateFailed("refused", "no trust key configured (--trust-key): refusing unverifiable bundles")
 
-    def _fetch(self, target: BundleRef) -> Path | None:
+    def _limits(self, target: BundleRef, rev: int) -> FetchLimits:
+        deadline_s = self._deadline_s if self._deadline_s is not None else default_deadline_s(target.size)
+        return FetchLimits(attempt=rev, deadline_s=deadline_s, retries=self._retries)
+
+    def _fetch(self, target: BundleRef, rev: int) -> Path | None:
         """The bundle file, fetched (resuming a partial download) unless it is already installed."""
         if self.store.has(target.id):
             return None
         self._set_phase("downloading", target.id)
         try:
-            bundle_file = self.fetcher.fetch(target, self._host.report, self._stopping)
+            bundle_file = self.fetcher.fetch(target, self._host.report, self._stopping, self._limits(target, rev))
         except FetchFailed as error:
             raise UpdateFailed("failed", str(error)) from None
         self._host.report("update.downloaded", f"{target.size} bytes received, sha256 verified", bundle=target.id)

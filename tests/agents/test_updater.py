@@ -246,31 +246,70 @@ def test_sha256_mismatch_fails_the_update_and_discards_the_download(
     assert not agent.store.has(new_id)
 
 
+@contextmanager
+def _stalling_server(link: MemoryLink, bundle: Path) -> Iterator[str]:
+    """The hub's BundleServer answering only the first chunk request: the download stalls after one window of
+    chunks, however often the agent asks again. Yields the bundle id."""
+    stalling = ServedBundles(MemoryHubClient(link))
+    bundle_id = stalling.add(bundle)
+    answered: list[bytes] = []
+
+    def first_request_only(client, userdata, message) -> None:
+        if not answered:
+            answered.append(message.payload)
+            stalling.server.on_request(client, userdata, message)
+
+    MemoryHubClient(link).message_callback_add(stalling.server.topic_filter, first_request_only)
+    stalling.server.start(route=False)
+    try:
+        yield bundle_id
+    finally:
+        stalling.close()
+
+
+def test_a_stalled_download_fails_at_its_deadline_and_the_next_rev_resumes_with_a_fresh_one(
+    start_agent, digits_bundle, big_bundle
+):
+    """Deadline 3 s, a server that stops answering after one window: update.failed names the deadline, the rev
+    converges (the next one is taken), the chunks stay on disk, and rev 2 resumes them under a fresh deadline."""
+    old_id = sha256_file(digits_bundle("1.0.0"))
+    link = MemoryLink()
+    with _stalling_server(link, big_bundle) as big_id:
+        agent = _start_on_old(start_agent, link, digits_bundle, update_deadline_s=3)
+        _desire(link, desired_for(big_bundle, rev=1, version="2.0.0", health_checks=3))
+        failed = _wait_event(link)
+        assert failed.type == "update.failed", failed
+        deadline = "no complete bundle within the update's deadline of 3 s of downloading"
+        progress = f"{WINDOW * CHUNK_SIZE} of {big_bundle.stat().st_size} bytes"
+        assert failed.message.startswith(f"{deadline}: {progress}"), failed.message
+        assert _wait_update_state(link, "failed", rev=1).bundle.id == old_id
+        spent = json.loads((agent.settings.data_dir / "downloads" / f"{big_id}.json").read_text())
+        assert (spent["attempt"], spent["seconds"]) == (1, 3.0), spent
+        served = ServedBundles(MemoryHubClient(link))
+        served.add(big_bundle)
+        served.server.start()
+        try:
+            _desire(link, desired_for(big_bundle, rev=2, version="2.0.0", health_checks=3))
+            healthy = _wait_event(link, after=failed.seq)
+        finally:
+            served.close()
+    assert healthy.type == "update.healthy" and healthy.data["bundle"] == big_id, healthy
+    resumed = next(e for e in _events(link) if e.type == "update.progress" and e.seq > failed.seq)
+    assert resumed.message.startswith(f"resuming download at chunk {WINDOW}/"), resumed
+
+
 def test_stopping_during_a_download_fails_the_update_and_the_next_start_resumes_it(
     start_agent, digits_bundle, big_bundle
 ):
     old_id = sha256_file(digits_bundle("1.0.0"))
     first = MemoryLink()
-    stalling = ServedBundles(MemoryHubClient(first))
-    big_id = stalling.add(big_bundle)
-    answered: list[bytes] = []
-
-    def first_request_only(client, userdata, message) -> None:
-        if not answered:  # then the download stalls after one window of chunks
-            answered.append(message.payload)
-            stalling.server.on_request(client, userdata, message)
-
-    MemoryHubClient(first).message_callback_add(stalling.server.topic_filter, first_request_only)
-    stalling.server.start(route=False)
-    try:
+    with _stalling_server(first, big_bundle) as big_id:
         agent = _start_on_old(start_agent, first, digits_bundle)
         _desire(first, desired_for(big_bundle, rev=1, version="2.0.0", health_checks=3))
         part = agent.settings.data_dir / "downloads" / f"{big_id}.part"
         wait_until(lambda: part.is_file() and part.stat().st_size == WINDOW * CHUNK_SIZE, TIMEOUT_S,
                    "the first window of chunks on disk")  # fmt: skip
         agent.stop()
-    finally:
-        stalling.close()
     event = _wait_event(first)
     assert event.type == "update.failed" and event.message == "agent stopping during download", event
     assert _reported(first)[-1].update.state == "failed"
