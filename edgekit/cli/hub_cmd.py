@@ -76,15 +76,6 @@ def _check_listen(host: str, port: int) -> None:
             raise BadInput(f"--http {host}:{port}: cannot listen there ({error.strerror})") from None
 
 
-def _redact(url: str) -> str:
-    """A broker URL without its password, for printing."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
-
-
 @app.callback()
 def hub(
     ctx: typer.Context,
@@ -116,6 +107,13 @@ def hub(
     no_controller: Annotated[
         bool, typer.Option("--no-controller", help="Do not drive rollouts here (another hub process does).")
     ] = False,
+    insecure_broker: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-broker",
+            help="Embedded broker open to anyone, on every device's topics (no passwords, no ACL): a lab only.",
+        ),
+    ] = False,
 ) -> None:
     """Run the hub until Ctrl-C or SIGTERM. With no --broker it starts an embedded one (Mosquitto, else amqtt)."""
     if ctx.invoked_subcommand is not None:
@@ -128,6 +126,8 @@ def hub(
         from edgekit.mqtt import parse_broker_url
 
         parse_broker_url(broker)
+        if insecure_broker:
+            raise BadInput("--insecure-broker opens the embedded broker; an external --broker is secured where it runs")
     if trust_key is not None and not trust_key.is_file():
         raise BadInput(f"--trust-key {trust_key}: no such file")
     _check_listen(host, port)
@@ -135,7 +135,7 @@ def hub(
         broker_port = MQTT_PORT if _port_free(MQTT_PORT) else None
     settings = HubSettings(data_dir=data, broker=broker, db=db, http_host=host, http_port=port, trust_key=trust_key,
                            share_group=share_group, controller=not no_controller, broker_port=broker_port,
-                           broker_host=broker_listen)  # fmt: skip
+                           broker_host=broker_listen, insecure_broker=insecure_broker)  # fmt: skip
     _hub_logging()
     hub = Hub(settings)
     admin = ensure_admin_token(hub.sessions)
@@ -150,6 +150,8 @@ def _hub_logging() -> None:
 
 
 def _run_until_signal(hub, admin_token: str | None) -> None:
+    from edgekit.mqtt import redact_url
+
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
@@ -160,7 +162,7 @@ def _run_until_signal(hub, admin_token: str | None) -> None:
         _announce(hub, admin_token)
         if not hub.wait_connected(10):
             err_console.print(
-                f"[yellow]warning:[/] not connected to the broker {_redact(hub.broker_url)} yet; retrying"
+                f"[yellow]warning:[/] not connected to the broker {redact_url(hub.broker_url)} yet; retrying"
             )
         done.wait()
         err_console.print("stopping the hub")
@@ -169,14 +171,19 @@ def _run_until_signal(hub, admin_token: str | None) -> None:
 
 
 def _announce(hub, admin_token: str | None) -> None:
+    from edgekit.mqtt import redact_url
+
     settings = hub.settings
     if hub.embedded is not None:
         embedded = hub.embedded
         err_console.print(f"broker: embedded {embedded.kind} listening on {embedded.host}:{embedded.port}"
                           + ("" if embedded.host != "127.0.0.1" else " (this machine only; --broker-listen 0.0.0.0 "
                              "lets devices on the network in)"))  # fmt: skip
+        if hub.users is None:
+            err_console.print("[bold red]INSECURE:[/] --insecure-broker: anyone who reaches the broker can read every "
+                              "device's messages and steer every device")  # fmt: skip
     else:
-        err_console.print(f"broker: external {_redact(hub.broker_url)}")
+        err_console.print(f"broker: external {redact_url(hub.broker_url)}")
     err_console.print(f"database: {settings.db or settings.data_dir / 'hub.sqlite'}; data in {settings.data_dir}")
     if settings.trust_key is None:
         err_console.print(

@@ -85,6 +85,7 @@ def create_app(hub: "Hub") -> FastAPI:
                 "medians": medians,
                 "secret": secret,
                 "metrics": metrics,
+                "insecure_broker": hub.embedded is not None and hub.users is None,  # the dashboard's red banner
             }
 
     # Swagger UI's scripts served by the hub itself (fastapi-offline vendors them): /docs works without internet.

@@ -19,6 +19,11 @@ from edgekit.hub.deps import Feed, Medians, Sessions
 STATIC = Path(__file__).parent / "static"
 PAGES = ("/", "/devices/{device_id}", "/bundles", "/rollouts", "/events", "/audit")
 
+INSECURE_BANNER = (
+    '<div class="insecure-broker" role="alert">Insecure broker (edgekit hub --insecure-broker): anyone who reaches '
+    "it can read every device's messages and steer every device.</div>"
+)
+
 router = APIRouter()
 
 
@@ -26,12 +31,20 @@ def _login_page() -> HTMLResponse:
     return HTMLResponse((STATIC / "login.html").read_text(), status_code=401, headers={"Cache-Control": "no-store"})
 
 
-def _page(actor: MaybeActor, medians: Medians) -> Response:
+def _page(request: Request, actor: MaybeActor, medians: Medians) -> Response:
     """The page shell for a signed-in user, else 401 with the login form (the same URL works after signing in)."""
     if actor is None:
         return _login_page()
     medians.warm()  # the page asks for /api/alerts next
-    return FileResponse(STATIC / "app.html", headers={"Cache-Control": "no-store"})
+    return _shell(request.state.insecure_broker)
+
+
+def _shell(insecure_broker: bool) -> HTMLResponse:
+    """The page shell; on a hub whose broker is open to anyone, with a red banner saying so on every page."""
+    html = (STATIC / "app.html").read_text()
+    if insecure_broker:
+        html = html.replace("<body>", f"<body>\n{INSECURE_BANNER}", 1)
+    return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
 
 for _path in PAGES:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from brokers import Probe
 from helpers import compile_bundle
 from hub_helpers import devices, fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until
 from typer.testing import CliRunner
@@ -150,9 +151,9 @@ def _read_until(process: subprocess.Popen, marker: str, timeout: float = TIMEOUT
     return lines
 
 
-def _start_hub(data: Path, http_port: int) -> subprocess.Popen:
+def _start_hub(data: Path, http_port: int, *extra: str) -> subprocess.Popen:
     args = [sys.executable, "-m", "edgekit", "hub", "--data", str(data), "--http", f"127.0.0.1:{http_port}",
-            "--broker-port", str(free_port())]  # fmt: skip
+            "--broker-port", str(free_port()), *extra]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -259,3 +260,26 @@ def test_hub_enroll_and_agent_enrollment_errors_are_one_line(tmp_path: Path) -> 
     ):
         result = run("agent", *args, "--data", str(tmp_path / "agent"))
         assert result.code == 2 and fragment in result.error(), result.stderr
+
+
+# ---- an open broker only when asked ----------------------------------------------------------------------------
+
+
+def test_insecure_broker_is_asked_for_said_loudly_and_shown_in_red(make_hub, tmp_path: Path) -> None:
+    """`--insecure-broker`: anonymous clients get in, stderr says INSECURE, every dashboard page has the red banner;
+    by default none of that."""
+    process = _start_hub(tmp_path / "open", free_port(), "--insecure-broker")
+    try:
+        _read_until(process, "dashboard:")
+    finally:
+        code, _, stderr = _stop(process)
+    assert code == 0 and "INSECURE: --insecure-broker" in stderr, stderr
+    for hub, banner in ((make_hub(insecure_broker=True), True), (make_hub(), False)):
+        token = create_token(hub.sessions, "viewer", "test")
+        page = httpx.get(f"{hub.http_url}/", headers={"Authorization": f"Bearer {token}"})
+        assert page.status_code == 200 and ('class="insecure-broker"' in page.text) == banner
+        anonymous = Probe(f"mqtt://127.0.0.1:{hub.embedded.port}")
+        assert anonymous.accepted == banner
+        anonymous.close()
+    refused = run("hub", "--data", str(tmp_path), "--broker", "mqtt://h:1883", "--insecure-broker")
+    assert refused.code == 2 and "external --broker is secured where it runs" in refused.error()
