@@ -44,7 +44,9 @@ POLL_S = 1.0  # how often a running download checks for a stall and its budget, 
 # working link finishes while a stuck download still ends.
 DEADLINE_BASE_S = 120.0
 DEADLINE_MIN_RATE = 32 * 1024  # bytes per second
-DEFAULT_RETRIES = 30  # ~90 s of stalls at STALL_S, or ~4 windows of rejected chunks, without a single good chunk
+# Without a good chunk: ~90 s of silence (a re-request per STALL_S), or ~45 s of a server sending only bad chunks
+# (the one at the expected index is rejected, then the stall's re-request: two retries per STALL_S).
+DEFAULT_RETRIES = 30
 
 Reject = Callable[[str, str, int], None]  # reject(topic, reason, payload bytes): a payload.rejected event
 
