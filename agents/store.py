@@ -6,6 +6,7 @@ few commits on *power loss* for not fsyncing every message. The queue is bounded
 messages are dropped (telemetry first, then results, events last), counted, and the count is reported.
 """
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -31,6 +32,15 @@ def _is_full(error: sqlite3.OperationalError) -> bool:
     return getattr(error, "sqlite_errorcode", None) == SQLITE_FULL or "disk is full" in str(error)
 
 
+def make_private(path: Path) -> None:
+    """The outbox holds everything the device reports: its folder (the agent's data folder) 0700 and the database
+    0600 before SQLite opens it; SQLite gives its -wal and -shm files the database's mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)  # a database from before this rule
+
+
 @dataclass(frozen=True)
 class Queued:
     seq: int
@@ -41,7 +51,7 @@ class Queued:
 
 class Outbox:
     def __init__(self, path: Path, max_messages: int = 100_000) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private(path)
         self.path = path
         self.max_messages = max_messages
         self._lock = threading.Lock()

@@ -121,7 +121,7 @@ def _enrolled(
 ) -> tuple[str, str, Path | None]:
     """(broker URL with the login, device id, trust key file) from an enrollment file; the file's trust key is
     written to `key_path` unless --trust-key names one. Flags that would contradict the file are refused."""
-    from edgekit.enrollment import load_enrollment
+    from edgekit.enrollment import load_enrollment, write_private
 
     enrolled = load_enrollment(path)
     if broker:
@@ -129,8 +129,7 @@ def _enrolled(
     if device_id and device_id != enrolled.device_id:
         raise BadInput(f"--device-id {device_id}: --enrollment {path} is for '{enrolled.device_id}'")
     if trust_key is None and enrolled.trust_key is not None:
-        key_path.parent.mkdir(parents=True, exist_ok=True)
-        key_path.write_text(enrolled.trust_key)
+        write_private(key_path, enrolled.trust_key)
         trust_key = key_path
     return enrolled.broker_url(), enrolled.device_id, trust_key
 
@@ -171,6 +170,8 @@ def install(
         # The trust key goes next to the environment file (public: the service reads it as its own user).
         key_path = (env_file or unit_dir / ENV_NAME).with_suffix(".pub")
         broker, device_id, trust_key = _enrolled(enrollment, broker, device_id, trust_key, key_path)
+        if trust_key == key_path:
+            key_path.chmod(0o644)  # a public key, which the service reads as its own user
     if not broker or not device_id or trust_key is None:
         raise BadInput("edgekit agent install needs --enrollment FILE, or --broker, --device-id and --trust-key")
     parse_broker_url(broker)

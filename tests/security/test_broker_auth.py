@@ -5,22 +5,27 @@ Each attack is measured (what got through) and counted in the reliability table 
 """
 
 import contextlib
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from brokers import NO_MOSQUITTO, Probe
-from hub_helpers import device_url, wait_until, watcher_url
+from hub_helpers import device_url, devices, wait_until, watcher_url
 from reliability import record
 from sqlalchemy import func, select
 
 from edgekit.agents.agent import Agent, AgentSettings
+from edgekit.enrollment import write_enrollment
 from edgekit.errors import BadInput
-from edgekit.hub.broker import mosquitto_available
+from edgekit.hub.acl import BrokerUsers
+from edgekit.hub.broker import MosquittoBroker, accepts_connections, free_port, mosquitto_available, running_broker_pid
 from edgekit.hub.db import TelemetrySample
 from edgekit.hub.service import HubSettings
 from edgekit.mqtt import Backoff, parse_broker_url
 from edgekit.protocol import DesiredState, ReportedState, Telemetry, Topic, device_topic, encode
+from edgekit.signing import generate_keypair
 
 pytestmark = pytest.mark.skipif(not mosquitto_available(), reason=NO_MOSQUITTO)
 
@@ -174,3 +179,104 @@ def test_a_device_cannot_take_a_share_of_the_hubs_messages(make_hub):
         sender.close()
     record(AREA, f"$share subscription: of {TELEMETRY_COUNT} telemetry messages, lost by the hub", lost, 0)
     assert lost == 0
+
+
+# ---- the device's secrets -----------------------------------------------------------------------------------------
+
+
+def others_can_read(paths: list[Path]) -> list[str]:
+    return [f"{p} {oct(p.stat().st_mode & 0o777)}" for p in paths if p.stat().st_mode & 0o077]
+
+
+def run_agent_until(enrollment: Path, data: Path, done, what: str) -> str:
+    """`edgekit agent --enrollment FILE` as a process until `done()`; everything it printed."""
+    command = [sys.executable, "-m", "edgekit", "agent", "--enrollment", str(enrollment), "--data", str(data),
+               "--source", "synthetic:?fps=5", "--telemetry-s", "0.5"]  # fmt: skip
+    agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(done, 30, what)
+    finally:
+        agent.terminate()
+        output = agent.communicate(timeout=30)[0]
+    return output
+
+
+def test_the_device_password_stays_out_of_logs_units_and_other_users_reach(make_hub, cli, tmp_path):
+    """A real agent process on its enrollment, then one with a wrong password (refused, and says so): neither
+    prints the password; `agent install` puts it only in a 0600 EnvironmentFile; the agent's data folder and the
+    hub's broker files are readable by their owner only."""
+    _, public = generate_keypair(tmp_path / "keys")
+    hub = make_hub(trust_key=public)
+    enrollment = hub.enroll(["cam-5"])[0]
+    good, bad = tmp_path / "cam-5.json", tmp_path / "wrong.json"
+    write_enrollment(good, enrollment)
+    write_enrollment(bad, enrollment.model_copy(update={"password": "not-the-password-" + "x" * 16}))
+    data = tmp_path / "agent"
+    joined = run_agent_until(good, data, lambda: devices(hub).get("cam-5") and devices(hub)["cam-5"].online, "cam-5")
+    refusals = hub.embedded.log_path.read_text().count("not authorised")
+    refused = run_agent_until(bad, tmp_path / "wrong", lambda: hub.embedded.log_path.read_text().count(
+        "not authorised") > refusals, "the broker to refuse the wrong password")  # fmt: skip
+    output = joined + refused
+    result = cli("agent", "install", "--enrollment", good, "--unit-dir", tmp_path / "unit")
+    assert result.exit_code == 0, result.output
+    unit, env = tmp_path / "unit" / "edgekit-agent.service", tmp_path / "unit" / "edgekit-agent.env"
+    leaked = output.count(enrollment.password) + output.count("not-the-password") + unit.read_text().count(
+        enrollment.password)  # fmt: skip
+    agent_files = others_can_read([data, *data.rglob("*")])
+    hub_files = others_can_read([hub.users.folder, *hub.users.folder.iterdir()])
+    hub_secrets = [hub.users.folder / name for name in ("passwd", "acl", "hub.password")]
+    record(AREA, "device password printed by the agent or written into its systemd unit", leaked, 0)
+    record(AREA, "agent data files readable by other users (outbox, state, trust key)", len(agent_files), 0)
+    record(AREA, "hub broker secrets readable by other users (passwd, acl, hub password)",
+           len(others_can_read(hub_secrets)), 0)  # fmt: skip
+    assert leaked == 0 and "cam-5:***@" in output, output
+    assert f'EDGEKIT_BROKER="{enrollment.broker_url()}"' in env.read_text() and env.stat().st_mode & 0o777 == 0o600
+    assert f"EnvironmentFile={env}" in unit.read_text()
+    assert not agent_files and (data / "outbox.sqlite").is_file()
+    assert not others_can_read(hub_secrets), hub_files
+
+
+# ---- the broker dies with the hub ----------------------------------------------------------------------------------
+
+
+def test_the_embedded_broker_dies_with_the_hub(tmp_path):
+    """`kill -9` of a real `edgekit hub` process: its Mosquitto goes too (parent-death signal), and a hub started
+    again on the same folder and broker port gets that port. A broker left behind anyway (started here as a killed
+    hub would have left it) is found by its pidfile and stopped by the next start."""
+    data, broker_port = tmp_path / "hub", free_port()
+    command = [sys.executable, "-m", "edgekit", "hub", "--data", str(data), "--broker-port", str(broker_port)]
+
+    def start_hub() -> subprocess.Popen:
+        hub = subprocess.Popen([*command, "--http", f"127.0.0.1:{free_port()}"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+        wait_until(lambda: hub.poll() is not None or accepts_connections("127.0.0.1", broker_port), 30, "the broker")
+        return hub
+
+    hub = start_hub()
+    broker = running_broker_pid(data / "broker")
+    assert hub.poll() is None and broker is not None
+    hub.kill()
+    hub.wait()
+    with contextlib.suppress(AssertionError):  # measured below
+        wait_until(lambda: running_broker_pid(data / "broker") is None, 10, "the broker to go with the hub")
+    orphaned = int(running_broker_pid(data / "broker") is not None)
+    again = start_hub()
+    restarted = again.poll() is None and running_broker_pid(data / "broker") not in (None, broker)
+    again.kill()
+    again.wait()
+    wait_until(lambda: running_broker_pid(data / "broker") is None, 10, "the second broker to go")
+
+    # A broker that outlived its hub (no parent-death signal reached it): the next start stops it first.
+    stale = MosquittoBroker(data / "broker", port=broker_port, users=BrokerUsers(data / "broker").ensure())
+    stale.start()
+    stale._process = None  # forgotten, as by a killed hub: only its pidfile is left
+    replaced = MosquittoBroker(data / "broker", port=broker_port, users=BrokerUsers(data / "broker"))
+    try:
+        replaced.start()
+        stale_left = int(running_broker_pid(data / "broker") != replaced._process.pid)
+    finally:
+        replaced.stop()
+    record(AREA, "hub kill -9: embedded broker left running", orphaned, 0)
+    record(AREA, "hub kill -9: restart on the same broker port failed", int(not restarted), 0)
+    record(AREA, "broker left by a killed hub: still running after the next start", stale_left, 0)
+    assert (orphaned, restarted, stale_left) == (0, True, 0)
