@@ -327,14 +327,17 @@ def dashboard_load_time(hub: Any, token: str, devices: int = 1000, runs: int = 5
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         try:
             context = browser.new_context(viewport={"width": 1400, "height": 900})
-            login = context.request.post(hub.http_url + "/login", form={"token": token}, max_redirects=0)
+            # The Origin a browser's own login form sends: the hub refuses cross-site logins.
+            login = context.request.post(hub.http_url + "/login", form={"token": token}, max_redirects=0,
+                                         headers={"Origin": hub.http_url})  # fmt: skip
             if login.status != 303:
                 raise RuntimeError(f"login failed: HTTP {login.status} {login.text()[:200]}")
             page = context.new_page()
             for _ in range(runs):
                 page.goto(url)
-                page.wait_for_function("window.__fleetRenderedAt !== undefined", timeout=60_000)
-                page.wait_for_function(f"({RESOURCE_MS})('/api/alerts') !== null", timeout=60_000)
+                # Functions, not expressions: Playwright evals an expression, which the hub's CSP refuses.
+                page.wait_for_function("() => window.__fleetRenderedAt !== undefined", timeout=60_000)
+                page.wait_for_function(f"() => ({RESOURCE_MS})('/api/alerts') !== null", timeout=60_000)
                 loads.append(page.evaluate(MEASURE_JS))
             # The table holds only the rows in view: scrolled to the end, it must show the last device.
             page.eval_on_selector(".table-wrap", "wrap => wrap.scrollTo(0, wrap.scrollHeight)")

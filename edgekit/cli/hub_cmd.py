@@ -18,6 +18,7 @@ from rich.table import Table
 
 from edgekit.cli.console import console, err_console, print_json
 from edgekit.errors import BadInput, OperationFailed
+from edgekit.hub.scopes import DEFAULT_SCOPE, SCOPE_HELP, Scope
 
 DEFAULT_DATA = Path("edgekit-hub")
 MQTT_PORT = 1883  # devices find an embedded broker on the standard port when it is free
@@ -200,6 +201,11 @@ def _announce(hub, admin_token: str | None) -> None:
 
 # ---------------------------------------------------------------- edgekit hub token …
 
+SCOPE_OPTION_HELP = (
+    "; ".join(f"{s}: {what}" for s, what in SCOPE_HELP.items())
+    + f". Default {DEFAULT_SCOPE}: what CI and operators need day to day, without the power to make or revoke tokens."
+)
+
 
 def _open_sessions(data: Path, db: str | None):
     from edgekit.hub.db import database_url, open_database
@@ -213,6 +219,7 @@ def _open_sessions(data: Path, db: str | None):
 @token_app.command("create")
 def token_create(
     name: Annotated[str, typer.Argument(help="Who or what uses it; the audit log shows this name.")],
+    scope: Annotated[Scope, typer.Option("--scope", help=SCOPE_OPTION_HELP)] = DEFAULT_SCOPE,
     data: DataOpt = DEFAULT_DATA,
     db: DbOpt = None,
 ) -> None:
@@ -221,10 +228,10 @@ def token_create(
 
     engine, sessions = _open_sessions(data, db)
     try:
-        token = create_token(sessions, name, local_actor())
+        token = create_token(sessions, name, local_actor(), scope)
     finally:
         engine.dispose()
-    err_console.print(f"token '{escape(name)}' created; it is shown once, keep it:")
+    err_console.print(f"token '{escape(name)}' ({scope}) created; it is shown once, keep it:")
     print(token)
 
 
@@ -243,9 +250,10 @@ def token_list(data: DataOpt = DEFAULT_DATA, db: DbOpt = None, as_json: JsonOpt 
     if as_json:
         print_json(json.dumps([asdict(t) for t in tokens], indent=2))
         return
-    table = Table("name", "created", "by", "state")
+    table = Table("name", "scope", "created", "by", "state")
     for t in tokens:
-        table.add_row(t.name, _when(t.created), t.created_by, "[red]revoked[/]" if t.revoked else "[green]active[/]")
+        state = "[red]revoked[/]" if t.revoked else "[green]active[/]"
+        table.add_row(t.name, t.scope, _when(t.created), t.created_by, state)
     console.print(table)
 
 

@@ -5,6 +5,7 @@ has answered the last one. Every route except `/healthz`, `/login`, `/logout`, s
 token (see `edgekit.hub.auth`).
 """
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -17,16 +18,18 @@ from sqlalchemy import text
 from edgekit import __version__
 from edgekit.hub import dashboard
 from edgekit.hub.alerts import MedianCache
-from edgekit.hub.auth import hub_secret, require_actor
+from edgekit.hub.auth import hub_secret, private_data_dir, require_read
 from edgekit.hub.deps import Link, Sessions
+from edgekit.hub.guard import WebGuard
 from edgekit.hub.live import LiveFeed
 from edgekit.hub.metrics import hub_registry, metrics_router
-from edgekit.hub.routes import audit, bundles, deployments, devices, session
+from edgekit.hub.routes import audit, bundles, deployments, devices, session, tokens
 from edgekit.hub.schemas import Health
 
 if TYPE_CHECKING:
     from edgekit.hub.service import Hub
 
+log = logging.getLogger(__name__)
 health_router = APIRouter()
 
 
@@ -69,6 +72,11 @@ def create_app(hub: "Hub") -> FastAPI:
     """The app over `hub`'s database, registry, rollouts and MQTT link; its lifespan runs `running_workers(hub)`."""
     # Read (or made) here, in the caller's thread: a broken secret file stops the start with its own message.
     secret = hub_secret(hub.settings.data_dir)
+    opened = private_data_dir(hub.settings.data_dir)
+    if opened:
+        log.warning("%s: made %d paths readable by their owner only (were open to others): %s", hub.settings.data_dir,
+                    len(opened), ", ".join(str(p.relative_to(hub.settings.data_dir)) for p in opened[:5])
+                    + (", …" if len(opened) > 5 else ""))  # fmt: skip
     metrics = hub_registry(hub)
 
     @asynccontextmanager
@@ -97,9 +105,10 @@ def create_app(hub: "Hub") -> FastAPI:
         "Authenticate with `Authorization: Bearer TOKEN` (`edgekit hub token create NAME`).",
         lifespan=lifespan,
     )
-    api = APIRouter(prefix="/api", dependencies=[Depends(require_actor)])
-    for routes in (devices, bundles, deployments, audit):
+    api = APIRouter(prefix="/api", dependencies=[Depends(require_read)])
+    for routes in (devices, bundles, deployments, audit, tokens):
         api.include_router(routes.router)
     for router in (health_router, session.router, api, metrics_router, dashboard.router):
         app.include_router(router)
+    app.add_middleware(WebGuard)
     return app

@@ -3,6 +3,10 @@
 A token is shown once, when it is created. Requests carry it as `Authorization: Bearer TOKEN`; the dashboard
 trades it for a session cookie at `POST /login`. The cookie names the token, not the token itself, and is signed
 with a per-hub secret, so revoking a token also ends every dashboard session opened with it.
+
+Each token has a scope: `read` (GET only), `operate` (also push, deploy, halt, labels) or `admin` (also tokens and
+enrollment). A route states the scope it needs with `Actor` (read), `Operator` or `Admin`; a weaker token gets 403
+naming the scope needed. The scope is looked up on every request, so a session cookie carries none.
 """
 
 import base64
@@ -13,10 +17,12 @@ import json
 import os
 import re
 import secrets
+import stat
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy import select
@@ -25,6 +31,7 @@ from sqlalchemy.orm import sessionmaker
 from edgekit.errors import BadInput
 from edgekit.hub.db import ApiToken, AuditEntry
 from edgekit.hub.deps import Secret, Sessions
+from edgekit.hub.scopes import DEFAULT_SCOPE, SCOPES, Scope, scope_allows
 
 COOKIE = "edgekit_session"
 SESSION_S = 12 * 3600
@@ -35,9 +42,18 @@ ADMIN = "admin"
 @dataclass(frozen=True)
 class TokenInfo:
     name: str
+    scope: str
     created: float
     created_by: str
     revoked: bool
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request authenticates as: a token's name and scope."""
+
+    name: str
+    scope: Scope
 
 
 def hash_token(token: str) -> str:
@@ -57,16 +73,20 @@ def audit(sessions: sessionmaker, actor: str, action: str, **detail) -> None:
         session.add(AuditEntry(ts=time.time(), actor=actor, action=action, detail=detail))
 
 
-def create_token(sessions: sessionmaker, name: str, actor: str) -> str:
+def create_token(sessions: sessionmaker, name: str, actor: str, scope: str = DEFAULT_SCOPE) -> str:
     """A new token for `name` (shown once: only its hash is kept). A revoked name cannot be reused."""
     if not TOKEN_NAME.match(name):
         raise BadInput(f"token name '{name}': use 1-64 letters, digits and . _ @ -, starting with a letter or digit")
+    if scope not in SCOPES:
+        raise BadInput(f"token scope '{scope}': expected one of {', '.join(SCOPES)}")
     token = secrets.token_urlsafe(32)
     with sessions.begin() as session:
         if session.scalar(select(ApiToken.id).where(ApiToken.name == name)) is not None:
             raise BadInput(f"token name '{name}' is taken (edgekit hub token list)")
-        session.add(ApiToken(name=name, token_hash=hash_token(token), created=time.time(), created_by=actor))
-        session.add(AuditEntry(ts=time.time(), actor=actor, action="token.create", detail={"name": name}))
+        session.add(ApiToken(name=name, token_hash=hash_token(token), created=time.time(), created_by=actor,
+                             scope=scope))  # fmt: skip
+        session.add(AuditEntry(ts=time.time(), actor=actor, action="token.create",
+                               detail={"name": name, "scope": scope}))  # fmt: skip
     return token
 
 
@@ -83,7 +103,7 @@ def revoke_token(sessions: sessionmaker, name: str, actor: str) -> None:
 def list_tokens(sessions: sessionmaker) -> list[TokenInfo]:
     with sessions() as session:
         rows = session.scalars(select(ApiToken).order_by(ApiToken.created))
-        return [TokenInfo(t.name, t.created, t.created_by, t.revoked) for t in rows]
+        return [TokenInfo(t.name, t.scope, t.created, t.created_by, t.revoked) for t in rows]
 
 
 def ensure_admin_token(sessions: sessionmaker) -> str | None:
@@ -91,21 +111,18 @@ def ensure_admin_token(sessions: sessionmaker) -> str | None:
     with sessions() as session:
         if session.scalar(select(ApiToken.id).limit(1)) is not None:
             return None
-    return create_token(sessions, ADMIN, "hub")
+    return create_token(sessions, ADMIN, "hub", scope=ADMIN)
 
 
-def token_actor(sessions: sessionmaker, token: str) -> str | None:
-    """The name of a valid (known, not revoked) token, else None."""
+def _active_caller(sessions: sessionmaker, *where) -> Caller | None:
     with sessions() as session:
-        return session.scalar(
-            select(ApiToken.name).where(ApiToken.token_hash == hash_token(token), ApiToken.revoked.is_(False))
-        )
+        row = session.execute(select(ApiToken.name, ApiToken.scope).where(*where, ApiToken.revoked.is_(False))).first()
+    return Caller(row.name, row.scope) if row else None
 
 
-def _token_name_valid(sessions: sessionmaker, name: str) -> bool:
-    with sessions() as session:
-        revoked = session.scalar(select(ApiToken.revoked).where(ApiToken.name == name))
-    return revoked is False
+def token_caller(sessions: sessionmaker, token: str) -> Caller | None:
+    """Who a valid (known, not revoked) token is, else None."""
+    return _active_caller(sessions, ApiToken.token_hash == hash_token(token))
 
 
 def hub_secret(data_dir: Path) -> bytes:
@@ -121,6 +138,20 @@ def hub_secret(data_dir: Path) -> bytes:
     with os.fdopen(fd, "wb") as handle:
         handle.write(secrets.token_bytes(32))
     return path.read_bytes()
+
+
+def private_data_dir(data_dir: Path) -> list[Path]:
+    """Make the hub's folder its owner's only (folders 0700, files 0600): the database, the secret, the broker's
+    passwords. Returns what was open to others, e.g. made by an older hub under a 022 umask."""
+    tightened = []
+    for folder, folders, files in os.walk(data_dir):
+        for path in [Path(folder)] + [Path(folder, name) for name in folders + files]:
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode) or not mode & 0o077:
+                continue
+            path.chmod(0o700 if stat.S_ISDIR(mode) else 0o600)
+            tightened.append(path)
+    return sorted(set(tightened))
 
 
 def _b64(data: bytes) -> str:
@@ -151,32 +182,60 @@ def cookie_name(secret: bytes, cookie: str) -> str | None:
     return name if expires > time.time() else None
 
 
-def authenticate(request: Request, sessions: Sessions, secret: Secret) -> str | None:
-    """The actor behind a request (a bearer token first, then the session cookie), or None."""
+def _bearer_token(request: Request) -> str | None:
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return token_actor(sessions, credentials.strip())
+    return (credentials.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def authenticate(request: Request, sessions: Sessions, secret: Secret) -> Caller | None:
+    """Who is behind a request (a bearer token first, then the session cookie), or None."""
+    token = _bearer_token(request)
+    if token is not None:
+        return token_caller(sessions, token)
     cookie = request.cookies.get(COOKIE)
-    if cookie:
-        name = cookie_name(secret, cookie)
-        # The cookie outlives nothing: a revoked token ends its dashboard sessions too.
-        if name is not None and _token_name_valid(sessions, name):
-            return name
-    return None
+    name = cookie_name(secret, cookie) if cookie else None
+    # The cookie outlives nothing: a revoked token ends its dashboard sessions too.
+    return _active_caller(sessions, ApiToken.name == name) if name is not None else None
 
 
-MaybeActor = Annotated[str | None, Depends(authenticate)]
+MaybeCaller = Annotated[Caller | None, Depends(authenticate)]
 
 
-async def require_actor(actor: MaybeActor) -> str:
-    """The caller's token name, or 401. Async: it only checks what `authenticate` found."""
-    if actor is None:
-        raise HTTPException(
-            status_code=401,
-            detail="authentication required: send 'Authorization: Bearer TOKEN' or log in at /login",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return actor
+def require_scope(needed: Scope) -> Callable[[Caller | None], Awaitable[Caller]]:
+    """A dependency: the caller, when its token has `needed` (or a stronger scope); else 401 or 403."""
+
+    async def caller_with_scope(caller: MaybeCaller) -> Caller:  # async: it only checks what authenticate found
+        if caller is None:
+            raise HTTPException(
+                status_code=401,
+                detail="authentication required: send 'Authorization: Bearer TOKEN' or log in at /login",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not scope_allows(caller.scope, needed):
+            raise HTTPException(
+                status_code=403,
+                detail=f"this needs a token with scope '{needed}'; token '{caller.name}' has scope '{caller.scope}' "
+                f"(edgekit hub token create NAME --scope {needed})",
+            )
+        return caller
+
+    caller_with_scope.needed_scope = needed  # type: ignore[attr-defined]  # read by the route audit in the tests
+    return caller_with_scope
 
 
-Actor = Annotated[str, Depends(require_actor)]
+require_read, require_operate, require_admin = (require_scope(s) for s in SCOPES)
+
+
+def _actor_name(check) -> Any:
+    """Depends() on the name of a caller that passed `check`: the audit log's actor."""
+
+    async def actor_name(caller: Annotated[Caller, Depends(check)]) -> str:
+        return caller.name
+
+    return Depends(actor_name)
+
+
+ReadCaller = Annotated[Caller, Depends(require_read)]
+Actor = Annotated[str, _actor_name(require_read)]  # any valid token
+Operator = Annotated[str, _actor_name(require_operate)]  # push, deploy, halt, labels
+Admin = Annotated[str, _actor_name(require_admin)]  # tokens, enrollment

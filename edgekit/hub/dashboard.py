@@ -13,7 +13,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response, StreamingResponse
 
 from edgekit.hub.alerts import fleet_alerts
-from edgekit.hub.auth import Actor, MaybeActor
+from edgekit.hub.auth import Actor, MaybeCaller
 from edgekit.hub.deps import Feed, Medians, Sessions
 
 STATIC = Path(__file__).parent / "static"
@@ -31,9 +31,9 @@ def _login_page() -> HTMLResponse:
     return HTMLResponse((STATIC / "login.html").read_text(), status_code=401, headers={"Cache-Control": "no-store"})
 
 
-def _page(request: Request, actor: MaybeActor, medians: Medians) -> Response:
+def _page(request: Request, caller: MaybeCaller, medians: Medians) -> Response:
     """The page shell for a signed-in user, else 401 with the login form (the same URL works after signing in)."""
-    if actor is None:
+    if caller is None:
         return _login_page()
     medians.warm()  # the page asks for /api/alerts next
     return _shell(request.state.insecure_broker)

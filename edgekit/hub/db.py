@@ -4,12 +4,25 @@ Device → hub messages are keyed by (device_id, seq), which is unique per devic
 events, so a replayed message is dropped by the primary key, whichever hub process receives it.
 """
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    inspect,
+)
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from edgekit.errors import BadInput
@@ -166,6 +179,8 @@ class ApiToken(Base):
     created: Mapped[float] = mapped_column(Float, default=time.time)
     created_by: Mapped[str] = mapped_column(String(64))
     revoked: Mapped[bool] = mapped_column(default=False)
+    # read | operate | admin (edgekit.hub.scopes). Tokens made before scopes existed are admin.
+    scope: Mapped[str] = mapped_column(String(16), default="admin", server_default="admin")
 
 
 class AuditEntry(Base):
@@ -197,9 +212,25 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def add_token_scope_column(connection: Connection) -> None:
+    """Databases made before token scopes have no `tokens.scope`: add it, so their tokens keep working as admin.
+    (The one schema change so far; migrations proper are Alembic's job, issue #15.)"""
+    if "scope" not in {column["name"] for column in inspect(connection).get_columns("tokens")}:
+        connection.exec_driver_sql("ALTER TABLE tokens ADD COLUMN scope VARCHAR(16) NOT NULL DEFAULT 'admin'")
+
+
+def private_sqlite_file(url: str) -> None:
+    """Create a SQLite database file readable by its owner only, before SQLite does with the umask's mode: SQLite
+    gives its -wal and -shm files the database file's mode, so they are private too."""
+    path = Path(make_url(url).database or "")
+    if path.name and path.name != ":memory:":
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+
+
 def open_database(url: str) -> tuple[Engine, sessionmaker]:
     """Engine and session factory; creates the tables when they do not exist."""
     if url.startswith("sqlite"):
+        private_sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
@@ -209,4 +240,5 @@ def open_database(url: str) -> tuple[Engine, sessionmaker]:
             # Several hub processes starting at once on an empty database would race to CREATE the same tables.
             connection.exec_driver_sql("SELECT pg_advisory_xact_lock(4242)")
         Base.metadata.create_all(connection)
+        add_token_scope_column(connection)
     return engine, sessionmaker(engine, expire_on_commit=False)

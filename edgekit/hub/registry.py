@@ -18,7 +18,7 @@ class Registry:
     def __init__(self, data_dir: Path, sessions: sessionmaker, trust_key: Ed25519PublicKey | None) -> None:
         """`trust_key` None accepts any correctly self-consistent bundle (hashes checked) — say so at start-up."""
         self.dir = data_dir / "bundles"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.sessions = sessions
         self.trust_key = trust_key
 
@@ -72,8 +72,10 @@ class Registry:
         """By full sha256 or an unambiguous prefix of at least 8 characters (as `edgekit devices` prints them)."""
         if len(id_or_prefix) < 8:
             raise BadInput(f"bundle id '{id_or_prefix}': give at least 8 characters of the sha256")
+        # autoescape: `%` and `_` in the prefix are characters, not LIKE wildcards that match any bundle.
+        statement = select(BundleRecord).where(BundleRecord.id.startswith(id_or_prefix, autoescape=True))
         with self.sessions() as session:
-            matches = list(session.scalars(select(BundleRecord).where(BundleRecord.id.startswith(id_or_prefix))))
+            matches = list(session.scalars(statement))
         if len(matches) != 1:
             raise BadInput(f"bundle id '{id_or_prefix}': {'no' if not matches else len(matches)} bundles match")
         return matches[0]

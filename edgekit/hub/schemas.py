@@ -6,6 +6,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgekit import __version__
+from edgekit.hub.scopes import DEFAULT_SCOPE, Scope
 from edgekit.protocol import DEVICE_ID
 
 LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,63}$")
@@ -184,3 +185,25 @@ class Health(BaseModel):
     broker: bool = Field(description="The hub's MQTT client is connected")
     db: bool
     version: str = __version__
+
+
+class MeOut(BaseModel):
+    actor: str = Field(description="The token's name")
+    scope: str = Field(description="read, operate or admin")
+
+
+class TokenIn(BaseModel):
+    name: str = Field(description="Who or what uses it; the audit log shows this name")
+    scope: Scope = DEFAULT_SCOPE
+
+
+class TokenOut(BaseModel):
+    name: str
+    scope: str
+    created: float
+    created_by: str
+    revoked: bool
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="Shown once: the hub keeps only its sha256")

@@ -60,7 +60,7 @@ class HubSettings:
 class Hub:
     def __init__(self, settings: HubSettings) -> None:
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the database and secrets live here
         self.embedded: EmbeddedBroker | None = None
         self.broker_url = settings.broker or ""
         self.users = None if settings.broker or settings.insecure_broker else BrokerUsers(settings.data_dir / "broker")

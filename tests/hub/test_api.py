@@ -99,7 +99,9 @@ def test_unauthenticated_requests_get_401_and_health_and_docs_are_public(hub) ->
 
 def test_login_sets_a_strict_httponly_cookie_that_dies_with_its_token(hub) -> None:
     token = create_token(hub.sessions, "browser", "test")
+    # A browser on the dashboard's own page sends its origin; cross-site posts are tests/security/test_hub_web.py's.
     with _client(hub) as browser:
+        browser.headers["Origin"] = hub.http_url
         assert (hub.settings.data_dir / "secret").stat().st_mode & 0o777 == 0o600, "the cookie key is readable"
         refused = browser.post("/login", data={"token": "wrong"})
         assert refused.status_code == 401
@@ -112,7 +114,7 @@ def test_login_sets_a_strict_httponly_cookie_that_dies_with_its_token(hub) -> No
         assert response.headers["location"] == "/", "an off-site redirect was followed"
         set_cookie = response.headers["set-cookie"].lower()
         assert "httponly" in set_cookie and "samesite=strict" in set_cookie
-        assert browser.get("/api/me").json() == {"actor": "browser"}
+        assert browser.get("/api/me").json() == {"actor": "browser", "scope": "operate"}
         assert browser.get("/").status_code == 200
 
         cookie = browser.cookies[COOKIE]

@@ -4,13 +4,13 @@ Screenshots of the fleet and device pages go to `tests/artifacts/` (dashboard-fl
 """
 
 import json
-import os
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from browser import chromium
 from helpers import compile_bundle
 from hub_helpers import fleet, fleet_ids, signing_keys, wait_until
 from sqlalchemy import update
@@ -19,7 +19,6 @@ from edgekit.hub.auth import create_token
 from edgekit.hub.db import Device, EventRecord, TelemetrySample
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
 FLEET_SIZE = 20
 WAIT_MS = 15_000
 ROWS = "#fleet tbody tr[data-id]"  # the table's device rows (spacer rows have no id)
@@ -35,20 +34,19 @@ def get(url: str, token: str | None = None) -> tuple[int, str, dict[str, str]]:
         return error.code, error.read().decode(), dict(error.headers)
 
 
+def until(page, condition: str) -> None:
+    """Wait for a JS condition, passed as a function: a bare expression would be eval'd, which the hub's CSP refuses."""
+    page.wait_for_function(f"() => {condition}", timeout=WAIT_MS)
+
+
 def shown_ids(page) -> list[str]:
     return page.eval_on_selector_all(ROWS, "rows => rows.map(r => r.dataset.id)")
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install chromium)")
-    with sync_api.sync_playwright() as playwright:
-        args = ["--no-sandbox"] if os.geteuid() == 0 else []  # root cannot use chromium's user-namespace sandbox
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
-        yield browser
-        browser.close()
+    with chromium() as launched:
+        yield launched
 
 
 def test_dashboard_live_fleet_and_device_pages(make_hub, digits: Path, tmp_path: Path, browser) -> None:
@@ -86,13 +84,16 @@ def test_dashboard_live_fleet_and_device_pages(make_hub, digits: Path, tmp_path:
         assert get(f"{hub.http_url}/static/../dashboard.py")[0] == 404
 
         page = browser.new_page(viewport={"width": 1400, "height": 900})
+        # Every page must run under the hub's CSP (no inline styles or unhashed scripts): the browser says when not.
+        violations: list[str] = []
+        page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
         try:
             # Log in as a person would: the 401 page is the form; after it, the same URL shows the fleet.
             response = page.goto(hub.http_url + "/")
             assert response.status == 401
             page.fill("#token", token)
             page.click("button[type=submit]")
-            page.wait_for_function(f"document.querySelectorAll('{ROWS}').length === {FLEET_SIZE}", timeout=WAIT_MS)
+            until(page, f"document.querySelectorAll('{ROWS}').length === {FLEET_SIZE}")
             assert shown_ids(page) == ids
             assert page.eval_on_selector(f'tr[data-id="{ids[0]}"] .c-online', "c => c.textContent") == "online"
             assert "20 devices · 20 online" in page.text_content("#summary")
@@ -101,7 +102,7 @@ def test_dashboard_live_fleet_and_device_pages(make_hub, digits: Path, tmp_path:
             page.evaluate("window.__marker = 'no reload'")
             cell = f'tr[data-id="{ids[0]}"] .c-last_seen'
             before = float(page.get_attribute(cell, "data-ts"))
-            page.wait_for_function(f"Number(document.querySelector('{cell}').dataset.ts) > {before}", timeout=WAIT_MS)
+            until(page, f"Number(document.querySelector('{cell}').dataset.ts) > {before}")
             assert page.evaluate("window.__marker") == "no reload", "the page reloaded instead of updating in place"
             assert page.evaluate("window.__liveMessages") > 0
             assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
@@ -113,20 +114,19 @@ def test_dashboard_live_fleet_and_device_pages(make_hub, digits: Path, tmp_path:
 
             # Filter by label: half the fleet is at site=lab.
             page.fill("#filter", "site=lab")
-            page.wait_for_function(f"document.querySelectorAll('{ROWS}').length === {FLEET_SIZE // 2}", timeout=WAIT_MS)
+            until(page, f"document.querySelectorAll('{ROWS}').length === {FLEET_SIZE // 2}")
             assert shown_ids(page) == ids[::2]
             page.fill("#filter", "")
 
             # Device page: click a row; its charts hold telemetry and grow while the page stays open.
             page.click(f'tr[data-id="{ids[3]}"] .c-fps')
             page.wait_for_url(f"**/devices/{ids[3]}", timeout=WAIT_MS)
-            page.wait_for_function("document.body.dataset.ready === 'device'", timeout=WAIT_MS)
+            until(page, "document.body.dataset.ready === 'device'")
             chart = "#chart-latency"
-            page.wait_for_function(f"Number(document.querySelector('{chart}').dataset.points) > 0", timeout=WAIT_MS)
+            until(page, f"Number(document.querySelector('{chart}').dataset.points) > 0")
             page.evaluate("window.__marker = 'no reload'")
             points = int(page.get_attribute(chart, "data-points"))
-            page.wait_for_function(f"Number(document.querySelector('{chart}').dataset.points) > {points}",
-                                   timeout=WAIT_MS)  # fmt: skip
+            until(page, f"Number(document.querySelector('{chart}').dataset.points) > {points}")
             assert page.evaluate("window.__marker") == "no reload"
             assert page.evaluate("window.__charts.length") == 4
             # uPlot drew the series on its canvas: the data it holds is the page's, not an empty chart.
@@ -140,7 +140,7 @@ def test_dashboard_live_fleet_and_device_pages(make_hub, digits: Path, tmp_path:
                                           ("/rollouts", "rollouts", "#rollouts"),
                                           ("/audit", "audit", "#audit tbody tr")):  # fmt: skip
                 page.goto(hub.http_url + path)
-                page.wait_for_function(f"document.body.dataset.ready === '{ready}'", timeout=WAIT_MS)
+                until(page, f"document.body.dataset.ready === '{ready}'")
                 assert page.query_selector(selector) is not None, f"{path}: nothing at {selector}"
             assert page.text_content("#audit tbody").count("token.create") >= 1
 
@@ -165,6 +165,7 @@ def test_dashboard_live_fleet_and_device_pages(make_hub, digits: Path, tmp_path:
             assert [(e["actor"], e["detail"]["deployment_id"]) for e in json.loads(body)] == [
                 ("dashboard-test", deployment.id)
             ]
+            assert violations == [], violations
         finally:
             page.close()
 

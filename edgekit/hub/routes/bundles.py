@@ -9,7 +9,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 
 from edgekit.errors import EdgekitError
-from edgekit.hub.auth import Actor, audit
+from edgekit.hub.auth import Operator, audit
 from edgekit.hub.db import BundleRecord
 from edgekit.hub.deps import RegistryDep, Sessions
 from edgekit.hub.routes import unprocessable
@@ -58,7 +58,7 @@ BUNDLE_BODY = {
     summary="Push a .ekb (raw body); verified before it is stored. 201 created, 200 already there",
     responses={200: {"model": PushOut}, 413: {}, 415: {}, 422: {}},
 )
-async def push_bundle(request: Request, response: Response, actor: Actor, registry: RegistryDep, sessions: Sessions,
+async def push_bundle(request: Request, response: Response, actor: Operator, registry: RegistryDep, sessions: Sessions,
                       limit: BundleLimit) -> PushOut:  # fmt: skip
     content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if content_type != "application/octet-stream":

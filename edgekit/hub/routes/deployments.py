@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 
 from edgekit.errors import EdgekitError
-from edgekit.hub.auth import Actor, audit
+from edgekit.hub.auth import Operator, audit
 from edgekit.hub.db import Deployment
 from edgekit.hub.deps import DeploymentsDep, RegistryDep, Sessions
 from edgekit.hub.rollouts import Deployments, UnknownDeployment
@@ -56,7 +56,7 @@ def _detail(deployments: Deployments, deployment_id: int) -> DeploymentDetail:
 
 
 @router.post("/deployments", response_model=DeploymentDetail, status_code=201, responses={422: {}})
-def create_deployment(body: DeploymentIn, actor: Actor, deployments: DeploymentsDep, registry: RegistryDep,
+def create_deployment(body: DeploymentIn, actor: Operator, deployments: DeploymentsDep, registry: RegistryDep,
                       sessions: Sessions) -> DeploymentDetail:  # fmt: skip
     try:
         bundle = registry.find(body.bundle_id)
@@ -89,7 +89,7 @@ def get_deployment(deployments: DeploymentsDep, deployment_id: int) -> Deploymen
 
 
 @router.post("/deployments/{deployment_id}/halt", response_model=DeploymentDetail, responses={404: {}, 409: {}})
-def halt_deployment(deployments: DeploymentsDep, sessions: Sessions, deployment_id: int, actor: Actor,
+def halt_deployment(deployments: DeploymentsDep, sessions: Sessions, deployment_id: int, actor: Operator,
                     body: HaltIn | None = None) -> DeploymentDetail:  # fmt: skip
     reason = (body or HaltIn()).reason
     with _found(deployment_id):

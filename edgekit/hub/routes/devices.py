@@ -7,7 +7,7 @@ from fastapi import APIRouter, HTTPException, Query
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from edgekit.hub.auth import Actor
+from edgekit.hub.auth import Operator
 from edgekit.hub.db import AuditEntry, Device, EventRecord, TelemetryRollup, TelemetrySample
 from edgekit.hub.deps import Sessions
 from edgekit.hub.routes import unprocessable
@@ -62,7 +62,7 @@ def get_device(sessions: Sessions, device_id: str) -> DeviceDetail:
 
 
 @router.put("/devices/{device_id}/labels", response_model=DeviceOut)
-def put_labels(sessions: Sessions, device_id: str, body: LabelsIn, actor: Actor) -> Device:
+def put_labels(sessions: Sessions, device_id: str, body: LabelsIn, actor: Operator) -> Device:
     with sessions.begin() as session:
         device = _device_or_404(session, device_id)
         device.labels = dict(body.labels)

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import RedirectResponse
 
 from edgekit.hub import auth
-from edgekit.hub.auth import Actor
+from edgekit.hub.auth import ReadCaller
 from edgekit.hub.deps import Secret, Sessions
 from edgekit.hub.routes import unprocessable
+from edgekit.hub.schemas import MeOut
 
 router = APIRouter()
 
@@ -47,18 +48,19 @@ async def login_form(request: Request) -> LoginForm:
     return LoginForm(token, (form.get("next") or ["/"])[0])
 
 
-@router.get("/api/me", summary="The token name this request authenticates as")
-def me(actor: Actor) -> dict[str, str]:
-    return {"actor": actor}
+@router.get("/api/me", response_model=MeOut, summary="The token name and scope this request authenticates as")
+def me(caller: ReadCaller) -> MeOut:
+    return MeOut(actor=caller.name, scope=caller.scope)
 
 
 @router.post("/login", openapi_extra=LOGIN_BODY, status_code=303, summary="Trade a token for a session cookie")
 async def login(
     request: Request, form: Annotated[LoginForm, Depends(login_form)], sessions: Sessions, secret: Secret
 ) -> Response:
-    actor = await to_thread.run_sync(auth.token_actor, sessions, form.token)
-    if actor is None:
+    caller = await to_thread.run_sync(auth.token_caller, sessions, form.token)
+    if caller is None:
         raise HTTPException(status_code=401, detail="the hub refused the token (unknown or revoked)")
+    actor = caller.name
     await to_thread.run_sync(lambda: auth.audit(sessions, actor, "login", client=_client(request)))
     target = form.next
     # Only same-site paths: a login link must not bounce the user to another site.

@@ -24,6 +24,13 @@ export async function api(path, { method = "GET", body } = {}) {
   return data;
 }
 
+/** Sizes written as data-width / data-height ("40%", "120px") set through the DOM: the hub's CSP refuses style
+ * attributes in markup (an injected one could restyle the page), not styles set by its own scripts. */
+export function applySizes(root) {
+  for (const el of root.querySelectorAll("[data-width]")) el.style.width = el.dataset.width;
+  for (const el of root.querySelectorAll("[data-height]")) el.style.height = el.dataset.height;
+}
+
 /** A list from an API answer that is either the list itself or an object holding it under one of `keys`. */
 export function listOf(data, ...keys) {
   if (Array.isArray(data)) return data;

@@ -1,7 +1,7 @@
 // Fleet table: every device's latest state, filtered and sorted in memory, then patched cell by cell from the live
 // feed. Only the rows in view (plus a margin) are in the DOM: a browser takes hundreds of milliseconds to lay out a
 // 1,000-row table, and a few to lay out 60 rows; spacer rows keep the scroll bar true to the whole fleet.
-import { ago, api, esc, labels, listOf, live, num, setTitle, state, tickAges } from "./common.js";
+import { ago, api, applySizes, esc, labels, listOf, live, num, setTitle, state, tickAges } from "./common.js";
 
 let rowPx = 33; // every row is as tall (app.css); measured on the first draw. A scroll offset maps to a row index.
 const MARGIN_ROWS = 20; // rendered above and below the visible ones, so ordinary scrolling never shows a gap
@@ -44,7 +44,7 @@ function compare(key, direction) {
   };
 }
 
-const pad = (rows) => (rows > 0 ? `<tr class="pad"><td colspan="${COLUMNS.length}" style="height:${rows * rowPx}px"></td></tr>` : "");
+const pad = (rows) => (rows > 0 ? `<tr class="pad"><td colspan="${COLUMNS.length}" data-height="${rows * rowPx}px"></td></tr>` : "");
 const rowHtml = (d) =>
   `<tr data-id="${esc(d.id)}">${COLUMNS.map((c) => `<td class="c-${c.key}${c.num ? " num" : ""}"${c.attrs ? c.attrs(d) : ""}>${c.cell(d)}</td>`).join("")}</tr>`;
 
@@ -59,10 +59,11 @@ export async function render(main) {
       <span id="summary" class="muted"></span>
     </div>
     <div class="table-wrap tall"><table id="fleet" class="fixed">
-      <colgroup>${COLUMNS.map((c) => `<col style="width:${c.width}%">`).join("")}</colgroup>
+      <colgroup>${COLUMNS.map((c) => `<col data-width="${c.width}%">`).join("")}</colgroup>
       <thead><tr>${COLUMNS.map((c) => `<th class="${c.num ? "num" : ""}"${c.sort === false ? "" : ` data-sort="${c.key}"`}>${c.title}</th>`).join("")}</tr></thead>
       <tbody></tbody>
     </table></div>`;
+  applySizes(main);
   const filter = main.querySelector("#filter");
   const status = main.querySelector("#status");
   const table = main.querySelector("#fleet");
@@ -83,6 +84,7 @@ export async function render(main) {
     if (!force && top === first && bottom === last) return;
     [first, last] = [top, bottom];
     tbody.innerHTML = pad(first) + shown.slice(first, last).map(rowHtml).join("") + pad(shown.length - last);
+    applySizes(tbody);
     rows = new Map();
     for (const tr of tbody.rows) if (tr.dataset.id) rows.set(tr.dataset.id, tr);
     const height = rows.size ? rows.values().next().value.getBoundingClientRect().height : rowPx;

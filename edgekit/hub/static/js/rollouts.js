@@ -1,5 +1,5 @@
 // Rollouts: each deployment's waves with per-state progress bars, and a Halt button while it runs.
-import { api, esc, listOf, live, setTitle, short, state, when } from "./common.js";
+import { api, applySizes, esc, listOf, live, setTitle, short, state, when } from "./common.js";
 
 const STATES = ["healthy", "sent", "failed", "timed_out", "rolled_back", "pending"];
 
@@ -21,7 +21,7 @@ function waves(d) {
 function waveRow(d, [wave, counts]) {
   const total = STATES.reduce((n, s) => n + (Number(counts[s]) || 0), 0) || 1;
   const bar = STATES.filter((s) => s !== "pending" && counts[s])
-    .map((s) => `<span class="${s}" style="width:${(100 * counts[s]) / total}%" title="${s}: ${counts[s]}"></span>`).join("");
+    .map((s) => `<span class="${s}" data-width="${(100 * counts[s]) / total}%" title="${s}: ${counts[s]}"></span>`).join("");
   const text = STATES.filter((s) => counts[s]).map((s) => `${counts[s]} ${s.replace("_", " ")}`).join(" · ");
   const name = wave === 0 && d.canary_percent ? "canary" : `wave ${wave}`;
   const current = d.state === "running" && wave === d.current_wave ? " ◀" : "";
@@ -49,6 +49,7 @@ export async function render(main) {
     // The list has totals only; per-wave progress is in each deployment's detail.
     const full = await Promise.all(deployments.map((d) => (d.wave_progress ? d : api(`/api/deployments/${d.id}`))));
     list.innerHTML = full.map(card).join("") || '<p class="muted card">No rollouts yet.</p>';
+    applySizes(list);
     return full;
   };
   list.addEventListener("click", async (event) => {
