@@ -14,6 +14,7 @@ Every phase that fails leaves the device on a bundle it can run, says why in an 
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -27,6 +28,7 @@ from edgekit.selftest import run_selftest
 from edgekit.signing import load_public_key
 
 log = logging.getLogger(__name__)
+HEALTH_POLL_S = 0.2
 
 
 class UpdateFailed(Exception):
@@ -225,9 +227,17 @@ class Updater:
         self._host.publish_state()
         self._finish_trial(model, health)
 
+    def _wait_for_health(self, health: HealthCheck) -> None:
+        """Until the health check is decided, its timeout passes, or the agent stops (which must not wait out a
+        health check that has no input: stop() would give up on this thread and close the outbox under it)."""
+        deadline = time.monotonic() + self._health_timeout_s
+        while not health.done.wait(HEALTH_POLL_S):
+            if self._stopping.is_set() or time.monotonic() >= deadline:
+                return
+
     def _finish_trial(self, model: LoadedModel, health: HealthCheck) -> None:
         """Keep the new bundle if its first inferences are healthy, otherwise go back to the previous one."""
-        health.done.wait(self._health_timeout_s)
+        self._wait_for_health(health)
         if self._stopping.is_set() and not health.done.is_set():
             return  # the trial resumes after the restart
         record = self.store.record()

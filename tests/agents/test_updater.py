@@ -545,3 +545,18 @@ def test_an_unloadable_active_bundle_falls_back_to_the_previous_at_start(
     assert rolled_back.message == f"fell back to {OLD_LABEL}" and rolled_back.seq > failed.seq
     assert agent.store.record() == ActiveRecord(active=ids["old"], previous=ids["new"])
     _assert_serves(link, agent, rolled_back.seq, ids["old"], OLD_LABEL)
+
+
+def test_stopping_during_a_health_check_without_input_leaves_it_for_the_restart(
+    start_agent, link, served_in_memory, digits_bundle
+):
+    """No input arrives, so the trial would wait out its 120 s timeout: stop() ends it at once (the control thread
+    finishes instead of being abandoned with the outbox closed under it), and active.json keeps the trial."""
+    new = digits_bundle("1.1.0")
+    new_id = served_in_memory.add(new)
+    agent = _start_on_old(start_agent, link, digits_bundle, source="mqtt:")
+    _desire(link, desired_for(new, rev=1, version="1.1.0", health_checks=3))
+    _wait_event(link, {"update.activated"})
+    agent.stop()
+    assert not [t.name for t in agent._threads if t.is_alive()]
+    assert agent.store.record().active == new_id and agent.store.record().trial
