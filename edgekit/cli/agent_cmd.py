@@ -184,7 +184,11 @@ def install(
 
 @fleet_app.command("simulate")
 def simulate(
-    broker: BrokerOpt,
+    broker: BrokerOpt = "",
+    enrollments: Annotated[
+        Path | None,
+        typer.Option("--enrollments", help="A folder of PREFIX-NNN.enrollment.json (edgekit hub enroll --out-dir)."),
+    ] = None,
     n: Annotated[int, typer.Option("--n", "-n", min=1, max=10_000, help="Number of simulated devices.")] = 10,
     source: SourceOpt = "synthetic:?fps=1",
     trust_key: TrustOpt = None,
@@ -194,17 +198,26 @@ def simulate(
     telemetry: Annotated[float, typer.Option("--telemetry-s", help="Seconds between telemetry messages.")] = 5.0,
     duration: Annotated[float, typer.Option("--duration", help="Stop after this many seconds; 0: until Ctrl-C.")] = 0,
 ) -> None:
-    """Run N real agents in this process against a broker (real MQTT connections, real bundles)."""
-    from edgekit.agents.fleet import Fleet, FleetSettings
-    from edgekit.mqtt import parse_broker_url
+    """Run N real agents in this process against a broker (real MQTT connections, real bundles); each device logs in
+    with its own enrollment from --enrollments, or all with the --broker URL."""
+    from edgekit.agents.fleet import Fleet, FleetSettings, device_ids
+    from edgekit.enrollment import load_enrollment
+    from edgekit.mqtt import parse_broker_url, redact_url
 
+    brokers = None
+    if enrollments is not None:
+        enrolled = [load_enrollment(enrollments / f"{d}.enrollment.json") for d in device_ids(prefix, n)]
+        brokers = {e.device_id: e.broker_url() for e in enrolled}
+        broker = broker or enrolled[0].broker
+    if not broker:
+        raise BadInput("edgekit fleet simulate needs --enrollments DIR or --broker URL")
     parse_broker_url(broker)
-    fleet = Fleet(FleetSettings(n, broker, data, trust_key, bundle, source, prefix, telemetry))
+    fleet = Fleet(FleetSettings(n, broker, data, trust_key, bundle, source, prefix, telemetry, brokers=brokers))
 
     def start() -> None:
         fleet.start()
         connected = fleet.wait_connected(timeout=30)
-        err_console.print(f"{connected}/{n} simulated devices connected to {broker}")
+        err_console.print(f"{connected}/{n} simulated devices connected to {redact_url(broker)}")
         if duration:
             threading.Timer(duration, lambda: signal.raise_signal(signal.SIGTERM)).start()
 

@@ -1,5 +1,6 @@
-"""`edgekit hub enroll DEVICE`: a device's login on the hub's embedded broker, as one enrollment file (0600) for
-`edgekit agent --enrollment FILE`. Works whether the hub runs or not: a running broker takes the login at once."""
+"""`edgekit hub enroll DEVICE…`: each device's login on the hub's embedded broker, as one enrollment file (0600)
+for `edgekit agent --enrollment FILE` (or a folder of them for `edgekit fleet simulate --enrollments DIR`). Works
+whether the hub runs or not: a running broker takes the logins at once."""
 
 from pathlib import Path
 from typing import Annotated
@@ -11,11 +12,14 @@ from edgekit.errors import BadInput
 
 
 def enroll(
-    device_id: Annotated[str, typer.Argument(help="The device's id (its MQTT username): letters, digits, . _ -")],
+    device_ids: Annotated[
+        list[str], typer.Argument(help="Device ids (each its MQTT username): letters, digits, . _ -")
+    ],
     data: Annotated[Path, typer.Option("--data", help="The hub's folder.")] = Path("edgekit-hub"),
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="The enrollment file (default: DEVICE.enrollment.json).")
-    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="The enrollment file, for one device.")] = None,
+    out_dir: Annotated[
+        Path, typer.Option("--out-dir", help="Where DEVICE.enrollment.json files go (without --out).")
+    ] = Path("."),
     trust_key: Annotated[
         Path | None, typer.Option("--trust-key", "-k", help="Ed25519 public key bundles are signed with.")
     ] = None,
@@ -24,7 +28,7 @@ def enroll(
         typer.Option("--broker-url", help="mqtt://HOST:PORT as devices reach the broker (default: where it listens)."),
     ] = None,
 ) -> None:
-    """Create DEVICE's broker login (a new password; enrolling again replaces it) and write its enrollment file."""
+    """Create each device's broker login (a new password; enrolling again replaces it) and its enrollment file."""
     from edgekit.enrollment import write_enrollment
     from edgekit.hub.acl import BrokerUsers
     from edgekit.hub.broker import listen_address, reload_broker
@@ -41,12 +45,14 @@ def enroll(
                        "once, or pass --broker-url mqtt://HOST:PORT")  # fmt: skip
     if trust_key is not None and not trust_key.is_file():
         raise BadInput(f"--trust-key {trust_key}: no such file")
-    enrollment = BrokerUsers(broker_dir).enroll([device_id], broker_url, trust_key)[0]
-    path = out or Path(f"{device_id}.enrollment.json")
-    write_enrollment(path, enrollment)
+    if out is not None and len(device_ids) > 1:
+        raise BadInput(f"--out {out}: one file for one device; for {len(device_ids)} devices use --out-dir")
+    for enrollment in BrokerUsers(broker_dir).enroll(device_ids, broker_url, trust_key):
+        path = out or out_dir / f"{enrollment.device_id}.enrollment.json"
+        write_enrollment(path, enrollment)
+        console.print(f"wrote {path} (mode 0600: {enrollment.device_id}'s broker password; copy it to the device)")
     live = reload_broker(broker_dir)
-    console.print(f"wrote {path} (mode 0600: it holds {device_id}'s broker password; copy it to the device)")
-    console.print(f"on the device:  edgekit agent --enrollment {path.name}", highlight=False)
+    console.print("on a device:  edgekit agent --enrollment FILE", highlight=False)
     if not live:
         err_console.print("the hub's broker is not running: the login takes effect when it starts")
     if trust_key is None:

@@ -21,6 +21,7 @@ from brokers import wait_until
 from reliability import record
 
 from edgekit.agents.bundles import BundleStore
+from edgekit.agents.fleet import device_ids
 from edgekit.agents.store import Outbox
 from edgekit.hub.broker import free_port
 from edgekit.hub.client import HubClient
@@ -59,9 +60,11 @@ class HubProcess:
         except httpx.HTTPError:
             return False
 
-    @property
-    def broker(self) -> str:
-        return f"mqtt://127.0.0.1:{self.broker_port}"
+    def enroll(self, device_ids: list[str], folder: Path) -> Path:
+        """Each device's enrollment file in `folder`, by `edgekit hub enroll` as a user runs it."""
+        subprocess.run([sys.executable, "-m", "edgekit", "hub", "enroll", *device_ids, "--data", self.data,
+                        "--out-dir", folder], capture_output=True, check=True)  # fmt: skip
+        return folder
 
     def rss(self) -> int:
         return psutil.Process(self.process.pid).memory_info().rss
@@ -100,12 +103,12 @@ class FleetProcesses:
     """`edgekit fleet simulate` in a few processes: one process's GIL would not keep up with 500 agents' threads
     on 2 cores, and devices are separate machines anyway."""
 
-    def __init__(self, folder: Path, broker: str, bundles: dict[str, Path]) -> None:
+    def __init__(self, folder: Path, enrollments: Path, bundles: dict[str, Path]) -> None:
         self.folder = folder
         self.processes = []
         for index in range(PROCESSES):
             log = open(folder / f"fleet-{index}.log", "w")  # noqa: SIM115 (kept open for the process's lifetime)
-            command = [sys.executable, "-m", "edgekit", "fleet", "simulate", "--broker", broker,
+            command = [sys.executable, "-m", "edgekit", "fleet", "simulate", "--enrollments", enrollments,
                        "--n", str(DEVICES // PROCESSES), "--prefix", f"soak{index}", "--data", folder / f"p{index}",
                        "--trust-key", bundles["public"], "--bundle", bundles["v1"], "--source", "synthetic:?fps=0.2",
                        "--telemetry-s", "10"]  # fmt: skip
@@ -134,7 +137,8 @@ class FleetProcesses:
 @pytest.mark.soak
 def test_soak(tmp_path, cnn_bundles):
     hub = HubProcess(_folder(tmp_path / "hub"), cnn_bundles["public"])
-    fleet = FleetProcesses(_folder(tmp_path / "fleet"), hub.broker, cnn_bundles)
+    ids = [d for index in range(PROCESSES) for d in device_ids(f"soak{index}", DEVICES // PROCESSES)]
+    fleet = FleetProcesses(_folder(tmp_path / "fleet"), hub.enroll(ids, _folder(tmp_path / "enroll")), cnn_bundles)
     scenario = f"soak ({DEVICES} devices, {SOAK_S / 60:.2g} min)"
     started = time.monotonic()
     rss: list[int] = []

@@ -283,3 +283,20 @@ def test_insecure_broker_is_asked_for_said_loudly_and_shown_in_red(make_hub, tmp
         anonymous.close()
     refused = run("hub", "--data", str(tmp_path), "--broker", "mqtt://h:1883", "--insecure-broker")
     assert refused.code == 2 and "external --broker is secured where it runs" in refused.error()
+
+
+def test_a_simulated_fleet_joins_with_its_enrollment_folder(make_hub, tmp_path: Path) -> None:
+    """`edgekit hub enroll` for three devices into a folder, `edgekit fleet simulate --enrollments DIR`: each
+    simulated device logs in as itself (the broker binds client ids to logins, so shared logins would not do)."""
+    hub = make_hub()
+    ids = fleet_ids("sim", 3)
+    assert run("hub", "enroll", *ids, "--data", str(hub.settings.data_dir), "--out-dir", str(tmp_path)).code == 0
+    assert "--out-dir" in run("hub", "enroll", *ids, "--data", str(hub.settings.data_dir), "--out", "x").error()
+    command = [sys.executable, "-m", "edgekit", "fleet", "simulate", "--enrollments", str(tmp_path), "--n", "3",
+               "--data", str(tmp_path / "fleet"), "--telemetry-s", "0.5"]  # fmt: skip
+    fleet_process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: all(d in devices(hub) and devices(hub)[d].online for d in ids), TIMEOUT_S, "3 online")
+    finally:
+        fleet_process.terminate()
+        fleet_process.wait(60)
