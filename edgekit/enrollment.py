@@ -8,12 +8,11 @@ import json
 import os
 from pathlib import Path
 from typing import Literal
-from urllib.parse import quote
 
 from pydantic import Field
 
 from edgekit.errors import BadInput
-from edgekit.mqtt import parse_broker_url
+from edgekit.mqtt import parse_broker_url, with_login
 from edgekit.protocol import DEVICE_ID
 from edgekit.schema import StrictModel, validate_file
 
@@ -34,8 +33,7 @@ class Enrollment(StrictModel):
 
     def broker_url(self) -> str:
         """`broker` with the username and password in it, as `edgekit.mqtt.parse_broker_url` reads it."""
-        scheme, _, rest = self.broker.partition("://")
-        return f"{scheme}://{quote(self.username, safe='')}:{quote(self.password, safe='')}@{rest}"
+        return with_login(self.broker, self.username, self.password)
 
 
 def write_private(path: Path, text: str) -> None:

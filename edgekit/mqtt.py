@@ -7,7 +7,7 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -40,6 +40,12 @@ def parse_broker_url(url: str) -> BrokerAddress:
     user = unquote(parsed.username) if parsed.username else None
     password = unquote(parsed.password) if parsed.password else None
     return BrokerAddress(parsed.hostname, port, tls, user, password)
+
+
+def with_login(url: str, username: str, password: str) -> str:
+    """`url` (without a login) with `username` and `password` in it, quoted as `parse_broker_url` unquotes them."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{quote(username, safe='')}:{quote(password, safe='')}@{rest}"
 
 
 def redact_url(url: str) -> str:

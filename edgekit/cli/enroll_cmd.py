@@ -10,6 +10,11 @@ import typer
 from edgekit.cli.console import console, err_console
 from edgekit.errors import BadInput
 
+HUB_USER_HELP = (
+    "Make hub users (edgekit-hub-NAME) for more hub processes on this broker (each needs its own: the broker binds "
+    "client ids to logins), not devices; prints each one's broker URL once, for their --broker."
+)
+
 
 def enroll(
     device_ids: Annotated[
@@ -27,13 +32,17 @@ def enroll(
         str | None,
         typer.Option("--broker-url", help="mqtt://HOST:PORT as devices reach the broker (default: where it listens)."),
     ] = None,
+    hub_user: Annotated[
+        bool,
+        typer.Option("--hub-user", help=HUB_USER_HELP),
+    ] = False,
 ) -> None:
     """Create each device's broker login (a new password; enrolling again replaces it) and its enrollment file."""
     from edgekit.enrollment import write_enrollment
     from edgekit.hub.acl import BrokerUsers
     from edgekit.hub.broker import listen_address, reload_broker
     from edgekit.hub.service import device_broker
-    from edgekit.mqtt import parse_broker_url
+    from edgekit.mqtt import parse_broker_url, with_login
 
     broker_dir = data / "broker"
     if broker_url is not None:
@@ -45,9 +54,16 @@ def enroll(
                        "once, or pass --broker-url mqtt://HOST:PORT")  # fmt: skip
     if trust_key is not None and not trust_key.is_file():
         raise BadInput(f"--trust-key {trust_key}: no such file")
+    users = BrokerUsers(broker_dir)
+    if hub_user:
+        for name in device_ids:
+            # The hub's rights on every device's topics, so shown once, like an API token.
+            print(with_login(broker_url, *users.add_hub_user(name)))
+        reload_broker(broker_dir)
+        return
     if out is not None and len(device_ids) > 1:
         raise BadInput(f"--out {out}: one file for one device; for {len(device_ids)} devices use --out-dir")
-    for enrollment in BrokerUsers(broker_dir).enroll(device_ids, broker_url, trust_key):
+    for enrollment in users.enroll(device_ids, broker_url, trust_key):
         path = out or out_dir / f"{enrollment.device_id}.enrollment.json"
         write_enrollment(path, enrollment)
         console.print(f"wrote {path} (mode 0600: {enrollment.device_id}'s broker password; copy it to the device)")

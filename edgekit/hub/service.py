@@ -14,7 +14,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -31,6 +30,7 @@ from edgekit.hub.link import BrokerLink
 from edgekit.hub.registry import Registry
 from edgekit.hub.retention import Retention
 from edgekit.hub.rollouts import Deployments, RolloutDriver
+from edgekit.mqtt import with_login
 
 log = logging.getLogger(__name__)
 # The HTTP thread's whole shutdown: open responses, then every worker's own stop (ingest's flush the longest).
@@ -173,5 +173,5 @@ def device_broker(host: str, port: int | None) -> str:
 
 def loopback_url(broker: EmbeddedBroker, login: tuple[str, str] | None) -> str:
     """The embedded broker's URL for clients on this machine (the hub itself), with `login` (user, password)."""
-    userinfo = f"{quote(login[0], safe='')}:{quote(login[1], safe='')}@" if login else ""
-    return f"mqtt://{userinfo}127.0.0.1:{broker.port}"
+    url = f"mqtt://127.0.0.1:{broker.port}"
+    return with_login(url, *login) if login else url

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from brokers import Probe
 from helpers import compile_bundle
-from hub_helpers import devices, fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until
+from hub_helpers import device_url, devices, fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until
 from typer.testing import CliRunner
 
 from edgekit.cli import app
@@ -300,3 +300,23 @@ def test_a_simulated_fleet_joins_with_its_enrollment_folder(make_hub, tmp_path: 
     finally:
         fleet_process.terminate()
         fleet_process.wait(60)
+
+
+def test_hub_users_for_more_hub_processes_read_every_device(make_hub) -> None:
+    """`edgekit hub enroll NAME --hub-user` prints a broker URL with a new hub login: it reads any device's topics
+    (a device's login reads only its own), and a second hub process connects with it."""
+    hub = make_hub()
+    made = run("hub", "enroll", "second", "--hub-user", "--data", str(hub.settings.data_dir))
+    assert made.code == 0, made.stderr
+    url = made.stdout.strip()
+    assert url.startswith("mqtt://edgekit-hub-second:") and url.endswith(f"@127.0.0.1:{hub.embedded.port}")
+    reader, device = Probe(url), Probe(device_url(hub, "cam-1"))
+    try:
+        reader.subscribe("edgekit/#")
+        device.publish("edgekit/v1/cam-1/status", b"hello")
+        reader.wait_for("edgekit/v1/cam-1/status", b"hello")
+    finally:
+        reader.close()
+        device.close()
+    second = make_hub(broker=url, share_group="hubs-5f0c2a9e7d41b3c8")
+    assert second.link.connected
