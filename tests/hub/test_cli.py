@@ -20,7 +20,7 @@ from hub_helpers import device_url, devices, fleet, fleet_ids, signing_keys, wai
 from typer.testing import CliRunner
 
 from edgekit.cli import app
-from edgekit.enrollment import load_enrollment
+from edgekit.enrollment import Enrollment, load_enrollment
 from edgekit.hub.auth import create_token
 from edgekit.hub.broker import free_port
 
@@ -242,6 +242,29 @@ def test_hub_enroll_writes_a_private_file_an_agent_joins_with(make_hub, bundles,
     finally:
         agent.terminate()
         agent.wait(30)
+
+
+def test_enrollment_by_api_is_for_admin_tokens(make_hub, tmp_path: Path) -> None:
+    """POST /api/enrollments: an admin token gets a login the broker accepts at once; an operator token gets 403,
+    a bad device id 422, and a hub with an open broker has nothing to enroll on (409)."""
+    hub = make_hub()
+    admin, operator = (create_token(hub.sessions, name, "test", scope) for name, scope in
+                       (("root", "admin"), ("ops", "operate")))  # fmt: skip
+
+    def post(token: str, device_id: str, target=hub) -> httpx.Response:
+        return httpx.post(f"{target.http_url}/api/enrollments", json={"device_id": device_id},
+                          headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+
+    made = post(admin, "cam-3")
+    assert made.status_code == 201, made.text
+    login = Probe(Enrollment.model_validate(made.json()).broker_url())
+    assert login.accepted
+    login.close()
+    assert post(operator, "cam-4").status_code == 403
+    assert post(admin, "bad id!").status_code == 422
+    open_hub = make_hub(insecure_broker=True)
+    refused = post(create_token(open_hub.sessions, "root", "test", "admin"), "cam-5", open_hub)
+    assert refused.status_code == 409 and "embedded broker" in refused.json()["detail"]
 
 
 def test_hub_enroll_and_agent_enrollment_errors_are_one_line(tmp_path: Path) -> None:
