@@ -193,16 +193,17 @@ def publish_many(
 
 
 class Probe:
-    """One plain paho MQTT 5 client, as an attacker or a victim would run it: records its CONNACK, its
-    disconnections, the reason codes of its SUBACKs and what it receives. Does not reconnect by itself."""
+    """One plain paho client (MQTT 5 unless `protocol` says otherwise), as an attacker or a victim would run it:
+    records its CONNACK, its disconnections, the reason codes of its SUBACKs and what it receives. Does not reconnect
+    by itself."""
 
-    def __init__(self, url: str, client_id: str = "", timeout: float = TIMEOUT_S) -> None:
+    def __init__(self, url: str, client_id: str = "", timeout: float = TIMEOUT_S, protocol: int = MQTTv5) -> None:
         self.connacks: list[ReasonCode] = []
         self.disconnects = 0
         self.granted: list[list[ReasonCode]] = []
         self._received: list[tuple[str, bytes]] = []
         self._changed = threading.Condition()
-        self.client = Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTv5)
+        self.client = Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
         address = parse_broker_url(url)
         if address.username:
             self.client.username_pw_set(address.username, address.password)

@@ -13,16 +13,17 @@ from pathlib import Path
 import pytest
 from brokers import NO_MOSQUITTO, Probe
 from hub_helpers import device_url, devices, wait_until, watcher_url
+from paho.mqtt.client import MQTTv311
 from reliability import record
 from sqlalchemy import func, select
 
 from edgekit.agents.agent import Agent, AgentSettings
 from edgekit.enrollment import write_enrollment
-from edgekit.errors import BadInput
+from edgekit.errors import BadInput, OperationFailed
 from edgekit.hub.acl import BrokerUsers
 from edgekit.hub.broker import MosquittoBroker, accepts_connections, free_port, mosquitto_available, running_broker_pid
 from edgekit.hub.db import TelemetrySample
-from edgekit.hub.service import HubSettings
+from edgekit.hub.service import Hub, HubSettings
 from edgekit.mqtt import Backoff, parse_broker_url
 from edgekit.protocol import DesiredState, ReportedState, Telemetry, Topic, device_topic, encode
 from edgekit.signing import generate_keypair
@@ -280,3 +281,23 @@ def test_the_embedded_broker_dies_with_the_hub(tmp_path):
     record(AREA, "hub kill -9: restart on the same broker port failed", int(not restarted), 0)
     record(AREA, "broker left by a killed hub: still running after the next start", stale_left, 0)
     assert (orphaned, restarted, stale_left) == (0, True, 0)
+
+
+def test_the_amqtt_fallback_is_never_open_by_default(tmp_path):
+    """amqtt cannot enforce the logins and the ACL: a hub asked to run it refuses to start, unless the open broker
+    is asked for (--insecure-broker), and then anonymous clients do get in."""
+    refused = Hub(HubSettings(data_dir=tmp_path / "refused", prefer_broker="amqtt", broker_port=free_port()))
+    with pytest.raises(OperationFailed, match="cannot enforce device passwords"):
+        refused.start()
+    refused.stop()
+    started_open = int(refused.embedded is not None)
+    insecure = Hub(HubSettings(data_dir=tmp_path / "open", prefer_broker="amqtt", insecure_broker=True,
+                               broker_port=free_port(), http_port=free_port()))  # fmt: skip
+    insecure.start()
+    try:
+        anonymous_client = Probe(f"mqtt://127.0.0.1:{insecure.embedded.port}", protocol=MQTTv311)  # amqtt: 3.1.1
+        anonymous_client.close()
+    finally:
+        insecure.stop()
+    record(AREA, "amqtt fallback started open without --insecure-broker", started_open, 0)
+    assert started_open == 0 and insecure.embedded.kind == "amqtt" and anonymous_client.accepted
