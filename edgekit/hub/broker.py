@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from edgekit.enrollment import write_private
 from edgekit.errors import BadInput, OperationFailed
 from edgekit.hub.acl import BrokerUsers
 
@@ -216,9 +217,9 @@ class MosquittoBroker(EmbeddedBroker):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         stop_stale_broker(self.data_dir)
         self._claim_port()
-        self.config_path.write_text(self.config())
+        write_private(self.config_path, self.config())
         # Messages printed before the log file is opened (bad config, root warning) land in the same log.
-        with self.log_path.open("ab") as log:
+        with os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
             self._process = subprocess.Popen(
                 [str(binary), "-c", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
@@ -226,8 +227,9 @@ class MosquittoBroker(EmbeddedBroker):
                 stderr=log,
                 start_new_session=True,  # a Ctrl-C meant for the hub must not kill the broker before the hub
                 preexec_fn=_die_with_parent(os.getpid()),
+                umask=0o077,  # what the broker writes (its persistence file) is the hub's alone, like the rest
             )
-        self.pid_path.write_text(f"{self._process.pid}\n")
+        write_private(self.pid_path, f"{self._process.pid}\n")
         self._wait_listening()
         return self
 
