@@ -59,12 +59,14 @@ def client_for(url: str, client_id: str = "", clean_session: bool = True) -> Cli
     return client
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `condition` until it returns something truthy (returned); fails naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (value := condition()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(interval)
+    return value
 
 
 class Subscriber:

@@ -4,13 +4,13 @@ simulated fleets of real agents connected to a hub's broker, and waits on the hu
 No fixtures here on purpose: tests/hub modules build their own (session-scoped) fixtures from these functions.
 """
 
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from brokers import wait_until as wait_until  # one poller for every test; re-exported
 from sqlalchemy import select
 
 from edgekit.agents.fleet import Fleet, FleetSettings, device_ids
@@ -76,18 +76,6 @@ def watcher_url(hub: Any) -> str:
 def fleet_ids(prefix: str, n: int) -> list[str]:
     """The device ids `fleet(…, n, prefix=prefix)` gives its agents."""
     return device_ids(prefix, n)
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll `condition` until it returns something truthy (returned); fails naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def devices(hub: Any) -> dict[str, Device]:
