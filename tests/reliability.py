@@ -61,6 +61,13 @@ def rows(entries: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str]]:
 
 
 HEADER = ("scenario", "metric", "value", "limit", "ok")
+ATTACK = "attack: "  # scenarios named so are attacks: each figure with a limit is one attack, held when within it
+
+
+def attack_tally(entries: list[dict[str, Any]]) -> tuple[int, int]:
+    """(attacks tried, attacks held) over the figures of `attack: …` scenarios that have a limit."""
+    attacks = [e for e in entries if e["scenario"].startswith(ATTACK) and e["limit"] is not None]
+    return len(attacks), sum(1 for e in attacks if e["ok"])
 
 
 def plain_table(entries: list[dict[str, Any]]) -> str:
@@ -112,7 +119,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     terminalreporter.write_sep("=", "reliability figures")
     terminalreporter.write_line(render(entries))
     failed = sum(1 for e in entries if e["ok"] is False)
+    tried, held = attack_tally(entries)
+    attacks = f"attacks tried / held: {tried} / {held}; " if tried else ""
     terminalreporter.write_line(
         f"{len(entries)} figures from {len({e['scenario'] for e in entries})} scenarios; {failed} over their limit; "
-        f"raw: {FOLDER}"
+        f"{attacks}raw: {FOLDER}"
     )
