@@ -101,11 +101,16 @@ def open_bundle(bundle: Path, dest: Path, trust_key: Ed25519PublicKey | None) ->
     return manifest
 
 
+def _inside(path: PurePosixPath) -> bool:
+    """A relative path that stays inside the folder it is joined to."""
+    return bool(path.parts) and not path.is_absolute() and ".." not in path.parts
+
+
 def _safe_member(bundle: Path, member: tarfile.TarInfo) -> PurePosixPath:
     """The member's relative path, if it is a regular, non-sparse file at a path inside the bundle."""
     path = PurePosixPath(member.name)
     regular = member.type in (tarfile.REGTYPE, tarfile.AREGTYPE) and member.sparse is None
-    if not regular or path.is_absolute() or ".." in path.parts or not path.parts:
+    if not regular or not _inside(path):
         raise OperationFailed(f"{bundle}: unsafe member rejected: {member.name!r} (a bundle holds only regular "
                               "files at relative paths)")  # fmt: skip
     return path
@@ -146,8 +151,7 @@ def _check_listed_paths(bundle: Path, manifest: Manifest) -> None:
     paths = [entry.path for entry in manifest.files]
     folders = {str(parent) for path in paths for parent in PurePosixPath(path).parents}
     for path in paths:
-        parts = PurePosixPath(path).parts
-        if not parts or PurePosixPath(path).is_absolute() or ".." in parts or path in RESERVED:
+        if not _inside(PurePosixPath(path)) or path in RESERVED:
             raise OperationFailed(f"{bundle}: {MANIFEST_FILE} lists an unsafe path {path!r}")
         if path in folders:
             raise OperationFailed(f"{bundle}: {MANIFEST_FILE} lists {path!r} both as a file and as a folder")
