@@ -14,7 +14,7 @@ from brokers import wait_until as wait_until  # one poller for every test; re-ex
 from sqlalchemy import select
 
 from edgekit.agents.fleet import Fleet, FleetSettings, device_ids
-from edgekit.hub.db import Device
+from edgekit.hub.db import DeploymentDevice, Device
 
 TIMEOUT_S = 30.0
 
@@ -93,3 +93,10 @@ def wait_devices_reported(hub: Any, ids: list[str], timeout: float = TIMEOUT_S) 
         return None if missing else {i: rows[i] for i in ids}
 
     return wait_until(ready, timeout, f"the hub to store the reported state of {len(ids)} devices")
+
+
+def deployment_members(hub: Any, deployment_id: int) -> dict[str, DeploymentDevice]:
+    """A deployment's members as stored, by device id."""
+    with hub.sessions() as session:
+        query = select(DeploymentDevice).where(DeploymentDevice.deployment_id == deployment_id)
+        return {member.device_id: member for member in session.scalars(query)}

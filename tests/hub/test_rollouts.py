@@ -14,9 +14,16 @@ from pathlib import Path
 import pytest
 from brokers import Subscriber
 from helpers import compile_bundle
-from hub_helpers import fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until, watcher_url
+from hub_helpers import (
+    deployment_members,
+    fleet,
+    fleet_ids,
+    signing_keys,
+    wait_devices_reported,
+    wait_until,
+    watcher_url,
+)
 from reliability import record as record_figure
-from sqlalchemy import select
 
 from edgekit.bundle import sha256_file
 from edgekit.errors import BadInput
@@ -57,12 +64,6 @@ def _deployment(hub, deployment_id: int) -> Deployment:
         return session.get(Deployment, deployment_id)
 
 
-def _members(hub, deployment_id: int) -> dict[str, DeploymentDevice]:
-    with hub.sessions() as session:
-        query = select(DeploymentDevice).where(DeploymentDevice.deployment_id == deployment_id)
-        return {member.device_id: member for member in session.scalars(query)}
-
-
 def _wait_state(hub, deployment_id: int, states: set[str], timeout: float = TIMEOUT_S) -> Deployment:
     def reached() -> Deployment | None:
         deployment = _deployment(hub, deployment_id)
@@ -71,7 +72,7 @@ def _wait_state(hub, deployment_id: int, states: set[str], timeout: float = TIME
     try:
         return wait_until(reached, timeout, f"deployment #{deployment_id} to be {'/'.join(sorted(states))}")
     except AssertionError as error:
-        members = {d: (m.wave, m.state, m.detail) for d, m in _members(hub, deployment_id).items()}
+        members = {d: (m.wave, m.state, m.detail) for d, m in deployment_members(hub, deployment_id).items()}
         raise AssertionError(f"{error}; deployment: {_deployment(hub, deployment_id).__dict__}; {members}") from None
 
 
@@ -156,7 +157,7 @@ def test_canary_failures_halt_and_roll_back(hub, bundles, tmp_path):
         assert "1 of 2 devices in the canary failed" in halted.reason, halted.reason
         assert "b-0 failed: refused: verification failed" in halted.reason, halted.reason
 
-        members = _members(hub, deployment.id)
+        members = deployment_members(hub, deployment.id)
         assert sorted(d for d, m in members.items() if m.wave == 0) == ["a-0", "b-0"]
         assert members["a-0"].state == "rolled_back" and "rolled back to cnn@1.0.0" in members["a-0"].detail
         assert members["b-0"].state == "failed" and "verification failed" in members["b-0"].detail
@@ -194,7 +195,7 @@ def test_all_healthy_completes_wave_by_wave(hub, bundles, tmp_path):
         assert done.state == "completed", done.reason
         assert "20 of 20 devices healthy" in done.reason, done.reason
 
-        members = _members(hub, deployment.id)
+        members = deployment_members(hub, deployment.id)
         assert all(m.state == "healthy" for m in members.values()), {d: m.state for d, m in members.items()}
         by_wave = {w: [m for m in members.values() if m.wave == w] for w in range(4)}
         assert [len(by_wave[w]) for w in range(4)] == [2, 6, 6, 6]
@@ -229,7 +230,7 @@ def test_manual_halt_rolls_back_healthy_and_in_flight_devices(hub, bundles, tmp_
         with pytest.raises(BadInput, match="is halted"):
             hub.rollouts.halt(deployment.id, "operator", "again")
 
-        members = _members(hub, deployment.id)
+        members = deployment_members(hub, deployment.id)
         assert members["dev-0"].state == members["dev-1"].state == "rolled_back", members
         assert members["dev-2"].state == members["dev-3"].state == "pending"
         for device_id in ("dev-0", "dev-1"):
@@ -273,7 +274,7 @@ def test_restarted_hub_resumes_the_rollout(make_hub, bundles, tmp_path):
         assert again.broker_url == hub.broker_url
         done = _wait_state(again, deployment.id, {"halted", "completed"})
         assert done.state == "completed", done.reason
-        members = _members(again, deployment.id)
+        members = deployment_members(again, deployment.id)
         assert all(m.state == "healthy" for m in members.values()), {d: m.state for d, m in members.items()}
         resumed = [d for d, m in members.items() if m.sent_at > stopped]
         assert resumed, "the restarted hub sent nothing: the rollout had finished before the restart"

@@ -26,14 +26,13 @@ import pytest
 from agent_helpers import MemoryHubClient, MqttServedBundles, ServedBundles, desired_for
 from brokers import Subscriber, publish_many
 from e2e import conftest as e2e_fixtures
-from hub_helpers import device_url, fleet, fleet_ids, wait_devices_reported, wait_until
+from hub_helpers import deployment_members, device_url, fleet, fleet_ids, wait_devices_reported, wait_until
 from reliability import record
-from sqlalchemy import select
 
 from edgekit.agents.agent import Agent, AgentSettings
 from edgekit.agents.memory import MemoryLink
 from edgekit.bundle import sha256_file
-from edgekit.hub.db import Deployment, DeploymentDevice, Device
+from edgekit.hub.db import Deployment, Device
 from edgekit.mqtt import Backoff
 from edgekit.protocol import MAX_REV, BundleRef, Event, ReportedState, Status, Topic, device_topic, encode
 
@@ -65,12 +64,6 @@ def _reported_json(bundle: Path, rev: object) -> bytes:
     ref = BundleRef(id=sha256_file(bundle), name="cnn", version="1.0.0", size=bundle.stat().st_size)
     fields = json.loads(encode(ReportedState(rev=0, bundle=ref)))
     return json.dumps({**fields, "rev": rev}).encode()
-
-
-def _members(hub, deployment_id: int) -> dict[str, DeploymentDevice]:
-    with hub.sessions() as session:
-        query = select(DeploymentDevice).where(DeploymentDevice.deployment_id == deployment_id)
-        return {member.device_id: member for member in session.scalars(query)}
 
 
 def _finished(hub, deployment_id: int) -> Deployment | None:
@@ -120,7 +113,7 @@ def test_the_highest_rev_and_a_silent_member_fail_alone_and_the_wave_goes_on(
                                          wave_timeout_s=timeout_s, actor="test", health_checks=3)  # fmt: skip
         assert deployment.waves == 2
         done = wait_until(lambda: _finished(hub, deployment.id), TIMEOUT_S, f"deployment #{deployment.id} to end")
-        members = _members(hub, deployment.id)
+        members = deployment_members(hub, deployment.id)
         assert done.state == "completed", (done.reason, {d: (m.state, m.detail) for d, m in members.items()})
 
         evil, quiet = members["evil"], members["quiet"]
