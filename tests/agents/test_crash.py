@@ -38,6 +38,8 @@ UPDATE_PHASES = {"downloading", "verifying", "testing", "switching", "trial"}
 EVENT_PHASE = {"agent.started": "running", "update.started": "downloading", "update.downloaded": "verifying",
                "update.selftest": "switching", "update.activated": "trial", "update.healthy": "healthy"}  # fmt: skip
 TIMEOUT_S = 60.0
+# MQTT lets a broker drop a silent client only after 1.5 x its keepalive (the agent's is 30 s): 45 s, plus margin.
+LAST_WILL_S = 60.0
 
 
 def _phase(messages: list[tuple[str, bytes]]) -> str:
@@ -218,8 +220,9 @@ class Rounds:
         # Once it was seen online, its Last Will says offline when the broker notices the dead connection; wait for
         # it, so that the broker is done with the old session before the same client id connects again. (An
         # "online" still on its way is harmless: only statuses stamped after the restart count below.)
-        # amqtt, a Python broker sharing 2 loaded cores with the test, has taken over 15 s to notice.
-        wait_until(lambda: _last_state(sub, device) in (None, "offline"), 45, f"{device}'s Last Will")
+        # amqtt, a Python broker sharing 2 loaded cores with the test, has taken over 15 s to notice; a broker that
+        # misses the socket closing drops the client only at 1.5 x the 30 s keepalive, so wait past those 45 s.
+        wait_until(lambda: _last_state(sub, device) in (None, "offline"), LAST_WILL_S, f"{device}'s Last Will")
 
         restarted = time.time()
         process = self.start(command, log)
