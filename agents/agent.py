@@ -10,11 +10,13 @@ default MQTT (`MqttLink`) and chunks over it (`ChunkFetcher`); `MemoryLink` (mem
 """
 
 import logging
+import math
 import queue
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import Field, model_validator
 
@@ -33,6 +35,7 @@ from edgekit.agents.transfer import (
     BundleFetcher,
     ChunkFetcher,
 )
+from edgekit.agents.trust import DeviceTrust
 from edgekit.agents.updater import Updater
 from edgekit.errors import EdgekitError
 from edgekit.mqtt import Backoff, TlsFiles, parse_broker_url
@@ -48,11 +51,11 @@ from edgekit.protocol import (
     Status,
     Telemetry,
     Topic,
-    decode,
     device_topic,
     encode,
 )
 from edgekit.schema import StrictModel
+from edgekit.trust import Untrusted, decode_chain
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ class AgentSettings(StrictModel):
     broker: str = Field(description="mqtt:// or mqtts:// URL; unused when the Agent is given its link")
     data_dir: Path
     trust_key: Path | None = Field(None, description="Ed25519 public key bundles must be signed with")
+    hub_key: Path | None = Field(None, description="Ed25519 public key of the hub, which signs desired states")
+    trust_version: int = Field(0, ge=0, description="The trust root version hub_key and trust_key are from")
     source: str | dict[str, Any] | None = Field(None, description="Used until config/desired names one")
     bundle: Path | None = Field(None, description="A bundle file to install and run at start-up")
     profile: str | None = None
@@ -101,7 +106,9 @@ class Agent:
         self._overflow_quiet = 0.0
         self._applied_rev = -1
         self._desired: DesiredState | None = None
-        self._jobs: queue.Queue[DesiredState | None] = queue.Queue()
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.trust = DeviceTrust(data, settings.hub_key, settings.trust_key, settings.trust_version)
+        self._parked: bytes | None = None  # the last desired state signed by a key this device may learn next
         self._stop = threading.Event()
         self._stopped = False
         self._threads: list[threading.Thread] = []
@@ -109,7 +116,7 @@ class Agent:
         self.runner = Runner(self.device_id, self._emit_result, self.report, self._subscribe_input)
         if fetcher is None:
             fetcher = ChunkFetcher(self.link, self.device_id, data / "downloads", self._reject)
-        self.updater = Updater(self.store, self.runner, fetcher, self, self._stop, settings.trust_key,
+        self.updater = Updater(self.store, self.runner, fetcher, self, self._stop, self.trust.bundle_keys,
                                settings.threads, settings.health_timeout_s, settings.update_deadline_s,
                                settings.update_retries)  # fmt: skip
         self.telemetry = TelemetryLoop(self.runner, self.outbox, lambda: self.rejected_payloads)
@@ -205,17 +212,41 @@ class Agent:
         self.report("payload.rejected", f"{topic}: {reason}", level="warning", topic=topic, bytes=size)
 
     def _on_desired(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a retained desired state being cleared
         try:
-            desired = decode(DesiredState, payload, self.settings.max_payload)
+            opened = self.trust.open_desired(payload, self.device_id, self.settings.max_payload)
         except PayloadRejected as error:
             self._reject(topic, str(error), len(payload))
             return
-        self._jobs.put(desired)
+        except Untrusted as error:
+            self._parked = payload  # the root that trusts its key may be on its way (config/trust)
+            self.report("config.rejected", f"desired state refused: {error}", level="error")
+            return
+        self._jobs.put(_Job(opened.desired, opened.statement.expires))
+
+    def _on_trust(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        try:
+            root = self.trust.accept(decode_chain(payload))
+        except Untrusted as error:
+            self.report("trust.rejected", f"{topic}: {error}; keeping {self.trust.describe()}", level="error")
+            return
+        if root is None:
+            return
+        self.report("trust.updated", f"now trusting {root.describe()}", version=root.version)
+        parked, self._parked = self._parked, None
+        if parked is not None:
+            self._on_desired(self._topic(Topic.DESIRED), parked)
 
     # ---- life cycle -----------------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._restore()
+        # Trust first: a broker sends retained messages in the order of the subscriptions, and a desired state
+        # may be signed by the key the newest root introduces.
+        self.link.subscribe(self._topic(Topic.TRUST), self._on_trust)
         self.link.subscribe(self._topic(Topic.DESIRED), self._on_desired)
         self.runner.start()
         self.link.start(self.outbox, on_connect=self.publish_state)
@@ -268,7 +299,7 @@ class Agent:
             self.updater.install_local(self.settings.bundle)
         self.updater.activate_recorded(self._health_checks())
         if self._desired and self._desired.rev > self._applied_rev:
-            self._jobs.put(self._desired)
+            self._jobs.put(_Job(self._desired, math.inf))  # accepted before it was saved: it does not expire
 
     def _load_state(self) -> None:
         try:
@@ -287,9 +318,15 @@ class Agent:
     # ---- control --------------------------------------------------------------------------------------------
 
     def _control(self) -> None:
-        while (desired := self._jobs.get()) is not None:
+        while (job := self._jobs.get()) is not None:
+            desired = job.desired
             if desired.rev <= self._applied_rev:
-                continue  # a repeat or a stale reorder: already converged
+                continue  # a repeat, a stale reorder or a replay: already converged
+            if time.time() > job.expires:
+                self.report("config.rejected", f"desired state rev {desired.rev} refused: it expired at "
+                            f"{_utc(job.expires)} (replayed, or held back; the hub signs it again when the device "
+                            "connects)", level="error", rev=desired.rev)  # fmt: skip
+                continue
             try:
                 self._converge(desired)
             except Exception as error:  # the control thread must survive anything a payload can cause
@@ -322,6 +359,15 @@ class Agent:
         """The desired state's rate when it sets one, else the command line's."""
         desired = self._desired
         return (desired.rates.telemetry_s if desired else None) or self.settings.telemetry_s
+
+
+class _Job(NamedTuple):
+    desired: DesiredState
+    expires: float
+
+
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 class _SavedState(StrictModel):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from edgekit.bundle import open_bundle, sha256_file
+from edgekit.bundle import TrustKeys, open_bundle, sha256_file
 from edgekit.manifest import Manifest
 from edgekit.protocol import BundleRef
 from edgekit.schema import StrictModel
@@ -110,7 +110,7 @@ class BundleStore:
         size = json.loads((root / ".size").read_text()) if (root / ".size").is_file() else 0
         return Installed(bundle_id, root, manifest, size)
 
-    def install(self, bundle_file: Path, trust_key, expected_id: str | None = None) -> Installed:
+    def install(self, bundle_file: Path, trust_key: TrustKeys, expected_id: str | None = None) -> Installed:
         """Verify signature and every hash, then make it appear under bundles/<sha256> in one rename.
 
         Raises OperationFailed (from edgekit.bundle) naming what did not hold."""

@@ -30,6 +30,8 @@ class FleetSettings:
     profile: str | None = None
     # Each device's own broker URL (with its login, from `edgekit hub enroll`), by id; `broker` for the others.
     brokers: dict[str, str] | None = None
+    hub_key: Path | None = None  # the hub's public key: desired states are signed by it
+    trust_version: int = 0
 
 
 def device_ids(prefix: str, count: int) -> list[str]:
@@ -47,6 +49,8 @@ class Fleet:
                     broker=(settings.brokers or {}).get(device_id, settings.broker),
                     data_dir=settings.data_dir / device_id,
                     trust_key=settings.trust_key,
+                    hub_key=settings.hub_key,
+                    trust_version=settings.trust_version,
                     bundle=settings.bundle,
                     source=settings.source,
                     profile=settings.profile,

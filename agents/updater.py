@@ -15,8 +15,11 @@ Every phase that fails leaves the device on a bundle it can run, says why in an 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edgekit.agents.bundles import ActiveRecord, BundleStore, Installed, semver_key
 from edgekit.agents.runner import HealthCheck, LoadedModel, Runner
@@ -25,7 +28,6 @@ from edgekit.agents.transfer import DEFAULT_RETRIES, BundleFetcher, FetchFailed,
 from edgekit.errors import EdgekitError
 from edgekit.protocol import BundleRef, DesiredBundle, UpdatePhase, UpdateState
 from edgekit.selftest import run_selftest
-from edgekit.signing import load_public_key
 
 log = logging.getLogger(__name__)
 HEALTH_POLL_S = 0.2
@@ -57,19 +59,20 @@ class Updater:
         fetcher: BundleFetcher,
         host: UpdateHost,
         stopping: threading.Event,
-        trust_key: Path | None,
+        bundle_keys: Callable[[], list[Ed25519PublicKey]],
         threads: int | None = None,
         health_timeout_s: float = 120.0,
         deadline_s: float | None = None,
         retries: int = DEFAULT_RETRIES,
     ) -> None:
-        """`deadline_s` and `retries` bound each update's download (None: a deadline from the bundle's size)."""
+        """`bundle_keys` gives the keys a bundle may be signed with now (they change when the hub rotates them);
+        `deadline_s` and `retries` bound each update's download (None: a deadline from the bundle's size)."""
         self.store = store
         self.runner = runner
         self.fetcher = fetcher
         self._host = host
         self._stopping = stopping
-        self._trust_key = load_public_key(trust_key) if trust_key else None
+        self._bundle_keys = bundle_keys
         self._threads = threads
         self._health_timeout_s = health_timeout_s
         self._deadline_s = deadline_s
@@ -90,7 +93,7 @@ class Updater:
         if record.active and self.store.has(record.active):
             log.info("--bundle %s not installed: bundle %s is already active", bundle_file, record.active[:12])
             return
-        installed = self.store.install(bundle_file, self._trust_key)
+        installed = self.store.install(bundle_file, self._bundle_keys())
         if record.active != installed.id:
             self.store.set_record(ActiveRecord(active=installed.id, previous=record.active))
 
@@ -149,7 +152,7 @@ class Updater:
 
     def _check_verifiable(self, target: BundleRef) -> None:
         """Refuse before downloading what could never be verified."""
-        if self._trust_key is None and not self.store.has(target.id):
+        if not self._bundle_keys() and not self.store.has(target.id):
             raise UpdateFailed("refused", "no trust key configured (--trust-key): refusing unverifiable bundles")
 
     def _limits(self, target: BundleRef, rev: int) -> FetchLimits:
@@ -171,9 +174,8 @@ class Updater:
     def _verify(self, target: BundleRef, bundle_file: Path | None) -> Installed:
         if bundle_file is None:
             return self.store.get(target.id)
-        assert self._trust_key is not None, "_check_verifiable refuses before the download"
         try:
-            installed = self.store.install(bundle_file, self._trust_key, expected_id=target.id)
+            installed = self.store.install(bundle_file, self._bundle_keys(), expected_id=target.id)
         except EdgekitError as error:
             raise UpdateFailed("refused", f"verification failed: {error}") from None
         finally:

@@ -13,6 +13,7 @@ import hashlib
 import io
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -31,6 +32,8 @@ SIGNATURE_BYTES = 64  # raw Ed25519
 # bounds what is read into memory before the signature is checked.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 COPY_BLOCK = 1 << 20
+# One key, the keys of a trust root (any of them), or None: no signature check (hashes only).
+TrustKeys = Ed25519PublicKey | Sequence[Ed25519PublicKey] | None
 
 
 def sha256_file(path: Path) -> str:
@@ -70,9 +73,10 @@ def write_bundle(root: Path, manifest: Manifest, private_key: Ed25519PrivateKey,
         partial.unlink(missing_ok=True)
 
 
-def open_bundle(bundle: Path, dest: Path, trust_key: Ed25519PublicKey | None) -> Manifest:
-    """Check, then unpack into dest: the signature (when a trust key is given) and the manifest are checked before
-    anything is written, and then only the files the manifest lists are written, each no larger than it declares.
+def open_bundle(bundle: Path, dest: Path, trust_key: TrustKeys) -> Manifest:
+    """Check, then unpack into dest: the signature (by the key, or by one of the keys, when given) and the manifest
+    are checked before anything is written, and then only the files the manifest lists are written, each no larger
+    than it declares.
 
     manifest.json and manifest.sig are the tar's first two members (write_bundle puts them there). Each listed
     file must be a regular, non-sparse member at a safe relative path, and is streamed with its declared size as
@@ -131,11 +135,13 @@ def _read_small_member(bundle: Path, tar: tarfile.TarFile, name: str, limit: int
         return source.read()
 
 
-def _check_signature(bundle: Path, manifest_bytes: bytes, signature: bytes, trust_key: Ed25519PublicKey) -> None:
-    if not signature_matches(trust_key, signature, manifest_bytes):
+def _check_signature(bundle: Path, manifest_bytes: bytes, signature: bytes, trust_key: TrustKeys) -> None:
+    keys = [trust_key] if isinstance(trust_key, Ed25519PublicKey) else list(trust_key or [])
+    if not any(signature_matches(key, signature, manifest_bytes) for key in keys):
+        trusted = ", ".join(key_id(key) for key in keys) or "none"
         raise OperationFailed(
-            f"{bundle}: signature check failed: {MANIFEST_FILE} was not signed by the trusted key "
-            f"{key_id(trust_key)} (it was modified, or signed by another key)"
+            f"{bundle}: signature check failed: {MANIFEST_FILE} was not signed by a trusted key ({trusted}; it was "
+            "modified, or signed by another key)"
         )
 
 
@@ -206,7 +212,7 @@ def _check_archive_end(bundle: Path, archive_end: int) -> None:
         raise OperationFailed(f"{bundle}: truncated ({size} bytes; the archive's end-of-file marker is missing)")
 
 
-def verify_bundle(bundle: Path, trust_key: Ed25519PublicKey) -> Manifest:
+def verify_bundle(bundle: Path, trust_key: Ed25519PublicKey | Sequence[Ed25519PublicKey]) -> Manifest:
     """Full check of a bundle file without keeping what it unpacked."""
     with tempfile.TemporaryDirectory(prefix="edgekit-verify-") as scratch:
         return open_bundle(bundle, Path(scratch), trust_key)

@@ -28,8 +28,10 @@ class Enrollment(StrictModel):
     trust_key: str | None = Field(
         None, pattern=PEM_PUBLIC_KEY, description="PEM Ed25519 public key bundles must be signed with; None: none yet"
     )
-    # Reserved for signed desired states: the hub's PEM public key, which the agent will check them against.
-    hub_key: str | None = Field(None, pattern=PEM_PUBLIC_KEY)
+    hub_key: str | None = Field(
+        None, pattern=PEM_PUBLIC_KEY, description="PEM Ed25519 public key of the hub, which signs desired states"
+    )
+    trust_version: int = Field(0, ge=0, description="The hub's trust root version these keys are from")
 
     def broker_url(self) -> str:
         """`broker` with the username and password in it, as `edgekit.mqtt.parse_broker_url` reads it."""

@@ -34,6 +34,7 @@ class Topic:
     RESULTS = "results"
     EVENTS = "events"
     DESIRED = "config/desired"
+    TRUST = "config/trust"
     REPORTED = "config/reported"
     TRANSFER_REQUEST = "transfer/request"
     TRANSFER_CHUNK = "transfer/chunk"
@@ -157,6 +158,8 @@ EventType = Literal[
     "update.rolled_back",
     "update.failed",
     "inference.error",
+    "trust.updated",
+    "trust.rejected",
 ]
 
 

@@ -1,6 +1,8 @@
 """Helpers for agent tests (importable because pytest.ini puts tests/ on the path)."""
 
+import functools
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +13,39 @@ from edgekit.agents.memory import MemoryLink
 from edgekit.bundle import sha256_file
 from edgekit.hub.broker import EmbeddedBroker
 from edgekit.hub.transfer import BundleServer
-from edgekit.protocol import DesiredBundle, DesiredState, Sequenced
+from edgekit.protocol import DesiredBundle, DesiredState, Sequenced, encode
+from edgekit.trust import sign_desired
+
+
+class HubSigner:
+    """The hub's side of signed desired states, for tests that play the hub: its key, and its public key as the
+    file agents take (`--hub-key`)."""
+
+    def __init__(self, folder: Path) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from edgekit.trust import public_pem
+
+        self.key = Ed25519PrivateKey.generate()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.public = folder / "hub.pub"
+        self.public.write_text(public_pem(self.key))
+
+    def sign(self, desired: DesiredState, device_id: str = "dev-1", ttl_s: float = 3600.0,
+             now: float | None = None) -> bytes:  # fmt: skip
+        """The `config/desired` payload the hub would publish for `device_id`."""
+        return encode(sign_desired(self.key, device_id, desired, ttl_s, now))
+
+
+@functools.cache
+def shared_signer() -> HubSigner:
+    """One hub key per test process (the `hub_signer` fixture), so helpers can sign without a fixture at hand."""
+    return HubSigner(Path(tempfile.mkdtemp(prefix="edgekit-test-hub-")))
+
+
+def signed(desired: DesiredState, device_id: str = "dev-1") -> bytes:
+    """`desired` as `shared_signer()` would publish it to `device_id`."""
+    return shared_signer().sign(desired, device_id)
 
 
 def desired_for(bundle: Path, rev: int, version: str, name: str = "digits", **fields) -> DesiredState:
@@ -75,10 +109,12 @@ class MemoryHubClient:
         self.link.deliver(topic, payload)
 
 
-def agent_command(broker_url: str, data_dir: Path, trust_key: Path, *extra: str, device_id: str = "dev-1") -> list:
+def agent_command(broker_url: str, data_dir: Path, trust_key: Path, hub_key: Path, *extra: str,
+                  device_id: str = "dev-1") -> list:  # fmt: skip
     """`edgekit agent …` as a separate process (for kill -9 and restart tests)."""
     return [sys.executable, "-m", "edgekit", "agent", "--broker", broker_url, "--device-id", device_id,
-            "--data", str(data_dir), "--trust-key", str(trust_key), "--telemetry-s", "0.5", *extra]  # fmt: skip
+            "--data", str(data_dir), "--trust-key", str(trust_key), "--hub-key", str(hub_key), "--telemetry-s", "0.5",
+            *extra]  # fmt: skip
 
 
 def sequenced(messages: list[tuple[str, bytes]], model: type[Sequenced]) -> list:

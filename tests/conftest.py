@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from agent_helpers import HubSigner, shared_signer
 from brokers import BROKER_KINDS, started_broker
 from helpers import CliResult
 from typer.testing import CliRunner
@@ -99,6 +100,12 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBrok
 @pytest.fixture
 def amqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
     yield from started_broker("amqtt", tmp_path_factory.mktemp("broker"))
+
+
+@pytest.fixture(scope="session")
+def hub_signer() -> HubSigner:
+    """The hub key tests that play the hub sign desired states with; agents take `hub_signer.public`."""
+    return shared_signer()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from edgekit.agents.fleet import Fleet, FleetSettings, device_ids
 from edgekit.hub.db import DeploymentDevice, Device
+from edgekit.trust import DesiredStatement, Envelope
 
 TIMEOUT_S = 30.0
 
@@ -46,7 +47,8 @@ def fleet(
     broker = enrollments[0].broker  # as devices reach it, without a login: each device has its own in `brokers`
     settings = FleetSettings(count=n, broker=broker, data_dir=work_dir / prefix, trust_key=trust_key, bundle=bundle,
                              source=source, prefix=prefix, telemetry_s=telemetry_s,
-                             brokers={e.device_id: e.broker_url() for e in enrollments})  # fmt: skip
+                             brokers={e.device_id: e.broker_url() for e in enrollments},
+                             hub_key=hub.trust.public_key_file, trust_version=hub.trust.root.version)  # fmt: skip
     agents = Fleet(settings)
     agents.start()
     try:
@@ -55,6 +57,15 @@ def fleet(
         yield agents
     finally:
         agents.stop()
+
+
+def desired_of(payload: bytes) -> DesiredStatement:
+    """The signed statement in a `config/desired` payload the hub published (not verified: for reading what the hub
+    sent; the agent's checks are tested in tests/security)."""
+    import base64
+
+    envelope = Envelope.model_validate_json(payload)
+    return DesiredStatement.model_validate_json(base64.b64decode(envelope.payload))
 
 
 def device_urls(hub: Any, ids: list[str]) -> dict[str, str]:

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +44,14 @@ SourceOpt = Annotated[
 ]
 TrustOpt = Annotated[
     Path | None, typer.Option("--trust-key", "-k", help="Ed25519 public key (edgekit.pub) bundles must be signed with.")
+]
+HUB_KEY_HELP = (
+    "The hub's public key (trust/hub.pub in its --data): desired states must be signed by it, or by a key it "
+    "rotated to. An enrollment holds it."
+)
+HubKeyOpt = Annotated[Path | None, typer.Option("--hub-key", help=HUB_KEY_HELP)]
+TrustVersionOpt = Annotated[
+    int, typer.Option("--trust-version", min=0, hidden=True, help="The hub's trust root version the keys are from.")
 ]
 BundleOpt = Annotated[Path | None, typer.Option("--bundle", help="A .ekb to verify, install and run at start-up.")]
 ProfileOpt = Annotated[str | None, typer.Option("--profile", help="Profile name reported to the hub.")]
@@ -81,6 +90,8 @@ def agent(
         "edgekit-agent"
     ),
     trust_key: TrustOpt = None,
+    hub_key: HubKeyOpt = None,
+    trust_version: TrustVersionOpt = 0,
     bundle: BundleOpt = None,
     profile: ProfileOpt = None,
     telemetry: Annotated[float, typer.Option("--telemetry-s", help="Seconds between telemetry messages.")] = 5.0,
@@ -92,8 +103,9 @@ def agent(
     """Run the agent until SIGTERM or Ctrl-C. It keeps running through broker outages (messages wait on disk)."""
     if ctx.invoked_subcommand is not None:
         return
+    keys = Keys(trust_key, hub_key, trust_version)
     if enrollment is not None:
-        broker, device_id, trust_key = _enrolled(enrollment, broker, device_id, trust_key, data / "trust.pub")
+        broker, device_id, keys = _enrolled(enrollment, broker, device_id, keys, data)
     if not broker or not device_id:
         raise BadInput("edgekit agent needs --enrollment FILE, or --broker and --device-id (see edgekit agent --help)")
     from edgekit.agents.agent import Agent, AgentSettings
@@ -105,22 +117,32 @@ def agent(
     if source:
         parse_source(source)
     tls = TlsFiles(*(str(p) if p else None for p in (tls_ca, tls_cert, tls_key))) if tls_ca or tls_cert else None
-    fields = dict(device_id=device_id, broker=broker, data_dir=data, trust_key=trust_key, source=source,
-                  bundle=bundle, profile=profile, telemetry_s=telemetry, tls=tls)  # fmt: skip
+    fields = dict(device_id=device_id, broker=broker, data_dir=data, trust_key=keys.trust_key, hub_key=keys.hub_key,
+                  trust_version=keys.version, source=source, bundle=bundle, profile=profile, telemetry_s=telemetry,
+                  tls=tls)  # fmt: skip
     settings = validate_file(AgentSettings, fields, "agent settings")
     _agent_logging()
     # Everything the agent writes from here on (outbox, desired state, bundles) is the device's alone.
     os.umask(0o077)
     agent = Agent(settings)
     err_console.print(f"agent {device_id}: broker {redact_url(broker)}, data {data}", highlight=False)
+    err_console.print(f"trust: {agent.trust.describe()}", highlight=False)
     _run_until_signal(agent.start, agent.stop)
 
 
-def _enrolled(
-    path: Path, broker: str, device_id: str, trust_key: Path | None, key_path: Path
-) -> tuple[str, str, Path | None]:
-    """(broker URL with the login, device id, trust key file) from an enrollment file; the file's trust key is
-    written to `key_path` unless --trust-key names one. Flags that would contradict the file are refused."""
+@dataclass(frozen=True)
+class Keys:
+    """The public keys a device starts trusting: bundles' (--trust-key) and the hub's (--hub-key), from root
+    `version` of the hub's trust (an enrollment says which)."""
+
+    trust_key: Path | None = None
+    hub_key: Path | None = None
+    version: int = 0
+
+
+def _enrolled(path: Path, broker: str, device_id: str, keys: Keys, folder: Path) -> tuple[str, str, Keys]:
+    """(broker URL with the login, device id, keys) from an enrollment file; each key the file holds is written to
+    `folder` (trust.pub, hub.pub) unless a flag names one. Flags that would contradict the file are refused."""
     from edgekit.enrollment import load_enrollment, write_private
 
     enrolled = load_enrollment(path)
@@ -128,10 +150,13 @@ def _enrolled(
         raise BadInput(f"--enrollment {path} holds the broker and its login: leave out --broker")
     if device_id and device_id != enrolled.device_id:
         raise BadInput(f"--device-id {device_id}: --enrollment {path} is for '{enrolled.device_id}'")
-    if trust_key is None and enrolled.trust_key is not None:
-        write_private(key_path, enrolled.trust_key)
-        trust_key = key_path
-    return enrolled.broker_url(), enrolled.device_id, trust_key
+    if keys.trust_key is None and enrolled.trust_key is not None:
+        write_private(folder / "trust.pub", enrolled.trust_key)
+        keys = replace(keys, trust_key=folder / "trust.pub")
+    if keys.hub_key is None and enrolled.hub_key is not None:
+        write_private(folder / "hub.pub", enrolled.hub_key)
+        keys = replace(keys, hub_key=folder / "hub.pub", version=enrolled.trust_version)
+    return enrolled.broker_url(), enrolled.device_id, keys
 
 
 @app.command("install")
@@ -141,6 +166,7 @@ def install(
     trust_key: Annotated[
         Path | None, typer.Option("--trust-key", "-k", help="Ed25519 public key (edgekit.pub).")
     ] = None,
+    hub_key: HubKeyOpt = None,
     enrollment: EnrollmentOpt = None,
     source: SourceOpt = None,
     data: Annotated[Path, typer.Option("--data", help="State folder (absolute).")] = Path("/var/lib/edgekit"),
@@ -166,17 +192,20 @@ def install(
     from edgekit.agents.install import ENV_NAME, InstallSettings, write_unit
     from edgekit.mqtt import parse_broker_url
 
+    keys = Keys(trust_key, hub_key)
     if enrollment is not None:
-        # The trust key goes next to the environment file (public: the service reads it as its own user).
-        key_path = (env_file or unit_dir / ENV_NAME).with_suffix(".pub")
-        broker, device_id, trust_key = _enrolled(enrollment, broker, device_id, trust_key, key_path)
-        if trust_key == key_path:
-            key_path.chmod(0o644)  # a public key, which the service reads as its own user
-    if not broker or not device_id or trust_key is None:
-        raise BadInput("edgekit agent install needs --enrollment FILE, or --broker, --device-id and --trust-key")
+        # The keys go next to the environment file (public: the service reads them as its own user).
+        folder = (env_file or unit_dir / ENV_NAME).parent
+        broker, device_id, keys = _enrolled(enrollment, broker, device_id, keys, folder)
+        for written in {keys.trust_key, keys.hub_key} & {folder / "trust.pub", folder / "hub.pub"}:
+            written.chmod(0o644)
+    if not broker or not device_id or keys.trust_key is None or keys.hub_key is None:
+        raise BadInput("edgekit agent install needs --enrollment FILE, or --broker, --device-id, --trust-key and "
+                       "--hub-key")  # fmt: skip
     parse_broker_url(broker)
-    extra = [("--telemetry-s", telemetry), ("--tls-ca", tls_ca), ("--tls-cert", tls_cert), ("--tls-key", tls_key)]
-    settings = InstallSettings(device_id, broker, trust_key, data, source, bundle, profile, user, tuple(extra))
+    extra = [("--hub-key", keys.hub_key), ("--trust-version", keys.version or None), ("--telemetry-s", telemetry),
+             ("--tls-ca", tls_ca), ("--tls-cert", tls_cert), ("--tls-key", tls_key)]  # fmt: skip
+    settings = InstallSettings(device_id, broker, keys.trust_key, data, source, bundle, profile, user, tuple(extra))
     path, env_path = write_unit(settings, unit_dir, env_file)
     console.print(f"wrote {path} and {env_path} (mode 0600: the broker login)")
     console.print("enable it with:  systemctl daemon-reload && systemctl enable --now edgekit-agent")
@@ -192,6 +221,7 @@ def simulate(
     n: Annotated[int, typer.Option("--n", "-n", min=1, max=10_000, help="Number of simulated devices.")] = 10,
     source: SourceOpt = "synthetic:?fps=1",
     trust_key: TrustOpt = None,
+    hub_key: HubKeyOpt = None,
     bundle: BundleOpt = None,
     prefix: Annotated[str, typer.Option("--prefix", help="Device ids are PREFIX-000 …")] = "sim",
     data: Annotated[Path, typer.Option("--data", help="Parent of each device's state folder.")] = Path("edgekit-fleet"),
@@ -205,14 +235,18 @@ def simulate(
     from edgekit.mqtt import parse_broker_url, redact_url
 
     brokers = None
+    keys = Keys(trust_key, hub_key)
     if enrollments is not None:
         enrolled = [load_enrollment(enrollments / f"{d}.enrollment.json") for d in device_ids(prefix, n)]
         brokers = {e.device_id: e.broker_url() for e in enrolled}
         broker = broker or enrolled[0].broker
+        # One hub enrolled them all: its keys, from the first file, for every simulated device.
+        _, _, keys = _enrolled(enrollments / f"{enrolled[0].device_id}.enrollment.json", "", "", keys, data)
     if not broker:
         raise BadInput("edgekit fleet simulate needs --enrollments DIR or --broker URL")
     parse_broker_url(broker)
-    fleet = Fleet(FleetSettings(n, broker, data, trust_key, bundle, source, prefix, telemetry, brokers=brokers))
+    fleet = Fleet(FleetSettings(n, broker, data, keys.trust_key, bundle, source, prefix, telemetry, brokers=brokers,
+                                hub_key=keys.hub_key, trust_version=keys.version))  # fmt: skip
 
     def start() -> None:
         fleet.start()

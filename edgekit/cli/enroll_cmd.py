@@ -41,6 +41,7 @@ def enroll(
     from edgekit.enrollment import write_enrollment
     from edgekit.hub.acl import BrokerUsers
     from edgekit.hub.broker import listen_address, reload_broker
+    from edgekit.hub.keys import HubTrust
     from edgekit.hub.service import device_broker
     from edgekit.mqtt import parse_broker_url, with_login
 
@@ -54,6 +55,7 @@ def enroll(
                        "once, or pass --broker-url mqtt://HOST:PORT")  # fmt: skip
     if trust_key is not None and not trust_key.is_file():
         raise BadInput(f"--trust-key {trust_key}: no such file")
+    root = HubTrust(data / "trust", trust_key).root
     users = BrokerUsers(broker_dir)
     if hub_user:
         for name in device_ids:
@@ -63,7 +65,7 @@ def enroll(
         return
     if out is not None and len(device_ids) > 1:
         raise BadInput(f"--out {out}: one file for one device; for {len(device_ids)} devices use --out-dir")
-    for enrollment in users.enroll(device_ids, broker_url, trust_key):
+    for enrollment in users.enroll(device_ids, broker_url, root):
         path = out or out_dir / f"{enrollment.device_id}.enrollment.json"
         write_enrollment(path, enrollment)
         console.print(f"wrote {path} (mode 0600: {enrollment.device_id}'s broker password; copy it to the device)")
@@ -71,5 +73,6 @@ def enroll(
     console.print("on a device:  edgekit agent --enrollment FILE", highlight=False)
     if not live:
         err_console.print("the hub's broker is not running: the login takes effect when it starts")
-    if trust_key is None:
-        err_console.print("[yellow]warning:[/] no --trust-key: the device will refuse updates until it has one")
+    if not root.bundle_keys:
+        err_console.print("[yellow]warning:[/] the hub trusts no bundle key (--trust-key): the device will refuse "
+                          "updates until it has one")  # fmt: skip

@@ -19,6 +19,7 @@ from rich.table import Table
 from edgekit.cli.console import console, err_console, print_json
 from edgekit.errors import BadInput, OperationFailed
 from edgekit.hub.scopes import DEFAULT_SCOPE, SCOPE_HELP, Scope
+from edgekit.trust import DEFAULT_DESIRED_TTL_S
 
 DEFAULT_DATA = Path("edgekit-hub")
 MQTT_PORT = 1883  # devices find an embedded broker on the standard port when it is free
@@ -115,6 +116,15 @@ def hub(
             help="Embedded broker open to anyone, on every device's topics (no passwords, no ACL): a lab only.",
         ),
     ] = False,
+    desired_ttl: Annotated[
+        float,
+        typer.Option(
+            "--desired-ttl",
+            min=60,
+            help="Seconds a signed desired state stays valid; the hub signs a "
+            "device's again each time it connects. Device clocks must be right to within it.",
+        ),
+    ] = DEFAULT_DESIRED_TTL_S,
 ) -> None:
     """Run the hub until Ctrl-C or SIGTERM. With no --broker it starts an embedded one (Mosquitto, else amqtt)."""
     if ctx.invoked_subcommand is not None:
@@ -136,7 +146,8 @@ def hub(
         broker_port = MQTT_PORT if _port_free(MQTT_PORT) else None
     settings = HubSettings(data_dir=data, broker=broker, db=db, http_host=host, http_port=port, trust_key=trust_key,
                            share_group=share_group, controller=not no_controller, broker_port=broker_port,
-                           broker_host=broker_listen, insecure_broker=insecure_broker)  # fmt: skip
+                           broker_host=broker_listen, insecure_broker=insecure_broker,
+                           desired_ttl_s=desired_ttl)  # fmt: skip
     _hub_logging()
     hub = Hub(settings)
     admin = ensure_admin_token(hub.sessions)
@@ -186,12 +197,14 @@ def _announce(hub, admin_token: str | None) -> None:
     else:
         err_console.print(f"broker: external {redact_url(hub.broker_url)}")
     err_console.print(f"database: {settings.db or settings.data_dir / 'hub.sqlite'}; data in {settings.data_dir}")
-    if settings.trust_key is None:
+    root = hub.trust.root
+    err_console.print(f"trust: {root.describe()}; devices take desired states signed by {hub.trust.public_key_file}",
+                      highlight=False)  # fmt: skip
+    if not root.bundle_keys:
         err_console.print(
-            "[yellow]warning:[/] no --trust-key: pushed bundles are checked for integrity, not signatures"
+            "[yellow]warning:[/] no bundle key (--trust-key): pushed bundles are checked for integrity, not "
+            "signatures, and devices refuse every update"
         )
-    else:
-        err_console.print(f"bundles must be signed by {settings.trust_key}")
     if not settings.controller:
         err_console.print("rollout controller: off here (--no-controller)")
     console.print(f"dashboard: {hub.http_url}/   API docs: {hub.http_url}/docs", highlight=False)
@@ -445,12 +458,47 @@ def deployments(
         console.print(table)
 
 
+def rotate_keys(
+    hub_key: Annotated[bool, typer.Option("--hub-key", help="Replace the hub's signing key with a new one.")] = False,
+    bundle_key: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--bundle-key",
+            help="Public key (edgekit.pub) bundles may be signed with from now on; "
+            "repeat for several. Replaces the current ones: a key not named is retired.",
+        ),
+    ] = None,
+    hub_url: HubOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rotate the keys devices trust, on a running fleet: the next trust root is signed by the old hub key and the
+    new one, and every device moves to it without re-enrolment; material signed by a retired key is refused."""
+    if not hub_key and not bundle_key:
+        raise BadInput("nothing to rotate: pass --hub-key, --bundle-key FILE, or both")
+    pems = None
+    if bundle_key:
+        from edgekit.signing import load_public_key
+        from edgekit.trust import public_pem
+
+        pems = [public_pem(load_public_key(path)) for path in bundle_key]
+    with _client(hub_url, token) as client:
+        data = client.rotate_keys(hub_key, pems)
+    if as_json:
+        print_json(json.dumps(data, indent=2))
+        return
+    console.print(f"trust root v{data['version']}: hub keys {', '.join(data['hub_keys'])}; bundle keys "
+                  f"{', '.join(data['bundle_keys']) or 'none'}", highlight=False)  # fmt: skip
+    console.print("announced to every device; new enrollments carry it", highlight=False)
+
+
 def register(root: typer.Typer) -> None:
     from edgekit.cli.acl_cmd import acl
     from edgekit.cli.enroll_cmd import enroll
 
     app.command("acl")(acl)
     app.command("enroll")(enroll)
+    app.command("rotate-keys")(rotate_keys)
     root.add_typer(app, name="hub")
     root.command("push")(push)
     root.command("deploy")(deploy)

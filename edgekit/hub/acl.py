@@ -25,12 +25,13 @@ from pathlib import Path
 from edgekit.enrollment import Enrollment, write_private
 from edgekit.errors import BadInput
 from edgekit.protocol import DEVICE_ID, PREFIX, Topic
+from edgekit.trust import TrustRoot
 
 HUB_USER = "edgekit-hub"
 # The hubs' shared-subscription group is their secret: a device that knows it can join it (module docstring).
 MIN_SHARE_GROUP = 16
 DEVICE_WRITES = (Topic.STATUS, Topic.TELEMETRY, Topic.RESULTS, Topic.EVENTS, Topic.REPORTED, Topic.TRANSFER_REQUEST)
-DEVICE_READS = (Topic.DESIRED, Topic.TRANSFER_CHUNK, Topic.INPUT)
+DEVICE_READS = (Topic.DESIRED, Topic.TRUST, Topic.TRANSFER_CHUNK, Topic.INPUT)
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd writes for its $7$ (PBKDF2-SHA512) format
 
 
@@ -129,11 +130,12 @@ class BrokerUsers:
         self._write_hashes(self._hashes() | hashes)
         return passwords
 
-    def enroll(self, device_ids: list[str], broker: str, trust_key: Path | None) -> list[Enrollment]:
-        """`add_devices`, as enrollment files: `broker` is the URL devices reach, `trust_key` the bundle signer's
-        public key file (None: the device refuses updates until it has one)."""
-        key = trust_key.read_text() if trust_key else None
-        return [Enrollment(device_id=device_id, broker=broker, username=device_id, password=password, trust_key=key)
+    def enroll(self, device_ids: list[str], broker: str, root: TrustRoot) -> list[Enrollment]:
+        """`add_devices`, as enrollment files: `broker` is the URL devices reach, `root` the hub's newest trust root
+        (its hub key and bundle key; a root without a bundle key: the device refuses updates until it has one)."""
+        trust = {"hub_key": root.hub_keys[0], "trust_key": (root.bundle_keys or [None])[0],
+                 "trust_version": root.version}  # fmt: skip
+        return [Enrollment(device_id=device_id, broker=broker, username=device_id, password=password, **trust)
                 for device_id, password in self.add_devices(device_ids).items()]  # fmt: skip
 
     def add_hub_user(self, name: str) -> tuple[str, str]:
@@ -147,6 +149,10 @@ class BrokerUsers:
         self._write_hashes(self._hashes() | {user: mosquitto_password_hash(password)})
         self.ensure()  # the ACL names every hub user
         return user, password
+
+    def device_ids(self) -> list[str]:
+        """Every enrolled device (users that are not hubs)."""
+        return sorted(user for user in self._hashes() if not user.startswith(HUB_USER))
 
     def _hashes(self) -> dict[str, str]:
         if not self.password_file.is_file():

@@ -85,6 +85,12 @@ class HubClient:
     def deployment(self, deployment_id: int) -> dict[str, Any]:
         return self._request("GET", f"/api/deployments/{deployment_id}")
 
+    def trust(self) -> dict[str, Any]:
+        return self._request("GET", "/api/trust")
+
+    def rotate_keys(self, hub_key: bool, bundle_keys: list[str] | None) -> dict[str, Any]:
+        return self._request("POST", "/api/trust/rotate", json={"hub_key": hub_key, "bundle_keys": bundle_keys})
+
     def halt(self, deployment_id: int, reason: str | None = None) -> dict[str, Any]:
         body = {"reason": reason} if reason else None
         return self._request("POST", f"/api/deployments/{deployment_id}/halt", json=body)

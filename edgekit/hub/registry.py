@@ -3,24 +3,28 @@
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from edgekit.bundle import sha256_file, verify_bundle
+from edgekit.bundle import open_bundle, sha256_file
 from edgekit.errors import BadInput
 from edgekit.hub.db import BundleRecord
+from edgekit.manifest import Manifest
 
 
 class Registry:
-    def __init__(self, data_dir: Path, sessions: sessionmaker, trust_key: Ed25519PublicKey | None) -> None:
-        """`trust_key` None accepts any correctly self-consistent bundle (hashes checked) — say so at start-up."""
+    def __init__(self, data_dir: Path, sessions: sessionmaker,
+                 trust_keys: Callable[[], list[Ed25519PublicKey]]) -> None:  # fmt: skip
+        """`trust_keys` gives the keys bundles may be signed with now (the hub's trust root names them); none
+        accepts any correctly self-consistent bundle (hashes checked) — say so at start-up."""
         self.dir = data_dir / "bundles"
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.sessions = sessions
-        self.trust_key = trust_key
+        self.trust_keys = trust_keys
 
     def add(self, upload: Path, actor: str) -> tuple[BundleRecord, bool]:
         """Verify and store an uploaded bundle file; (record, created). Re-pushing the same bytes is a no-op."""
@@ -48,13 +52,10 @@ class Registry:
             session.merge(record)
         return record, True
 
-    def _verify(self, upload: Path):
-        from edgekit.bundle import open_bundle
-
-        if self.trust_key is None:
-            with tempfile.TemporaryDirectory(prefix="edgekit-registry-") as scratch:
-                return open_bundle(upload, Path(scratch), None)
-        return verify_bundle(upload, self.trust_key)
+    def _verify(self, upload: Path) -> Manifest:
+        keys = self.trust_keys()
+        with tempfile.TemporaryDirectory(prefix="edgekit-registry-") as scratch:
+            return open_bundle(upload, Path(scratch), keys or None)
 
     def path(self, bundle_id: str) -> Path | None:
         """The stored file, for the transfer server; None for an unknown id."""

@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from edgekit.errors import BadInput
 from edgekit.hub.db import BundleRecord, Deployment, DeploymentDevice, Device
 from edgekit.hub.registry import Registry
-from edgekit.protocol import DEVICE_ID, MAX_REV, DesiredState, Topic, device_topic, encode
+from edgekit.protocol import DEVICE_ID, MAX_REV, DesiredState
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ TICK_S = 0.5
 FAILED_PHASES = {"refused", "rolled_back", "failed"}
 IN_PROGRESS_PHASES = {"downloading", "verifying", "testing", "switching"}
 RESOLVED = {"healthy", "failed", "timed_out"}
-Publish = Callable[[str, bytes, bool], None]
+# Sign a device's desired state and publish it, retained (`Hub.send_desired`).
+SendDesired = Callable[[str, DesiredState], None]
 
 
 class UnknownDeployment(BadInput):
@@ -233,7 +234,7 @@ def find_bundle(registry: Registry, bundle_id: str) -> BundleRecord:
     return registry.get(bundle_id) if len(bundle_id) == 64 else registry.find(bundle_id)
 
 
-def publish_desired(publish: Publish, device: Device, bundle: dict[str, Any], allow_downgrade: bool,
+def publish_desired(send: SendDesired, device: Device, bundle: dict[str, Any], allow_downgrade: bool,
                     health_checks: int | None, writes: _Writes) -> int:  # fmt: skip
     """Publish (retained) the device's last desired state with `bundle` swapped in and a fresh rev; returns it.
 
@@ -244,12 +245,12 @@ def publish_desired(publish: Publish, device: Device, bundle: dict[str, Any], al
     if health_checks is not None:
         fields["health_checks"] = health_checks
     desired = DesiredState.model_validate(fields)
-    publish(device_topic(device.id, Topic.DESIRED), encode(desired), True)
+    send(device.id, desired)
     writes.device(device, desired=desired.model_dump(mode="json", exclude_none=True), desired_rev=rev)
     return rev
 
 
-def halt_loaded(loaded: _Loaded, publish: Publish, writes: _Writes, reason: str) -> None:
+def halt_loaded(loaded: _Loaded, send: SendDesired, writes: _Writes, reason: str) -> None:
     """Mark the deployment halted and ask every device it touched for its previous bundle again.
 
     Healthy ones (and ones still in flight or timed out, which may yet install the new bundle from the retained
@@ -270,7 +271,7 @@ def halt_loaded(loaded: _Loaded, publish: Publish, writes: _Writes, reason: str)
         if previous["id"] == deployment.bundle_id:
             continue  # it ran this bundle before the deployment: nothing to go back to
         try:
-            publish_desired(publish, device, previous, True, None, writes)
+            publish_desired(send, device, previous, True, None, writes)
         except (NoRevLeft, ValidationError) as error:  # this device's own data: the others are still rolled back
             writes.member(member, detail=f"{member.detail}; cannot roll back: {error}"[:2000])
             continue
@@ -288,9 +289,9 @@ class RolloutDriver:
     process per fleet (`--no-controller` elsewhere). A step writes only while the deployment is still running, so
     a halt from another process is never overwritten."""
 
-    def __init__(self, sessions: sessionmaker, publish: Publish, registry: Registry) -> None:
+    def __init__(self, sessions: sessionmaker, send: SendDesired, registry: Registry) -> None:
         self.sessions = sessions
-        self.publish = publish
+        self.send = send
         self.registry = registry
         # One step at a time: the loop and operator actions (Deployments) must not interleave on a deployment.
         self.lock = threading.RLock()
@@ -360,7 +361,7 @@ class RolloutDriver:
                 break
             failures = [member for member in wave if member.state != "healthy"]
             if wave and len(failures) / len(wave) > deployment.failure_threshold:
-                halt_loaded(loaded, self.publish, writes, _failure_reason(deployment, wave, failures))
+                halt_loaded(loaded, self.send, writes, _failure_reason(deployment, wave, failures))
             elif deployment.current_wave + 1 >= deployment.waves:
                 healthy = sum(member.state == "healthy" for member in loaded.members)
                 done = f"every wave done: {healthy} of {len(loaded.members)} devices healthy on the bundle"
@@ -396,7 +397,7 @@ class RolloutDriver:
             writes.member(member, state="failed", detail="the device is no longer known to the hub", resolved_at=now)
             return
         ref = {"id": bundle.id, "name": bundle.name, "version": bundle.version, "size": bundle.size}
-        rev = publish_desired(self.publish, device, ref, False, deployment.health_checks, writes)
+        rev = publish_desired(self.send, device, ref, False, deployment.health_checks, writes)
         writes.member(member, state="sent", rev=rev, sent_at=now, detail="")
 
     def _republish(self, loaded: _Loaded) -> None:
@@ -413,7 +414,7 @@ class RolloutDriver:
                     log.warning("deployment #%d: %s: stored desired state no longer valid, not re-sent",
                                 member.deployment_id, device.id)  # fmt: skip
                     continue
-                self.publish(device_topic(device.id, Topic.DESIRED), encode(desired), True)
+                self.send(device.id, desired)
 
     # ---- resolving ----------------------------------------------------------------------------------------------
 
@@ -450,10 +451,10 @@ class Deployments:
     """What a request needs of rollouts: plan one, halt one, read them. No thread: `driver` (None in a hub process
     run with --no-controller) moves them on; without one, a plan waits for the driver in another process."""
 
-    def __init__(self, sessions: sessionmaker, publish: Publish, registry: Registry,
+    def __init__(self, sessions: sessionmaker, send: SendDesired, registry: Registry,
                  driver: RolloutDriver | None) -> None:  # fmt: skip
         self.sessions = sessions
-        self.publish = publish
+        self.send = send
         self.registry = registry
         self.driver = driver
         self._lock = driver.lock if driver is not None else threading.RLock()
@@ -501,7 +502,7 @@ class Deployments:
             if loaded.deployment.state != "running":
                 raise BadInput(f"deployment #{deployment_id} is {loaded.deployment.state}; only a running one halts")
             writes = _Writes()
-            halt_loaded(loaded, self.publish, writes, f"halted by {actor}: {reason or 'no reason given'}")
+            halt_loaded(loaded, self.send, writes, f"halted by {actor}: {reason or 'no reason given'}")
             writes.commit(self.sessions)
             return self.get(deployment_id)
 

@@ -16,21 +16,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import FastAPI
+from pydantic import ValidationError
+from sqlalchemy import select
 
 from edgekit.enrollment import Enrollment
 from edgekit.errors import BadInput
 from edgekit.hub.acl import HUB_USER, BrokerUsers, check_share_group
 from edgekit.hub.app import create_app
 from edgekit.hub.broker import EmbeddedBroker, MosquittoBroker, reload_broker, start_embedded_broker
-from edgekit.hub.db import database_url, open_database
-from edgekit.hub.ingest import Ingest, Message
+from edgekit.hub.db import Device, database_url, open_database
+from edgekit.hub.ingest import Ingest, Message, device_ids
+from edgekit.hub.keys import HubTrust
 from edgekit.hub.link import BrokerLink
 from edgekit.hub.registry import Registry
 from edgekit.hub.retention import Retention
 from edgekit.hub.rollouts import Deployments, RolloutDriver
 from edgekit.mqtt import with_login
+from edgekit.protocol import DesiredState, Topic, device_topic, encode
+from edgekit.trust import DEFAULT_DESIRED_TTL_S, TrustRoot
 
 log = logging.getLogger(__name__)
 # The HTTP thread's whole shutdown: open responses, then every worker's own stop (ingest's flush the longest).
@@ -51,6 +55,7 @@ class HubSettings:
     prefer_broker: str = "mosquitto"
     controller: bool = True  # drive rollouts (and run retention) in this process
     insecure_broker: bool = False  # embedded broker open to anyone, on every topic (no passwords, no ACL)
+    desired_ttl_s: float = DEFAULT_DESIRED_TTL_S  # how long a signed desired state stays acceptable
 
     def __post_init__(self) -> None:
         if self.share_group is not None:
@@ -64,30 +69,60 @@ class Hub:
         self.embedded: EmbeddedBroker | None = None
         self.broker_url = settings.broker or ""
         self.users = None if settings.broker or settings.insecure_broker else BrokerUsers(settings.data_dir / "broker")
+        self.trust = HubTrust(settings.data_dir / "trust", settings.trust_key, settings.desired_ttl_s)
         self.engine, self.sessions = open_database(database_url(settings.db, settings.data_dir))
-        self.registry = Registry(settings.data_dir, self.sessions, self._trust_key())
+        self.registry = Registry(settings.data_dir, self.sessions, self.trust.bundle_keys)
         self.ingest = Ingest(self.sessions, on_stored=self._on_stored)
         self.listeners: list = []  # callables(stored) for live views (the dashboard's SSE feed)
         # Run where the driver runs: raw telemetry for a day, then per-minute rollups for 90 days.
         self.retention = Retention(self.sessions) if settings.controller else None
-        self.driver = RolloutDriver(self.sessions, self.publish, self.registry) if settings.controller else None
-        self.rollouts = Deployments(self.sessions, self.publish, self.registry, self.driver)
+        self.driver = RolloutDriver(self.sessions, self.send_desired, self.registry) if settings.controller else None
+        self.rollouts = Deployments(self.sessions, self.send_desired, self.registry, self.driver)
         self.stopping = threading.Event()  # set by stop(): open live streams end, so the server can stop
         self.link: BrokerLink | None = None  # from start(), when the broker's address is known
         self.app: FastAPI | None = None
         self.http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
 
-    def _trust_key(self) -> Ed25519PublicKey | None:
-        if self.settings.trust_key is None:
-            return None
-        from edgekit.signing import load_public_key
-
-        return load_public_key(self.settings.trust_key)
-
     def _on_stored(self, stored: list[Message]) -> None:
+        online = [device_id for device_id, kind, m in stored if kind == Topic.STATUS and m.state == "online"]
+        if online:
+            self._refresh_devices(online)
         for listener in list(self.listeners):
             listener(stored)
+
+    # ---- signed control messages ------------------------------------------------------------------------------
+
+    def send_desired(self, device_id: str, desired: DesiredState) -> None:
+        """Sign `desired` for the device (fresh expiry) and publish it, retained."""
+        self.publish(device_topic(device_id, Topic.DESIRED), self.trust.sign_desired(device_id, desired), True)
+
+    def _refresh_devices(self, ids: list[str]) -> None:
+        """For devices that (re)connected: the trust chain if it moved past the first root, and their current
+        desired state signed again, so one that was away longer than its expiry can still take it (same rev: a
+        device that has it ignores it)."""
+        if self.trust.root.version > 1:
+            chain = encode(self.trust.chain())
+            for device_id in ids:
+                self.publish(device_topic(device_id, Topic.TRUST), chain, True)
+        with self.sessions() as session:
+            rows = session.execute(select(Device.id, Device.desired).where(Device.id.in_(ids))).all()
+        for device_id, desired in rows:
+            if desired:
+                try:
+                    self.send_desired(device_id, DesiredState.model_validate(desired))
+                except ValidationError:  # stored under older bounds: the rollout's timeout resolves it
+                    log.warning("%s: stored desired state no longer valid, not signed again", device_id)
+
+    def rotate_keys(self, new_hub_key: bool, bundle_keys: list[str] | None) -> TrustRoot:
+        """Issue the next trust root (`HubTrust.rotate`), announce it to every device the hub knows or enrolled,
+        and sign every current desired state again with the key that root names."""
+        root = self.trust.rotate(new_hub_key, bundle_keys)
+        with self.sessions() as session:
+            known = set(device_ids(session))
+        known |= set(self.users.device_ids()) if self.users else set()
+        self._refresh_devices(sorted(known))
+        return root
 
     def start(self) -> None:
         """Start the broker (when embedded) and the HTTP server, whose lifespan starts the workers. Returns at once:
@@ -117,7 +152,7 @@ class Hub:
             raise BadInput("the hub enrolls devices only on its own embedded broker, started without "
                            "--insecure-broker; give devices on an external broker their login there")  # fmt: skip
         enrollments = self.users.enroll(device_ids, device_broker(self.embedded.host, self.embedded.port),
-                                        self.settings.trust_key)  # fmt: skip
+                                        self.trust.root)  # fmt: skip
         self._reload_users()
         return enrollments
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from agent_helpers import MemoryHubClient, ServedBundles, desired_for
+from agent_helpers import MemoryHubClient, ServedBundles, desired_for, signed
 from brokers import wait_until
 from helpers import compile_bundle
 
@@ -29,7 +29,7 @@ from edgekit.agents.memory import MemoryLink
 from edgekit.agents.transfer import CHUNK_SIZE, WINDOW
 from edgekit.bundle import open_bundle, sha256_file, write_bundle
 from edgekit.manifest import FileEntry, Manifest
-from edgekit.protocol import DesiredState, Event, ReportedState, Result, Topic, device_topic, encode
+from edgekit.protocol import DesiredState, Event, ReportedState, Result, Topic, device_topic
 from edgekit.signing import generate_keypair, load_private_key, load_public_key
 
 DEVICE = "dev-1"
@@ -80,7 +80,7 @@ def _assert_serves(link: MemoryLink, agent: Agent, after_seq: int, bundle_id: st
 
 
 def _desire(link: MemoryLink, desired: DesiredState) -> None:
-    link.deliver(device_topic(DEVICE, Topic.DESIRED), encode(desired))
+    link.deliver(device_topic(DEVICE, Topic.DESIRED), signed(desired, DEVICE))
 
 
 def _not_applied(link: MemoryLink, agent: Agent, old_id: str, bad_id: str, kind: str, cause: str) -> Event:
@@ -363,7 +363,7 @@ def test_bundle_signed_by_another_key_is_refused(
     bad = compile_bundle(digits, digits / "calibration.npz", other_private, "1.1.0", tmp_path / "other-key.ekb")
     bad_id = served_in_memory.add(bad)
     agent, event = _offer_from_old(start_agent, link, digits_bundle, bad, "update.refused", "signature check failed")
-    assert "not signed by the trusted key" in event.message
+    assert "not signed by a trusted key" in event.message
     assert not agent.store.has(bad_id)
 
 
