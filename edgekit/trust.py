@@ -227,7 +227,10 @@ def open_desired(payload: bytes, root: TrustRoot | None, device_id: str, max_byt
     """The desired state in a signed `config/desired` payload, if a hub key of `root` signed it for `device_id`.
 
     PayloadRejected for what is not an envelope at all; Untrusted for an envelope the device must not act on."""
-    envelope = decode(Envelope, payload, max_bytes)
+    try:
+        envelope = decode(Envelope, payload, max_bytes)
+    except PayloadRejected as error:
+        raise PayloadRejected(f"not a signed desired state (a DSSE envelope): {error}") from None
     if root is None:
         raise Untrusted("no hub key to check it with (enrol the device, or pass --hub-key)")
     data = _payload_bytes(envelope, DESIRED_TYPE)
