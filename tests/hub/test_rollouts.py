@@ -16,6 +16,7 @@ from brokers import Subscriber
 from helpers import compile_bundle
 from hub_helpers import (
     deployment_members,
+    devices,
     fleet,
     fleet_ids,
     signing_keys,
@@ -28,7 +29,7 @@ from reliability import record as record_figure
 from edgekit.bundle import sha256_file
 from edgekit.errors import BadInput
 from edgekit.hub.db import Deployment, DeploymentDevice, Device
-from edgekit.hub.rollouts import NoRevLeft, next_rev, outcome, wave_sizes
+from edgekit.hub.rollouts import IN_PROGRESS_PHASES, NoRevLeft, next_rev, outcome, wave_sizes
 from edgekit.protocol import MAX_REV, DesiredState, Topic, device_topic, encode
 
 TIMEOUT_S = 90.0
@@ -80,6 +81,22 @@ def _reported_bundle(hub, device_id: str) -> str | None:
     with hub.sessions() as session:
         device = session.get(Device, device_id)
     return ((device.reported or {}).get("bundle") or {}).get("id") if device else None
+
+
+def _converged_to(hub, device_id: str, bundle_id: str, rev: int) -> bool:
+    """The device reports that it converged to desired rev `rev` (or a later one), runs `bundle_id` and is not
+    mid-update. The bundle alone is not enough: a report from before the device took an earlier desired state can
+    name the same bundle (a device still on its old bundle when it is asked to go back to it)."""
+    with hub.sessions() as session:
+        device = session.get(Device, device_id)
+    reported = (device.reported or {}) if device else {}
+    reported_rev, phase = reported.get("rev"), (reported.get("update") or {}).get("state", "idle")
+    return (
+        type(reported_rev) is int
+        and reported_rev >= rev
+        and ((reported.get("bundle") or {}).get("id")) == bundle_id
+        and phase not in IN_PROGRESS_PHASES
+    )
 
 
 def _desired_sent(sub: Subscriber) -> dict[str, list[DesiredState]]:
@@ -233,12 +250,20 @@ def test_manual_halt_rolls_back_healthy_and_in_flight_devices(hub, bundles, tmp_
         members = deployment_members(hub, deployment.id)
         assert members["dev-0"].state == members["dev-1"].state == "rolled_back", members
         assert members["dev-2"].state == members["dev-3"].state == "pending"
-        for device_id in ("dev-0", "dev-1"):
-            wait_until(lambda d=device_id: _reported_bundle(hub, d) == v1, TIMEOUT_S, f"{device_id} back on 1.0.0")
+        # The rev of the rollback desired state each device was sent, above that of the 2.0.0 one. dev-1 was in
+        # flight: it may not have taken 2.0.0 yet, so its report from before (1.0.0, an older rev) already names
+        # the bundle it goes back to; it takes 2.0.0 first and only then the rollback. Waiting for the bundle alone
+        # would pass on that stale report; the rev it converged to tells.
+        rollback_revs = {d: devices(hub)[d].desired_rev for d in ("dev-0", "dev-1")}
+        assert all(rollback_revs[d] > members[d].rev for d in rollback_revs), (rollback_revs, members)
+        for device_id, rev in rollback_revs.items():
+            wait_until(lambda d=device_id, r=rev: _converged_to(hub, d, v1, r), TIMEOUT_S,
+                       f"{device_id} to converge to rev {rev} on 1.0.0")  # fmt: skip
         assert all(agent.runner.model.bundle.id == v1 for agent in agents.agents)
         sent = _desired_sent(sub)
         assert set(sent) == {"dev-0", "dev-1"}, sorted(sent)
         assert [s.bundle.id for s in sent["dev-1"]] == [v2, v1]
+        assert {d: sent[d][-1].rev for d in rollback_revs} == rollback_revs
         # A halted deployment stays halted and sends nothing more: two more ticks of the driver, then a marker
         # through the hub's own connection, after which whatever those ticks published has arrived.
         ticks = hub.driver.ticks
