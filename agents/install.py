@@ -16,6 +16,7 @@ from edgekit.errors import BadInput
 
 UNIT_NAME = "edgekit-agent.service"
 ENV_NAME = "edgekit-agent.env"
+UNIT_KEY_PREFIX = "edgekit-agent."  # the enrollment's public keys go next to ENV_NAME as edgekit-agent.{trust,hub}.pub
 BROKER_ENV = "EDGEKIT_BROKER"  # the agent's --broker reads it
 DEFAULT_DATA_DIR = Path("/var/lib/edgekit")
 

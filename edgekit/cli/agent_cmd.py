@@ -140,9 +140,12 @@ class Keys:
     version: int = 0
 
 
-def _enrolled(path: Path, broker: str, device_id: str, keys: Keys, folder: Path) -> tuple[str, str, Keys]:
+def _enrolled(
+    path: Path, broker: str, device_id: str, keys: Keys, folder: Path, prefix: str = ""
+) -> tuple[str, str, Keys]:
     """(broker URL with the login, device id, keys) from an enrollment file; each key the file holds is written to
-    `folder` (trust.pub, hub.pub) unless a flag names one. Flags that would contradict the file are refused."""
+    `folder` (PREFIXtrust.pub, PREFIXhub.pub) unless a flag names one. Flags that would contradict the file are
+    refused."""
     from edgekit.enrollment import load_enrollment, write_private
 
     enrolled = load_enrollment(path)
@@ -151,11 +154,11 @@ def _enrolled(path: Path, broker: str, device_id: str, keys: Keys, folder: Path)
     if device_id and device_id != enrolled.device_id:
         raise BadInput(f"--device-id {device_id}: --enrollment {path} is for '{enrolled.device_id}'")
     if keys.trust_key is None and enrolled.trust_key is not None:
-        write_private(folder / "trust.pub", enrolled.trust_key)
-        keys = replace(keys, trust_key=folder / "trust.pub")
+        write_private(folder / f"{prefix}trust.pub", enrolled.trust_key)
+        keys = replace(keys, trust_key=folder / f"{prefix}trust.pub")
     if keys.hub_key is None and enrolled.hub_key is not None:
-        write_private(folder / "hub.pub", enrolled.hub_key)
-        keys = replace(keys, hub_key=folder / "hub.pub", version=enrolled.trust_version)
+        write_private(folder / f"{prefix}hub.pub", enrolled.hub_key)
+        keys = replace(keys, hub_key=folder / f"{prefix}hub.pub", version=enrolled.trust_version)
     return enrolled.broker_url(), enrolled.device_id, keys
 
 
@@ -189,15 +192,15 @@ def install(
 ) -> None:
     """Write a systemd unit that runs this agent at boot and restarts it on failure; the broker login goes into an
     EnvironmentFile only root can read, never into the unit."""
-    from edgekit.agents.install import ENV_NAME, InstallSettings, write_unit
+    from edgekit.agents.install import ENV_NAME, UNIT_KEY_PREFIX, InstallSettings, write_unit
     from edgekit.mqtt import parse_broker_url
 
     keys = Keys(trust_key, hub_key)
     if enrollment is not None:
         # The keys go next to the environment file (public: the service reads them as its own user).
         folder = (env_file or unit_dir / ENV_NAME).parent
-        broker, device_id, keys = _enrolled(enrollment, broker, device_id, keys, folder)
-        for written in {keys.trust_key, keys.hub_key} & {folder / "trust.pub", folder / "hub.pub"}:
+        broker, device_id, keys = _enrolled(enrollment, broker, device_id, keys, folder, UNIT_KEY_PREFIX)
+        for written in {keys.trust_key, keys.hub_key} - {trust_key, hub_key}:
             written.chmod(0o644)
     if not broker or not device_id or keys.trust_key is None or keys.hub_key is None:
         raise BadInput("edgekit agent install needs --enrollment FILE, or --broker, --device-id, --trust-key and "
