@@ -86,7 +86,7 @@ class Hub:
 
     def _on_stored(self, stored: list[Message]) -> None:
         online = [device_id for device_id, kind, m in stored if kind == Topic.STATUS and m.state == "online"]
-        if online:
+        if online and self.settings.controller:  # one process per fleet signs: the one that drives rollouts
             self._refresh_devices(online)
         for listener in list(self.listeners):
             listener(stored)
