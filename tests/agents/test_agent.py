@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 import numpy as np
-from agent_helpers import desired_for, sequenced
+from agent_helpers import desired_for, sequenced, signed
 from brokers import Subscriber, publish, publish_many, wait_until
 
-from edgekit.protocol import Event, ReportedState, Result, Status, Telemetry, device_topic, encode
+from edgekit.protocol import Event, ReportedState, Result, Status, Telemetry, device_topic
 
 TOPICS = "edgekit/v1/dev-1/#"
 
@@ -44,7 +44,7 @@ def test_update_over_mqtt_switches_and_reports(broker, start_agent, served, digi
     with Subscriber(broker.url, TOPICS) as sub:
         agent = start_agent(broker, bundle=digits_bundle("1.0.0"), source="synthetic:?fps=50")
         desired = desired_for(new, rev=1, version="1.1.0", health_checks=5)
-        publish(broker.url, device_topic("dev-1", "config/desired"), encode(desired), retain=True)
+        publish(broker.url, device_topic("dev-1", "config/desired"), signed(desired, "dev-1"), retain=True)
         sub.wait_for(lambda ms: any(b'"config.applied"' in p for _, p in ms), timeout=20, topic_filter=TOPICS)
         sub.wait_for(lambda ms: any(b'"rev":1' in p for _, p in ms), topic_filter="edgekit/v1/dev-1/config/reported")
         kinds = [e.type for e in _events(sub)]

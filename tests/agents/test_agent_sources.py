@@ -15,9 +15,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from agent_helpers import signed
 from brokers import Subscriber, publish, wait_until
 
-from edgekit.protocol import DesiredState, Event, Rates, Result, Telemetry, device_topic, encode
+from edgekit.protocol import DesiredState, Event, Rates, Result, Telemetry, device_topic
 
 TOPICS = "edgekit/v1/dev-1/#"
 RESULTS = "edgekit/v1/dev-1/results"
@@ -54,7 +55,7 @@ def cap_inference_rate(broker_url: str, sub: Subscriber, max_fps: float) -> None
     """Make the model slower than its source: the desired state caps inferences per second."""
     # telemetry_s as the agent fixture's: a desired state carries its (default) telemetry rate once encoded.
     desired = DesiredState(rev=1, rates=Rates(max_fps=max_fps, telemetry_s=0.5))
-    publish(broker_url, device_topic("dev-1", "config/desired"), encode(desired), retain=True)
+    publish(broker_url, device_topic("dev-1", "config/desired"), signed(desired, "dev-1"), retain=True)
     wait_event(sub, "config.applied")
 
 

@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_helpers import agent_command, desired_for
+from agent_helpers import HubSigner, agent_command, desired_for
 from brokers import Subscriber, publish_many, wait_until
 from reliability import record as record_figure
 
 from edgekit.agents.bundles import ActiveRecord
 from edgekit.bundle import sha256_file
-from edgekit.protocol import Event, ReportedState, Status, Telemetry, device_topic, encode
+from edgekit.protocol import Event, ReportedState, Status, Telemetry, device_topic
 
 OLD, NEW = "1.0.0", "2.0.0"  # NEW: the big_bundle fixture's version (conftest.py)
 NEW_LABEL = f"digits@{NEW}"
@@ -143,13 +143,16 @@ class Rounds:
     state) hit that now and then, so only the agents connect during the rounds.
     """
 
-    def __init__(self, broker, served, old: Path, new: Path, trust_key: Path, work: Path, devices: list[str]) -> None:
+    def __init__(self, broker, served, old: Path, new: Path, trust_key: Path, hub: HubSigner, work: Path,
+                 devices: list[str]) -> None:  # fmt: skip
         self.broker, self.old, self.new, self.trust_key, self.work = broker, old, new, trust_key, work
+        self.hub_key = hub.public
         self.new_id = served.add(new)
         self.old_id = sha256_file(old)
         self.processes: list[subprocess.Popen] = []
-        desired = encode(desired_for(new, rev=1, version=NEW, health_checks=3))
-        publish_many(broker.url, [(device_topic(d, "config/desired"), desired) for d in devices], retain=True)
+        desired = desired_for(new, rev=1, version=NEW, health_checks=3)
+        publish_many(broker.url, [(device_topic(d, "config/desired"), hub.sign(desired, d)) for d in devices],
+                     retain=True)  # fmt: skip
         # Read back by device: amqtt also sends a connecting client the retained messages of every topic anyone
         # subscribed to.
         self.sub = Subscriber(broker.url, *WATCHED)
@@ -157,7 +160,7 @@ class Rounds:
     def prepare(self, device: str) -> tuple[list[str], Path]:
         """The agent command line and data dir of a device."""
         data = self.work / device
-        command = agent_command(self.broker.url, data, self.trust_key, "--bundle", str(self.old),
+        command = agent_command(self.broker.url, data, self.trust_key, self.hub_key, "--bundle", str(self.old),
                                 "--source", "synthetic:?fps=20", device_id=device)  # fmt: skip
         return command, data
 
@@ -298,10 +301,10 @@ def _last_state(sub: Subscriber, device: str) -> str | None:
 
 @pytest.mark.parametrize("rounds", [5, pytest.param(20, marks=pytest.mark.slow)])
 def test_kill_9_during_update_never_breaks_the_device(
-    rounds, broker, served, digits_bundle, big_bundle, signing_keys, tmp_path
+    rounds, broker, served, digits_bundle, big_bundle, signing_keys, hub_signer, tmp_path
 ):
     devices = ["crash-measure", *(f"crash-{index}" for index in range(rounds))]
-    plan = Rounds(broker, served, digits_bundle(OLD), big_bundle, signing_keys[1], tmp_path, devices)
+    plan = Rounds(broker, served, digits_bundle(OLD), big_bundle, signing_keys[1], hub_signer, tmp_path, devices)
     rng = random.Random(20240 + rounds)
     try:
         update_at, durations = plan.measure()
