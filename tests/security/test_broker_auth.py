@@ -37,9 +37,11 @@ SHARE_GROUP = "hubs-5f0c2a9e7d41b3c8"  # the hubs' group: a secret of 16+ charac
 TELEMETRY_COUNT = 200
 
 
-def start_agent(url: str, data_dir: Path, device_id: str) -> Agent:
+def start_agent(hub, url: str, data_dir: Path, device_id: str) -> Agent:
+    """A real agent on its enrolled login, trusting the hub's key (so it takes the hub's signed desired states)."""
     agent = Agent(AgentSettings(device_id=device_id, broker=url, data_dir=data_dir, telemetry_s=0.5, threads=1,
-                                backoff=Backoff(initial_s=0.2, max_s=1.0)))  # fmt: skip
+                                backoff=Backoff(initial_s=0.2, max_s=1.0), hub_key=hub.trust.public_key_file,
+                                trust_version=hub.trust.root.version))  # fmt: skip
     agent.start()
     assert agent.link.wait_connected(15), f"{device_id} did not connect with its enrolled login"
     return agent
@@ -59,9 +61,9 @@ def reported_revs(watcher: Probe, device_id: str) -> list[int]:
 
 
 def converge_to_marker(hub, watcher: Probe, device_id: str) -> None:
-    """The hub's own desired state, and until the device reported converging to it: anything an attacker sent
-    before was routed (and applied, had it got through) by then, since Mosquitto routes in arrival order."""
-    hub.publish(device_topic(device_id, Topic.DESIRED), encode(DesiredState(rev=MARKER_REV)), retain=True)
+    """The hub's own (signed) desired state, and until the device reported converging to it: anything an attacker
+    sent before was routed (and applied, had it got through) by then, since Mosquitto routes in arrival order."""
+    hub.send_desired(device_id, DesiredState(rev=MARKER_REV))
     watcher.wait(lambda: MARKER_REV in reported_revs(watcher, device_id), 15, f"{device_id} reporting rev {MARKER_REV}")
 
 
@@ -69,13 +71,15 @@ def test_anonymous_clients_cannot_connect_steer_or_read(make_hub, tmp_path):
     """Without a login: the CONNACK refuses the client, so its retained desired state and its `#` subscription
     never happen; the enrolled device converges only to the hub's desired state."""
     hub = make_hub()
-    agent = start_agent(device_url(hub, "cam-2"), tmp_path / "cam-2", "cam-2")
+    agent = start_agent(hub, device_url(hub, "cam-2"), tmp_path / "cam-2", "cam-2")
     watcher = Probe(watcher_url(hub))
     watcher.subscribe("edgekit/#")
     try:
         intruder = Probe(anonymous(hub.broker_url))
         if intruder.accepted:  # only when the broker let it in: try what the attacker came for
             intruder.subscribe("#")
+            # Unsigned on purpose: this tests the broker's CONNACK, not signatures. The agent would refuse it anyway
+            # (tests/security/test_signed_desired.py); here it must not even reach the broker.
             forged = DesiredState(rev=FORGED_REV, source="synthetic:?fps=1")
             intruder.publish(device_topic("cam-2", Topic.DESIRED), encode(forged), retain=True)
         converge_to_marker(hub, watcher, "cam-2")
@@ -97,12 +101,14 @@ def test_a_device_cannot_steer_or_read_another_device(make_hub, tmp_path):
     topics and to `#`; cam-2 (a real agent) never sees the desired state, the hub never stores the telemetry, and
     cam-1 reads nothing of cam-2's."""
     hub = make_hub()
-    agent = start_agent(device_url(hub, "cam-2"), tmp_path / "cam-2", "cam-2")
+    agent = start_agent(hub, device_url(hub, "cam-2"), tmp_path / "cam-2", "cam-2")
     watcher = Probe(watcher_url(hub))
     watcher.subscribe("edgekit/#")
     attacker = Probe(device_url(hub, "cam-1"))
     try:
         attacker.subscribe("edgekit/v1/cam-2/#", "#", "edgekit/v1/cam-1/config/desired")
+        # Unsigned on purpose: this tests the broker's ACL (the forged state must not be delivered at all), not
+        # signatures. The agent would refuse it anyway (tests/security/test_signed_desired.py).
         forged = DesiredState(rev=FORGED_REV, source="synthetic:?fps=1")
         attacker.publish(device_topic("cam-2", Topic.DESIRED), encode(forged), retain=True)
         impostor = Telemetry(seq=10_000, ts=time.time(), latency_p50_ms=999.0)
