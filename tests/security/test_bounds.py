@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_helpers import MemoryHubClient, MqttServedBundles, ServedBundles, desired_for
+from agent_helpers import MemoryHubClient, MqttServedBundles, ServedBundles, desired_for, shared_signer, signed
 from brokers import Subscriber, publish_many
 from e2e import conftest as e2e_fixtures
 from hub_helpers import deployment_members, device_url, fleet, fleet_ids, wait_devices_reported, wait_until
@@ -150,10 +150,11 @@ def _wait_outcome(source, after_seq: int = 0) -> Event:
 
 
 def _agent_settings(data_dir: Path, bundles: dict, broker: str, **fields) -> AgentSettings:
-    """An agent starting on 1.0.0 with a synthetic source; `fields` set the update's limits."""
+    """An agent starting on 1.0.0 with a synthetic source, taking desired states signed by the test hub key
+    (`signed`); `fields` set the update's limits."""
     return AgentSettings(device_id=DEVICE, broker=broker, data_dir=data_dir, trust_key=bundles["public"],
-                         bundle=bundles["v1"], source=SOURCE, telemetry_s=0.5, threads=1,
-                         backoff=Backoff(initial_s=0.2, max_s=1.0), **fields)  # fmt: skip
+                         hub_key=shared_signer().public, bundle=bundles["v1"], source=SOURCE, telemetry_s=0.5,
+                         threads=1, backoff=Backoff(initial_s=0.2, max_s=1.0), **fields)  # fmt: skip
 
 
 @pytest.fixture
@@ -207,7 +208,7 @@ def test_a_wrong_size_ends_at_the_deadline_across_a_kill_and_the_next_desired_st
         with Subscriber(mosquitto.url, EVENTS) as events:
             first = agent_process(settings, log)
             events.wait_for(lambda m: any(e.type == "agent.started" for e in _events(m)), TIMEOUT_S, EVENTS)
-            publish_many(mosquitto.url, [(desired_topic, encode(_wrong_size(cnn_bundles["v2"], rev=1)))], retain=True)
+            publish_many(mosquitto.url, [(desired_topic, signed(_wrong_size(cnn_bundles["v2"], rev=1)))], retain=True)
             wait_until(lambda: _spent_seconds(meta) >= 4, TIMEOUT_S, "4 s spent on the wrong-size download")
             os.kill(first.pid, signal.SIGKILL)
             first.wait(10)
@@ -228,9 +229,8 @@ def test_a_wrong_size_ends_at_the_deadline_across_a_kill_and_the_next_desired_st
                    outlived, 0)  # fmt: skip
             assert not outlived, (before_kill, after_restart, log.read_text()[-3000:])
 
-            publish_many(mosquitto.url, [(desired_topic, encode(desired_for(cnn_bundles["v2"], rev=2, version="2.0.0",
-                                                                            name="cnn", health_checks=3)))],
-                         retain=True)  # fmt: skip
+            right_size = desired_for(cnn_bundles["v2"], rev=2, version="2.0.0", name="cnn", health_checks=3)
+            publish_many(mosquitto.url, [(desired_topic, signed(right_size))], retain=True)
             healthy = _wait_outcome(events, failed.seq)
             refused_next = int(healthy.type != "update.healthy" or healthy.data.get("bundle") != v2)
             record(SCENARIO, "desired state with a wrong size: next desired state not taken after the deadline",
@@ -250,7 +250,7 @@ def test_a_wrong_size_ends_when_the_retry_budget_is_spent(cnn_bundles, tmp_path)
     agent = Agent(_agent_settings(tmp_path / DEVICE, cnn_bundles, "memory:", update_retries=3), link=link)
     agent.start()
     try:
-        link.deliver(device_topic(DEVICE, Topic.DESIRED), encode(_wrong_size(cnn_bundles["v2"], rev=1)))
+        link.deliver(device_topic(DEVICE, Topic.DESIRED), signed(_wrong_size(cnn_bundles["v2"], rev=1)))
         failed = _wait_outcome(link)
         assert failed.type == "update.failed", failed
         assert failed.message.startswith("gave up after 3 retries without a good chunk: 0 of"), failed.message
@@ -261,7 +261,7 @@ def test_a_wrong_size_ends_when_the_retry_budget_is_spent(cnn_bundles, tmp_path)
         assert spent <= 10, spent
 
         right_size = desired_for(cnn_bundles["v2"], rev=2, version="2.0.0", name="cnn", health_checks=3)
-        link.deliver(device_topic(DEVICE, Topic.DESIRED), encode(right_size))
+        link.deliver(device_topic(DEVICE, Topic.DESIRED), signed(right_size))
         healthy = _wait_outcome(link, failed.seq)
         assert healthy.type == "update.healthy" and healthy.data["bundle"] == v2, healthy
     finally:
