@@ -2,11 +2,13 @@
 takes the agent down.
 
 Hypothesis generates 500 payloads for `config/desired` and 500 for `transfer/chunk` (random bytes, random JSON,
-wrong types, unknown fields, huge numbers, deep nesting, invalid UTF-8, truncated and forged chunk frames). They
-are published to a running agent; afterwards it must still produce results, and it must have sent exactly one
-`payload.rejected` event per payload (and counted them in telemetry).
+wrong types, unknown fields, huge numbers, deep nesting, invalid UTF-8, unsigned desired states, malformed and
+truncated signed envelopes, truncated and forged chunk frames). They are published to a running agent; afterwards it
+must still produce results, and it must have sent exactly one `payload.rejected` event per payload (and counted them
+in telemetry).
 """
 
+import base64
 import json
 import struct
 import time
@@ -15,11 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from agent_helpers import desired_for, sequenced
+from agent_helpers import desired_for, sequenced, signed
 from brokers import Subscriber, host_port, publish
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
 
 from edgekit.agents.agent import Agent
 from edgekit.hub.broker import EmbeddedBroker
@@ -29,13 +30,16 @@ from edgekit.protocol import (
     ChunkHeader,
     DesiredState,
     Event,
+    PayloadRejected,
     Result,
     Status,
     Telemetry,
+    decode,
     device_topic,
     encode,
     encode_chunk,
 )
+from edgekit.trust import DesiredStatement, Envelope
 
 DEVICE = "dev-1"
 TOPICS = f"edgekit/v1/{DEVICE}/#"
@@ -78,7 +82,9 @@ invalid_utf8 = st.sampled_from([b"\xff", b"\xfe\xff", b"\xc3\x28", b"\xed\xa0\x8
 
 with_invalid_utf8 = st.builds(
     lambda text, bad, at: text[:at] + bad + text[at:],
-    dumped(json_values) | st.just(b'{"rev": 3, "source": "synthetic:"}'),
+    dumped(json_values)
+    | st.just(b'{"rev": 3, "source": "synthetic:"}')
+    | st.builds(lambda: signed(DesiredState(rev=3, source="synthetic:"), DEVICE)),
     invalid_utf8,
     st.integers(min_value=0, max_value=60),
 )
@@ -129,13 +135,52 @@ huge_numbers = (
     | st.sampled_from([b'{"rev": 1e400}', b'{"rev": -1e400}', b'{"rev": 1, "thresholds": {"score": 1e999}}'])
     | st.integers(min_value=1, max_value=2500).map(lambda n: b"9" * n)
 )
-# A valid desired state cut short: never a complete JSON object.
+# A valid desired state as the hub signs it for this device.
+signed_desired = st.builds(lambda rev, fps: signed(DesiredState(rev=rev, source=f"synthetic:?fps={fps}"), DEVICE),
+                           st.integers(0, 99), st.integers(1, 30))  # fmt: skip
+# The same cut short: never a complete JSON object (nor empty: an empty payload clears a retained desired state).
 truncated_desired = st.builds(
-    lambda text, keep: text[: max(0, min(keep, len(text) - 1))],
-    st.builds(lambda rev, fps: encode(DesiredState(rev=rev, source=f"synthetic:?fps={fps}")), st.integers(0, 99),
-              st.integers(1, 30)),
-    st.integers(min_value=0, max_value=200),
+    lambda text, keep: text[: max(1, min(keep, len(text) - 1))], signed_desired, st.integers(min_value=1, max_value=900)
+)
+# A valid desired state without its envelope: what agents took before desired states were signed.
+unsigned_desired = st.builds(
+    lambda rev, fps: encode(DesiredState(rev=rev, source=f"synthetic:?fps={fps}")), st.integers(0, 99),
+    st.integers(1, 30),
 )  # fmt: skip
+# A signed envelope with one of its fields missing, of a wrong type or out of bounds.
+envelope_fields = ("payloadType", "payload", "signatures")
+bad_envelope_values = {
+    "payloadType": st.none()
+    | st.integers()
+    | st.lists(st.text(max_size=5), max_size=2)
+    | st.text(min_size=101, max_size=150),
+    "payload": st.none()
+    | st.integers()
+    | st.booleans()
+    | st.dictionaries(st.text(max_size=5), json_values, max_size=3),
+    "signatures": st.none()
+    | st.just([])
+    | st.text(max_size=20)
+    | st.lists(st.dictionaries(st.sampled_from(["keyid", "sig", "key"]), json_values, max_size=3), min_size=1,
+               max_size=3)
+    | st.lists(st.fixed_dictionaries({"keyid": st.text(max_size=8), "sig": st.text(max_size=8)}), min_size=9,
+               max_size=10),
+}  # fmt: skip
+
+
+@st.composite
+def broken_envelopes(draw) -> bytes:
+    envelope = json.loads(draw(signed_desired))
+    field = draw(st.sampled_from(envelope_fields))
+    if draw(st.booleans()):
+        del envelope[field]
+    else:
+        envelope[field] = draw(bad_envelope_values[field])
+    if draw(st.booleans()):
+        envelope[draw(st.text(max_size=10).filter(lambda k: k not in envelope))] = draw(json_values)
+    return json.dumps(envelope).encode()
+
+
 desired_payloads = st.one_of(
     st.binary(max_size=3000),
     dumped(json_values),
@@ -146,6 +191,8 @@ desired_payloads = st.one_of(
     deep_nesting,
     with_invalid_utf8,
     truncated_desired,
+    unsigned_desired,
+    broken_envelopes(),
 )
 
 sha256_hex = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
@@ -178,11 +225,15 @@ chunk_payloads = st.one_of(
 )
 
 
-def _valid_desired(payload: bytes) -> bool:
-    """Guard: the strategies are built not to produce a DesiredState; this makes sure none slips through."""
+def _not_malformed(payload: bytes) -> bool:
+    """Guard: the strategies are built not to produce a well-formed envelope (the agent would check its signature
+    and answer config.rejected, or apply it) nor an empty payload (it clears a retained desired state, and is
+    ignored); this makes sure none slips through."""
+    if not payload:
+        return True
     try:
-        DesiredState.model_validate_json(payload)
-    except ValidationError:
+        decode(Envelope, payload, MAX_PAYLOAD)
+    except PayloadRejected:
         return False
     return True
 
@@ -243,7 +294,7 @@ def test_malformed_payloads_are_rejected_and_reported(broker, start_agent, digit
         client.loop_start()
         sent: list[tuple[str, bytes, mqtt.MQTTMessageInfo]] = []
         try:
-            _fuzz(client, DESIRED_TOPIC, desired_payloads, sent, guard=_valid_desired)
+            _fuzz(client, DESIRED_TOPIC, desired_payloads, sent, guard=_not_malformed)
             _fuzz(client, CHUNK_TOPIC, chunk_payloads, sent)
             deadline = time.monotonic() + TIMEOUT_S
             for _, _, info in sent:
@@ -285,9 +336,11 @@ def test_oversized_desired_state_is_refused_unread(broker, start_agent, digits_b
     bundle = digits_bundle("1.0.0")
 
     def padded(rev: int, size: int) -> bytes:
-        text = encode(desired_for(bundle, rev=rev, version="1.0.0", source="synthetic:?fps=5"))
+        """The signed desired state, with blanks before its closing brace (outside what the signature covers)."""
+        text = signed(desired_for(bundle, rev=rev, version="1.0.0", source="synthetic:?fps=5"), DEVICE)
         payload = text[:-1] + b" " * (size - len(text)) + b"}"
-        assert len(payload) == size and DesiredState.model_validate_json(payload).rev == rev
+        statement = base64.b64decode(Envelope.model_validate_json(payload).payload)
+        assert len(payload) == size and DesiredStatement.model_validate_json(statement).desired.rev == rev
         return payload
 
     with Subscriber(broker.url, TOPICS) as sub:
@@ -296,7 +349,8 @@ def test_oversized_desired_state_is_refused_unread(broker, start_agent, digits_b
         sub.wait_for(lambda _: bool(_rejections(sub)), TIMEOUT_S, EVENTS)
         [event] = _rejections(sub)
         assert event.message == (
-            f"{DESIRED_TOPIC}: payload of 3000 bytes is over the {MAX_PAYLOAD}-byte maximum; not read"
+            f"{DESIRED_TOPIC}: not a signed desired state (a DSSE envelope): payload of 3000 bytes is over the "
+            f"{MAX_PAYLOAD}-byte maximum; not read"
         )
         assert event.data == {"topic": DESIRED_TOPIC, "bytes": 3000}
         _assert_alive(sub, agent, event.seq)
