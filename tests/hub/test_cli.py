@@ -23,6 +23,7 @@ from edgekit.cli import app
 from edgekit.enrollment import Enrollment, load_enrollment
 from edgekit.hub.auth import create_token
 from edgekit.hub.broker import free_port
+from edgekit.protocol import DesiredState
 
 TIMEOUT_S = 30.0
 
@@ -222,8 +223,9 @@ def test_hub_command_rejects_bad_options(tmp_path: Path) -> None:
 
 
 def test_hub_enroll_writes_a_private_file_an_agent_joins_with(make_hub, bundles, tmp_path: Path) -> None:
-    """`edgekit hub enroll` while the hub runs: a 0600 file with the broker as devices reach it and the trust key;
-    `edgekit agent --enrollment FILE` (a real process, no other flag about the hub) comes online with it."""
+    """`edgekit hub enroll` while the hub runs: a 0600 file with the broker as devices reach it, the trust key and
+    the hub's key; `edgekit agent --enrollment FILE` (a real process, no other flag about the hub) comes online with
+    it and takes a desired state the hub signed."""
     hub = make_hub(trust_key=bundles["public"])
     path = tmp_path / "cam-9.json"
     result = run("hub", "enroll", "cam-9", "--data", str(hub.settings.data_dir), "--out", str(path),
@@ -233,12 +235,16 @@ def test_hub_enroll_writes_a_private_file_an_agent_joins_with(make_hub, bundles,
     enrolled = load_enrollment(path)
     assert (enrolled.device_id, enrolled.username) == ("cam-9", "cam-9")
     assert enrolled.broker == f"mqtt://127.0.0.1:{hub.embedded.port}"
-    assert enrolled.trust_key == bundles["public"].read_text() and enrolled.hub_key is None
+    assert enrolled.trust_key == bundles["public"].read_text()
+    assert enrolled.hub_key == hub.trust.public_key_file.read_text()
+    assert enrolled.trust_version == hub.trust.root.version
     agent = subprocess.Popen([sys.executable, "-m", "edgekit", "agent", "--enrollment", str(path), "--data",
                               str(tmp_path / "agent"), "--source", "synthetic:?fps=2", "--telemetry-s", "0.5"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         wait_until(lambda: devices(hub).get("cam-9") and devices(hub)["cam-9"].online, TIMEOUT_S, "cam-9 online")
+        hub.send_desired("cam-9", DesiredState(rev=1))
+        wait_until(lambda: (devices(hub)["cam-9"].reported or {}).get("rev") == 1, TIMEOUT_S, "cam-9 to take rev 1")
     finally:
         agent.terminate()
         agent.wait(30)
