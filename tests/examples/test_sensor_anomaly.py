@@ -105,10 +105,13 @@ def sensor(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
         process.wait(timeout=5)
 
 
-def test_agent_reports_injected_faults_from_the_serial_sensor(compiled: Compiled, mosquitto, sensor, tmp_path):
+def test_agent_reports_injected_faults_from_the_serial_sensor(
+    compiled: Compiled, mosquitto, sensor, hub_signer, tmp_path
+):
     port, kinds = sensor
     settings = AgentSettings(device_id="sensor-1", broker=mosquitto.url, data_dir=tmp_path / "agent",
-                             trust_key=compiled.public_key, bundle=compiled.bundle, threads=1, telemetry_s=1.0,
+                             trust_key=compiled.public_key, hub_key=hub_signer.public, bundle=compiled.bundle,
+                             threads=1, telemetry_s=1.0,
                              source=f"serial:{port}?baud=115200&window=128",
                              backoff=Backoff(initial_s=0.2, max_s=1.0))  # fmt: skip
     with Subscriber(mosquitto.url, RESULTS) as sub:

@@ -12,7 +12,7 @@ from agent_helpers import sequenced
 from brokers import Subscriber, publish
 
 from edgekit.agents.agent import Agent, AgentSettings
-from edgekit.protocol import DesiredState, Event, Result, Thresholds, Topic, device_topic, encode
+from edgekit.protocol import DesiredState, Event, Result, Thresholds, Topic, device_topic
 from edgekit.signing import generate_keypair
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,7 +47,7 @@ def results(subscriber: Subscriber) -> list[Result]:
     return sequenced(subscriber.messages(device_topic(DEVICE, Topic.RESULTS)), Result)
 
 
-def test_agent_classifies_the_video_with_the_int8_bundle(cli, mosquitto, tmp_path):
+def test_agent_classifies_the_video_with_the_int8_bundle(cli, mosquitto, hub_signer, tmp_path):
     out = tmp_path / "video-out"
     labels, classes = make_example(out)
     assert len(labels) == 288 and set(labels) == set(range(len(classes)))
@@ -61,7 +61,8 @@ def test_agent_classifies_the_video_with_the_int8_bundle(cli, mosquitto, tmp_pat
     assert manifest["verification"]["reference_accuracy"] - manifest["verification"]["accuracy"] <= 0.01
 
     settings = AgentSettings(device_id=DEVICE, broker=mosquitto.url, data_dir=tmp_path / "agent", trust_key=public,
-                             bundle=bundle, source=f"video:{out / 'clip.avi'}?fps={PLAY_FPS}", threads=1)  # fmt: skip
+                             hub_key=hub_signer.public, bundle=bundle, threads=1,
+                             source=f"video:{out / 'clip.avi'}?fps={PLAY_FPS}")  # fmt: skip
     with Subscriber(mosquitto.url, device_topic(DEVICE, "#")) as subscriber:
         agent = Agent(settings)
         agent.start()
@@ -73,7 +74,7 @@ def test_agent_classifies_the_video_with_the_int8_bundle(cli, mosquitto, tmp_pat
             check_against_ground_truth(played, labels, classes)
 
             desired = DesiredState(rev=1, thresholds=Thresholds(top_k=2))
-            publish(mosquitto.url, device_topic(DEVICE, Topic.DESIRED), encode(desired), retain=True)
+            publish(mosquitto.url, device_topic(DEVICE, Topic.DESIRED), hub_signer.sign(desired, DEVICE), retain=True)
             subscriber.wait_for(lambda m: any(json.loads(p)["type"] == "config.applied" for _, p in m), 30,
                                 device_topic(DEVICE, Topic.EVENTS))  # fmt: skip
             subscriber.wait_for(lambda m: len(m) >= len(played) + 40, 30, device_topic(DEVICE, Topic.RESULTS))
