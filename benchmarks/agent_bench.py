@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import paho.mqtt.client as mqtt
 import psutil
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.table import Table
 
@@ -39,10 +40,25 @@ from edgekit.hub.transfer import BundleServer
 from edgekit.profiles import load_profile
 from edgekit.protocol import DesiredBundle, DesiredState, ReportedState, Result, Topic, device_topic, encode
 from edgekit.signing import generate_keypair
+from edgekit.trust import public_pem, sign_desired
 
 console = Console(stderr=True)
 BLOCK_S = 1.0  # short alternating blocks: this shared VM's speed drifts within seconds, so compare neighbours
 PROFILE = "x86-64-avx2"  # the fp32 ONNX Runtime build is the same on any x86-64 host
+
+
+class HubKey:
+    """The hub's desired-state signing key, played by the benchmark; agents trust `public` (their --hub-key)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.key = Ed25519PrivateKey.generate()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.public = folder / "hub.pub"
+        self.public.write_text(public_pem(self.key))
+
+    def sign(self, desired: DesiredState, device_id: str) -> bytes:
+        """The `config/desired` payload the hub publishes for `device_id`."""
+        return encode(sign_desired(self.key, device_id, desired, ttl_s=3600.0))
 
 
 def build_bundle(work: Path, model, name: str, version: str, key: Path, shape: tuple[int, ...]) -> Path:
@@ -109,11 +125,11 @@ class ResultLatencies:
 
 
 def inference_overhead(
-    broker: MosquittoBroker, bundle: Path, public: Path, work: Path, rounds: int, source_fps: float
+    broker: MosquittoBroker, bundle: Path, public: Path, hub: HubKey, work: Path, rounds: int, source_fps: float
 ) -> dict:
     source_spec = f"synthetic:?fps={source_fps:g}"
     agent = Agent(AgentSettings(device_id="bench-agent", broker=broker.url, data_dir=work / "agent", trust_key=public,
-                                bundle=bundle, source=source_spec, telemetry_s=1.0))  # fmt: skip
+                                hub_key=hub.public, bundle=bundle, source=source_spec, telemetry_s=1.0))  # fmt: skip
     agent.start()
     agent.link.wait_connected(10)
     results = ResultLatencies(broker, "bench-agent")
@@ -138,10 +154,10 @@ def inference_overhead(
             "bare_ms": statistics.median(bare_ms), "ratios": ratios}  # fmt: skip
 
 
-def agent_rss(broker: MosquittoBroker, bundle: Path, public: Path, work: Path, seconds: float) -> float:
+def agent_rss(broker: MosquittoBroker, bundle: Path, public: Path, hub: HubKey, work: Path, seconds: float) -> float:
     command = [sys.executable, "-m", "edgekit", "agent", "--broker", broker.url, "--device-id", "rss-agent",
-               "--data", str(work / "rss-agent"), "--trust-key", str(public), "--bundle", str(bundle),
-               "--source", "synthetic:?fps=30", "--telemetry-s", "1"]  # fmt: skip
+               "--data", str(work / "rss-agent"), "--trust-key", str(public), "--hub-key", str(hub.public),
+               "--bundle", str(bundle), "--source", "synthetic:?fps=30", "--telemetry-s", "1"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(seconds)
@@ -153,13 +169,16 @@ def agent_rss(broker: MosquittoBroker, bundle: Path, public: Path, work: Path, s
         process.wait(timeout=20)
 
 
-def fleet_update(broker: MosquittoBroker, old: Path, new: Path, public: Path, work: Path, devices: int) -> dict:
+def fleet_update(
+    broker: MosquittoBroker, old: Path, new: Path, public: Path, hub: HubKey, work: Path, devices: int
+) -> dict:
     server_client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-bundle-server")
     server = BundleServer(server_client, {sha256_file(new): new}.get, workers=4)
     server_client.on_connect = lambda *a: server.start()
     server_client.connect("127.0.0.1", broker.port)
     server_client.loop_start()
-    fleet = Fleet(FleetSettings(devices, broker.url, work / "fleet", public, old, "synthetic:?fps=2", "bench", 5.0))
+    fleet = Fleet(FleetSettings(devices, broker.url, work / "fleet", public, old, "synthetic:?fps=2", "bench", 5.0,
+                                hub_key=hub.public))  # fmt: skip
     fleet.start()
     connected = fleet.wait_connected(60)
     healthy: set[str] = set()
@@ -182,9 +201,11 @@ def fleet_update(broker: MosquittoBroker, old: Path, new: Path, public: Path, wo
         rev=1, health_checks=3,
         bundle=DesiredBundle(id=new_id, name="wide", version="2.0.0", size=new.stat().st_size),
     )  # fmt: skip
+    # Signed for each device, as the hub does before it publishes.
+    payloads = {agent.device_id: hub.sign(desired, agent.device_id) for agent in fleet.agents}
     started = time.perf_counter()
-    for agent in fleet.agents:
-        watcher.publish(device_topic(agent.device_id, Topic.DESIRED), encode(desired), qos=1, retain=True)
+    for device_id, payload in payloads.items():
+        watcher.publish(device_topic(device_id, Topic.DESIRED), payload, qos=1, retain=True)
     finished = done.wait(timeout=300)
     elapsed = time.perf_counter() - started
     fleet.stop()
@@ -207,17 +228,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgekit-agent-bench-") as scratch:
         work = Path(scratch)
         private, public = generate_keypair(work / "keys")
+        hub = HubKey(work / "hub")
         console.print("building bundles (MobileNetV2-224 fp32, a small and a ~20 MB classifier) …")
         mobilenet = build_bundle(work, mobilenet_v2(), "mobilenet", "1.0.0", private, (1, 3, 224, 224))
         small = build_bundle(work, wide_mlp(0.05), "wide", "1.0.0", private, (1, 64))
         big = build_bundle(work, wide_mlp(args.megabytes), "wide", "2.0.0", private, (1, 64))
         with MosquittoBroker(work / "broker") as broker:
             console.print("1/3 inference overhead …")
-            overhead = inference_overhead(broker, mobilenet, public, work, args.rounds, args.source_fps)
+            overhead = inference_overhead(broker, mobilenet, public, hub, work, args.rounds, args.source_fps)
             console.print("2/3 agent RSS …")
-            rss = agent_rss(broker, mobilenet, public, work, 15.0)
+            rss = agent_rss(broker, mobilenet, public, hub, work, 15.0)
             console.print(f"3/3 fleet update: {args.devices} devices …")
-            update = fleet_update(broker, small, big, public, work, args.devices)
+            update = fleet_update(broker, small, big, public, hub, work, args.devices)
     report(overhead, rss, update, args.source_fps)
 
 
