@@ -33,13 +33,17 @@ class InstallSettings:
     user: str = "edgekit"
     # Optional (flag, value) pairs passed through as they are; paths among them are made absolute.
     extra_args: tuple[tuple[str, object], ...] = ()
+    hub_key: Path | None = None  # the hub's public key; required by render_unit
+    trust_version: int = 0  # the trust root version the keys are from (from the enrollment)
 
 
 def agent_command(settings: InstallSettings) -> list[str]:
     """The command line systemd runs: this interpreter's edgekit, so the unit uses the venv it was installed from."""
     command = [sys.executable, "-m", "edgekit", "agent", "--device-id", settings.device_id,
                "--data", str(settings.data_dir), "--trust-key", str(settings.trust_key.resolve())]  # fmt: skip
-    options = [("--source", settings.source), ("--bundle", settings.bundle), ("--profile", settings.profile)]
+    options = [("--hub-key", settings.hub_key), ("--trust-version", settings.trust_version or None),
+               ("--source", settings.source), ("--bundle", settings.bundle),
+               ("--profile", settings.profile)]  # fmt: skip
     for flag, value in options + list(settings.extra_args):
         if value is not None:
             # The unit starts in the data folder, so a relative path would point somewhere else.
@@ -52,6 +56,9 @@ def render_unit(settings: InstallSettings, env_file: Path) -> str:
         raise BadInput(f"--data {settings.data_dir}: a service needs an absolute path")
     if not settings.trust_key.is_file():
         raise BadInput(f"--trust-key {settings.trust_key}: no such file (the Ed25519 public key, edgekit.pub)")
+    if settings.hub_key is None or not settings.hub_key.is_file():
+        raise BadInput(f"--hub-key {settings.hub_key}: no such file (the hub's public key: trust/hub.pub in the "
+                       "hub's --data)")  # fmt: skip
     template = files("edgekit.agents").joinpath("systemd", UNIT_NAME).read_text()
     state_directory = (
         settings.data_dir.relative_to("/var/lib").as_posix() if settings.data_dir.is_relative_to("/var/lib") else ""

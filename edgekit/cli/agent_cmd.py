@@ -51,7 +51,8 @@ HUB_KEY_HELP = (
 )
 HubKeyOpt = Annotated[Path | None, typer.Option("--hub-key", help=HUB_KEY_HELP)]
 TrustVersionOpt = Annotated[
-    int, typer.Option("--trust-version", min=0, hidden=True, help="The hub's trust root version the keys are from.")
+    int,
+    typer.Option("--trust-version", min=0, help="The hub's trust root version the keys are from (an enrollment says)."),
 ]
 BundleOpt = Annotated[Path | None, typer.Option("--bundle", help="A .ekb to verify, install and run at start-up.")]
 ProfileOpt = Annotated[str | None, typer.Option("--profile", help="Profile name reported to the hub.")]
@@ -206,9 +207,9 @@ def install(
         raise BadInput("edgekit agent install needs --enrollment FILE, or --broker, --device-id, --trust-key and "
                        "--hub-key")  # fmt: skip
     parse_broker_url(broker)
-    extra = [("--hub-key", keys.hub_key), ("--trust-version", keys.version or None), ("--telemetry-s", telemetry),
-             ("--tls-ca", tls_ca), ("--tls-cert", tls_cert), ("--tls-key", tls_key)]  # fmt: skip
-    settings = InstallSettings(device_id, broker, keys.trust_key, data, source, bundle, profile, user, tuple(extra))
+    extra = [("--telemetry-s", telemetry), ("--tls-ca", tls_ca), ("--tls-cert", tls_cert), ("--tls-key", tls_key)]
+    settings = InstallSettings(device_id, broker, keys.trust_key, data, source, bundle, profile, user, tuple(extra),
+                               keys.hub_key, keys.version)  # fmt: skip
     path, env_path = write_unit(settings, unit_dir, env_file)
     console.print(f"wrote {path} and {env_path} (mode 0600: the broker login)")
     console.print("enable it with:  systemctl daemon-reload && systemctl enable --now edgekit-agent")

@@ -65,6 +65,14 @@ def test_install_needs_the_trust_key_file(cli, tmp_path, hub_signer):
     assert_user_error(result, "none.pub", "no such file")
 
 
+def test_install_needs_the_hub_key_file(cli, tmp_path, signing_keys):
+    """A unit whose --hub-key is missing would restart in a loop: install refuses it."""
+    result = cli("agent", "install", "--broker", "mqtt://h", "--device-id", "d", "--trust-key", signing_keys[1],
+                 "--hub-key", tmp_path / "no-hub.pub", "--unit-dir", tmp_path)  # fmt: skip
+    assert_user_error(result, "no-hub.pub", "no such file")
+    assert not (tmp_path / "edgekit-agent.service").exists()
+
+
 def test_install_needs_the_hub_key(cli, tmp_path, signing_keys):
     """Without the hub's key the installed agent would refuse every desired state: install says so, and writes
     nothing."""
