@@ -97,7 +97,8 @@ class HubTrust:
         log.info("created the hub key %s and %s", key_id(key.public_key()), root.describe())
 
     def _write_public(self, key: Ed25519PrivateKey) -> None:
-        (self.dir / PUBLIC_FILE).write_text(public_pem(key))
+        # Public, but the data dir is the hub's alone (0600 like every file there); devices get it by enrolment.
+        write_private(self.dir / PUBLIC_FILE, public_pem(key))
 
     def _finish_rotation(self) -> None:
         """A rotation cut short: keep the new key if the newest root names it, else forget it."""
