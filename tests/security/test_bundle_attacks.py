@@ -163,8 +163,8 @@ def test_every_unpacking_path_refuses_the_sparse_bundle(genuine, tmp_path, cli):
 
     engine, sessions = open_database(f"sqlite:///{tmp_path / 'hub.sqlite'}")
     try:
-        for trust in (None, load_public_key(genuine["public"])):
-            registry = Registry(tmp_path / f"hub-{trust is not None}", sessions, trust)
+        for trust in ([], [load_public_key(genuine["public"])]):
+            registry = Registry(tmp_path / f"hub-{bool(trust)}", sessions, lambda keys=trust: keys)
             with pytest.raises(OperationFailed, match="unsafe member rejected"):
                 registry.add(bundle, "attacker")
             assert not list(registry.dir.iterdir())
