@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from edgekit.errors import BadInput, OperationFailed
 from edgekit.manifest import FileEntry, Manifest
-from edgekit.schema import describe_validation_error
+from edgekit.schema import describe_validation_error, unknown
 from edgekit.signing import key_id, sign, signature_matches
 
 MANIFEST_FILE = "manifest.json"
@@ -147,9 +147,11 @@ def _check_signature(bundle: Path, manifest_bytes: bytes, signature: bytes, trus
 
 def _parse_manifest(bundle: Path, data: bytes) -> Manifest:
     try:
-        return Manifest.model_validate_json(data)
+        manifest = Manifest.model_validate_json(data)
     except ValidationError as error:
         raise OperationFailed(f"{bundle}: {MANIFEST_FILE} is invalid: {describe_validation_error(error)}") from None
+    unknown.note(manifest)
+    return manifest
 
 
 def _check_listed_paths(bundle: Path, manifest: Manifest) -> None:

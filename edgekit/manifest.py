@@ -3,16 +3,17 @@
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, model_serializer
+from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from edgekit.profiles import Preprocessing
-from edgekit.schema import Precision, StrictModel
+from edgekit.protocol import PROTOCOL_MAJOR, SUPPORTED_MAJORS
+from edgekit.schema import Precision, WireModel
 
 SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
 Layout = Literal["NCHW", "NHWC", "NC", "other"]
 
 
-class TensorSpec(StrictModel):
+class TensorSpec(WireModel):
     name: str
     shape: list[int]
     dtype: str = Field(description="numpy dtype name, e.g. float32")
@@ -33,13 +34,13 @@ class TensorSpec(StrictModel):
         return data
 
 
-class FileEntry(StrictModel):
+class FileEntry(WireModel):
     path: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
 
 
-class Metrics(StrictModel):
+class Metrics(WireModel):
     """How one candidate compares with the fp32 ONNX Runtime reference on held-out samples."""
 
     verified_on: str = Field(description="Where the candidate ran, e.g. 'host x86_64 CPU', or why it did not")
@@ -69,7 +70,7 @@ class Metrics(StrictModel):
         )
 
 
-class SelfTest(StrictModel):
+class SelfTest(WireModel):
     """Inputs and expected outputs the device checks before it activates the bundle."""
 
     file: str
@@ -78,8 +79,20 @@ class SelfTest(StrictModel):
     rtol: float = Field(ge=0)
 
 
-class Manifest(StrictModel):
-    schema_version: Literal[1] = 1
+class Manifest(WireModel):
+    """Tolerant of fields a newer compiler adds (counted and logged); `preprocessing` is the profile's own schema and
+    stays strict (docs/bundle.md)."""
+
+    # The bundle format's major version, numbered like the protocol's.
+    schema_version: int = Field(PROTOCOL_MAJOR, strict=True)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_major(cls, major: int) -> int:
+        if major not in SUPPORTED_MAJORS:
+            raise ValueError(f"bundle format version {major}: this edgekit reads {SUPPORTED_MAJORS[-1]} (upgrade it)")
+        return major
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     version: str = Field(pattern=SEMVER)
     created: datetime

@@ -1,17 +1,18 @@
 """The MQTT contract between agents and the hub: topic names and every payload's schema.
 
-Payloads are JSON with `schema_version`; consumers validate with these models and reject (and report) what
-does not validate. Bundle chunks are the one binary payload: a small validated JSON header, then raw bytes
-(docs/protocol.md).
+Payloads are JSON with `schema_version` (the protocol's major version); consumers validate with these models and
+reject (and report) what does not validate, but ignore — and count — fields they do not know, which a newer sender
+may add (`edgekit.schema.WireModel`). Bundle chunks are the one binary payload: a small validated JSON header, then
+raw bytes (docs/protocol.md).
 """
 
 import struct
 import time
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
-from edgekit.schema import StrictModel, describe_validation_error
+from edgekit.schema import WireModel, describe_validation_error, unknown
 
 PREFIX = "edgekit/v1"
 DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -22,6 +23,10 @@ CHUNK_MAGIC = b"EKC1"
 # Revs fit a signed 64-bit column. A device reports its own rev, so the hub must be able to refuse one it cannot
 # go above (MAX_REV itself) rather than derive MAX_REV + 1 from it.
 MAX_REV = 2**63 - 1
+# Bumped only for a change an older receiver cannot ignore; added fields are not one (docs/protocol.md).
+PROTOCOL_MAJOR = 1
+# What this version reads: the current major and, once there is one, the previous, so a fleet can upgrade in steps.
+SUPPORTED_MAJORS = (1,)
 # No edge bundle comes near it; a bound keeps a made-up size from deriving an absurd download deadline.
 MAX_BUNDLE_SIZE = 16 * 1024**3
 
@@ -54,8 +59,16 @@ def parse_topic(topic: str) -> tuple[str, str] | None:
     return (device_id, name) if sep and device_id else None
 
 
-class Payload(StrictModel):
-    schema_version: Literal[1] = 1
+class Payload(WireModel):
+    schema_version: int = Field(PROTOCOL_MAJOR, strict=True, description="The protocol's major version")
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_major(cls, major: int) -> int:
+        if major not in SUPPORTED_MAJORS:
+            speaks = ", ".join(map(str, SUPPORTED_MAJORS))
+            raise ValueError(f"protocol major version {major}: this edgekit speaks {speaks} (upgrade this side)")
+        return major
 
 
 class PayloadRejected(ValueError):
@@ -67,16 +80,18 @@ def decode(model: type[Payload], data: bytes, max_bytes: int = DEFAULT_MAX_PAYLO
     if len(data) > max_bytes:
         raise PayloadRejected(f"payload of {len(data)} bytes is over the {max_bytes}-byte maximum; not read")
     try:
-        return model.model_validate_json(data)
+        payload = model.model_validate_json(data)
     except ValidationError as error:
         raise PayloadRejected(describe_validation_error(error)) from None
+    unknown.note(payload)
+    return payload
 
 
 def encode(payload: Payload) -> bytes:
     return payload.model_dump_json(exclude_none=True).encode()
 
 
-class BundleRef(StrictModel):
+class BundleRef(WireModel):
     """A bundle as devices and the hub name it: the sha256 of the .ekb file is its id."""
 
     id: str = Field(pattern=SHA256)
@@ -117,13 +132,13 @@ class Telemetry(Sequenced):
     bundle: str | None = Field(None, description="name@version of the active bundle")
 
 
-class Detection(StrictModel):
+class Detection(WireModel):
     box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2")
     score: float
     label: int
 
 
-class Score(StrictModel):
+class Score(WireModel):
     label: int
     score: float
 
@@ -170,13 +185,13 @@ class Event(Sequenced):
     data: dict[str, Any] = {}
 
 
-class Thresholds(StrictModel):
+class Thresholds(WireModel):
     score: float = Field(0.5, ge=0, le=1, description="Detections below this score are dropped")
     top_k: int = Field(5, ge=1, le=100)
     iou: float = Field(0.5, ge=0, le=1, description="NMS overlap for detectors")
 
 
-class Rates(StrictModel):
+class Rates(WireModel):
     telemetry_s: float | None = Field(None, gt=0, le=3600, description="Unset: the agent's own --telemetry-s")
     max_fps: float | None = Field(None, gt=0, description="Cap on inferences per second; unset: as fast as frames come")
     results_qos: Literal[0, 1] = 1
@@ -205,7 +220,7 @@ UpdatePhase = Literal[
 ]
 
 
-class UpdateState(StrictModel):
+class UpdateState(WireModel):
     state: UpdatePhase
     bundle: str | None = Field(None, description="sha256 of the bundle this update is about")
     detail: str = ""

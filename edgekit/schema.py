@@ -1,11 +1,16 @@
 """Pydantic base and helpers shared by every schema (profiles, manifests, payloads)."""
 
+import logging
+import threading
+from collections import Counter
 from pathlib import Path
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edgekit.errors import BadInput
+
+log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
@@ -15,6 +20,50 @@ class StrictModel(BaseModel):
     """Rejects unknown fields so a typo in a YAML or JSON file is reported, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WireModel(BaseModel):
+    """What another version of edgekit may have written (MQTT payloads, bundle manifests): as strict about the types
+    of the fields it knows, but tolerant of fields it does not — a newer sender's additions — so a fleet need not
+    be upgraded in lockstep. `UnknownFields.note` counts and logs them; breaking changes bump the major version
+    instead (docs/protocol.md, "Compatibility")."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted paths of the fields `model` (and the models in it) did not know."""
+    found = [prefix + name for name in model.model_extra or {}]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        for item in value if isinstance(value, list) else (value,):
+            if isinstance(item, BaseModel):
+                found += unknown_fields(item, f"{prefix}{name}.")
+    return found
+
+
+class UnknownFields:
+    """How often each unknown field was seen, by `Model.path`; each is logged once, not per message."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def note(self, model: BaseModel) -> None:
+        fields = unknown_fields(model)
+        if not fields:
+            return
+        kind = type(model).__name__
+        with self._lock:
+            new = [field for field in fields if f"{kind}.{field}" not in self.counts]
+            self.counts.update(f"{kind}.{field}" for field in fields)
+        if new:
+            log.warning("%s: ignoring fields this version does not know: %s (from a newer edgekit?)", kind,
+                        ", ".join(new))  # fmt: skip
+
+
+# One per process: the agent's log and the hub's /metrics read it.
+unknown = UnknownFields()
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from edgekit.protocol import DEVICE_ID, MAX_REV, DesiredState, Payload, PayloadRejected, decode
-from edgekit.schema import Model, StrictModel, describe_validation_error
+from edgekit.schema import Model, WireModel, describe_validation_error, unknown
 from edgekit.signing import key_id, signature_matches
 
 ROOT_TYPE = "application/vnd.edgekit.root+json"
@@ -37,7 +37,7 @@ class Untrusted(Exception):
     """A signed message the device must not act on; the message says why (key, device, expiry, signature)."""
 
 
-class Signature(StrictModel):
+class Signature(WireModel):
     keyid: str = Field(max_length=64)
     sig: str = Field(max_length=128, description="base64 Ed25519 signature over PAE(payloadType, payload)")
 
@@ -50,7 +50,7 @@ class Envelope(Payload):
     signatures: list[Signature] = Field(min_length=1, max_length=8)
 
 
-class TrustRoot(StrictModel):
+class TrustRoot(WireModel):
     """Which keys a device trusts; version 0 is the one it was given (enrolment or --hub-key), never signed."""
 
     version: int = Field(ge=0, le=MAX_REV, strict=True)
@@ -83,7 +83,7 @@ class TrustChain(Payload):
     roots: list[Envelope] = Field(min_length=1, max_length=MAX_CHAIN)
 
 
-class DesiredStatement(StrictModel):
+class DesiredStatement(WireModel):
     """What the hub signs: the desired state, bound to one device and to a time window."""
 
     device: str = Field(pattern=DEVICE_ID)
@@ -112,7 +112,7 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(payload), payload)
 
 
-def seal(payload_type: str, body: StrictModel, keys: Iterable[Ed25519PrivateKey]) -> Envelope:
+def seal(payload_type: str, body: BaseModel, keys: Iterable[Ed25519PrivateKey]) -> Envelope:
     data = body.model_dump_json(exclude_none=True).encode()
     message = pae(payload_type, data)
     signatures = [
@@ -158,9 +158,11 @@ def _signed_by(envelope: Envelope, data: bytes, keys: Sequence[Ed25519PublicKey]
 
 def _parse(model: type[Model], data: bytes, what: str) -> Model:
     try:
-        return model.model_validate_json(data)
+        parsed = model.model_validate_json(data)
     except ValidationError as error:
         raise Untrusted(f"{what}: {describe_validation_error(error)}") from None
+    unknown.note(parsed)
+    return parsed
 
 
 def next_root(current: TrustRoot, envelope: Envelope) -> TrustRoot:

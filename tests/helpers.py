@@ -1,5 +1,7 @@
 """Assertions and builders shared by tests (importable because pytest.ini puts tests/ on the path)."""
 
+import io
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,3 +125,13 @@ def voice_detector_lstm(path: Path, steps: int = 1) -> Path:
     state = [1, 1, hidden]
     return save(path, nodes, {"x": [steps, 1, 16], "h": state, "c": state}, {"p": [1, 1], "hn": state, "cn": state},
                 weights)  # fmt: skip
+
+
+def tar_of(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar of `members` (name, bytes) as regular files, in that order: for hand-made bundles."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from edgekit.hub.auth import Actor
 from edgekit.hub.db import BundleRecord, Deployment, Device
 from edgekit.hub.deps import Metrics
+from edgekit.schema import unknown
 
 if TYPE_CHECKING:
     from edgekit.hub.service import Hub
@@ -76,6 +77,12 @@ class HubCollector:
         yield GaugeMetricFamily(
             "edgekit_ingest_pending", "Messages waiting for the writer", value=self.hub.ingest.pending()
         )
+        # Per process, like the log line it goes with: fields a newer agent sent that this hub ignored.
+        ignored = CounterMetricFamily("edgekit_unknown_fields", "Payload fields this hub does not know, ignored",
+                                      labels=["field"])  # fmt: skip
+        for field, count in sorted(unknown.counts.items()):
+            ignored.add_metric([field], count)
+        yield ignored
         connected = 1 if self.hub.link.connected else 0
         yield GaugeMetricFamily(
             "edgekit_hub_broker_connected", "1 when the hub is connected to its broker", value=connected

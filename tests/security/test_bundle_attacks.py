@@ -6,13 +6,12 @@ Each attack is measured (bytes written beyond what the manifest declares) and co
 """
 
 import hashlib
-import io
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
-from helpers import compile_bundle
+from helpers import compile_bundle, tar_of
 from reliability import record
 
 from edgekit.agents.bundles import BundleStore
@@ -66,15 +65,6 @@ def sparse_bundle(folder: Path, manifest: Manifest, key: Path, first: bool = Fal
         assert tar.getmember(MODEL).sparse is not None, "GNU tar did not write a sparse member"
     assert out.stat().st_size < 64 * 1024
     return out
-
-
-def tar_of(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def written_beyond_declared(dest: Path, manifest: Manifest | None) -> int:
