@@ -44,6 +44,8 @@ EXTRAS = {
         "fastapi>=0.110",
         "uvicorn>=0.29",
         "sqlalchemy>=2.0",
+        # Schema migrations: the hub upgrades its database on start (edgekit/hub/migrations).
+        "alembic>=1.13",
         "amqtt>=0.11",
         "paho-mqtt>=2.0",
         # /metrics exposition, and the HTTP client `edgekit push/deploy/devices` talk to the hub with.
@@ -94,6 +96,8 @@ setup(
         "edgekit.firmware_profiles": ["*.yaml"],
         "edgekit.agents": ["systemd/*.service"],
         "edgekit.hub": ["static/*", "static/**/*"],
+        # The revisions are read by Alembic from files, not imported as a package.
+        "edgekit.hub.migrations": ["script.py.mako", "versions/*.py"],
     },
     install_requires=[
         "numpy>=1.24",

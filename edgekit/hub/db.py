@@ -2,10 +2,20 @@
 
 Device → hub messages are keyed by (device_id, seq), which is unique per device across telemetry, results and
 events, so a replayed message is dropped by the primary key, whichever hub process receives it.
+
+Every schema change needs a migration: a change to these models ships with a new revision in
+edgekit/hub/migrations/versions/ (Alembic; `alembic.command.revision(edgekit.hub.migrations.config(connection=C,
+target_metadata=Base.metadata), MESSAGE, autogenerate=True)` on a connection to a database at head drafts one).
+The hub upgrades every database it opens to the newest revision; tests/hub/test_migrations.py fails while the
+models and the revisions disagree.
 """
 
+import fcntl
+import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +30,15 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
-    inspect,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from edgekit.errors import BadInput
+
+log = logging.getLogger(__name__)
+# Held while a hub process checks and upgrades the schema, so processes starting at once do it one after another.
+MIGRATION_LOCK = 4242
 
 
 class Base(DeclarativeBase):
@@ -212,13 +225,6 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def add_token_scope_column(connection: Connection) -> None:
-    """Databases made before token scopes have no `tokens.scope`: add it, so their tokens keep working as admin.
-    (The one schema change so far; migrations proper are Alembic's job, issue #15.)"""
-    if "scope" not in {column["name"] for column in inspect(connection).get_columns("tokens")}:
-        connection.exec_driver_sql("ALTER TABLE tokens ADD COLUMN scope VARCHAR(16) NOT NULL DEFAULT 'admin'")
-
-
 def private_sqlite_file(url: str) -> None:
     """Create a SQLite database file readable by its owner only, before SQLite does with the umask's mode: SQLite
     gives its -wal and -shm files the database file's mode, so they are private too."""
@@ -227,18 +233,52 @@ def private_sqlite_file(url: str) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
 
 
-def open_database(url: str) -> tuple[Engine, sessionmaker]:
-    """Engine and session factory; creates the tables when they do not exist."""
+def hub_engine(url: str) -> Engine:
+    """The engine for the hub's database, as it is; `open_database` also brings the schema up to date."""
     if url.startswith("sqlite"):
         private_sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
-    else:
-        engine = create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
-    with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            # Several hub processes starting at once on an empty database would race to CREATE the same tables.
-            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(4242)")
-        Base.metadata.create_all(connection)
-        add_token_scope_column(connection)
+        return engine
+    return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+@contextmanager
+def migration_lock(engine: Engine) -> Iterator[Connection]:
+    """A transaction that holds the database's migration lock: PostgreSQL's advisory lock, or for SQLite an
+    exclusive lock on `<name>.migrate-lock` beside the database file (SQLite's own locks cannot be held across the
+    check and the upgrade without starting to write)."""
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as connection:
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+            yield connection
+        return
+    with _file_lock(engine), engine.begin() as connection:
+        yield connection
+
+
+@contextmanager
+def _file_lock(engine: Engine) -> Iterator[None]:
+    path = Path(engine.url.database or "")
+    if not path.name or path.name == ":memory:":  # a private in-memory database: no other process to wait for
+        yield
+        return
+    fd = os.open(path.with_name(f"{path.stem}.migrate-lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def open_database(url: str) -> tuple[Engine, sessionmaker]:
+    """Engine and session factory, the schema upgraded to this hub's newest revision first (see the module doc).
+    Raises OperationFailed for a database whose schema is newer than this hub."""
+    from edgekit.hub import migrations
+
+    engine = hub_engine(url)
+    with migration_lock(engine) as connection:
+        done = migrations.upgrade(connection)
+    if done.pending:
+        log.info("database schema upgraded from %s to %s", done.current or "unversioned", done.head)
     return engine, sessionmaker(engine, expire_on_commit=False)
