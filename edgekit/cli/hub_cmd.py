@@ -495,8 +495,10 @@ def rotate_keys(
 def register(root: typer.Typer) -> None:
     from edgekit.cli.acl_cmd import acl
     from edgekit.cli.enroll_cmd import enroll
+    from edgekit.cli.migrate_cmd import migrate
 
     app.command("acl")(acl)
+    app.command("migrate")(migrate)
     app.command("enroll")(enroll)
     app.command("rotate-keys")(rotate_keys)
     root.add_typer(app, name="hub")
