@@ -299,6 +299,7 @@ def test_the_data_dir_is_the_owners_only_also_when_an_older_hub_left_it_open(tmp
     engine.dispose()
     with sqlite3.connect(old / "hub.sqlite") as db:
         db.execute("ALTER TABLE tokens DROP COLUMN scope")
+        db.execute("DROP TABLE alembic_version")  # older hubs had no schema migrations either
     (old / "secret").write_bytes(os.urandom(32))
     for path in [old, *old.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
