@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlparse
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.client import CleanStartOption
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
 
 from edgekit.errors import BadInput
 
@@ -108,12 +110,17 @@ class Connection:
         keepalive: int = 30,
         on_lost: Callable[[], None] | None = None,
         name: str = "mqtt-network",
+        clean_start: CleanStartOption = mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+        properties: Properties | None = None,
     ) -> None:
+        """`clean_start` and `properties` (MQTT 5 only) go with the first connect; paho reuses them on reconnect."""
         self.client = client
         self.address = address
         self.backoff = backoff
         self.keepalive = keepalive
         self._on_lost = on_lost or (lambda: None)
+        self._clean_start = clean_start
+        self._properties = properties
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -132,7 +139,8 @@ class Connection:
         while not self._stop.is_set():
             try:
                 if first:
-                    self.client.connect(self.address.host, self.address.port, self.keepalive)
+                    self.client.connect(self.address.host, self.address.port, self.keepalive,
+                                        clean_start=self._clean_start, properties=self._properties)  # fmt: skip
                     first = False
                 else:
                     self.client.reconnect()

@@ -125,6 +125,14 @@ def hub(
             "device's again each time it connects. Device clocks must be right to within it.",
         ),
     ] = DEFAULT_DESIRED_TTL_S,
+    session_expiry: Annotated[
+        int | None,
+        typer.Option(
+            "--session-expiry",
+            help="Seconds the broker keeps the hub's MQTT session, queueing device messages for it, while the hub "
+            "is away (MQTT 5 session expiry; default 86400); 0 ends it when the hub disconnects.",
+        ),
+    ] = None,
 ) -> None:
     """Run the hub until Ctrl-C or SIGTERM. With no --broker it starts an embedded one (Mosquitto, else amqtt)."""
     if ctx.invoked_subcommand is not None:
@@ -147,7 +155,8 @@ def hub(
     settings = HubSettings(data_dir=data, broker=broker, db=db, http_host=host, http_port=port, trust_key=trust_key,
                            share_group=share_group, controller=not no_controller, broker_port=broker_port,
                            broker_host=broker_listen, insecure_broker=insecure_broker,
-                           desired_ttl_s=desired_ttl)  # fmt: skip
+                           desired_ttl_s=desired_ttl,
+                           **({} if session_expiry is None else {"session_expiry_s": session_expiry}))  # fmt: skip
     _hub_logging()
     hub = Hub(settings)
     admin = ensure_admin_token(hub.sessions)

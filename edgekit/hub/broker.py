@@ -39,9 +39,12 @@ START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 # Debian installs mosquitto in /usr/sbin, which is not on a non-root user's PATH.
 MOSQUITTO_FALLBACK = Path("/usr/sbin/mosquitto")
-# A persistent-session subscriber must not lose messages while it is away during an outage replay (~30 s of
-# telemetry from a fleet); mosquitto's default of 1000 queued messages per client would drop most of them.
-MAX_QUEUED_MESSAGES = 100_000
+# The hub's session queues every device message while the hub is away (a restart, a crash, an outage replay);
+# past a client's queue limit mosquitto DROPS new messages, and its default of 1000 would lose most of a few seconds'
+# telemetry from a fleet. So no count limit (0) and a bound in payload bytes instead: 256 MiB, about 800,000
+# telemetry messages, i.e. hours of a 100-device fleet (docs/hub.md, "Durability").
+MAX_QUEUED_MESSAGES = 0
+MAX_QUEUED_BYTES = 256 * 2**20
 MAX_INFLIGHT_MESSAGES = 100
 AMQTT_AUTH_PLUGIN = "AmqttOpenAuthPlugin"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -188,6 +191,7 @@ class MosquittoBroker(EmbeddedBroker):
             f"listener {self.port} {self.host}",
             f"allow_anonymous {'false' if self.password_file else 'true'}",
             f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+            f"max_queued_bytes {MAX_QUEUED_BYTES}",
             f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
             f"log_dest file {self.log_path}",
             *(f"log_type {kind}" for kind in ("error", "warning", "notice", "information")),

@@ -5,8 +5,8 @@ several hub processes split them; de-duplication is the database's primary key, 
 processes both receive (a replay after reconnect) is stored once. Status and reported state are retained
 state, subscribed normally by every hub process: writing the latest twice is harmless.
 
-Throughput: paho's network thread only appends (topic, payload) to a deque; one writer thread validates and writes
-everything that queued up since its last batch in one transaction. The sequenced rows go in as multi-row
+Throughput: paho's network thread only appends (topic, payload, receipt) to a deque; one writer thread validates and
+writes everything that queued up since its last batch in one transaction. The sequenced rows go in as multi-row
 `INSERT … ON CONFLICT DO NOTHING RETURNING` statements built once per table (the RETURNING rows are exactly the
 newly stored messages, so duplicates need no second query), and each device's row is updated once per batch
 with its newest values, not once per message. Under load a batch is everything that arrived while the previous one
@@ -16,6 +16,11 @@ A malformed message is counted in `stats.invalid` (by reason) and dropped; it ne
 the valid messages of its batch (see `Ingest._store`). That includes a `config/reported` whose rev is out of the
 protocol's bounds (`edgekit.protocol.MAX_REV`, "config/reported: invalid"): the rollout driver derives the next
 desired rev from the stored one, so an unbounded rev never reaches the database.
+
+Acknowledgement (`acknowledge_with`, the hub's `edgekit.hub.link.InOrderAcks`): a message is acknowledged to the
+broker only once its batch committed, or was dropped as invalid (it would never store). A batch the database failed
+on is not: the broker delivers it again, and de-duplication absorbs what had been stored after all. So a hub killed
+between receipt and commit loses nothing.
 """
 
 import json
@@ -29,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import attrgetter, itemgetter
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from sqlalchemy import BigInteger, case, select, update
@@ -74,7 +79,9 @@ class IngestStats:
     duplicates: int = 0
     invalid: Counter = field(default_factory=Counter)
     batches: int = 0
-    failed: int = 0  # messages lost with their batch: the database failed WRITE_ATTEMPTS times (e.g. it is down)
+    # messages of batches the database failed on WRITE_ATTEMPTS times (e.g. it is down): delivered again when
+    # acknowledging, else lost
+    failed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"received": self.received, "stored": self.stored, "duplicates": self.duplicates,
@@ -89,6 +96,17 @@ def subscriptions(share_group: str | None) -> list[str]:
 
 
 Message = tuple[str, str, Any]  # (device_id, kind, validated payload)
+Received = tuple[str, bytes, Any]  # (topic, payload, receipt for the acknowledger or None)
+
+
+class Acknowledger(Protocol):
+    """Acknowledges messages to the broker by the receipts given to `Ingest.on_message`."""
+
+    window: int  # how many unacknowledged messages the broker sends at most
+
+    def done(self, receipts: list[Any]) -> None: ...
+
+    def redeliver(self) -> None: ...
 
 
 class Ingest:
@@ -108,8 +126,11 @@ class Ingest:
         self.flush_s = flush_s
         self.stats = IngestStats()
         self._on_stored = on_stored
+        self._acks: Acknowledger | None = None
+        # The writer starts at once when this many wait (else it lets more come for up to flush_s).
+        self._eager = batch_size
         # deque.append and popleft are atomic: paho's thread hands messages over without taking a lock.
-        self._inbox: deque[tuple[str, bytes]] = deque()
+        self._inbox: deque[Received] = deque()
         self._stopping = False
         self._wake = threading.Event()
         self._queued = 0  # appended by paho's thread
@@ -117,6 +138,12 @@ class Ingest:
         self._known: set[str] = set()  # device ids whose row exists; the hub never deletes device rows
         self._topics: dict[str, tuple] = {}  # topic → (device, kind, model) or () when not ours; topics repeat
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
+
+    def acknowledge_with(self, acks: Acknowledger) -> None:
+        """Have `acks` acknowledge each message once it is stored or dropped for good (before start())."""
+        self._acks = acks
+        # The broker sends at most its window before an ack: waiting for more than half of it would only idle.
+        self._eager = max(1, min(self.batch_size, acks.window // 2))
 
     def start(self) -> None:
         self._writer.start()
@@ -132,19 +159,25 @@ class Ingest:
     def running(self) -> bool:
         return self._writer.is_alive()
 
-    def on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage, receipt: Any = None) -> None:
         """paho callback: only queue here; parsing and writing happen in the writer thread. Never raises: an
-        exception would end paho's network thread."""
+        exception would end paho's network thread. `receipt` goes back to the acknowledger once the message is
+        settled."""
         self.stats.received += 1
         try:
             topic = message.topic
         except UnicodeDecodeError:
             self.stats.invalid["unknown topic"] += 1
+            if self._acks is not None:
+                self._acks.done([receipt])
             return
-        while len(self._inbox) >= QUEUE_BOUND and not self._stopping:
+        inbox = self._inbox
+        while len(inbox) >= QUEUE_BOUND and not self._stopping:
             time.sleep(0.01)
-        self._inbox.append((topic, message.payload))
+        inbox.append((topic, message.payload, receipt))
         self._queued += 1
+        if len(inbox) >= self._eager:
+            self._wake.set()
 
     def pending(self) -> int:
         return len(self._inbox)
@@ -165,43 +198,58 @@ class Ingest:
             started = time.monotonic()
             batch = self._take()
             if batch:
-                try:
-                    self._write_batch(batch)
-                except Exception:  # a bug must not end ingest; the batch is logged as lost
-                    self.stats.failed += len(batch)
-                    log.exception("ingest: a batch of %d messages was lost", len(batch))
+                self._settle(batch, self._write_safely(batch))
                 self._handled += len(batch)
             elif self._stopping:
                 return
-            if len(self._inbox) < self.batch_size and not self._stopping:
+            if len(self._inbox) < self._eager and not self._stopping:
                 # Little is waiting: let more come, so that batches stay large and commits few.
                 self._wake.wait(max(0.0, self.flush_s - (time.monotonic() - started)))
                 self._wake.clear()
 
-    def _take(self) -> list[tuple[str, bytes]]:
+    def _take(self) -> list[Received]:
         inbox = self._inbox
         count = min(len(inbox), self.batch_size)
         return [inbox.popleft() for _ in range(count)]
 
-    def _write_batch(self, batch: list[tuple[str, bytes]]) -> None:
+    def _write_safely(self, batch: list[Received]) -> bool:
+        """Whether the batch is settled: stored, or dropped for good. False only when the database failed on it."""
+        try:
+            return self._write_batch(batch)
+        except Exception:  # a bug must not end ingest; the batch is lost (delivered again, it would fail again)
+            self.stats.failed += len(batch)
+            log.exception("ingest: a batch of %d messages was lost", len(batch))
+            return True
+
+    def _settle(self, batch: list[Received], settled: bool) -> None:
+        """Acknowledge a settled batch, in arrival order; have an unsettled one delivered again."""
+        if self._acks is None:
+            return
+        if settled:
+            self._acks.done([receipt for _, _, receipt in batch])
+        else:
+            self._acks.redeliver()
+
+    def _write_batch(self, batch: list[Received]) -> bool:
         messages = self._parse(batch)
         if not messages:
-            return
+            return True
         stored = self._store(messages)
         if stored is None:
-            return
+            return False
         if self._on_stored:
             try:
                 self._on_stored(stored)
             except Exception:  # a live view's bug must not stop ingest
                 log.exception("ingest: an on_stored listener failed")
+        return True
 
-    def _parse(self, batch: list[tuple[str, bytes]]) -> list[Message]:
+    def _parse(self, batch: list[Received]) -> list[Message]:
         """The valid messages in arrival order; the others counted in stats.invalid by reason."""
         messages: list[Message] = []
         invalid = self.stats.invalid
         topics = self._topics
-        for topic, payload in batch:
+        for topic, payload, _ in batch:
             parsed = topics.get(topic)
             if parsed is None:
                 parsed = topics[topic] = _device_and_kind(topic)
@@ -226,7 +274,8 @@ class Ingest:
         return messages
 
     def _store(self, messages: list[Message]) -> list[Message] | None:
-        """Write in one transaction; what was newly stored (with the state messages), or None when lost.
+        """Write in one transaction; what was newly stored (with the state messages), or None when the database
+        failed on it (then possibly on only a part: the rest was stored, and a redelivery finds it duplicate).
 
         Lock conflicts and a lost connection are retried. Anything else means some message the database will not
         take (a bug in the fitting below, a value the other dialect refuses): the batch is halved until that
@@ -237,8 +286,9 @@ class Ingest:
             except OperationalError as error:
                 if attempt == WRITE_ATTEMPTS:
                     self.stats.failed += len(messages)
-                    log.error("ingest: the database failed %d times on a batch of %d messages, dropped it: %s",
-                              attempt, len(messages), error)  # fmt: skip
+                    fate = "left it to be delivered again" if self._acks else "dropped it"
+                    log.error("ingest: the database failed %d times on a batch of %d messages, %s: %s",
+                              attempt, len(messages), fate, error)  # fmt: skip
                     return None
                 log.warning("ingest: writing a batch failed (attempt %d), retrying: %s", attempt, error)
                 time.sleep(0.1 * attempt)
@@ -250,7 +300,7 @@ class Ingest:
                     return []
                 half = len(messages) // 2
                 first, second = self._store(messages[:half]), self._store(messages[half:])
-                return (first or []) + (second or [])
+                return None if first is None or second is None else first + second
         return None
 
     def _write(self, messages: list[Message]) -> list[Message]:

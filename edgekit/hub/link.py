@@ -1,12 +1,26 @@
 """The hub's one MQTT client: device messages in (to ingest), chunk requests in (to the transfer server), desired
-states out. `edgekit.mqtt.Connection` keeps it connected."""
+states out. `edgekit.mqtt.Connection` keeps it connected.
+
+Durability: the hub keeps an MQTT 5 session the broker holds while the hub is away (a client id kept in the data
+dir, `clean_start=False`, a session expiry), so what devices send then waits in the broker. paho acknowledges
+nothing by itself (manual acks): a device message is acknowledged once ingest committed it (or dropped it as
+invalid), in the order it came (`InOrderAcks`), so a hub that dies before the commit gets it again. When the
+database fails on a batch, the link reconnects: the broker then sends everything unacknowledged again.
+"""
 
 import logging
 import threading
 import uuid
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
+from edgekit.enrollment import write_private
 from edgekit.hub.ingest import Ingest, subscriptions
 from edgekit.hub.registry import Registry
 from edgekit.hub.transfer import BundleServer
@@ -17,21 +31,113 @@ log = logging.getLogger(__name__)
 CHUNK_REQUEST_SUFFIX = "/" + Topic.TRANSFER_REQUEST
 # Short: the hub is usually next to its broker, and devices wait on it for chunks and desired state.
 HUB_BACKOFF = Backoff(initial_s=0.2, max_s=10.0)
+# How many messages the broker may send before the hub acknowledges (MQTT 5 Receive Maximum). Acks wait for the
+# database commit, so this window is what one batch can hold: small would mean small batches and slow ingest.
+RECEIVE_MAXIMUM = 10_000
+DEFAULT_SESSION_EXPIRY_S = 86_400
+MAX_SESSION_EXPIRY_S = 2**32 - 1  # MQTT 5: the session never expires
+CLIENT_ID_FILE = "mqtt-client-id"
+
+
+def hub_client_id(data_dir: Path) -> str:
+    """This hub process's MQTT client id: made once and kept in its data dir, so a restarted hub resumes its session.
+    (The embedded Mosquitto binds the client id to the login anyway; an external broker needs a stable one.)"""
+    path = data_dir / CLIENT_ID_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        client_id = f"edgekit-hub-{uuid.uuid4().hex[:12]}"
+        write_private(path, client_id + "\n")
+        return client_id
+
+
+@dataclass(eq=False, slots=True)
+class Receipt:
+    """One QoS 1 message received, waiting for its PUBACK."""
+
+    mid: int
+    done: bool = False
+
+
+class InOrderAcks:
+    """PUBACKs in the order the PUBLISHes came (MQTT 5 requires it for QoS 1), each one only once its message is
+    done with and every message before it too.
+
+    After a lost connection the broker sends again what was not acknowledged; receipts of the old connection are
+    forgotten then, so a late ack can never answer a packet id that the broker has since given to another message.
+    """
+
+    window = RECEIVE_MAXIMUM
+
+    def __init__(self, client: mqtt.Client) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._pending: deque[Receipt] = deque()
+
+    def receive(self, message: mqtt.MQTTMessage) -> Receipt | None:
+        """Called in paho's thread for every message, before it is handed on; None for QoS 0 (nothing to ack)."""
+        if message.qos == 0:
+            return None
+        receipt = Receipt(message.mid)
+        with self._lock:
+            self._pending.append(receipt)
+        return receipt
+
+    def done(self, receipts: Iterable[Receipt | None]) -> None:
+        """These messages are stored or dropped for good: acknowledge them and what waited behind them."""
+        with self._lock:
+            for receipt in receipts:
+                if receipt is not None:
+                    receipt.done = True
+            pending = self._pending
+            while pending and pending[0].done:
+                self._client.ack(pending.popleft().mid, 1)
+
+    def redeliver(self) -> None:
+        """Messages could not be stored: reconnect, so the broker sends them (and all unacknowledged) again. Until
+        then nothing behind them is acknowledged."""
+        log.warning("ingest could not store a batch: reconnecting so that the broker delivers it again")
+        self._client.disconnect()
+
+    def reset(self) -> None:
+        """The connection is gone; the broker will deliver every unacknowledged message again on the next one."""
+        with self._lock:
+            self._pending.clear()
+
+
+def connect_properties(session_expiry_s: int) -> Properties:
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = session_expiry_s
+    properties.ReceiveMaximum = RECEIVE_MAXIMUM
+    return properties
 
 
 class BrokerLink:
-    def __init__(self, url: str, ingest: Ingest, registry: Registry, share_group: str | None) -> None:
+    def __init__(
+        self,
+        url: str,
+        ingest: Ingest,
+        registry: Registry,
+        share_group: str | None,
+        client_id: str,
+        session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
+    ) -> None:
         address = parse_broker_url(url)
-        # MQTT 5 for shared subscriptions; a unique client id so several hub processes can share a broker.
-        self.client = new_client(address, f"edgekit-hub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
+        # MQTT 5 for shared subscriptions and the session expiry; a client id of its own per hub process.
+        self.client = new_client(address, client_id, protocol=mqtt.MQTTv5)
         self.client.max_inflight_messages_set(1000)
+        self.client.manual_ack_set(True)
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
+        self._acks = InOrderAcks(self.client)
+        ingest.acknowledge_with(self._acks)
         self._ingest = ingest
         self._share_group = share_group
         self._transfer = BundleServer(self.client, registry.path, workers=4)
-        self._connection = Connection(self.client, address, HUB_BACKOFF, name="hub-mqtt")
+        self._connection = Connection(self.client, address, HUB_BACKOFF, name="hub-mqtt", on_lost=self._acks.reset,
+                                      clean_start=False, properties=connect_properties(session_expiry_s))  # fmt: skip
         self._connected = threading.Event()
+        self.session_resumed = False  # whether the broker still had the session at the last connect
 
     def start(self) -> None:
         self._connection.start()
@@ -56,13 +162,24 @@ class BrokerLink:
         if reason_code.is_failure:
             log.error("broker refused the hub: %s", reason_code)
             return
+        self.session_resumed = flags.session_present
+        log.info("connected to the broker: %s", "session resumed" if flags.session_present else "new session")
+        # A resumed session keeps its subscriptions; subscribing again is harmless and covers a new session.
         for topic in subscriptions(self._share_group):
             client.subscribe(topic, qos=1)
         self._transfer.start(route=False)
         self._connected.set()
 
     def _on_message(self, client, userdata, message) -> None:
-        if message.topic.endswith(CHUNK_REQUEST_SUFFIX):
+        receipt = self._acks.receive(message)
+        try:
+            chunk_request = message.topic.endswith(CHUNK_REQUEST_SUFFIX)
+        except UnicodeDecodeError:
+            chunk_request = False  # ingest counts it as an unknown topic
+        if not chunk_request:
+            self._ingest.on_message(client, userdata, message, receipt)
+            return
+        try:
             self._transfer.on_request(client, userdata, message)
-        else:
-            self._ingest.on_message(client, userdata, message)
+        finally:
+            self._acks.done([receipt])  # a lost chunk request is asked again by the device: nothing to keep

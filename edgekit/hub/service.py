@@ -28,7 +28,7 @@ from edgekit.hub.broker import EmbeddedBroker, MosquittoBroker, reload_broker, s
 from edgekit.hub.db import Device, database_url, open_database
 from edgekit.hub.ingest import Ingest, Message, device_ids
 from edgekit.hub.keys import HubTrust
-from edgekit.hub.link import BrokerLink
+from edgekit.hub.link import DEFAULT_SESSION_EXPIRY_S, MAX_SESSION_EXPIRY_S, BrokerLink, hub_client_id
 from edgekit.hub.registry import Registry
 from edgekit.hub.retention import Retention
 from edgekit.hub.rollouts import Deployments, RolloutDriver
@@ -56,10 +56,14 @@ class HubSettings:
     controller: bool = True  # drive rollouts (and run retention) in this process
     insecure_broker: bool = False  # embedded broker open to anyone, on every topic (no passwords, no ACL)
     desired_ttl_s: float = DEFAULT_DESIRED_TTL_S  # how long a signed desired state stays acceptable
+    session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S  # how long the broker keeps the hub's session while it is away
 
     def __post_init__(self) -> None:
         if self.share_group is not None:
             check_share_group(self.share_group)
+        if not 0 <= self.session_expiry_s <= MAX_SESSION_EXPIRY_S:
+            raise BadInput(f"--session-expiry {self.session_expiry_s}: expected seconds from 0 to "
+                           f"{MAX_SESSION_EXPIRY_S} (MQTT's most, which never expires)")  # fmt: skip
 
 
 class Hub:
@@ -138,7 +142,8 @@ class Hub:
             # The hub itself always connects over loopback, whatever address devices use.
             login = (HUB_USER, self.users.hub_password) if self.users else None
             self.broker_url = loopback_url(self.embedded, login)
-        self.link = BrokerLink(self.broker_url, self.ingest, self.registry, settings.share_group)
+        self.link = BrokerLink(self.broker_url, self.ingest, self.registry, settings.share_group,
+                               hub_client_id(settings.data_dir), settings.session_expiry_s)  # fmt: skip
         self.app = create_app(self)
         config = uvicorn.Config(self.app, host=settings.http_host, port=settings.http_port, log_level="warning")
         self.http = uvicorn.Server(config)
