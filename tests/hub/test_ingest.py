@@ -33,6 +33,7 @@ from edgekit.hub.db import (
     open_database,
 )
 from edgekit.hub.ingest import MAX_PAYLOAD, Ingest, subscriptions
+from edgekit.hub.link import InOrderAcks, Receipt, connect_properties
 from edgekit.hub.retention import Retention, downsample
 from edgekit.protocol import (
     BundleRef,
@@ -52,6 +53,7 @@ sys.path.insert(0, str(TESTS))  # the test helpers, also when this file runs as 
 
 from brokers import host_port, wait_until  # noqa: E402
 from hub.postgres import PostgresCluster, postgres_cluster  # noqa: E402
+from reliability import record  # noqa: E402
 
 DATABASES = ["sqlite", "postgresql"]
 TIMEOUT_S = 30.0
@@ -382,6 +384,145 @@ def test_malformed_payloads_do_not_stop_ingest(mosquitto, db_url: str, ingest_cl
     # 64-bit counters keep what the device sent; the over-long bundle label is cut to its column.
     assert sample.inferences == 2**40 and sample.dropped_frames == -(2**40) and sample.bundle == "b" * 160
     assert "\x00" not in event.message and len(event.message) <= 4000
+
+
+# ---- acknowledged only once stored -------------------------------------------------------------------------------
+
+
+class AckWatch:
+    """A real MQTT 5 client with manual acks on a persistent session, as the hub's link has: its messages' receipts
+    (`InOrderAcks`) and the PUBACKs paho sends, read from paho's own log."""
+
+    def __init__(self, broker_url: str, client_id: str) -> None:
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self.client.manual_ack_set(True)
+        self.acks = InOrderAcks(self.client)
+        self.received: list[tuple[bytes, Receipt | None]] = []
+        self.pubacks: list[int] = []
+        self.client.on_log = self._on_log
+        self.client.on_message = lambda client, userdata, message: self.received.append(
+            (message.payload, self.acks.receive(message))
+        )
+        subscribed = threading.Event()
+        self.client.on_connect = lambda client, *_: client.subscribe("acks/#", qos=1)
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.connect(*host_port(broker_url), clean_start=False, properties=connect_properties(600))
+        self.client.loop_start()
+        assert subscribed.wait(TIMEOUT_S), "not subscribed"
+
+    def _on_log(self, client, userdata, level, text: str) -> None:
+        if text.startswith("Sending PUBACK"):
+            self.pubacks.append(int(text.split("Mid: ")[1].rstrip(")")))
+
+    def wait_received(self, count: int) -> list[Receipt | None]:
+        wait_until(lambda: len(self.received) >= count, TIMEOUT_S, f"{count} messages")
+        return [receipt for _, receipt in self.received]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_pubacks_go_out_in_receive_order_once_each_message_is_done(mosquitto) -> None:
+    """InOrderAcks on a real client: a message done early waits for the ones before it; what was never
+    acknowledged comes again on the next connection, what was comes never again; a receipt of a lost connection
+    sends nothing (its packet id may belong to another message by then); QoS 0 needs no ack."""
+    client_id = f"acks-{uuid.uuid4().hex[:8]}"
+    watch = AckWatch(mosquitto.url, client_id)
+    try:
+        publish(mosquitto.url, [(f"acks/{i}", str(i).encode(), False) for i in range(4)])
+        first, second, third, fourth = watch.wait_received(4)
+        watch.acks.done([third])
+        time.sleep(0.2)
+        held_back = list(watch.pubacks)
+        watch.acks.done([first])
+        wait_until(lambda: len(watch.pubacks) >= 1, TIMEOUT_S, "the first PUBACK")
+        watch.acks.done([second])
+        wait_until(lambda: len(watch.pubacks) >= 3, TIMEOUT_S, "three PUBACKs")
+        watch.acks.reset()  # as when the connection is lost
+        watch.acks.done([fourth])
+        time.sleep(0.2)
+    finally:
+        watch.close()
+    assert held_back == []
+    assert watch.pubacks == [first.mid, second.mid, third.mid]
+    again = AckWatch(mosquitto.url, client_id)
+    try:
+        qos0 = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        qos0.connect(*host_port(mosquitto.url))
+        qos0.loop_start()
+        qos0.publish("acks/qos0", b"q0", qos=0).wait_for_publish(TIMEOUT_S)
+        qos0.disconnect()
+        qos0.loop_stop()
+        received = again.wait_received(2)
+    finally:
+        again.close()
+    assert [payload for payload, _ in again.received] == [b"3", b"q0"]
+    assert received[1] is None and again.pubacks == []
+
+
+def test_a_batch_is_acknowledged_only_after_it_is_stored_or_dropped(mosquitto, make_hub, tmp_path: Path) -> None:
+    """A hub on an external broker takes valid and invalid messages, is stopped and started again: its session is
+    resumed and nothing comes again (all was acknowledged once stored, the invalid ones once dropped)."""
+    data = tmp_path / "acked-hub"
+    hub = make_hub(broker=mosquitto.url, data_dir=data)
+    base = time.time() - 60
+    valid = [sequenced("ack-1", 1, seq, base) for seq in range(1, 101)]
+    invalid = [(device_topic("ack-1", Topic.TELEMETRY), b"{not json", False)] * 20
+    publish(mosquitto.url, valid + invalid)
+    wait_until(lambda: hub.ingest.stats.received >= 120, TIMEOUT_S, "120 messages")
+    assert hub.ingest.flush(TIMEOUT_S)
+    first = hub.ingest.stats
+    hub.stop()
+    again = make_hub(broker=mosquitto.url, data_dir=data)
+    marker = sequenced("ack-1", 1, 101, base)
+    publish(mosquitto.url, [marker])
+    wait_until(lambda: again.ingest.stats.stored >= 1, TIMEOUT_S, "the marker stored")
+    assert (first.stored, sum(first.invalid.values())) == (100, 20)
+    assert again.link.session_resumed
+    assert again.ingest.stats.received == 1, "messages acknowledged before the restart came again"
+    assert len(set(stored_keys(again.sessions))) == 101
+
+
+def _block_connections(cluster: PostgresCluster, database: str, blocked: bool) -> None:
+    """A database outage for one database: new connections refused, open ones ended (or the end of it)."""
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", port=cluster.port, user="postgres", dbname="postgres",
+                         autocommit=True) as connection:  # fmt: skip
+        connection.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(not blocked).lower()}')
+        if blocked:
+            connection.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                               (database,))  # fmt: skip
+
+
+def test_a_database_outage_loses_nothing(mosquitto, pg_cluster: PostgresCluster, make_hub) -> None:
+    """PostgreSQL refuses the hub's database while devices keep sending: the batches it fails on are not
+    acknowledged, the hub reconnects and the broker delivers them again; once the database is back, every message
+    is stored."""
+    scenario = "hub database outage (PostgreSQL)"
+    name = f"t{uuid.uuid4().hex[:12]}"
+    hub = make_hub(broker=mosquitto.url, db=pg_cluster.create_database(name))
+    base = time.time() - 60
+    before = [sequenced("dbo-1", 1, seq, base) for seq in range(1, 201)]
+    during = [sequenced("dbo-1", 1, seq, base) for seq in range(201, 601)]
+    publish(mosquitto.url, before)
+    wait_until(lambda: hub.ingest.stats.stored >= 200, TIMEOUT_S, "200 messages stored")
+    _block_connections(pg_cluster, name, blocked=True)
+    try:
+        publish(mosquitto.url, during)
+        wait_until(lambda: hub.ingest.stats.failed > 0, TIMEOUT_S, "ingest to fail on the database")
+        time.sleep(1)  # batches fail and come again a few times
+    finally:
+        _block_connections(pg_cluster, name, blocked=False)
+    wait_until(lambda: len(set(stored_keys(hub.sessions))) >= 600, TIMEOUT_S, "all 600 stored")
+    stats = hub.ingest.stats
+    stored = len(set(stored_keys(hub.sessions)))
+    record(scenario, "messages sent", 600)
+    record(scenario, "messages in batches the database failed on", stats.failed)
+    record(scenario, "messages stored", stored)
+    record(scenario, "messages lost", 600 - stored, 0)
+    assert stats.failed > 0 and stored == 600 and hub.link.session_resumed
 
 
 # ---- a real fleet ------------------------------------------------------------------------------------------------
