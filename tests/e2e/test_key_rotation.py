@@ -16,6 +16,7 @@ from hub_helpers import fleet, fleet_ids, signing_keys, wait_devices_reported, w
 from reliability import record
 
 from edgekit.agents.agent import Agent
+from edgekit.bundle import sha256_file
 from edgekit.hub.auth import create_token
 from edgekit.hub.db import Deployment, Device
 from edgekit.hub.keys import KEY_FILE
@@ -94,6 +95,8 @@ def test_rotating_both_keys_on_a_running_fleet(make_hub, rotation_bundles, tmp_p
         refused = cli("push", b["v1"], "--hub", hub.http_url, "--token", admin)
         assert refused.exit_code == 1 and "signature check failed" in refused.output, refused.output
 
+        _dashboard_marks_retired_keys(hub, admin, {sha256_file(b["v2"]), sha256_file(b["v4_old_key"])})
+
         # Every device keeps working: the new key's bundle reaches all 10.
         after = _deploy(hub, b["v3"])
         assert after.state == "completed", after.reason
@@ -129,3 +132,20 @@ def _downgrade_to(bundle: Path, rev: int):
     from agent_helpers import desired_for
 
     return desired_for(bundle, rev=rev, version="2.0.0", name="cnn", allow_downgrade=True)
+
+
+def _dashboard_marks_retired_keys(hub, token: str, retired: set[str]) -> None:
+    """The bundles page (a real Chromium, logged in with `token`) names trust root v2 and marks exactly the bundles
+    signed by the retired key."""
+    from browser import chromium
+
+    with chromium() as browser:
+        page = browser.new_page()
+        page.goto(hub.http_url + "/bundles")
+        page.fill("#token", token)
+        page.click("button[type=submit]")
+        page.wait_for_function("document.body.dataset.ready === 'bundles'", timeout=30_000)
+        assert "Trust root v2" in page.text_content("#trust")
+        marked = page.eval_on_selector_all("#bundles tr:has(.state.failed)", "rows => rows.map(r => r.dataset.id)")
+        page.close()
+    assert set(marked) == retired, marked

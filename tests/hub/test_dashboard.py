@@ -143,6 +143,10 @@ def test_dashboard_live_fleet_and_device_pages(make_hub, digits: Path, tmp_path:
                 until(page, f"document.body.dataset.ready === '{ready}'")
                 assert page.query_selector(selector) is not None, f"{path}: nothing at {selector}"
             assert page.text_content("#audit tbody").count("token.create") >= 1
+            page.goto(hub.http_url + "/bundles")
+            until(page, "document.body.dataset.ready === 'bundles'")
+            assert f"Trust root v{hub.trust.root.version}" in page.text_content("#trust")
+            assert page.query_selector("#bundles .state.failed") is None  # every bundle's key is trusted
 
             # Rollouts: a running one shows per-wave progress and halts from its button. Each device must run 10,000
             # inferences on the new bundle before it counts as healthy, so the rollout is still on its canary.
