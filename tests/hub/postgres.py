@@ -31,7 +31,8 @@ def _binaries() -> Path:
 
 
 BIN = _binaries()
-MISSING = f"PostgreSQL server binaries not found in {BIN} (Debian: apt-get install postgresql, or `make sysdeps`)"
+MISSING = (f"PostgreSQL (Debian postgresql) is not installed: no server binaries in {BIN} (apt-get install postgresql, "
+           "or `make sysdeps`)")  # fmt: skip
 DATABASE = "edgekit"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
