@@ -26,6 +26,7 @@ from sqlalchemy import func, select
 
 from edgekit.compile import emulation
 from edgekit.demo import compile_bundle, train
+from edgekit.enrollment import write_enrollment
 from edgekit.hub.broker import free_port
 from edgekit.hub.db import Deployment, Device, ResultRecord
 from edgekit.hub.service import Hub, HubSettings
@@ -54,15 +55,14 @@ def build(out: Path) -> tuple[Path, Path]:
 class Agents:
     """The two device processes: one native, one aarch64 under qemu-user."""
 
-    def __init__(self, out: Path, brokers: dict[str, str], public_key: Path) -> None:
+    def __init__(self, out: Path, enrollments: dict[str, Path]) -> None:
         self.out = out
         self.scratch = tempfile.TemporaryDirectory(prefix="edgekit-fleet-")
         self.processes: dict[str, subprocess.Popen] = {}
         self.commands: dict[str, list[str]] = {}
         for device_id, profile in DEVICES.items():
-            args = ["--broker", brokers[device_id], "--device-id", device_id, "--trust-key", str(public_key),
-                    "--source", SOURCE, "--data", str(out / device_id), "--telemetry-s", "1",
-                    "--profile", profile]  # fmt: skip
+            args = ["--enrollment", str(enrollments[device_id]), "--source", SOURCE, "--data", str(out / device_id),
+                    "--telemetry-s", "1", "--profile", profile]  # fmt: skip
             if profile == PROFILE:
                 command, env = emulation.agent_command(args, Path(self.scratch.name))
             else:
@@ -87,6 +87,15 @@ class Agents:
             except subprocess.TimeoutExpired:
                 process.kill()
         self.scratch.cleanup()
+
+
+def enroll(hub: Hub, out: Path) -> dict[str, Path]:
+    """Each device's enrollment file (0600), by id."""
+    files = {}
+    for enrollment in hub.enroll(list(DEVICES)):
+        files[enrollment.device_id] = out / f"{enrollment.device_id}.enrollment.json"
+        write_enrollment(files[enrollment.device_id], enrollment)
+    return files
 
 
 def describe(command: list[str]) -> str:
@@ -134,8 +143,8 @@ def run(out: Path, duration: float) -> dict[str, Any]:
         if not (hub.wait_connected(20) and hub.wait_http(20)):
             raise SystemExit("the hub did not start (broker or HTTP server)")
         console.print(f"hub: broker {redact_url(hub.broker_url)}, dashboard {hub.http_url}")
-        # Each device logs in with its own enrolled password, as in the field.
-        agents = Agents(out, {e.device_id: e.broker_url() for e in hub.enroll(list(DEVICES))}, public_key)
+        # Each device is enrolled as in the field: its own password, and the hub's and the bundles' keys.
+        agents = Agents(out, enroll(hub, out))
         wait_for(lambda: sum(d.online for d in devices(hub).values()) == len(DEVICES), agents,
                  "both devices to come online")  # fmt: skip
         record, _ = hub.registry.add(bundle, "fleet example")
