@@ -1,0 +1,293 @@
+"""Hub restarts and crashes lose nothing (docs/hub.md, "Durability"): the broker keeps the hub's MQTT session while
+the hub is away, and the hub acknowledges a message only once it is in the database.
+
+Real Mosquitto (embedded in the hub, or external), real agents (`Fleet`) or a paho client publishing as a device
+does, the hub in-process or as an `edgekit hub` process killed with SIGKILL. Every scenario reports what was sent,
+stored and lost in the reliability table, recorded before the assertions.
+"""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from brokers import host_port
+from hub_helpers import fleet, wait_until
+from reliability import record
+from sqlalchemy import select
+
+from edgekit.agents.fleet import Fleet, FleetSettings
+from edgekit.enrollment import Enrollment
+from edgekit.hub.broker import free_port
+from edgekit.hub.db import EventRecord, ResultRecord, TelemetrySample, database_url, open_database
+from edgekit.hub.service import Hub, HubSettings
+from edgekit.mqtt import parse_broker_url
+from edgekit.protocol import Telemetry, Topic, device_topic, encode
+
+TIMEOUT_S = 60.0
+DEVICES = 10
+TELEMETRY_S = 0.1  # 10 messages/s per device
+BURST = 30_000
+
+
+def stored_seqs(sessions) -> dict[str, set[int]]:
+    """Every sequenced message the hub stored: the seqs per device."""
+    found: dict[str, set[int]] = {}
+    with sessions() as session:
+        for table in (TelemetrySample, ResultRecord, EventRecord):
+            for device_id, seq in session.execute(select(table.device_id, table.seq)):
+                found.setdefault(device_id, set()).add(seq)
+    return found
+
+
+def broker_acknowledged(agents: Fleet) -> dict[str, set[int]]:
+    """Per stopped agent, the seqs the broker acknowledged: every seq it gave out, less those left in its outbox."""
+    acknowledged = {}
+    for agent in agents.agents:
+        with sqlite3.connect(agent.outbox.path) as outbox:
+            left = {seq for (seq,) in outbox.execute("SELECT seq FROM outbox")}
+        acknowledged[agent.settings.device_id] = set(range(1, agent.outbox.last_seq + 1)) - left
+    return acknowledged
+
+
+def lost_messages(acknowledged: dict[str, set[int]], hub: Hub) -> int:
+    """Waits (up to TIMEOUT_S) for the hub to store everything the broker acknowledged; how many it did not."""
+
+    def missing() -> int:
+        stored = stored_seqs(hub.sessions)
+        return sum(len(seqs - stored.get(device, set())) for device, seqs in acknowledged.items())
+
+    with suppress(AssertionError):  # counted and asserted by the caller
+        wait_until(lambda: missing() == 0, TIMEOUT_S, "the hub to store every acknowledged message")
+    return missing()
+
+
+def steady(hub: Hub, count: int) -> None:
+    """Until the hub stored `count` more messages than it has now: the fleet is flowing into it."""
+    start = sum(map(len, stored_seqs(hub.sessions).values()))
+    wait_until(lambda: sum(map(len, stored_seqs(hub.sessions).values())) >= start + count, TIMEOUT_S,
+               f"{count} more messages stored")  # fmt: skip
+
+
+# ---- restart and long outage, hub in-process -------------------------------------------------------------------
+
+
+RESTARTS = [
+    pytest.param("embedded", 4, id="embedded-mosquitto-4s"),
+    pytest.param("external", 4, id="external-mosquitto-4s"),
+    pytest.param("external", 60, id="external-mosquitto-60s", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("broker_kind", "down_s"), RESTARTS)
+def test_hub_restart_during_steady_telemetry_loses_nothing(broker_kind, down_s, make_hub, tmp_path, request):
+    """10 agents at 10 messages/s each; the hub stops (SIGTERM's path, `Hub.stop`) for `down_s` and starts again on
+    the same data dir. External Mosquitto: it holds the hub's session and queues for it meanwhile. Embedded: the
+    broker stops and starts with the hub, keeping the session on disk; the agents queue in their outboxes."""
+    scenario = f"hub restart ({broker_kind} Mosquitto, down {down_s} s, {DEVICES} devices x 10 msg/s)"
+    data = tmp_path / "hub"
+    if broker_kind == "embedded":
+        settings = {"data_dir": data, "broker_port": free_port()}
+        hub = make_hub(**settings)
+        agents_running = fleet(hub, DEVICES, tmp_path, None, None, prefix="rs", source=None, telemetry_s=TELEMETRY_S)
+    else:
+        broker = request.getfixturevalue("mosquitto")
+        settings = {"data_dir": data, "broker": broker.url}
+        hub = make_hub(**settings)
+        agents_running = anonymous_fleet(broker.url, tmp_path)
+    with agents_running as agents:
+        steady(hub, 200)
+        hub.stop()
+        time.sleep(down_s)
+        hub = make_hub(**settings)
+        resumed = hub.link.session_resumed
+        steady(hub, 200)
+    acknowledged = broker_acknowledged(agents)
+    lost = lost_messages(acknowledged, hub)
+    sent = sum(map(len, acknowledged.values()))
+    record(scenario, "messages sent (acknowledged by the broker)", sent)
+    record(scenario, "messages stored", sent - lost)
+    record(scenario, "messages lost", lost, 0)
+    record(scenario, "hub session not resumed after the restart", int(not resumed), 0)
+    assert sent > DEVICES * 10 * down_s, f"only {sent} messages sent"
+    assert lost == 0 and resumed
+
+
+@contextmanager
+def anonymous_fleet(url: str, work_dir: Path) -> Iterator[Fleet]:
+    """Agents on an open external broker (no enrollment), as the `fleet` helper gives them on the hub's own."""
+    agents = Fleet(FleetSettings(count=DEVICES, broker=url, data_dir=work_dir / "rs", prefix="rs",
+                                 telemetry_s=TELEMETRY_S))  # fmt: skip
+    agents.start()
+    try:
+        assert agents.wait_connected(TIMEOUT_S) == DEVICES, "not every agent connected"
+        yield agents
+    finally:
+        agents.stop()
+
+
+# ---- SIGKILL during a burst, hub as a process ------------------------------------------------------------------
+
+
+class HubProcess:
+    """`python -m edgekit hub` on a data dir and an embedded broker port that stay the same across starts."""
+
+    def __init__(self, data: Path, broker_port: int) -> None:
+        self.data = data
+        self.broker_port = broker_port
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "HubProcess":
+        command = [sys.executable, "-m", "edgekit", "hub", "--data", str(self.data), "--http",
+                   f"127.0.0.1:{free_port()}", "--broker-port", str(self.broker_port)]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        ready = threading.Event()
+        output: list[str] = []
+
+        def read(process: subprocess.Popen) -> None:
+            for line in process.stdout:
+                output.append(line)
+                if "dashboard:" in line:
+                    ready.set()
+
+        threading.Thread(target=read, args=(self.process,), daemon=True).start()
+        assert ready.wait(TIMEOUT_S), f"edgekit hub did not start: {''.join(output)}"
+        return self
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(TIMEOUT_S)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class BurstDevice:
+    """A paho client publishing Telemetry seq 1..n at QoS 1 with a device's login, as fast as the broker takes it.
+    Like an agent's outbox, it keeps what the broker has not acknowledged and sends it again after a reconnect."""
+
+    def __init__(self, url: str, device_id: str) -> None:
+        address = parse_broker_url(url)
+        self.topic = device_topic(device_id, Topic.TELEMETRY)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, clean_session=False)
+        self.client.username_pw_set(address.username, address.password)
+        self.client.max_inflight_messages_set(1000)
+        self.client.reconnect_delay_set(min_delay=0.1, max_delay=1)
+        self.client.connect(address.host, address.port)
+        self.client.loop_start()
+        self.infos: list[mqtt.MQTTMessageInfo] = []
+
+    def send(self, count: int) -> None:
+        base = time.time()
+        for seq in range(1, count + 1):
+            payload = encode(Telemetry(seq=seq, ts=base + seq / 1000, fps=25.0, inferences=seq))
+            self.infos.append(self.client.publish(self.topic, payload, qos=1))
+
+    def acknowledged(self) -> int:
+        return sum(info.is_published() for info in self.infos)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_hub_sigkill_during_a_burst_loses_nothing(tmp_path, cli):
+    """A device sends 30,000 telemetry messages at QoS 1; `kill -9` of the `edgekit hub` process once part of them
+    is stored (its embedded Mosquitto goes down with it, saving its sessions), then the hub starts again on the same
+    data dir and port. Every message the broker acknowledged to the device is stored, once."""
+    scenario = f"hub SIGKILL during a {BURST:,}-message burst (embedded Mosquitto)"
+    data, broker_port = tmp_path / "hub", free_port()
+    hub = HubProcess(data, broker_port).start()
+    device: BurstDevice | None = None
+    engine, sessions = None, None
+    try:
+        enrolled = cli("hub", "enroll", "burst-1", "--data", data, "--out", tmp_path / "burst-1.json")
+        assert enrolled.exit_code == 0, enrolled.stderr
+        enrollment = Enrollment.model_validate_json((tmp_path / "burst-1.json").read_text())
+        engine, sessions = open_database(database_url(None, data))
+        device = BurstDevice(enrollment.broker_url(), "burst-1")
+        device.send(BURST)
+
+        def stored() -> int:
+            return len(stored_seqs(sessions).get("burst-1", set()))
+
+        wait_until(lambda: stored() >= BURST // 5, TIMEOUT_S, f"{BURST // 5} messages stored before the kill")
+        hub.kill()
+        stored_at_kill = stored()
+        hub = HubProcess(data, broker_port).start()
+        wait_until(lambda: device.acknowledged() == BURST, TIMEOUT_S * 2, "the broker to acknowledge every message")
+        with suppress(AssertionError):  # counted below
+            wait_until(lambda: stored() >= BURST, TIMEOUT_S, "every message stored")
+        final = stored()
+    finally:
+        if device is not None:
+            device.close()
+        hub.stop()
+        if engine is not None:
+            engine.dispose()
+    sent = device.acknowledged()
+    record(scenario, "messages sent (acknowledged by the broker)", sent)
+    record(scenario, "messages stored before the kill", stored_at_kill)
+    record(scenario, "messages stored", final)
+    record(scenario, "messages lost", sent - final, 0)
+    assert stored_at_kill < BURST, "the kill came after the burst was stored: it proved nothing"
+    assert sent == BURST and final == BURST
+
+
+# ---- amqtt ---------------------------------------------------------------------------------------------------------
+
+
+def _accepted(url: str, protocol: int) -> bool:
+    """Whether the broker at `url` accepts a connection in this MQTT version: its answer, or the connection's end."""
+    answers: list[bool] = []
+    answered = threading.Event()
+
+    def answer(accepted: bool) -> None:
+        answers.append(accepted)
+        answered.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
+    client.on_connect = lambda client, userdata, flags, reason, properties: answer(not reason.is_failure)
+    client.on_disconnect = lambda *_: answer(False)
+    client.connect(*host_port(url))
+    client.loop_start()
+    try:
+        assert answered.wait(TIMEOUT_S), f"no answer from {url}"
+        return answers[0]
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_amqtt_cannot_hold_the_hub_session_the_hub_is_refused(tmp_path):
+    """amqtt (the fallback broker when Mosquitto is missing) speaks MQTT 3.1.1 only; the hub's link is MQTT 5
+    (session expiry, shared subscriptions), so amqtt refuses it: no session is held and nothing is ingested, while
+    an MQTT 3.1.1 client (an agent) gets in. docs/hub.md tells users to install Mosquitto for a durable hub."""
+    scenario = "hub durability on amqtt"
+    hub = Hub(HubSettings(data_dir=tmp_path / "hub", prefer_broker="amqtt", insecure_broker=True,
+                          broker_port=free_port(), http_port=free_port()))  # fmt: skip
+    hub.start()
+    try:
+        assert hub.embedded is not None and hub.embedded.kind == "amqtt"
+        connected = hub.wait_connected(3)
+        mqtt5, mqtt311 = (_accepted(hub.embedded.url, version) for version in (mqtt.MQTTv5, mqtt.MQTTv311))
+    finally:
+        hub.stop()
+    record(scenario, "hub connected to amqtt (it cannot: MQTT 5)", int(connected))
+    assert not connected and hub.ingest.stats.received == 0
+    assert (mqtt5, mqtt311) == (False, True)
