@@ -26,13 +26,15 @@ def migrate(
     ] = False,
 ) -> None:
     """Upgrade the hub's database schema (stop the hub processes first, or let the first to start do it)."""
+    from sqlalchemy import create_engine
     from sqlalchemy.exc import OperationalError
 
     from edgekit.hub.db import database_url, hub_engine
 
     url = database_url(db, data)
     _check_sqlite_file(url, data, db)
-    engine = hub_engine(url)
+    # A dry run looks through a plain engine: the hub's would set SQLite's journal mode, a write.
+    engine = create_engine(url) if dry_run else hub_engine(url)
     try:
         if dry_run:
             _dry_run(engine)
@@ -61,17 +63,18 @@ def _shown(engine: "Engine") -> str:
     return escape(engine.url.render_as_string(hide_password=True))
 
 
-def _report(steps: "Plan") -> None:
+def _report(steps: "Plan", done: bool) -> None:
     if steps.current is not None:
         current = steps.current
     elif steps.adoption is not None:
         current = "none (tables made before migrations)"
     else:
         current = "none (no hub tables yet)"
-    console.print(f"current revision: {current}", highlight=False)
+    console.print(f"{'was at revision:' if done else 'current revision:'} {current}", highlight=False)
     console.print(f"target revision:  {steps.head} (the newest this edgekit knows)", highlight=False)
+    label = "ran:" if done else "pending:"
     for line in steps.steps():
-        console.print(f"pending: {escape(line)}" if not line.startswith(" ") else f"   {escape(line)}", highlight=False)
+        console.print(f"{label} {escape(line)}" if not line.startswith(" ") else f"   {escape(line)}", highlight=False)
 
 
 def _dry_run(engine: "Engine") -> None:
@@ -80,7 +83,7 @@ def _dry_run(engine: "Engine") -> None:
     with engine.connect() as connection:
         steps = migrations.plan(connection)
     console.print(f"database: {_shown(engine)}", highlight=False)
-    _report(steps)
+    _report(steps, done=False)
     if steps.pending:
         console.print("SQL that would run:", highlight=False)
         print(migrations.offline_sql(steps, engine.url.render_as_string(hide_password=True)))
@@ -94,7 +97,7 @@ def _upgrade(engine: "Engine") -> None:
     with migration_lock(engine) as connection:
         steps = migrations.upgrade(connection)
     console.print(f"database: {_shown(engine)}", highlight=False)
-    _report(steps)
+    _report(steps, done=True)
     if steps.pending:
         console.print(f"upgraded to {steps.head}", highlight=False)
     else:

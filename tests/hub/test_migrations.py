@@ -2,6 +2,7 @@
 from git history, run in a subprocess), on SQLite and on a throwaway PostgreSQL cluster, upgraded by the new hub
 with every row kept; a database from the future refused; `edgekit hub migrate` and its dry run."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -290,9 +291,12 @@ def test_migrate_dry_run_changes_nothing_then_migrate_upgrades(previous_tree: Pa
     url = database_url(None, data)
     fill_with_previous_release(previous_tree, url)
     before = snapshot(url)
+    file_before = hashlib.sha256((data / "hub.sqlite").read_bytes()).hexdigest()
 
     shown = cli("hub", "migrate", "--data", data, "--dry-run")
     assert shown.exit_code == 0, shown.stderr
+    assert hashlib.sha256((data / "hub.sqlite").read_bytes()).hexdigest() == file_before, "--dry-run wrote"
+    assert "SQL that would run:" in shown.stdout
     assert "current revision: none (tables made before migrations)" in shown.stdout
     assert f"target revision:  {migrations.head()}" in shown.stdout
     assert f"pending: adopt the tables made before migrations as {migrations.BASELINE}" in shown.stdout
@@ -303,6 +307,8 @@ def test_migrate_dry_run_changes_nothing_then_migrate_upgrades(previous_tree: Pa
 
     done = cli("hub", "migrate", "--data", data)
     assert done.exit_code == 0, done.stderr
+    assert "was at revision: none (tables made before migrations)" in done.stdout
+    assert f"ran: adopt the tables made before migrations as {migrations.BASELINE}" in done.stdout
     assert f"upgraded to {migrations.head()}" in done.stdout
     assert revision(url) == migrations.head()
     assert snapshot(url) == before
