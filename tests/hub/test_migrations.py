@@ -5,6 +5,7 @@ with every row kept; a database from the future refused; `edgekit hub migrate` a
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -40,6 +41,23 @@ DATABASES = ["sqlite", "postgresql"]
 WIDENED = migrations.WIDENED_TELEMETRY_COLUMNS
 SCENARIO = "hub: schema migrations"
 FUTURE = "9f3c0e7d2b1a"
+# The next release's first revision, as a developer would write it: a column added (what, without migrations,
+# started fine and then failed on the first query that touched it).
+NEXT_REVISION = '''"""Devices get notes."""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("devices") as batch:
+        batch.add_column(sa.Column("notes", sa.Text(), nullable=True))
+'''
 HUBS = 3  # hub processes starting at once on one database
 # A hub process starting: everything imported, it waits for the word (stdin), then opens the database.
 HUB_START = """
@@ -317,6 +335,39 @@ def test_migrate_dry_run_changes_nothing_then_migrate_upgrades(previous_tree: Pa
     assert again.exit_code == 0
     assert f"current revision: {migrations.head()}" in again.stdout and "pending:" not in again.stdout
     assert f"already at {migrations.head()}" in cli("hub", "migrate", "--data", data).stdout
+
+
+def test_the_next_releases_revision_is_shown_by_the_dry_run_then_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    url = database_url(None, data)
+    open_database(url)[0].dispose()  # this release's database, at the baseline
+    execute(url, "INSERT INTO devices (id, labels, online, first_seen, last_seen, runtimes, last_seq, desired_rev) "
+                 "VALUES ('cam-1', '{}', 0, 1.0, 2.0, '[]', 5, 1)")  # fmt: skip
+    before = snapshot(url)
+    next_release = tmp_path / "next-release-migrations"
+    shutil.copytree(migrations.SCRIPTS, next_release, ignore=shutil.ignore_patterns("__pycache__"))
+    (next_release / "versions" / "0002_device_notes.py").write_text(NEXT_REVISION)
+    monkeypatch.setattr(migrations, "SCRIPTS", next_release)
+
+    shown = cli("hub", "migrate", "--data", data, "--dry-run")
+    assert shown.exit_code == 0, shown.stderr
+    assert f"current revision: {migrations.BASELINE}" in shown.stdout
+    assert "target revision:  0002" in shown.stdout
+    assert f"pending: {migrations.BASELINE} -> 0002: Devices get notes." in shown.stdout
+    assert "ALTER TABLE devices ADD COLUMN notes TEXT" in shown.stdout
+    assert revision(url) == migrations.BASELINE
+
+    engine, _ = open_database(url)  # the next release's hub starting
+    try:
+        assert revision(url) == "0002"
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("SELECT id, notes FROM devices").all() == [("cam-1", None)]
+    finally:
+        engine.dispose()
+    assert lost_rows(before, snapshot(url)) == 0
 
 
 def test_migrate_on_an_empty_database_shows_the_baseline_sql_then_creates_it(tmp_path: Path, cli) -> None:
