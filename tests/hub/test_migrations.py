@@ -292,6 +292,8 @@ def test_a_database_newer_than_the_hub_is_refused(tmp_path: Path, cli) -> None:
     with pytest.raises(OperationFailed) as refused:
         Hub(HubSettings(data_dir=data))
     assert str(refused.value) == message
+    started = cli("hub", "--data", data, "--http", f"127.0.0.1:{free_port()}", "--broker-port", free_port())
+    assert (started.exit_code, started.stderr.strip()) == (1, f"error: {message}")
     for dry_run in ([], ["--dry-run"]):
         result = cli("hub", "migrate", "--data", data, *dry_run)
         assert result.exit_code == 1
