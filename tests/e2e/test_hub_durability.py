@@ -249,6 +249,50 @@ def test_hub_sigkill_during_a_burst_loses_nothing(tmp_path, cli):
     assert sent == BURST and final == BURST
 
 
+# ---- a shared subscription with a member away -----------------------------------------------------------------
+
+
+def test_an_absent_share_group_member_gets_its_share_when_it_returns(mosquitto, make_hub, tmp_path):
+    """Two hub processes on one `--share-group`, each with its own database; one stops and 200 messages come: Mosquitto
+    (2.0) still gives it its round-robin share, held in its session (the other member does not take it over), and
+    delivers it when that member starts again on its data dir. Nothing is lost; the share waits for its member."""
+    scenario = "share group member away (external Mosquitto)"
+    group = "hubs-0d1f6a2b9c3e4f5a"
+    settings = [{"broker": mosquitto.url, "share_group": group, "data_dir": tmp_path / f"hub-{i}"} for i in (0, 1)]
+    staying, leaving = make_hub(**settings[0]), make_hub(**settings[1])
+    leaving.stop()
+    base = time.time() - 60
+    publish_telemetry(mosquitto.url, "share-1", range(1, 201), base)
+    wait_until(lambda: staying.ingest.stats.received >= 90, TIMEOUT_S, "the staying member's share")
+    time.sleep(1)  # anything more it would get comes meanwhile
+    stayed = stored_seqs(staying.sessions).get("share-1", set())
+    returned = make_hub(**settings[1])
+    wait_until(lambda: len(stayed | stored_seqs(returned.sessions).get("share-1", set())) >= 200, TIMEOUT_S,
+               "the returning member's share")  # fmt: skip
+    held = stored_seqs(returned.sessions).get("share-1", set())
+    lost = 200 - len(stayed | held)
+    record(scenario, "messages sent", 200)
+    record(scenario, "stored by the member that stayed", len(stayed))
+    record(scenario, "held for the absent member, stored when it returned", len(held))
+    record(scenario, "messages lost", lost, 0)
+    assert lost == 0 and len(stayed) < 200 and held and not stayed & held
+
+
+def publish_telemetry(url: str, device_id: str, seqs: range, base: float) -> None:
+    """Telemetry with these seqs from an open broker's anonymous client, each acknowledged by the broker."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.connect(*host_port(url))
+    client.loop_start()
+    try:
+        topic = device_topic(device_id, Topic.TELEMETRY)
+        infos = [client.publish(topic, encode(Telemetry(seq=s, ts=base + s, fps=1.0)), qos=1) for s in seqs]
+        for info in infos:
+            info.wait_for_publish(TIMEOUT_S)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 # ---- amqtt ---------------------------------------------------------------------------------------------------------
 
 
