@@ -280,5 +280,6 @@ def open_database(url: str) -> tuple[Engine, sessionmaker]:
     with migration_lock(engine) as connection:
         done = migrations.upgrade(connection)
     if done.pending:
-        log.info("database schema upgraded from %s to %s", done.current or "unversioned", done.head)
+        was = done.current or ("a schema from before migrations" if done.adoption is not None else "empty")
+        log.info("database schema upgraded from %s to %s", was, done.head)
     return engine, sessionmaker(engine, expire_on_commit=False)
