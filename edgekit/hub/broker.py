@@ -41,9 +41,10 @@ STOP_TIMEOUT_S = 10.0
 MOSQUITTO_FALLBACK = Path("/usr/sbin/mosquitto")
 # The hub's session queues every device message while the hub is away (a restart, a crash, an outage replay);
 # past a client's queue limit mosquitto DROPS new messages, and its default of 1000 would lose most of a few seconds'
-# telemetry from a fleet. So no count limit (0) and a bound in payload bytes instead: 256 MiB, about 800,000
-# telemetry messages, i.e. hours of a 100-device fleet (docs/hub.md, "Durability").
-MAX_QUEUED_MESSAGES = 0
+# telemetry from a fleet. So the bound is in payload bytes instead: 256 MiB, about 800,000 telemetry messages, i.e.
+# hours of a 100-device fleet (docs/hub.md, "Durability"). The count is only set out of reach, not to 0 ("no
+# maximum"): with 0, mosquitto 2.0.11 drops the connection of a client whose QoS 1 publish the ACL denies.
+MAX_QUEUED_MESSAGES = 10_000_000
 MAX_QUEUED_BYTES = 256 * 2**20
 MAX_INFLIGHT_MESSAGES = 100
 AMQTT_AUTH_PLUGIN = "AmqttOpenAuthPlugin"
