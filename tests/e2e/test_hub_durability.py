@@ -134,6 +134,23 @@ def anonymous_fleet(url: str, work_dir: Path) -> Iterator[Fleet]:
         agents.stop()
 
 
+def test_more_than_mosquittos_default_queue_waits_for_the_hub(mosquitto, make_hub, tmp_path):
+    """5,000 messages while the hub is stopped, five times Mosquitto's default per-client queue (1000, beyond which it
+    drops): the embedded config's queue limits keep them all for the hub's session."""
+    scenario = "hub away while 5,000 messages come (external Mosquitto)"
+    settings = {"broker": mosquitto.url, "data_dir": tmp_path / "hub"}
+    make_hub(**settings).stop()
+    publish_telemetry(mosquitto.url, "queue-1", range(1, 5001), time.time() - 60)
+    hub = make_hub(**settings)
+    with suppress(AssertionError):  # counted below
+        wait_until(lambda: len(stored_seqs(hub.sessions).get("queue-1", ())) >= 5000, TIMEOUT_S, "5,000 stored")
+    stored = len(stored_seqs(hub.sessions).get("queue-1", ()))
+    record(scenario, "messages sent", 5000)
+    record(scenario, "messages stored", stored)
+    record(scenario, "messages lost", 5000 - stored, 0)
+    assert stored == 5000
+
+
 # ---- SIGKILL during a burst, hub as a process ------------------------------------------------------------------
 
 
