@@ -20,6 +20,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from brokers import host_port
+from helpers import assert_user_error
 from hub_helpers import fleet, wait_until
 from reliability import record
 from sqlalchemy import select
@@ -151,6 +152,15 @@ def test_more_than_mosquittos_default_queue_waits_for_the_hub(mosquitto, make_hu
     assert stored == 5000
 
 
+def test_session_expiry_out_of_mqtts_range_is_refused(cli, tmp_path):
+    """`--session-expiry` takes 0 to 2^32 - 1 seconds (MQTT 5's field); anything else is a one-line usage error."""
+    for value in ("-1", str(2**32)):
+        http = f"127.0.0.1:{free_port()}"
+        refused = cli("hub", "--data", tmp_path / "hub", "--http", http, "--session-expiry", value)
+        assert_user_error(refused, f"--session-expiry {value}", "4294967295")
+    assert not (tmp_path / "hub").exists(), "a refused start must leave nothing behind"
+
+
 # ---- SIGKILL during a burst, hub as a process ------------------------------------------------------------------
 
 
@@ -163,8 +173,9 @@ class HubProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "HubProcess":
-        command = [sys.executable, "-m", "edgekit", "hub", "--data", str(self.data), "--http",
-                   f"127.0.0.1:{free_port()}", "--broker-port", str(self.broker_port)]  # fmt: skip
+        http = f"127.0.0.1:{free_port()}"
+        command = [sys.executable, "-m", "edgekit", "hub", "--data", str(self.data), "--http", http, "--broker-port",
+                   str(self.broker_port), "--session-expiry", "3600"]  # fmt: skip
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
         ready = threading.Event()
