@@ -106,6 +106,7 @@ class InOrderAcks:
 
 
 def connect_properties(session_expiry_s: int) -> Properties:
+    """The hub's MQTT 5 CONNECT properties: how long the broker keeps its session, how much it may send unacked."""
     properties = Properties(PacketTypes.CONNECT)
     properties.SessionExpiryInterval = session_expiry_s
     properties.ReceiveMaximum = RECEIVE_MAXIMUM
