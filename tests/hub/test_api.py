@@ -299,3 +299,38 @@ def test_fleet_deployments_metrics_and_audit(make_hub, bundles, tmp_path: Path) 
     assert [a for a in actions if a[1] in ("push", "deploy", "halt", "labels")] == [
         ("alice", "labels"), ("alice", "push"), ("alice", "deploy"), ("bob", "halt")]  # fmt: skip
     assert ("test", "token.create") in actions
+
+
+def test_fields_from_a_newer_agent_are_stored_around_and_counted_in_metrics(hub):
+    """Telemetry and an event with fields this hub does not know, from a device's own login: stored (their known
+    fields), and the unknown ones counted by name in /metrics."""
+    import json
+
+    from brokers import publish_many
+    from hub_helpers import device_url
+
+    from edgekit.hub.db import EventRecord
+    from edgekit.protocol import Event, Telemetry, Topic, device_topic, encode
+
+    def newer(model, **extra) -> bytes:
+        return json.dumps({**json.loads(encode(model)), **extra}).encode()
+
+    base = time.time()
+    messages = [(device_topic("cam-new", Topic.TELEMETRY), newer(Telemetry(seq=s, ts=base + s, fps=4.0),
+                                                                 battery_mv=3300)) for s in range(1, 6)]  # fmt: skip
+    event = Event(seq=6, ts=base + 6, type="agent.started", message="newer agent")
+    messages.append((device_topic("cam-new", Topic.EVENTS), newer(event, severity_score=0.2)))
+    publish_many(device_url(hub, "cam-new"), messages)
+
+    def stored() -> int | None:
+        with hub.sessions() as session:
+            rows = session.query(TelemetrySample).filter(TelemetrySample.device_id == "cam-new").count()
+            events = session.query(EventRecord).filter(EventRecord.device_id == "cam-new").count()
+        return rows if rows == 5 and events == 1 else None
+
+    wait_until(stored, TIMEOUT_S, "5 telemetry samples and the event stored")
+    token = create_token(hub.sessions, "metrics-reader", "test", scope="read")
+    with _client(hub, token) as client:
+        families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    counted = {s.labels["field"]: s.value for s in families["edgekit_unknown_fields"].samples}
+    assert counted.get("Telemetry.battery_mv", 0) >= 5 and counted.get("Event.severity_score", 0) >= 1, counted
