@@ -144,7 +144,7 @@ def _dashboard_marks_retired_keys(hub, token: str, retired: set[str]) -> None:
         page.goto(hub.http_url + "/bundles")
         page.fill("#token", token)
         page.click("button[type=submit]")
-        page.wait_for_function("document.body.dataset.ready === 'bundles'", timeout=30_000)
+        page.wait_for_function("() => document.body?.dataset.ready === 'bundles'", timeout=30_000)
         assert "Trust root v2" in page.text_content("#trust")
         marked = page.eval_on_selector_all("#bundles tr:has(.state.failed)", "rows => rows.map(r => r.dataset.id)")
         page.close()

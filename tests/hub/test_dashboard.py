@@ -121,7 +121,7 @@ def test_dashboard_live_fleet_and_device_pages(make_hub, digits: Path, tmp_path:
             # Device page: click a row; its charts hold telemetry and grow while the page stays open.
             page.click(f'tr[data-id="{ids[3]}"] .c-fps')
             page.wait_for_url(f"**/devices/{ids[3]}", timeout=WAIT_MS)
-            until(page, "document.body.dataset.ready === 'device'")
+            until(page, "document.body?.dataset.ready === 'device'")
             chart = "#chart-latency"
             until(page, f"Number(document.querySelector('{chart}').dataset.points) > 0")
             page.evaluate("window.__marker = 'no reload'")
@@ -140,11 +140,11 @@ def test_dashboard_live_fleet_and_device_pages(make_hub, digits: Path, tmp_path:
                                           ("/rollouts", "rollouts", "#rollouts"),
                                           ("/audit", "audit", "#audit tbody tr")):  # fmt: skip
                 page.goto(hub.http_url + path)
-                until(page, f"document.body.dataset.ready === '{ready}'")
+                until(page, f"document.body?.dataset.ready === '{ready}'")
                 assert page.query_selector(selector) is not None, f"{path}: nothing at {selector}"
             assert page.text_content("#audit tbody").count("token.create") >= 1
             page.goto(hub.http_url + "/bundles")
-            until(page, "document.body.dataset.ready === 'bundles'")
+            until(page, "document.body?.dataset.ready === 'bundles'")
             assert f"Trust root v{hub.trust.root.version}" in page.text_content("#trust")
             assert page.query_selector("#bundles .state.failed") is None  # every bundle's key is trusted
 

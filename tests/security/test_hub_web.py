@@ -132,7 +132,7 @@ def log_in(page, hub: Hub, token: str) -> None:
         page.click("button[type=submit]")
     assert answer.value.status == 303, "the dashboard's own login was refused"
     assert any(c["name"] == COOKIE for c in page.context.cookies()), "no session cookie after logging in"
-    page.wait_for_function("() => document.body.dataset.ready === 'fleet'", timeout=WAIT_MS)  # reloaded, signed in
+    page.wait_for_function("() => document.body?.dataset.ready === 'fleet'", timeout=WAIT_MS)  # reloaded, signed in
 
 
 def test_a_page_on_another_port_cannot_halt_a_rollout_with_the_dashboard_cookie(hub: Hub, browser) -> None:
@@ -246,7 +246,7 @@ def test_every_response_carries_the_security_headers_and_pages_work_under_the_cs
         assert page.locator(".swagger-ui .opblock").count() > 10
         # An injected inline script (as an XSS would add) does not run.
         page.goto(hub.http_url + "/audit")
-        page.wait_for_function("() => document.body.dataset.ready === 'audit'", timeout=WAIT_MS)
+        page.wait_for_function("() => document.body?.dataset.ready === 'audit'", timeout=WAIT_MS)
         page.evaluate("""() => { const s = document.createElement('script');
                                  s.textContent = 'window.__injected = true'; document.body.append(s); }""")
         injected = page.evaluate("window.__injected === true")
