@@ -28,7 +28,7 @@ from edgekit.hub.broker import EmbeddedBroker, MosquittoBroker, reload_broker, s
 from edgekit.hub.db import Device, database_url, open_database
 from edgekit.hub.ingest import Ingest, Message, device_ids
 from edgekit.hub.keys import HubTrust
-from edgekit.hub.link import DEFAULT_SESSION_EXPIRY_S, MAX_SESSION_EXPIRY_S, BrokerLink, hub_client_id
+from edgekit.hub.link import DEFAULT_SESSION_EXPIRY_S, MAX_SESSION_EXPIRY_S, BrokerLink, MqttVersion, hub_client_id
 from edgekit.hub.registry import Registry
 from edgekit.hub.retention import Retention
 from edgekit.hub.rollouts import Deployments, RolloutDriver
@@ -57,6 +57,7 @@ class HubSettings:
     insecure_broker: bool = False  # embedded broker open to anyone, on every topic (no passwords, no ACL)
     desired_ttl_s: float = DEFAULT_DESIRED_TTL_S  # how long a signed desired state stays acceptable
     session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S  # how long the broker keeps the hub's session while it is away
+    mqtt_version: MqttVersion | None = None  # None: 3.1.1 for an embedded amqtt, which speaks nothing newer; else 5
 
     def __post_init__(self) -> None:
         if self.share_group is not None:
@@ -143,12 +144,18 @@ class Hub:
             login = (HUB_USER, self.users.hub_password) if self.users else None
             self.broker_url = loopback_url(self.embedded, login)
         self.link = BrokerLink(self.broker_url, self.ingest, self.registry, settings.share_group,
-                               hub_client_id(settings.data_dir), settings.session_expiry_s)  # fmt: skip
+                               hub_client_id(settings.data_dir), settings.session_expiry_s,
+                               self._mqtt_version())  # fmt: skip
         self.app = create_app(self)
         config = uvicorn.Config(self.app, host=settings.http_host, port=settings.http_port, log_level="warning")
         self.http = uvicorn.Server(config)
         self._http_thread = threading.Thread(target=self.http.run, name="hub-http", daemon=True)
         self._http_thread.start()
+
+    def _mqtt_version(self) -> MqttVersion:
+        if self.settings.mqtt_version is not None:
+            return self.settings.mqtt_version
+        return "3.1.1" if self.embedded is not None and self.embedded.kind == "amqtt" else "5"
 
     def enroll(self, device_ids: list[str]) -> list[Enrollment]:
         """New broker credentials for each device (replacing any it had), in effect at once; with the broker's address
