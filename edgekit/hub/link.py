@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -113,6 +114,9 @@ def connect_properties(session_expiry_s: int) -> Properties:
     return properties
 
 
+MqttVersion = Literal["5", "3.1.1"]
+
+
 class BrokerLink:
     def __init__(
         self,
@@ -122,10 +126,19 @@ class BrokerLink:
         share_group: str | None,
         client_id: str,
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
+        version: MqttVersion = "5",
     ) -> None:
+        """MQTT 5 where the broker speaks it (the session expiry and Receive Maximum are MQTT 5's); 3.1.1 for brokers
+        that speak only that (amqtt, NATS): a persistent session there too (clean_session false), which the broker
+        keeps as long as it likes, and its own in-flight window (Mosquitto: `max_inflight_messages`)."""
         address = parse_broker_url(url)
-        # MQTT 5 for shared subscriptions and the session expiry; a client id of its own per hub process.
-        self.client = new_client(address, client_id, protocol=mqtt.MQTTv5)
+        self.version = version
+        if version == "5":
+            self.client = new_client(address, client_id, protocol=mqtt.MQTTv5)
+            session: dict = {"clean_start": False, "properties": connect_properties(session_expiry_s)}
+        else:
+            self.client = new_client(address, client_id, protocol=mqtt.MQTTv311, clean_session=False)
+            session = {}
         self.client.max_inflight_messages_set(1000)
         self.client.manual_ack_set(True)
         self.client.on_message = self._on_message
@@ -136,7 +149,7 @@ class BrokerLink:
         self._share_group = share_group
         self._transfer = BundleServer(self.client, registry.path, workers=4)
         self._connection = Connection(self.client, address, HUB_BACKOFF, name="hub-mqtt", on_lost=self._acks.reset,
-                                      clean_start=False, properties=connect_properties(session_expiry_s))  # fmt: skip
+                                      **session)  # fmt: skip
         self._connected = threading.Event()
         self.session_resumed = False  # whether the broker still had the session at the last connect
 
