@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,6 +37,12 @@ TokenOpt = Annotated[
     str | None, typer.Option("--token", envvar="EDGEKIT_TOKEN", help="API token (edgekit hub token create NAME).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+class MqttVersionChoice(str, Enum):
+    v5 = "5"
+    v311 = "3.1.1"
+
 
 app = typer.Typer(
     help="Run the hub: broker (embedded or external), fleet database, bundle registry, rollouts, API and dashboard.",
@@ -125,6 +132,14 @@ def hub(
             "device's again each time it connects. Device clocks must be right to within it.",
         ),
     ] = DEFAULT_DESIRED_TTL_S,
+    mqtt_version: Annotated[
+        MqttVersionChoice | None,
+        typer.Option(
+            "--mqtt-version",
+            help="The hub's own MQTT connection: 5 (default), or 3.1.1 for a broker that speaks nothing newer "
+            "(automatic on the embedded amqtt).",
+        ),
+    ] = None,
     session_expiry: Annotated[
         int | None,
         typer.Option(
@@ -155,7 +170,7 @@ def hub(
     settings = HubSettings(data_dir=data, broker=broker, db=db, http_host=host, http_port=port, trust_key=trust_key,
                            share_group=share_group, controller=not no_controller, broker_port=broker_port,
                            broker_host=broker_listen, insecure_broker=insecure_broker,
-                           desired_ttl_s=desired_ttl,
+                           desired_ttl_s=desired_ttl, mqtt_version=mqtt_version.value if mqtt_version else None,
                            **({} if session_expiry is None else {"session_expiry_s": session_expiry}))  # fmt: skip
     _hub_logging()
     hub = Hub(settings)

@@ -82,18 +82,19 @@ def steady(hub: Hub, count: int) -> None:
 
 
 RESTARTS = [
-    pytest.param("embedded", 4, id="embedded-mosquitto-4s"),
-    pytest.param("external", 4, id="external-mosquitto-4s"),
-    pytest.param("external", 60, id="external-mosquitto-60s", marks=pytest.mark.slow),
+    pytest.param("embedded", 4, "5", id="embedded-mosquitto-4s"),
+    pytest.param("external", 4, "5", id="external-mosquitto-4s"),
+    pytest.param("external", 4, "3.1.1", id="external-mosquitto-mqtt311-4s"),
+    pytest.param("external", 60, "5", id="external-mosquitto-60s", marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize(("broker_kind", "down_s"), RESTARTS)
-def test_hub_restart_during_steady_telemetry_loses_nothing(broker_kind, down_s, make_hub, tmp_path, request):
+@pytest.mark.parametrize(("broker_kind", "down_s", "version"), RESTARTS)
+def test_hub_restart_during_steady_telemetry_loses_nothing(broker_kind, down_s, version, make_hub, tmp_path, request):
     """10 agents at 10 messages/s each; the hub stops (SIGTERM's path, `Hub.stop`) for `down_s` and starts again on
     the same data dir. External Mosquitto: it holds the hub's session and queues for it meanwhile. Embedded: the
     broker stops and starts with the hub, keeping the session on disk; the agents queue in their outboxes."""
-    scenario = f"hub restart ({broker_kind} Mosquitto, down {down_s} s, {DEVICES} devices x 10 msg/s)"
+    scenario = f"hub restart ({broker_kind} Mosquitto, MQTT {version}, down {down_s} s, {DEVICES} devices x 10 msg/s)"
     data = tmp_path / "hub"
     if broker_kind == "embedded":
         settings = {"data_dir": data, "broker_port": free_port()}
@@ -101,7 +102,7 @@ def test_hub_restart_during_steady_telemetry_loses_nothing(broker_kind, down_s, 
         agents_running = fleet(hub, DEVICES, tmp_path, None, None, prefix="rs", source=None, telemetry_s=TELEMETRY_S)
     else:
         broker = request.getfixturevalue("mosquitto")
-        settings = {"data_dir": data, "broker": broker.url}
+        settings = {"data_dir": data, "broker": broker.url, "mqtt_version": version}
         hub = make_hub(**settings)
         agents_running = anonymous_fleet(broker.url, tmp_path)
     with agents_running as agents:
@@ -324,42 +325,39 @@ def publish_telemetry(url: str, device_id: str, seqs: range, base: float) -> Non
 # ---- amqtt ---------------------------------------------------------------------------------------------------------
 
 
-def _accepted(url: str, protocol: int) -> bool:
-    """Whether the broker at `url` accepts a connection in this MQTT version: its answer, or the connection's end."""
-    answers: list[bool] = []
-    answered = threading.Event()
+def test_a_hub_on_amqtt_speaks_mqtt_311_and_a_restart_loses_nothing(tmp_path):
+    """amqtt (the fallback broker when Mosquitto is missing) speaks MQTT 3.1.1 only, so the hub's link does too, and
+    ingests. The embedded amqtt runs in the hub's process and keeps its sessions in memory: a restart of the hub is a
+    restart of the broker. What the agents send while it is down waits in their outboxes, but what amqtt accepted
+    between the hub's link closing and amqtt stopping is gone with it (a message or a few: reported, not limited),
+    and no session survives — docs/hub.md: use Mosquitto for a hub that loses nothing."""
+    scenario = f"hub restart (embedded amqtt, down 4 s, {DEVICES} devices x 10 msg/s)"
+    settings = HubSettings(data_dir=tmp_path / "hub", prefer_broker="amqtt", insecure_broker=True,
+                           broker_port=free_port(), http_port=free_port())  # fmt: skip
 
-    def answer(accepted: bool) -> None:
-        answers.append(accepted)
-        answered.set()
+    def started() -> Hub:
+        hub = Hub(settings)
+        hub.start()
+        assert hub.wait_connected(TIMEOUT_S) and hub.wait_http(TIMEOUT_S), "the hub did not start on amqtt"
+        return hub
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
-    client.on_connect = lambda client, userdata, flags, reason, properties: answer(not reason.is_failure)
-    client.on_disconnect = lambda *_: answer(False)
-    client.connect(*host_port(url))
-    client.loop_start()
+    hub = started()
     try:
-        assert answered.wait(TIMEOUT_S), f"no answer from {url}"
-        return answers[0]
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
-def test_amqtt_cannot_hold_the_hub_session_the_hub_is_refused(tmp_path):
-    """amqtt (the fallback broker when Mosquitto is missing) speaks MQTT 3.1.1 only; the hub's link is MQTT 5
-    (session expiry, shared subscriptions), so amqtt refuses it: no session is held and nothing is ingested, while
-    an MQTT 3.1.1 client (an agent) gets in. docs/hub.md tells users to install Mosquitto for a durable hub."""
-    scenario = "hub durability on amqtt"
-    hub = Hub(HubSettings(data_dir=tmp_path / "hub", prefer_broker="amqtt", insecure_broker=True,
-                          broker_port=free_port(), http_port=free_port()))  # fmt: skip
-    hub.start()
-    try:
-        assert hub.embedded is not None and hub.embedded.kind == "amqtt"
-        connected = hub.wait_connected(3)
-        mqtt5, mqtt311 = (_accepted(hub.embedded.url, version) for version in (mqtt.MQTTv5, mqtt.MQTTv311))
+        assert hub.embedded.kind == "amqtt" and hub.link.version == "3.1.1"
+        with anonymous_fleet(hub.embedded.url, tmp_path) as agents:
+            steady(hub, 200)
+            hub.stop()
+            time.sleep(4)
+            hub = started()
+            resumed = hub.link.session_resumed
+            steady(hub, 200)
+        acknowledged = broker_acknowledged(agents)
+        lost = lost_messages(acknowledged, hub)
     finally:
         hub.stop()
-    record(scenario, "hub connected to amqtt (it cannot: MQTT 5)", int(connected))
-    assert not connected and hub.ingest.stats.received == 0
-    assert (mqtt5, mqtt311) == (False, True)
+    sent = sum(map(len, acknowledged.values()))
+    record(scenario, "messages sent (acknowledged by the broker)", sent)
+    record(scenario, "messages lost (amqtt drops what it held for the hub when it stops)", lost)
+    record(scenario, "hub session resumed (amqtt keeps none across its restart)", int(resumed))
+    assert sent > DEVICES * 10 * 4 and not resumed
+    assert lost <= DEVICES * 10, f"{lost} lost: more than a second's traffic (the hub's link closing, amqtt stopping)"
