@@ -70,8 +70,8 @@ def running_workers(hub: "Hub") -> Iterator[tuple[LiveFeed, MedianCache]]:
 
 def create_app(hub: "Hub") -> FastAPI:
     """The app over `hub`'s database, registry, rollouts and MQTT link; its lifespan runs `running_workers(hub)`."""
-    # Read (or made) here, in the caller's thread: a broken secret file stops the start with its own message.
-    secret = hub_secret(hub.settings.data_dir)
+    # Read (or made) here, in the caller's thread: a broken old secret file stops the start with its own message.
+    secret = hub_secret(hub.sessions, hub.settings.data_dir)
     opened = private_data_dir(hub.settings.data_dir)
     if opened:
         log.warning("%s: made %d paths readable by their owner only (were open to others): %s", hub.settings.data_dir,

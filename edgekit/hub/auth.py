@@ -2,7 +2,8 @@
 
 A token is shown once, when it is created. Requests carry it as `Authorization: Bearer TOKEN`; the dashboard
 trades it for a session cookie at `POST /login`. The cookie names the token, not the token itself, and is signed
-with a per-hub secret, so revoking a token also ends every dashboard session opened with it.
+with a key kept in the database (every hub process on it signs with the same one), so revoking a token also ends
+every dashboard session opened with it.
 
 Each token has a scope: `read` (GET only), `operate` (also push, deploy, halt, labels) or `admin` (also tokens and
 enrollment). A route states the scope it needs with `Actor` (read), `Operator` or `Admin`; a weaker token gets 403
@@ -29,7 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from edgekit.errors import BadInput
-from edgekit.hub.db import ApiToken, AuditEntry
+from edgekit.hub.db import ApiToken, AuditEntry, HubSetting, dialect_insert
 from edgekit.hub.deps import Secret, Sessions
 from edgekit.hub.scopes import DEFAULT_SCOPE, SCOPES, Scope, scope_allows
 
@@ -37,6 +38,7 @@ COOKIE = "edgekit_session"
 SESSION_S = 12 * 3600
 TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 ADMIN = "admin"
+COOKIE_KEY = "cookie_key"  # its `hub_settings` row
 
 
 @dataclass(frozen=True)
@@ -125,19 +127,31 @@ def token_caller(sessions: sessionmaker, token: str) -> Caller | None:
     return _active_caller(sessions, ApiToken.token_hash == hash_token(token))
 
 
-def hub_secret(data_dir: Path) -> bytes:
-    """The per-hub key that signs session cookies, created once in `<data_dir>/secret`, readable by the owner only."""
+def hub_secret(sessions: sessionmaker, data_dir: Path) -> bytes:
+    """The key that signs session cookies, kept in the database (`hub_settings`) so that every hub process on it
+    (replicas) accepts the cookies of every other. The first hub makes it; one made by an older hub in
+    `<data_dir>/secret` is moved there (its cookies stay valid) and the file removed."""
+    with sessions() as session:
+        stored = session.scalar(select(HubSetting.value).where(HubSetting.name == COOKIE_KEY))
+    if stored is None:
+        offered = _old_secret_file(data_dir) or secrets.token_bytes(32)
+        with sessions.begin() as session:  # ON CONFLICT: of hubs starting at once, the first one's key stays
+            insert = dialect_insert(session)(HubSetting).values(name=COOKIE_KEY, value=offered.hex())
+            session.execute(insert.on_conflict_do_nothing())
+            stored = session.scalar(select(HubSetting.value).where(HubSetting.name == COOKIE_KEY))
+    (data_dir / "secret").unlink(missing_ok=True)
+    return bytes.fromhex(stored)
+
+
+def _old_secret_file(data_dir: Path) -> bytes | None:
     path = data_dir / "secret"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
         secret = path.read_bytes()
-        if len(secret) < 32:
-            raise BadInput(f"{path}: too short to be a hub secret; delete it to make a new one") from None
-        return secret
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(secrets.token_bytes(32))
-    return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if len(secret) < 32:
+        raise BadInput(f"{path}: too short to be a hub secret; delete it to make a new one")
+    return secret
 
 
 def private_data_dir(data_dir: Path) -> list[Path]:

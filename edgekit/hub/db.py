@@ -30,9 +30,10 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from edgekit.errors import BadInput
 
@@ -180,6 +181,37 @@ class DeploymentDevice(Base):
     sent_at: Mapped[float | None] = mapped_column(Float)
     resolved_at: Mapped[float | None] = mapped_column(Float, comment="when it became healthy/failed/timed_out")
     updated: Mapped[float] = mapped_column(Float, default=time.time)
+    # True while the deployment runs, NULL after: the unique index below lets a device be in one running deployment
+    # only, checked by the database as the members are inserted (hubs creating deployments at once cannot both win).
+    active: Mapped[bool | None] = mapped_column(default=True)
+
+    __table_args__ = (
+        Index(
+            "ux_deployment_devices_active_device",
+            "device_id",
+            unique=True,
+            sqlite_where=text("active"),
+            postgresql_where=text("active"),
+        ),
+    )
+
+
+class Lease(Base):
+    """A job that one hub process at a time may do (the rollout controller, retention): `holder` has it until
+    `expires` (unix time), renewing it while it works; another process takes it once it has expired."""
+
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64), default="")
+    expires: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class HubSetting(Base):
+    """Values every hub process on the database must share, e.g. the key that signs dashboard cookies."""
+
+    __tablename__ = "hub_settings"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
 
 
 class ApiToken(Base):
@@ -203,6 +235,15 @@ class AuditEntry(Base):
     actor: Mapped[str] = mapped_column(String(64))
     action: Mapped[str] = mapped_column(String(32), comment="push|deploy|halt|token.create|token.revoke|login")
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+def dialect_insert(session: Session) -> Any:
+    """The INSERT construct of the session's dialect, which has ON CONFLICT (SQLite and PostgreSQL alike)."""
+    if session.bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
 
 
 def database_url(db: str | None, data_dir: Path) -> str:

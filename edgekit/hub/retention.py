@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import case, delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from edgekit.hub.db import TelemetryRollup, TelemetrySample
+from edgekit.hub.db import TelemetryRollup, TelemetrySample, dialect_insert
+from edgekit.hub.leases import RETENTION, Lease
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,7 @@ def _roll_window(session: Session, before: float) -> int:
 def _merge_statement(session: Session):
     """INSERT a rollup, or fold it into the one already there: averages weighted by sample count (a NULL side
     takes the other), the maximum of the maxima, the counts added. Done by the database, under the row's lock."""
-    if session.bind.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    statement = insert(TelemetryRollup)
+    statement = dialect_insert(session)(TelemetryRollup)
     old, new = TelemetryRollup.__table__.c, statement.excluded
     total = old.samples + new.samples
 
@@ -108,8 +105,9 @@ def prune_rollups(sessions: sessionmaker, older_than_s: float, now: float | None
 class Retention:
     """Runs `downsample` (and `prune_rollups` when `keep_rollups_s` is set) every `interval_s` in a thread.
 
-    Start it in one hub process (the one running the rollout driver); it is also safe, only wasteful, in
-    several at once."""
+    Given its hub's `replica` id (hub replicas on one database), a pass runs only in the process holding the
+    retention lease, so replicas do not repeat each other's work; without one it is still safe, only wasteful, in
+    several processes at once."""
 
     def __init__(
         self,
@@ -117,11 +115,14 @@ class Retention:
         raw_s: float = 86400.0,
         keep_rollups_s: float | None = 90 * 86400.0,
         interval_s: float = 300.0,
+        replica: str | None = None,
     ) -> None:
         self.sessions = sessions
         self.raw_s = raw_s
         self.keep_rollups_s = keep_rollups_s
         self.interval_s = interval_s
+        # Held across passes: a replica that dies leaves retention to another one two intervals later.
+        self.lease = Lease(sessions, RETENTION, replica, 2 * interval_s) if replica is not None else None
         self.passes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hub-retention", daemon=True)
@@ -134,8 +135,13 @@ class Retention:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        if self.lease is not None:
+            self.lease.release()
 
     def run_once(self) -> int:
+        """One pass; 0 without one when another hub process holds the retention lease."""
+        if self.lease is not None and not self.lease.acquire():
+            return 0
         rolled = downsample(self.sessions, self.raw_s)
         if self.keep_rollups_s is not None:
             prune_rollups(self.sessions, self.keep_rollups_s)

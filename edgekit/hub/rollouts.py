@@ -19,6 +19,15 @@ Halting (automatic or `Deployments.halt()`) asks every device the deployment tou
 
 Database writes are plain UPDATE/INSERT statements issued after all reads, in their own short transaction: on
 SQLite (WAL) a transaction that reads and then writes fails at once if ingest committed in between.
+
+Several hub processes on one database (replicas): every one may run the driver, but only the holder of the
+controller lease (`edgekit.hub.leases`) moves deployments; another takes over within `CONTROLLER_LEASE_S` when it
+dies. Each of its transactions renews the lease first (a fence), so a controller that lost it commits nothing. A
+member goes from pending to sent in the same transaction that takes its device's next rev (one UPDATE … RETURNING,
+so revs are unique per device) and stores the desired state, before it is published: whichever process sends, a
+member is sent once, and a controller that dies in between leaves a stored desired state the next one re-sends
+(same rev). A device is in at most one running deployment: a unique index on active members, checked by the
+database when a deployment's members are inserted.
 """
 
 import logging
@@ -32,26 +41,40 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgekit.errors import BadInput
 from edgekit.hub.db import BundleRecord, Deployment, DeploymentDevice, Device
+from edgekit.hub.leases import Lease, LostLease
 from edgekit.hub.registry import Registry
 from edgekit.protocol import DEVICE_ID, MAX_REV, DesiredState
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.5
+# How long a dead controller holds up rollouts before another hub process takes over (renewed every tick).
+CONTROLLER_LEASE_S = 5.0
 FAILED_PHASES = {"refused", "rolled_back", "failed"}
 IN_PROGRESS_PHASES = {"downloading", "verifying", "testing", "switching"}
 RESOLVED = {"healthy", "failed", "timed_out"}
 # Sign a device's desired state and publish it, retained (`Hub.send_desired`).
 SendDesired = Callable[[str, DesiredState], None]
+# Run inside a transaction before it commits: raises to roll it back (the controller lease's fence).
+Fence = Callable[[Session], None]
+
+
+def no_fence(_session: Session) -> None:
+    """Operator actions (halt) may run in any hub process: nothing to check."""
 
 
 class UnknownDeployment(BadInput):
     """No deployment with that id (the API answers 404)."""
+
+
+class MemberTaken(Exception):
+    """A member this controller was about to send to was sent by another: this step stops, the next reloads."""
 
 
 # ---- planning ---------------------------------------------------------------------------------------------------
@@ -117,11 +140,18 @@ def reported_rev(device: Device | None) -> int:
     return rev if type(rev) is int and -1 <= rev <= MAX_REV else -1
 
 
-def next_rev(device: Device) -> int:
-    """Above both what the hub last asked for and what the device last applied (it ignores rev <= applied)."""
-    rev = max(device.desired_rev or 0, reported_rev(device)) + 1
-    if rev > MAX_REV:
-        raise NoRevLeft(f"it reports rev {rev - 1}, the highest there is, so it would ignore any desired state")
+def take_rev(session: Session, device: Device) -> int:
+    """The device's next rev, above both what the hub last asked for (as the database has it now) and what the
+    device last applied (it ignores rev <= applied). Taken by one UPDATE … RETURNING in `session`'s transaction,
+    so two hub processes never take the same rev."""
+    floor = reported_rev(device)
+    if floor >= MAX_REV:  # checked here: MAX_REV + 1 does not fit the column
+        raise NoRevLeft(f"it reports rev {floor}, the highest there is, so it would ignore any desired state")
+    above = case((Device.desired_rev > floor, Device.desired_rev), else_=floor) + 1
+    row = (Device.id == device.id) & (Device.desired_rev < MAX_REV)
+    rev = session.scalar(update(Device).where(row).values(desired_rev=above).returning(Device.desired_rev))
+    if rev is None:
+        raise NoRevLeft(f"the hub sent it rev {MAX_REV}, the highest there is, or it is no longer known to the hub")
     return rev
 
 
@@ -172,11 +202,6 @@ class _Writes:
         )
         self.statements.append(statement.values(**values))
 
-    def device(self, device: Device, **values: Any) -> None:
-        for name, value in values.items():
-            setattr(device, name, value)
-        self.statements.append(update(Device).where(Device.id == device.id).values(**values))
-
     def deployment(self, deployment: Deployment, **values: Any) -> None:
         values["updated"] = time.time()
         for name, value in values.items():
@@ -184,11 +209,15 @@ class _Writes:
         # Only a running deployment changes: a halt from another hub process is never overwritten by this one.
         running = (Deployment.id == deployment.id) & (Deployment.state == "running")
         self.statements.append(update(Deployment).where(running).values(**values))
+        if values.get("state", "running") != "running":  # its devices are free for another deployment
+            members = DeploymentDevice.deployment_id == deployment.id
+            self.statements.append(update(DeploymentDevice).where(members).values(active=None))
 
-    def commit(self, sessions: sessionmaker) -> None:
+    def commit(self, sessions: sessionmaker, fence: Fence = no_fence) -> None:
         if not self.statements:
             return
         with sessions.begin() as session:
+            fence(session)
             for statement in self.statements:
                 session.execute(statement)
         self.statements.clear()
@@ -234,23 +263,30 @@ def find_bundle(registry: Registry, bundle_id: str) -> BundleRecord:
     return registry.get(bundle_id) if len(bundle_id) == 64 else registry.find(bundle_id)
 
 
-def publish_desired(send: SendDesired, device: Device, bundle: dict[str, Any], allow_downgrade: bool,
-                    health_checks: int | None, writes: _Writes) -> int:  # fmt: skip
+def publish_desired(sessions: sessionmaker, send: SendDesired, device: Device, bundle: dict[str, Any],
+                    allow_downgrade: bool, health_checks: int | None,
+                    record: Callable[[Session, int], None]) -> int:  # fmt: skip
     """Publish (retained) the device's last desired state with `bundle` swapped in and a fresh rev; returns it.
 
-    Published before the database records it: if the hub dies in between, the next step sends again, and the
-    device ignores a rev it has applied."""
-    rev = next_rev(device)
-    fields = {**_desired_base(device), "rev": rev, "bundle": {**bundle, "allow_downgrade": allow_downgrade}}
-    if health_checks is not None:
-        fields["health_checks"] = health_checks
-    desired = DesiredState.model_validate(fields)
+    Recorded before it is published, in one transaction: the rev taken (`take_rev`), the desired state stored and
+    whatever `record(session, rev)` writes (it raises to call the send off). If the hub dies before publishing,
+    the stored desired state is sent again by the next controller's resume, or when the device reconnects."""
+    with sessions.begin() as session:
+        rev = take_rev(session, device)
+        fields = {**_desired_base(device), "rev": rev, "bundle": {**bundle, "allow_downgrade": allow_downgrade}}
+        if health_checks is not None:
+            fields["health_checks"] = health_checks
+        desired = DesiredState.model_validate(fields)
+        stored = desired.model_dump(mode="json", exclude_none=True)
+        session.execute(update(Device).where(Device.id == device.id).values(desired=stored))
+        record(session, rev)
+    device.desired, device.desired_rev = stored, rev
     send(device.id, desired)
-    writes.device(device, desired=desired.model_dump(mode="json", exclude_none=True), desired_rev=rev)
     return rev
 
 
-def halt_loaded(loaded: _Loaded, send: SendDesired, writes: _Writes, reason: str) -> None:
+def halt_loaded(sessions: sessionmaker, loaded: _Loaded, send: SendDesired, writes: _Writes, reason: str,
+                fence: Fence = no_fence) -> None:  # fmt: skip
     """Mark the deployment halted and ask every device it touched for its previous bundle again.
 
     Healthy ones (and ones still in flight or timed out, which may yet install the new bundle from the retained
@@ -271,7 +307,7 @@ def halt_loaded(loaded: _Loaded, send: SendDesired, writes: _Writes, reason: str
         if previous["id"] == deployment.bundle_id:
             continue  # it ran this bundle before the deployment: nothing to go back to
         try:
-            publish_desired(send, device, previous, True, None, writes)
+            publish_desired(sessions, send, device, previous, True, None, lambda session, _rev: fence(session))
         except (NoRevLeft, ValidationError) as error:  # this device's own data: the others are still rolled back
             writes.member(member, detail=f"{member.detail}; cannot roll back: {error}"[:2000])
             continue
@@ -285,14 +321,17 @@ def halt_loaded(loaded: _Loaded, send: SendDesired, writes: _Writes, reason: str
 
 
 class RolloutDriver:
-    """Moves every running deployment forward each `TICK_S`, from what the database says; run it in one hub
-    process per fleet (`--no-controller` elsewhere). A step writes only while the deployment is still running, so
-    a halt from another process is never overwritten."""
+    """Moves every running deployment forward each `TICK_S`, from what the database says, while this process
+    holds `lease` (None: a hub alone on its database, which always drives). A step writes only while the
+    deployment is still running, so a halt from another process is never overwritten."""
 
-    def __init__(self, sessions: sessionmaker, send: SendDesired, registry: Registry) -> None:
+    def __init__(self, sessions: sessionmaker, send: SendDesired, registry: Registry,
+                 lease: Lease | None = None) -> None:  # fmt: skip
         self.sessions = sessions
         self.send = send
         self.registry = registry
+        self.lease = lease
+        self.leading = lease is None  # whether this process held the controller lease at its last tick
         # One step at a time: the loop and operator actions (Deployments) must not interleave on a deployment.
         self.lock = threading.RLock()
         self.ticks = 0  # completed ticks, for whoever waits for the driver to have looked again
@@ -315,6 +354,14 @@ class RolloutDriver:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        if self.lease is not None and self.leading:
+            self.leading = False
+            self.lease.release()  # another replica takes over at its next tick, not a lease period later
+
+    def fence(self, session: Session) -> None:
+        """Raises LostLease in `session`'s transaction when another process holds the controller lease."""
+        if self.lease is not None:
+            self.lease.fence(session)
 
     def _loop(self) -> None:
         while not self._stop.wait(TICK_S):
@@ -325,8 +372,11 @@ class RolloutDriver:
             self.ticks += 1
 
     def tick(self) -> None:
-        """Move every running deployment as far as the devices' reported states allow."""
+        """Move every running deployment as far as the devices' reported states allow, when this process holds
+        (or now takes) the controller lease."""
         with self.lock:
+            if not self._lead():
+                return
             resume, self._resume = self._resume, False
             with self.sessions() as session:
                 running = list(session.scalars(select(Deployment.id).where(Deployment.state == "running")))
@@ -335,11 +385,28 @@ class RolloutDriver:
             for deployment_id in running:
                 self.step(deployment_id, resume)
 
+    def _lead(self) -> bool:
+        if self.lease is None:
+            return True
+        was, self.leading = self.leading, self.lease.acquire()
+        if self.leading and not was:
+            log.info("this hub process is now the rollout controller (%s)", self.lease.holder)
+        if not self.leading:
+            self._resume = True  # when it takes over, it first re-sends what the last controller had in flight
+        return self.leading
+
     def step(self, deployment_id: int, resume: bool = False) -> None:
         """One deployment as far as it goes now. A broken one must not stop the others: logged, retried next tick."""
         with self.lock:
+            if not self.leading:
+                return
             try:
                 self._step(deployment_id, resume)
+            except LostLease:
+                self.leading, self._resume = False, True
+                log.warning("deployment #%d: another hub process took over the rollouts", deployment_id)
+            except MemberTaken as error:
+                log.warning("%s; reloading at the next tick", error)
             except Exception:
                 log.exception("deployment #%d: step failed", deployment_id)
 
@@ -361,7 +428,8 @@ class RolloutDriver:
                 break
             failures = [member for member in wave if member.state != "healthy"]
             if wave and len(failures) / len(wave) > deployment.failure_threshold:
-                halt_loaded(loaded, self.send, writes, _failure_reason(deployment, wave, failures))
+                reason = _failure_reason(deployment, wave, failures)
+                halt_loaded(self.sessions, loaded, self.send, writes, reason, self.fence)
             elif deployment.current_wave + 1 >= deployment.waves:
                 healthy = sum(member.state == "healthy" for member in loaded.members)
                 done = f"every wave done: {healthy} of {len(loaded.members)} devices healthy on the bundle"
@@ -371,7 +439,7 @@ class RolloutDriver:
                 writes.deployment(deployment, current_wave=deployment.current_wave + 1)
                 log.info("deployment #%d: wave %d done, starting wave %d", deployment.id, deployment.current_wave - 1,
                          deployment.current_wave)  # fmt: skip
-        writes.commit(self.sessions)
+        writes.commit(self.sessions, self.fence)
 
     def _advance(self, deployment: Deployment, bundle: BundleRecord, member: DeploymentDevice, device: Device | None,
                  now: float, writes: _Writes) -> None:  # fmt: skip
@@ -382,6 +450,8 @@ class RolloutDriver:
                 self._send(deployment, bundle, member, device, writes)
             elif member.state == "sent":
                 self._resolve(deployment, member, device, now, writes)
+        except (LostLease, MemberTaken):
+            raise
         except NoRevLeft as error:
             writes.member(member, state="failed", detail=f"cannot send: {error}", resolved_at=now)
             log.warning("deployment #%d: %s failed: cannot send: %s", deployment.id, member.device_id, error)
@@ -397,8 +467,18 @@ class RolloutDriver:
             writes.member(member, state="failed", detail="the device is no longer known to the hub", resolved_at=now)
             return
         ref = {"id": bundle.id, "name": bundle.name, "version": bundle.version, "size": bundle.size}
-        rev = publish_desired(self.send, device, ref, False, deployment.health_checks, writes)
-        writes.member(member, state="sent", rev=rev, sent_at=now, detail="")
+
+        def mark_sent(session: Session, rev: int) -> None:
+            self.fence(session)
+            pending = (DeploymentDevice.deployment_id == member.deployment_id) & (
+                DeploymentDevice.device_id == member.device_id) & (DeploymentDevice.state == "pending")  # fmt: skip
+            values = {"state": "sent", "rev": rev, "sent_at": now, "detail": "", "updated": now}
+            if session.execute(update(DeploymentDevice).where(pending).values(**values)).rowcount != 1:
+                raise MemberTaken(f"deployment #{member.deployment_id}: {member.device_id} is no longer pending")
+            for name, value in values.items():
+                setattr(member, name, value)
+
+        publish_desired(self.sessions, self.send, device, ref, False, deployment.health_checks, mark_sent)
 
     def _republish(self, loaded: _Loaded) -> None:
         """After a (re)start: send the in-flight desired states again, for a broker that lost its retained ones
@@ -472,23 +552,16 @@ class Deployments:
         bundle = find_bundle(self.registry, bundle_id)
         with self._lock:
             chosen = self._resolve_target(target)
-            self._check_not_busy([d.id for d in chosen])
             sizes = wave_sizes(len(chosen), canary_percent, wave_percent)
             deployment = Deployment(
                 bundle_id=bundle.id, target=target, canary_percent=canary_percent, wave_percent=wave_percent,
                 failure_threshold=failure_threshold, wave_timeout_s=wave_timeout_s, health_checks=health_checks,
                 state="running", current_wave=0, waves=len(sizes), reason="", created_by=actor,
             )  # fmt: skip
-            with self.sessions.begin() as session:
-                session.add(deployment)
-                session.flush()
-                waves = [number for number, size in enumerate(sizes) for _ in range(size)]
-                for number, device in zip(waves, chosen, strict=True):
-                    previous = _reported(device).get("bundle")
-                    session.add(DeploymentDevice(
-                        deployment_id=deployment.id, device_id=device.id, wave=number, state="pending",
-                        previous_bundle_id=previous["id"] if previous else None, previous_bundle=previous, detail="",
-                    ))  # fmt: skip
+            try:
+                self._insert(deployment, chosen, sizes)
+            except IntegrityError:  # the unique index on active members: a device is in a running deployment
+                raise BadInput(self._busy_message([d.id for d in chosen])) from None
             log.info("deployment #%d: %s@%s to %s (%d devices in waves %s) by %s", deployment.id, bundle.name,
                      bundle.version, target, len(chosen), sizes, actor)  # fmt: skip
             if self.driver is not None and self.driver.running:
@@ -502,7 +575,8 @@ class Deployments:
             if loaded.deployment.state != "running":
                 raise BadInput(f"deployment #{deployment_id} is {loaded.deployment.state}; only a running one halts")
             writes = _Writes()
-            halt_loaded(loaded, self.send, writes, f"halted by {actor}: {reason or 'no reason given'}")
+            reason = f"halted by {actor}: {reason or 'no reason given'}"
+            halt_loaded(self.sessions, loaded, self.send, writes, reason)
             writes.commit(self.sessions)
             return self.get(deployment_id)
 
@@ -543,14 +617,28 @@ class Deployments:
             raise BadInput(f"target '{target}': no devices match")
         return chosen
 
-    def _check_not_busy(self, device_ids: list[str]) -> None:
-        """A device in two running deployments would get two bundles fighting over it."""
-        query = (
-            select(DeploymentDevice.device_id, Deployment.id)
-            .join(Deployment, Deployment.id == DeploymentDevice.deployment_id)
-            .where(Deployment.state == "running", DeploymentDevice.device_id.in_(device_ids))
+    def _insert(self, deployment: Deployment, chosen: list[Device], sizes: list[int]) -> None:
+        """The deployment and its members, active, in one transaction. A device in two running deployments would
+        get two bundles fighting over it: the database refuses the second (IntegrityError), also when two hub
+        processes insert at the same moment."""
+        with self.sessions.begin() as session:
+            session.add(deployment)
+            session.flush()
+            waves = [number for number, size in enumerate(sizes) for _ in range(size)]
+            for number, device in zip(waves, chosen, strict=True):
+                previous = _reported(device).get("bundle")
+                session.add(DeploymentDevice(
+                    deployment_id=deployment.id, device_id=device.id, wave=number, state="pending", active=True,
+                    previous_bundle_id=previous["id"] if previous else None, previous_bundle=previous, detail="",
+                ))  # fmt: skip
+
+    def _busy_message(self, device_ids: list[str]) -> str:
+        """Which device was busy, for the refusal (read after the database refused the insert)."""
+        query = select(DeploymentDevice.device_id, DeploymentDevice.deployment_id).where(
+            DeploymentDevice.active.is_(True), DeploymentDevice.device_id.in_(device_ids)
         )
         with self.sessions() as session:
-            busy = session.execute(query).first()
-        if busy is not None:
-            raise BadInput(f"device {busy[0]} is already in running deployment #{busy[1]}; halt it first")
+            busy = session.execute(query.order_by(DeploymentDevice.device_id)).first()
+        if busy is None:  # the deployment that held it ended since
+            return "a device was in another running deployment; try again"
+        return f"device {busy[0]} is already in running deployment #{busy[1]}; halt it first"

@@ -28,10 +28,11 @@ from edgekit.hub.broker import EmbeddedBroker, MosquittoBroker, reload_broker, s
 from edgekit.hub.db import Device, database_url, open_database
 from edgekit.hub.ingest import Ingest, Message, device_ids
 from edgekit.hub.keys import HubTrust
+from edgekit.hub.leases import CONTROLLER, Lease
 from edgekit.hub.link import DEFAULT_SESSION_EXPIRY_S, MAX_SESSION_EXPIRY_S, BrokerLink, MqttVersion, hub_client_id
 from edgekit.hub.registry import Registry
 from edgekit.hub.retention import Retention
-from edgekit.hub.rollouts import Deployments, RolloutDriver
+from edgekit.hub.rollouts import CONTROLLER_LEASE_S, Deployments, RolloutDriver
 from edgekit.mqtt import with_login
 from edgekit.protocol import DesiredState, Topic, device_topic, encode
 from edgekit.trust import DEFAULT_DESIRED_TTL_S, TrustRoot
@@ -76,12 +77,17 @@ class Hub:
         self.users = None if settings.broker or settings.insecure_broker else BrokerUsers(settings.data_dir / "broker")
         self.trust = HubTrust(settings.data_dir / "trust", settings.trust_key, settings.desired_ttl_s)
         self.engine, self.sessions = open_database(database_url(settings.db, settings.data_dir))
+        self.replica = hub_client_id(settings.data_dir)  # names this process among replicas: leases, /metrics
         self.registry = Registry(settings.data_dir, self.sessions, self.trust.bundle_keys)
         self.ingest = Ingest(self.sessions, on_stored=self._on_stored)
         self.listeners: list = []  # callables(stored) for live views (the dashboard's SSE feed)
         # Run where the driver runs: raw telemetry for a day, then per-minute rollups for 90 days.
-        self.retention = Retention(self.sessions) if settings.controller else None
-        self.driver = RolloutDriver(self.sessions, self.send_desired, self.registry) if settings.controller else None
+        # Replicas on one database all run them; leases let one at a time do the work (edgekit.hub.leases).
+        self.retention = Retention(self.sessions, replica=self.replica) if settings.controller else None
+        self.driver = None
+        if settings.controller:
+            lease = Lease(self.sessions, CONTROLLER, self.replica, CONTROLLER_LEASE_S)
+            self.driver = RolloutDriver(self.sessions, self.send_desired, self.registry, lease)
         self.rollouts = Deployments(self.sessions, self.send_desired, self.registry, self.driver)
         self.stopping = threading.Event()  # set by stop(): open live streams end, so the server can stop
         self.link: BrokerLink | None = None  # from start(), when the broker's address is known

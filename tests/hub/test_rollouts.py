@@ -29,8 +29,8 @@ from reliability import record as record_figure
 
 from edgekit.bundle import sha256_file
 from edgekit.errors import BadInput
-from edgekit.hub.db import Deployment, DeploymentDevice, Device
-from edgekit.hub.rollouts import IN_PROGRESS_PHASES, NoRevLeft, next_rev, outcome, wave_sizes
+from edgekit.hub.db import Deployment, DeploymentDevice, Device, open_database
+from edgekit.hub.rollouts import IN_PROGRESS_PHASES, NoRevLeft, outcome, take_rev, wave_sizes
 from edgekit.protocol import MAX_REV, DesiredState, Topic, device_topic, encode
 
 TIMEOUT_S = 90.0
@@ -146,15 +146,30 @@ def test_outcome_waits_for_the_devices_rev():
     assert outcome(member, running, bundle) == ("healthy", "already running it")
 
 
-def test_next_rev_comes_only_from_bounded_revs():
-    """The next rev is above the hub's last and the device's reported rev, but a stored rev that is not a bounded
-    integer (a row from before revs were bounded) is ignored, and no rev above MAX_REV is ever derived."""
-    assert next_rev(Device(id="d", desired_rev=3, reported={"rev": 9})) == 10
-    for unbounded in (2**70, "9", 9.0, True, -5, None):
-        assert next_rev(Device(id="d", desired_rev=3, reported={"rev": unbounded})) == 4, unbounded
-    assert next_rev(Device(id="d", desired_rev=3, reported={"rev": MAX_REV - 1})) == MAX_REV
-    with pytest.raises(NoRevLeft, match=f"reports rev {MAX_REV}, the highest there is"):
-        next_rev(Device(id="d", desired_rev=3, reported={"rev": MAX_REV}))
+def test_take_rev_comes_only_from_bounded_revs(tmp_path):
+    """The next rev is above the hub's last (as the database has it) and the device's reported rev, but a stored rev
+    that is not a bounded integer (a row from before revs were bounded) is ignored, no rev above MAX_REV is ever
+    taken, and taking one twice gives two revs."""
+    engine, sessions = open_database(f"sqlite:///{tmp_path / 'revs.sqlite'}")
+
+    def take(reported_rev) -> int:
+        with sessions.begin() as session:
+            session.merge(Device(id="d", desired_rev=3, reported={"rev": reported_rev}))
+        with sessions.begin() as session:
+            return take_rev(session, Device(id="d", reported={"rev": reported_rev}))
+
+    try:
+        assert take(9) == 10
+        for unbounded in (2**70, "9", 9.0, True, -5, None):
+            assert take(unbounded) == 4, unbounded
+        assert take(MAX_REV - 1) == MAX_REV
+        with pytest.raises(NoRevLeft, match=f"reports rev {MAX_REV}, the highest there is"):
+            take(MAX_REV)
+        with sessions.begin() as session:
+            first, second = (take_rev(session, Device(id="d", reported={})) for _ in range(2))
+        assert (first, second) == (4, 5)
+    finally:
+        engine.dispose()
 
 
 def test_canary_failures_halt_and_roll_back(hub, bundles, tmp_path):
