@@ -287,8 +287,8 @@ def test_the_data_dir_is_the_owners_only_also_when_an_older_hub_left_it_open(tmp
         create_token(hub.sessions, "writer", "test")  # a write: the -wal and -shm files exist now
         sqlite = sorted(p.name for p in fresh.glob("hub.sqlite*"))
         assert sqlite == ["hub.sqlite", "hub.sqlite-shm", "hub.sqlite-wal"], sqlite
-        modes = {name: stat.S_IMODE((fresh / name).stat().st_mode) for name in [*sqlite, "secret"]}
-        assert modes == dict.fromkeys([*sqlite, "secret"], 0o600), modes
+        modes = {name: stat.S_IMODE((fresh / name).stat().st_mode) for name in sqlite}
+        assert modes == dict.fromkeys(sqlite, 0o600), modes
         assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
 
     # An older hub's data dir: everything 0644/0755, and a token from before scopes existed.
@@ -299,7 +299,9 @@ def test_the_data_dir_is_the_owners_only_also_when_an_older_hub_left_it_open(tmp
     engine.dispose()
     with sqlite3.connect(old / "hub.sqlite") as db:
         db.execute("ALTER TABLE tokens DROP COLUMN scope")
-        db.execute("DROP TABLE alembic_version")  # older hubs had no schema migrations either
+        db.execute("DROP TABLE alembic_version")  # older hubs had no schema migrations either, nor what 0002 added
+        db.executescript("DROP TABLE leases; DROP TABLE hub_settings; DROP INDEX ux_deployment_devices_active_device; "
+                         "ALTER TABLE deployment_devices DROP COLUMN active")  # fmt: skip
     (old / "secret").write_bytes(os.urandom(32))
     for path in [old, *old.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
