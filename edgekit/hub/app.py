@@ -21,7 +21,7 @@ from edgekit.hub.alerts import MedianCache
 from edgekit.hub.auth import hub_secret, private_data_dir, require_read
 from edgekit.hub.deps import Link, Sessions
 from edgekit.hub.guard import WebGuard
-from edgekit.hub.live import LiveFeed
+from edgekit.hub.live import FleetRelay, LiveFeed
 from edgekit.hub.metrics import hub_registry, metrics_router
 from edgekit.hub.routes import audit, bundles, deployments, devices, enrollment, session, tokens, trust
 from edgekit.hub.schemas import Health
@@ -59,6 +59,12 @@ def running_workers(hub: "Hub") -> Iterator[tuple[LiveFeed, MedianCache]]:
         feed = LiveFeed(hub.stopping)
         hub.listeners.append(feed)
         stack.callback(hub.listeners.remove, feed)
+        if hub.engine.dialect.name == "postgresql":  # maybe one of several replicas: each feed shows every one's
+            relay = FleetRelay(hub.engine, hub.replica, feed)
+            relay.start()
+            stack.callback(relay.stop)
+            hub.listeners.append(relay)
+            stack.callback(hub.listeners.remove, relay)
         medians = MedianCache(hub.sessions)
         stack.callback(medians.stop)
         for worker in (hub.retention, hub.driver):

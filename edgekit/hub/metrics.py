@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from sqlalchemy import func, select
 
+from edgekit import __version__
 from edgekit.hub.auth import Actor
 from edgekit.hub.db import BundleRecord, Deployment, Device
 from edgekit.hub.deps import Metrics
@@ -38,6 +39,7 @@ class HubCollector:
         return []  # no scrape at registration time: the database may not be reachable yet
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._replica()
         yield from self._ingest()
         with self.hub.sessions() as session:
             columns = [getattr(Device, column) for column, _, _ in PER_DEVICE]
@@ -62,6 +64,17 @@ class HubCollector:
                 if value is not None:  # no sample yet: no series, rather than a misleading 0
                     gauge.add_metric([row.id], value)
         yield from (online, seen, *gauges)
+
+    def _replica(self) -> Iterator[Metric]:
+        """Which hub process answered: replicas on one database report the same fleet, so a scrape of each says
+        which one it is (its MQTT client id, stable across restarts) and whether it drives rollouts now."""
+        yield InfoMetricFamily("edgekit_hub", "This hub process", value={"replica": self.hub.replica,
+                                                                          "version": __version__})  # fmt: skip
+        driver = self.hub.driver
+        leading = 1 if driver is not None and driver.running and driver.leading else 0
+        yield GaugeMetricFamily("edgekit_hub_rollout_controller",
+                                "1 while this hub process is the rollout controller (holds the lease)",
+                                value=leading)  # fmt: skip
 
     def _ingest(self) -> Iterator[Metric]:
         stats = self.hub.ingest.stats
