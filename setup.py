@@ -39,7 +39,15 @@ EXTRAS = {
         "xgboost-cpu>=2.0",
     ],
     # Device side: runtimes only, never the compiler stack.
-    "agent": [*RUNTIME_ORT, "paho-mqtt>=2.0", "pyserial>=3.5", "opencv-python-headless>=4.8", "psutil>=5.9"],
+    # zstandard: delta updates (edgekit/delta.py), on both ends of the transfer.
+    "agent": [
+        *RUNTIME_ORT,
+        "paho-mqtt>=2.0",
+        "pyserial>=3.5",
+        "opencv-python-headless>=4.8",
+        "psutil>=5.9",
+        "zstandard>=0.22",
+    ],
     "hub": [
         "fastapi>=0.110",
         "uvicorn>=0.29",
@@ -48,6 +56,7 @@ EXTRAS = {
         "alembic>=1.13",
         "amqtt>=0.11",
         "paho-mqtt>=2.0",
+        "zstandard>=0.22",
         # /metrics exposition, and the HTTP client `edgekit push/deploy/devices` talk to the hub with.
         "prometheus-client>=0.20",
         "httpx>=0.27",

@@ -8,16 +8,20 @@ one after. `trial` is true between the switch and the end of the health check, s
 resumes the check (and rolls back if it fails) instead of trusting an unproven bundle.
 """
 
+import hashlib
+import io
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from edgekit.bundle import TrustKeys, open_bundle, sha256_file
+# _add_bytes: the member headers write_bundle writes, so a repacked bundle has the bytes it was shipped with.
+from edgekit.bundle import SIGNATURE_FILE, TrustKeys, _add_bytes, open_bundle, sha256_file
 from edgekit.manifest import Manifest
 from edgekit.protocol import BundleRef
 from edgekit.schema import StrictModel
@@ -127,6 +131,17 @@ class BundleStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return self.get(bundle_id)
+
+    def repack(self, installed: Installed) -> bytes | None:
+        """The .ekb file an installed bundle was unpacked from, rebuilt from its files (the base of a delta update);
+        None when the rebuilt bytes do not hash to its id (a bundle packed by another tool), so nothing is kept
+        twice on the device's disk."""
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for name in (MANIFEST, SIGNATURE_FILE, *(entry.path for entry in installed.manifest.files)):
+                _add_bytes(tar, name, (installed.root / name).read_bytes())
+        data = buffer.getvalue()
+        return data if hashlib.sha256(data).hexdigest() == installed.id else None
 
     def prune(self, keep: set[str]) -> None:
         for path in self.dir.iterdir():

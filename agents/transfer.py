@@ -15,14 +15,16 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from pydantic import Field, ValidationError
 
 from edgekit.agents.bundles import write_atomically
 from edgekit.agents.link import Link
 from edgekit.agents.runner import Report
+from edgekit.delta import DeltaError, apply_delta
 from edgekit.protocol import (
     BundleRef,
     ChunkHeader,
@@ -47,6 +49,10 @@ DEADLINE_MIN_RATE = 32 * 1024  # bytes per second
 # Without a good chunk: ~90 s of silence (a re-request per STALL_S), or ~45 s of a server sending only bad chunks
 # (the one at the expected index is rejected, then the stall's re-request: two retries per STALL_S).
 DEFAULT_RETRIES = 30
+# A delta's re-requests without an answer before the whole bundle is fetched instead: a hub from before deltas that
+# refuses the unknown `base` field never answers, and a new hub answers within a stall unless it is making the
+# delta of a big pair.
+DELTA_RETRIES = 4
 
 Reject = Callable[[str, str, int], None]  # reject(topic, reason, payload bytes): a payload.rejected event
 
@@ -69,11 +75,31 @@ class FetchLimits(StrictModel):
     retries: int = Field(ge=0)
 
 
+@dataclass(frozen=True)
+class Base:
+    """A bundle the device holds, as the .ekb bytes it came in: what a delta update starts from."""
+
+    id: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A fetched bundle file and how it came: `received` bytes over the link, the whole file or a delta."""
+
+    path: Path
+    via: Literal["full", "delta"]
+    received: int
+
+
 class BundleFetcher(Protocol):
-    def fetch(self, target: BundleRef, report: Report, stopping: threading.Event, limits: FetchLimits) -> Path:
+    def fetch(
+        self, target: BundleRef, report: Report, stopping: threading.Event, limits: FetchLimits, base: Base | None
+    ) -> Fetched:
         """The bundle file, its whole sha256 checked against `target.id`; raises FetchFailed, also once `limits`
-        are spent (what an attempt spent survives a restart). Progress goes to `report` as update.progress events;
-        gives up when `stopping` is set."""
+        are spent (what an attempt spent survives a restart). With a `base`, a delta from it is tried first; when
+        that fails for any reason, the whole file is fetched (an update.progress event says why). Progress goes
+        to `report` as update.progress events; gives up when `stopping` is set."""
 
 
 class _Spent(StrictModel):
@@ -94,16 +120,57 @@ class ChunkFetcher:
         self._folder = folder
         self._reject = reject
         self._request_topic = device_topic(device_id, Topic.TRANSFER_REQUEST)
-        self._downloads: dict[str, Download] = {}
+        self._downloads: dict[str, Download | DeltaDownload] = {}
+        self._route = threading.Lock()  # chunks are routed on the link's thread, downloads (un)registered on fetch's
         link.subscribe(device_topic(device_id, Topic.TRANSFER_CHUNK), self._on_chunk)
 
-    def fetch(self, target: BundleRef, report: Report, stopping: threading.Event, limits: FetchLimits) -> Path:
-        download = Download(self._folder, target, self._request, attempt=limits.attempt)
-        self._downloads[target.id] = download
+    def fetch(
+        self, target: BundleRef, report: Report, stopping: threading.Event, limits: FetchLimits, base: Base | None
+    ) -> Fetched:
+        def whole(requested: int = 0) -> Download:
+            return Download(self._folder, target, self._request, attempt=limits.attempt, requested=requested)
+
+        if base is not None and not Download.on_disk(self._folder, target):  # a partial download is resumed instead
+            outcome = self._fetch_delta(target, base, stopping, whole)
+            if isinstance(outcome, Fetched):
+                return outcome
+            if isinstance(outcome, Download):  # the hub answered with the whole bundle
+                return Fetched(self._fetch_whole(outcome, report, stopping, limits), "full", target.size)
+            report("update.progress", f"no delta update ({outcome}): downloading the whole bundle", bundle=target.id,
+                   base=base.id, fallback=outcome)  # fmt: skip
+        download = whole()
         if download.resumed_from:
             report("update.progress", f"resuming download at chunk {download.resumed_from}/{download.total}",
                    bundle=target.id, received=download.received_bytes)  # fmt: skip
         download.start()
+        return Fetched(self._fetch_whole(download, report, stopping, limits), "full", target.size)
+
+    def _fetch_delta(
+        self, target: BundleRef, base: Base, stopping: threading.Event, whole: Callable[[int], "Download"]
+    ) -> "Fetched | Download | str":
+        """Ask for the bundle as a delta from `base`: the bundle rebuilt from the delta, the whole bundle's
+        download when the hub sends that instead (a hub from before deltas, or one for which no delta pays), or
+        why the delta failed."""
+        delta = DeltaDownload(self._folder, target, base, self._request, whole)
+        with self._route:
+            self._downloads[target.id] = delta
+        delta.start()
+        while not delta.finished.wait(POLL_S) and not stopping.is_set():
+            delta.poke()
+        if delta.successor is not None:
+            return delta.successor  # registered already: a stop now is the whole download's (_fetch_whole)
+        with self._route:
+            del self._downloads[target.id]
+        if not delta.finished.is_set():
+            raise FetchFailed("agent stopping during download")
+        return Fetched(delta.done_path, "delta", delta.size) if delta.error is None else delta.error
+
+    def _fetch_whole(
+        self, download: "Download", report: Report, stopping: threading.Event, limits: FetchLimits
+    ) -> Path:
+        target = download.ref
+        with self._route:
+            self._downloads[target.id] = download
         reported = 0
         while not download.finished.wait(POLL_S):
             if stopping.is_set():
@@ -112,7 +179,8 @@ class ChunkFetcher:
             download.spend(POLL_S)
             over = download.over_budget(limits)
             if over:
-                del self._downloads[target.id]  # its chunks stay on disk for the next attempt
+                with self._route:
+                    del self._downloads[target.id]  # its chunks stay on disk for the next attempt
                 raise FetchFailed(over)
             download.poke()
             quarter = 4 * download.received_bytes // target.size
@@ -120,7 +188,8 @@ class ChunkFetcher:
                 reported = quarter
                 report("update.progress", f"downloaded {25 * quarter}%", bundle=target.id,
                        received=download.received_bytes)  # fmt: skip
-        del self._downloads[target.id]
+        with self._route:
+            del self._downloads[target.id]
         if download.error:
             raise FetchFailed(download.error)
         return download.done_path
@@ -134,7 +203,12 @@ class ChunkFetcher:
         except PayloadRejected as error:
             self._reject(topic, str(error), len(payload))
             return
-        download = self._downloads.get(header.bundle)
+        with self._route:
+            download = self._downloads.get(header.bundle)
+            if isinstance(download, DeltaDownload) and header.base is None:
+                download = download.hand_over()
+                if download is not None:
+                    self._downloads[header.bundle] = download
         if download is None:
             self._reject(topic, f"chunk {header.index} of bundle {header.bundle[:12]}: no such transfer running",
                          len(payload))  # fmt: skip
@@ -144,7 +218,142 @@ class ChunkFetcher:
             self._reject(topic, problem, len(payload))
 
 
-class Download:
+class _Window:
+    """What both downloads do with a chunk taken in order: finish after the last, else keep `window` chunks asked
+    for ahead (more when half have arrived)."""
+
+    next_index: int
+    window: int
+    _requested_until: int
+    _last_progress: float
+
+    def _ask(self, index: int, count: int) -> object: ...
+
+    def _finish(self) -> None: ...
+
+    def _advance(self, total: int) -> None:
+        self.next_index += 1
+        self._last_progress = time.monotonic()
+        if self.next_index == total:
+            self._finish()
+        elif self._requested_until - self.next_index <= self.window // 2:
+            self._ask(self._requested_until, self.window - (self._requested_until - self.next_index))
+
+
+class DeltaDownload(_Window):
+    """The delta from `base` to a bundle, in memory (the hub sends one only when it is under half the bundle),
+    applied and checked against the bundle's sha256 once whole. Any problem ends it with `error` set, and the
+    caller then downloads the whole bundle: a delta is never retried or resumed. When the hub answers with the
+    whole bundle's chunks instead, `hand_over` makes the `successor` download that takes them."""
+
+    def __init__(
+        self,
+        folder: Path,
+        ref: BundleRef,
+        base: Base,
+        request: Callable[[ChunkRequest], bool],
+        whole: Callable[[int], "Download"],
+        window: int = WINDOW,
+    ) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.ref, self.base = ref, base
+        self.done_path = folder / f"{ref.id}.ekb"
+        self._request = request
+        self._whole = whole
+        self.window = window
+        self.size = 0  # the delta's, from its first chunk
+        self._total = 0
+        self._sha256 = ""
+        self._data = bytearray()
+        self.next_index = 0
+        self._requested_until = 0
+        self._retries = 0
+        self._last_progress = time.monotonic()
+        self._lock = threading.Lock()
+        self.finished = threading.Event()
+        self.error: str | None = None
+        self.successor: Download | None = None
+
+    def start(self) -> None:
+        self._ask(0, self.window)
+
+    def _ask(self, index: int, count: int) -> None:
+        count = min(count, self._total - index) if self._total else count
+        if count > 0:
+            self._requested_until = max(self._requested_until, index + count)
+            self._request(ChunkRequest(bundle=self.ref.id, index=index, count=count, chunk_size=CHUNK_SIZE,
+                                       base=self.base.id))  # fmt: skip
+
+    def hand_over(self) -> "Download | None":
+        """The whole bundle's download, to take the whole-bundle chunks the hub sent for the first request; None
+        once this download has ended."""
+        with self._lock:
+            if self.finished.is_set() or self.next_index:
+                return None
+            self.successor = self._whole(self._requested_until)
+            self.finished.set()
+            return self.successor
+
+    def _fail(self, error: str) -> str:
+        self.error = error
+        self.finished.set()
+        return error
+
+    def on_chunk(self, header: ChunkHeader, data: bytes) -> str | None:
+        """Take one chunk of the delta; returns why it was rejected (which ends the delta), or None."""
+        with self._lock:
+            if self.finished.is_set() or header.base != self.base.id or header.index != self.next_index:
+                return None
+            problem = self._check(header, data)
+            if problem:
+                return self._fail(problem)
+            self._data += data
+            self._advance(self._total)
+            return None
+
+    def _check(self, header: ChunkHeader, data: bytes) -> str | None:
+        if not self._total:
+            if header.size >= self.ref.size or header.delta_sha256 is None:
+                return f"a delta of {header.size} bytes for a {self.ref.size}-byte bundle"
+            self.size, self._total, self._sha256 = header.size, -(-header.size // CHUNK_SIZE), header.delta_sha256
+        expected = min(CHUNK_SIZE, self.size - header.index * CHUNK_SIZE)
+        if (header.size, header.total, header.delta_sha256) != (self.size, self._total, self._sha256):
+            return f"delta chunk {header.index} is of another delta than chunk 0"
+        if len(data) != expected or hashlib.sha256(data).hexdigest() != header.sha256:
+            return f"delta chunk {header.index}: {len(data)} bytes (expected {expected}) or sha256 do not match"
+        return None
+
+    def _finish(self) -> None:
+        if hashlib.sha256(self._data).hexdigest() != self._sha256:
+            self._fail("the delta's sha256 does not match its header")
+            return
+        try:
+            bundle = apply_delta(self.base.data, bytes(self._data), self.ref.size)
+        except DeltaError as error:
+            self._fail(str(error))
+            return
+        if hashlib.sha256(bundle).hexdigest() != self.ref.id:
+            self._fail("the bundle rebuilt from the delta does not match the desired bundle's sha256")
+            return
+        write_atomically(self.done_path, bundle)
+        self.finished.set()
+
+    def poke(self) -> None:
+        """Called periodically: re-request after a stall, and give up after DELTA_RETRIES of them (a hub from
+        before deltas that refused the request's `base` field never answers)."""
+        with self._lock:
+            if self.finished.is_set() or time.monotonic() - self._last_progress <= STALL_S:
+                return
+            if self._retries >= DELTA_RETRIES:
+                self._fail(f"no answer to {DELTA_RETRIES + 1} delta requests {STALL_S:g} s apart")
+                return
+            self._retries += 1
+            self._last_progress = time.monotonic()
+            self._requested_until = self.next_index
+            self._ask(self.next_index, self.window)
+
+
+class Download(_Window):
     def __init__(
         self,
         folder: Path,
@@ -153,7 +362,9 @@ class Download:
         chunk_size: int = CHUNK_SIZE,
         window: int = WINDOW,
         attempt: int | None = None,
+        requested: int = 0,
     ) -> None:
+        """`requested`: chunks already asked for by someone else (the delta request a hub answered in whole)."""
         folder.mkdir(parents=True, exist_ok=True)
         self.ref = ref
         self.part = folder / f"{ref.id}.part"
@@ -169,11 +380,17 @@ class Download:
         self.total = -(-ref.size // self.chunk_size)
         self.next_index = self._resume_index()
         self.resumed_from = self.next_index
-        self._requested_until = self.next_index
+        self._requested_until = max(self.next_index, requested)
         self._last_progress = time.monotonic()
         self._lock = threading.Lock()
         self.finished = threading.Event()
         self.error: str | None = None
+
+    @staticmethod
+    def on_disk(folder: Path, ref: BundleRef) -> bool:
+        """Whether some of the bundle is downloaded already (a partial file to resume, or the whole file)."""
+        part = folder / f"{ref.id}.part"
+        return (folder / f"{ref.id}.ekb").is_file() or (part.is_file() and part.stat().st_size > 0)
 
     def _resume_spent(self, default_chunk_size: int, attempt: int | None) -> _Spent:
         """A resumed download keeps the chunk size it started with, and a resumed attempt what it spent."""
@@ -235,7 +452,8 @@ class Download:
     def on_chunk(self, header: ChunkHeader, data: bytes) -> str | None:
         """Take one chunk; returns why it was rejected, or None. Out-of-order and repeated chunks are ignored."""
         with self._lock:
-            if self.finished.is_set() or header.index != self.next_index:
+            # header.base: a late answer to a delta request this download replaced
+            if self.finished.is_set() or header.index != self.next_index or header.base is not None:
                 return None
             problem = self._check(header, data)
             if problem:
@@ -244,13 +462,8 @@ class Download:
                 return problem
             with open(self.part, "ab") as handle:
                 handle.write(data)
-            self.next_index += 1
             self.retries = 0
-            self._last_progress = time.monotonic()
-            if self.next_index == self.total:
-                self._finish()
-            elif self._requested_until - self.next_index <= self.window // 2:
-                self._ask(self._requested_until, self.window - (self._requested_until - self.next_index))
+            self._advance(self.total)
             return None
 
     def _check(self, header: ChunkHeader, data: bytes) -> str | None:

@@ -24,7 +24,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edgekit.agents.bundles import ActiveRecord, BundleStore, Installed, semver_key
 from edgekit.agents.runner import HealthCheck, LoadedModel, Runner
 from edgekit.agents.runtimes import get_runtime
-from edgekit.agents.transfer import DEFAULT_RETRIES, BundleFetcher, FetchFailed, FetchLimits, default_deadline_s
+from edgekit.agents.transfer import (
+    DEFAULT_RETRIES,
+    Base,
+    BundleFetcher,
+    FetchFailed,
+    FetchLimits,
+    default_deadline_s,
+)
+from edgekit.delta import supported as delta_supported
 from edgekit.errors import EdgekitError
 from edgekit.protocol import BundleRef, DesiredBundle, UpdatePhase, UpdateState
 from edgekit.selftest import run_selftest
@@ -127,7 +135,7 @@ class Updater:
             self._check_version(target, current)
             self._host.report("update.started", f"updating to {target.name}@{target.version}", bundle=target.id)
             self._check_verifiable(target)
-            bundle_file = self._fetch(target, rev)
+            bundle_file = self._fetch(target, rev, current)
             self._set_phase("verifying", target.id)
             candidate = self._verify(target, bundle_file)
             self._set_phase("testing", target.id)
@@ -159,17 +167,30 @@ class Updater:
         deadline_s = self._deadline_s if self._deadline_s is not None else default_deadline_s(target.size)
         return FetchLimits(attempt=rev, deadline_s=deadline_s, retries=self._retries)
 
-    def _fetch(self, target: BundleRef, rev: int) -> Path | None:
-        """The bundle file, fetched (resuming a partial download) unless it is already installed."""
+    def _fetch(self, target: BundleRef, rev: int, current: LoadedModel | None) -> Path | None:
+        """The bundle file, fetched (as a delta from the running bundle of the same model, else resuming a partial
+        download) unless it is already installed."""
         if self.store.has(target.id):
             return None
         self._set_phase("downloading", target.id)
+        limits = self._limits(target, rev)
         try:
-            bundle_file = self.fetcher.fetch(target, self._host.report, self._stopping, self._limits(target, rev))
+            fetched = self.fetcher.fetch(
+                target, self._host.report, self._stopping, limits, self._delta_base(target, current)
+            )
         except FetchFailed as error:
             raise UpdateFailed("failed", str(error)) from None
-        self._host.report("update.downloaded", f"{target.size} bytes received, sha256 verified", bundle=target.id)
-        return bundle_file
+        how = f"a {fetched.received}-byte delta" if fetched.via == "delta" else f"{fetched.received} bytes"
+        self._host.report("update.downloaded", f"{how} received, the {target.size}-byte bundle's sha256 verified",
+                          bundle=target.id, via=fetched.via, received=fetched.received)  # fmt: skip
+        return fetched.path
+
+    def _delta_base(self, target: BundleRef, current: LoadedModel | None) -> Base | None:
+        """The running bundle as a delta's base when it is of the target's model and its .ekb can be rebuilt."""
+        if current is None or current.bundle.manifest.name != target.name or not delta_supported():
+            return None
+        data = self.store.repack(current.bundle)
+        return Base(current.bundle.id, data) if data is not None else None
 
     def _verify(self, target: BundleRef, bundle_file: Path | None) -> Installed:
         if bundle_file is None:

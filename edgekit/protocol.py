@@ -246,15 +246,22 @@ class ChunkRequest(Payload):
     index: int = Field(ge=0)
     count: int = Field(ge=1, le=64)
     chunk_size: int = Field(ge=1024, le=4 * 1024 * 1024)
+    base: str | None = Field(
+        None, pattern=SHA256, description="A bundle the device holds: send the delta from it to `bundle` instead"
+    )
 
 
 class ChunkHeader(Payload):
     bundle: str = Field(pattern=SHA256)
     index: int = Field(ge=0)
     total: int = Field(ge=1)
-    size: int = Field(ge=1, le=MAX_BUNDLE_SIZE, description="Bundle size in bytes")
+    size: int = Field(ge=1, le=MAX_BUNDLE_SIZE, description="Bundle size in bytes (the delta's, for a delta)")
     sha256: str = Field(pattern=SHA256, description="Of this chunk's data")
     error: str | None = Field(None, description="Set (and no data) when the server cannot serve the bundle")
+    base: str | None = Field(
+        None, pattern=SHA256, description="Echoes a request's `base`: a delta's chunk (`size`: the delta's) or error"
+    )
+    delta_sha256: str | None = Field(None, pattern=SHA256, description="Of the whole delta, on a delta's chunks")
 
 
 def encode_chunk(header: ChunkHeader, data: bytes) -> bytes:

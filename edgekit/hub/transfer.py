@@ -1,4 +1,5 @@
-"""Server side of the bundle transfer: answers devices' chunk requests from bundle files on disk.
+"""Server side of the bundle transfer: answers devices' chunk requests from bundle files on disk, and requests that
+name a `base` with the chunks of a delta from that bundle (`DeltaCache`, docs/protocol.md "Delta updates").
 
 The hub runs one; tests, the fleet simulator and benchmarks run one next to a broker. Requests are served by
 worker threads, never in the MQTT network thread, so a big transfer does not stall other traffic.
@@ -11,10 +12,12 @@ import queue
 import threading
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from edgekit.delta import DeltaError, encode_delta
 from edgekit.protocol import (
     PREFIX,
     ChunkHeader,
@@ -30,14 +33,19 @@ from edgekit.protocol import (
 log = logging.getLogger(__name__)
 
 Resolver = Callable[[str], Path | None]
+DELTA_CACHE_BYTES = 1024**3
 
 
 class BundleServer:
-    def __init__(self, client: mqtt.Client, resolve: Resolver, workers: int = 2) -> None:
+    def __init__(
+        self, client: mqtt.Client, resolve: Resolver, workers: int = 2, deltas: "DeltaCache | None" = None
+    ) -> None:
         """`client` is a connected (or connecting) paho client owned by the caller; `resolve` maps a bundle
-        sha256 to its file, or None when this server does not have it."""
+        sha256 to its file, or None when this server does not have it; `deltas` makes and keeps the deltas it
+        serves to devices that name a `base` (by default beside the bundles' folder)."""
         self._client = client
         self._resolve = resolve
+        self._deltas = deltas or DeltaCache(resolve)
         # One queue per worker and a device always lands on the same one: its chunks then leave in order.
         self._queues: list[queue.Queue[tuple[str, ChunkRequest] | None]] = [
             queue.Queue(maxsize=10_000) for _ in range(workers)
@@ -47,6 +55,7 @@ class BundleServer:
         ]
         self.rejected = 0
         self.chunks_sent = 0
+        self.deltas_served = 0  # requests for a delta's first chunk that were answered with it
 
     @property
     def topic_filter(self) -> str:
@@ -97,16 +106,126 @@ class BundleServer:
         topic = device_topic(device_id, Topic.TRANSFER_CHUNK)
         path = self._resolve(request.bundle)
         if path is None or not path.is_file():
-            header = ChunkHeader(bundle=request.bundle, index=request.index, total=1, size=1, sha256="0" * 64,
-                                 error="unknown bundle")  # fmt: skip
-            self._client.publish(topic, encode_chunk(header, b""), qos=1)
+            self._send_error(topic, request, "unknown bundle")
             return
+        delta = self._delta(request.bundle, request.base) if request.base is not None else None
+        if delta is None:
+            self._send_chunks(topic, request, path)
+            return
+        if request.index == 0:
+            self.deltas_served += 1
+        self._send_chunks(topic, request, delta.path, request.base, delta.sha256)
+
+    def _delta(self, bundle: str, base: str) -> "CachedDelta | None":
+        """The delta from `base` to `bundle`, or None to send the whole bundle: the base is unknown here, or no delta
+        pays (the device treats whole-bundle chunks as the answer; docs/protocol.md "Delta updates")."""
+        try:
+            return self._deltas.get(base, bundle)
+        except DeltaError as error:
+            log.debug("no delta %s → %s, sending the whole bundle: %s", base[:12], bundle[:12], error)
+            return None
+
+    def _send_error(self, topic: str, request: ChunkRequest, error: str) -> None:
+        header = ChunkHeader(bundle=request.bundle, index=request.index, total=1, size=1, sha256="0" * 64,
+                             error=error)  # fmt: skip
+        self._client.publish(topic, encode_chunk(header, b""), qos=1)
+
+    def _send_chunks(
+        self, topic: str, request: ChunkRequest, path: Path, base: str | None = None, delta_sha256: str | None = None
+    ) -> None:
+        """Chunks `request` asks for of the file at `path`; `base` and `delta_sha256` mark a delta's."""
         size = path.stat().st_size
         total = -(-size // request.chunk_size)
         with open(path, "rb") as handle:
             for index in range(request.index, min(request.index + request.count, total)):
                 data = os.pread(handle.fileno(), request.chunk_size, index * request.chunk_size)
                 header = ChunkHeader(bundle=request.bundle, index=index, total=total, size=size,
-                                     sha256=hashlib.sha256(data).hexdigest())  # fmt: skip
+                                     sha256=hashlib.sha256(data).hexdigest(), base=base,
+                                     delta_sha256=delta_sha256)  # fmt: skip
                 self._client.publish(topic, encode_chunk(header, data), qos=1)
                 self.chunks_sent += 1
+
+
+@dataclass(frozen=True)
+class CachedDelta:
+    path: Path
+    sha256: str
+
+
+class DeltaCache:
+    """Deltas between the bundles `resolve` finds, made on first request and kept as files in a folder of their
+    own, at most `max_bytes` of them (the least recently served go first). A delta is kept only if it is at most
+    `MAX_RATIO` of its bundle: above that the whole bundle costs little more and, unlike a delta, resumes after a
+    cut (a new model entirely, or a base of another model). Pairs with no delta are remembered, not tried again."""
+
+    MAX_RATIO = 0.5
+    MAX_REMEMBERED = 10_000  # pairs without a delta, in memory: a bound against devices naming made-up bases
+
+    def __init__(self, resolve: Resolver, folder: Path | None = None, max_bytes: int = DELTA_CACHE_BYTES) -> None:
+        """`folder` None: `deltas/` beside the folder of the target bundle's file (`<hub data>/deltas`)."""
+        self._resolve = resolve
+        self._folder = folder
+        self._max_bytes = max_bytes
+        self._known: dict[Path, CachedDelta] = {}
+        self._none: dict[tuple[str, str], str] = {}
+        self._locks: dict[Path, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def get(self, base: str, target: str) -> CachedDelta:
+        """The delta from bundle `base` to bundle `target` (sha256s); raises DeltaError when there is none."""
+        if (base, target) in self._none:
+            raise DeltaError(self._none[(base, target)])
+        base_path, target_path = self._resolve(base), self._resolve(target)
+        if base_path is None or target_path is None:
+            raise DeltaError(f"bundle {(target if base_path else base)[:12]} is not here")
+        path = (self._folder or target_path.parent.with_name("deltas")) / f"{base}-{target}.zst"
+        with self._guard:
+            lock = self._locks.setdefault(path, threading.Lock())
+        with lock:  # many devices asking for one new pair at once: it is made once
+            cached = self._known.get(path)
+            if cached is None or not path.is_file():
+                cached = self._made(base_path, target_path, path, (base, target))
+                self._known[path] = cached
+            os.utime(path)
+        return cached
+
+    def _made(self, base: Path, target: Path, path: Path, pair: tuple[str, str]) -> CachedDelta:
+        if path.is_file():  # made before a restart
+            data = path.read_bytes()
+            return CachedDelta(path, hashlib.sha256(data).hexdigest())
+        target_bytes = target.read_bytes()
+        try:
+            data = encode_delta(base.read_bytes(), target_bytes)
+            if len(data) > self.MAX_RATIO * len(target_bytes):
+                raise DeltaError(f"a delta would be {len(data)} bytes of the bundle's {len(target_bytes)}")
+        except DeltaError as error:
+            self._remember_none(pair, str(error))
+            raise
+        write_file(path, data)
+        with self._guard:  # two new pairs made at once must not both delete and measure the same files
+            self._evict(path.parent, keep=path)
+        return CachedDelta(path, hashlib.sha256(data).hexdigest())
+
+    def _remember_none(self, pair: tuple[str, str], reason: str) -> None:
+        with self._guard:
+            if len(self._none) >= self.MAX_REMEMBERED:
+                self._none.clear()
+            self._none[pair] = reason
+
+    def _evict(self, folder: Path, keep: Path) -> None:
+        files = sorted((p for p in folder.glob("*.zst") if p != keep), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files) + keep.stat().st_size
+        for old in files:
+            if total <= self._max_bytes:
+                return
+            total -= old.stat().st_size
+            old.unlink(missing_ok=True)
+            self._known.pop(old, None)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Written under a temp name, then renamed: a reader sees the whole file or none."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{threading.get_ident()}")
+    temp.write_bytes(data)
+    temp.replace(path)
