@@ -8,6 +8,8 @@ controller replica as an `edgekit hub` process and kills it (-9) mid-rollout.
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -16,19 +18,30 @@ from pathlib import Path
 
 import httpx
 import pytest
-from brokers import Probe
+from brokers import Probe, Subscriber
+from helpers import compile_bundle
 from hub.postgres import PostgresCluster, postgres_cluster
-from hub_helpers import device_url, wait_until
+from hub_helpers import (
+    desired_of,
+    device_url,
+    fleet,
+    fleet_ids,
+    signing_keys,
+    wait_devices_reported,
+    wait_until,
+    watcher_url,
+)
 from reliability import record
 from sqlalchemy import select
 
 from edgekit.errors import BadInput
 from edgekit.hub.auth import COOKIE, cookie_name, create_token, hub_secret, session_cookie
-from edgekit.hub.db import BundleRecord, DeploymentDevice, Device, Lease, database_url, open_database
+from edgekit.hub.broker import free_port
+from edgekit.hub.db import BundleRecord, Deployment, DeploymentDevice, Device, Lease, database_url, open_database
 from edgekit.hub.leases import Lease as HubLease
 from edgekit.hub.leases import LostLease
 from edgekit.hub.registry import Registry
-from edgekit.hub.rollouts import Deployments
+from edgekit.hub.rollouts import CONTROLLER_LEASE_S, Deployments
 from edgekit.hub.service import Hub
 from edgekit.protocol import Event, Topic, device_topic, encode
 
@@ -220,3 +233,140 @@ def test_an_old_hub_secret_file_moves_into_the_database_and_its_cookies_still_wo
         assert cookie_name(hub_secret(sessions, data), session_cookie(old, "ops")) == "ops", "an old cookie is refused"
     finally:
         engine.dispose()
+
+
+# ---- the rollout controller killed mid-rollout ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundles(small_cnn_model: Path, small_cnn_calibration: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """cnn 1.0.0 and 2.0.0 signed by one key, and its public key."""
+    folder = tmp_path_factory.mktemp("replica-bundles")
+    key, public = signing_keys(folder / "key")
+    build = {v: compile_bundle(small_cnn_model, small_cnn_calibration, key, v, folder / f"cnn-{v}.ekb", name="cnn")
+             for v in ("1.0.0", "2.0.0")}  # fmt: skip
+    return {"public": public, "v1": build["1.0.0"], "v2": build["2.0.0"]}
+
+
+def hub_process(data_dir: Path, db: str, broker: str, port: int) -> subprocess.Popen:
+    """`edgekit hub` as a user runs a replica, its log in `data_dir`/../<name>.log."""
+    command = [sys.executable, "-m", "edgekit", "hub", "--data", str(data_dir), "--db", db, "--broker", broker,
+               "--share-group", GROUP, "--http", f"127.0.0.1:{port}"]  # fmt: skip
+    log = (data_dir.parent / f"{data_dir.name}.log").open("w")
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def lease_holder(hub: Hub) -> str | None:
+    with hub.sessions() as session:
+        return session.scalar(select(Lease.holder).where(Lease.name == "controller", Lease.expires > time.time()))
+
+
+def bundle_revs(sub: Subscriber, bundle_id: str) -> dict[str, set[int]]:
+    """Per device, the revs of the desired states published (retained copies included) that name `bundle_id`."""
+    revs: dict[str, set[int]] = {}
+    for topic, payload in sub.messages("edgekit/v1/+/config/desired"):
+        desired = desired_of(payload).desired
+        if desired.bundle is not None and desired.bundle.id == bundle_id:
+            revs.setdefault(topic.split("/")[2], set()).add(desired.rev)
+    return revs
+
+
+@pytest.mark.slow
+def test_the_controller_killed_mid_rollout_another_replica_finishes_it(
+    make_hub, pg_url: str, bundles: dict, tmp_path: Path
+) -> None:
+    """Three replicas on one PostgreSQL and one Mosquitto (C hosts the broker and never drives; A and B may), 20
+    real agents. A bundle pushed to A; two deployments of it created at once through A and B (one wins); A, the
+    controller, killed -9 mid-rollout: B takes over within the lease period, the rollout completes, and no device
+    gets two revs of the bundle."""
+    c = make_hub(db=pg_url, share_group=GROUP, controller=False)
+    token = create_token(c.sessions, "ops", "test", scope="admin")
+    a_dir = tmp_path / "replica-a"
+    shutil.copytree(c.settings.data_dir / "trust", a_dir / "trust")
+    a_port = free_port()
+    a = hub_process(a_dir, pg_url, c.add_hub_user("replica-a"), a_port)
+    a_url = f"http://127.0.0.1:{a_port}"
+    api = {name: httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30,
+                              trust_env=False) for name, url in (("A", a_url), ("C", c.http_url))}  # fmt: skip
+    try:
+        wait_until(lambda: _up(api["A"]), TIMEOUT_S, "replica A (edgekit hub) to answer")
+        a_replica = (a_dir / "mqtt-client-id").read_text().strip()
+        wait_until(lambda: lease_holder(c) == a_replica or None, TIMEOUT_S, "A to be the rollout controller")
+        b = second_replica(make_hub, c, tmp_path / "replica-b")
+        api["B"] = httpx.Client(base_url=b.http_url, headers={"Authorization": f"Bearer {token}"}, timeout=30,
+                                trust_env=False)  # fmt: skip
+        pushed = api["A"].post("/api/bundles", content=bundles["v2"].read_bytes(),
+                               headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+        assert pushed.status_code in (200, 201), pushed.text
+        bundle_id = pushed.json()["id"]
+        # Bundle files are still on the disk of the replica they were pushed to (issue #16 item 3): copied by hand.
+        for hub in (b, c):
+            shutil.copy(a_dir / "bundles" / f"{bundle_id}.ekb", hub.registry.dir / f"{bundle_id}.ekb")
+        ids = fleet_ids("sim", 20)
+        with (
+            fleet(c, 20, tmp_path, bundles["public"], bundles["v1"]),
+            Subscriber(watcher_url(c), "edgekit/v1/+/config/desired") as sub,
+        ):
+            wait_devices_reported(c, ids)
+            body = {"bundle_id": bundle_id, "target": "all", "canary_percent": 10, "wave_percent": 30,
+                    "wave_timeout_s": 90}  # fmt: skip
+            answers = at_once([lambda side=side: api[side].post("/api/deployments", json=body) for side in "AB"])
+            codes = sorted(answer.status_code for answer in answers)
+            record(SCENARIO, "deployments created of 2 sent at once through A and B", codes.count(201), 1)
+            assert codes[0] == 201 and codes[1] in (400, 409, 422), [answer.text for answer in answers]
+            refused = next(answer for answer in answers if answer.status_code != 201).json()["detail"]
+            winner = next(side for side, answer in zip("AB", answers, strict=True) if answer.status_code == 201)
+            deployment_id = answers["AB".index(winner)].json()["id"]
+            record(SCENARIO, f"the deployment of the bundle pushed to A was created through {winner}", 1)
+            assert api["B"].get(f"/api/deployments/{deployment_id}").json()["bundle_id"] == bundle_id
+            assert f"already in running deployment #{deployment_id}; halt it first" in str(refused), refused
+
+            wait_until(lambda: _healthy(c, deployment_id) >= 2 or None, 120, "the canary to be healthy")
+            a.kill()  # -9: no lease released, no clean stop
+            killed = time.monotonic()
+            a.wait(10)
+            wait_until(lambda: b.driver.leading or None, TIMEOUT_S, "B to take over the rollouts")
+            takeover_s = time.monotonic() - killed
+            healthy_at_kill = _healthy(c, deployment_id)
+            wait_until(lambda: _state(c, deployment_id) != "running" or None, 180, "the rollout to finish")
+            time.sleep(1)  # the last desired states reach the watcher
+            revs = bundle_revs(sub, bundle_id)
+        members = {m.device_id: m for m in _members(c, deployment_id)}
+        twice = sorted(device for device, seen in revs.items() if len(seen) > 1)
+        record(SCENARIO, "seconds from kill -9 of the controller to the takeover", round(takeover_s, 2),
+               CONTROLLER_LEASE_S + 2)  # fmt: skip
+        record(SCENARIO, "devices healthy when the controller was killed", healthy_at_kill)
+        record(SCENARIO, "devices healthy on the bundle after the takeover (of 20)", _healthy(c, deployment_id), None)
+        record(SCENARIO, "devices that got two revs for the deployment", len(twice), 0)
+        assert _state(c, deployment_id) == "completed", [(m.device_id, m.state, m.detail) for m in members.values()]
+        assert healthy_at_kill < 20, "the rollout was over before the kill"
+        assert sorted(members) == ids and all(m.state == "healthy" for m in members.values())
+        assert twice == [], {device: revs[device] for device in twice}
+        assert {device: {members[device].rev} for device in ids} == {device: revs.get(device) for device in ids}
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait(10)
+        for client in api.values():
+            client.close()
+
+
+def _up(client: httpx.Client) -> bool | None:
+    try:
+        return client.get("/healthz").status_code == 200 or None
+    except httpx.HTTPError:
+        return None
+
+
+def _members(hub: Hub, deployment_id: int) -> list[DeploymentDevice]:
+    with hub.sessions() as session:
+        return list(session.scalars(select(DeploymentDevice).where(DeploymentDevice.deployment_id == deployment_id)))
+
+
+def _healthy(hub: Hub, deployment_id: int) -> int:
+    return sum(member.state == "healthy" for member in _members(hub, deployment_id))
+
+
+def _state(hub: Hub, deployment_id: int) -> str:
+    with hub.sessions() as session:
+        return session.get(Deployment, deployment_id).state
