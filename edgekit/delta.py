@@ -16,8 +16,9 @@ import math
 
 MAX_WINDOW_LOG = 30  # zstd's limit on 32-bit decoders: base + target up to 1 GiB
 MIN_WINDOW_LOG = 10
-# Level 15: within 1 % of level 19's size on int8 and fp32 model bundles, ten times faster on a large pair (a
-# 9.5 MB fp32 bundle: 0.35 s instead of 3.8 s), which a device waits for the first time a pair is asked for.
+# Level 15: deltas within 6 % of level 19's on the int8 bundles of benchmarks/update_bench.py, made 2-5 times
+# faster there and 10 times on 9.5 MB of fp32 weights (0.35 s, not 3.8 s): the first device asking for a new pair
+# waits for it.
 LEVEL = 15
 MAX_BASE_PLUS_TARGET = 1 << MAX_WINDOW_LOG
 
