@@ -1,6 +1,7 @@
 """Delta updates through a real hub (embedded Mosquitto, SQLite) to real agents (Fleet): a rollout of a
 re-calibrated build reaches the devices that run the same model as a delta the hub makes once and keeps in
-`<data>/deltas`, and a device on another model downloads the whole bundle; the hub's stored events say which."""
+`<data>/deltas`, and a device on another model downloads the whole bundle; the hub's stored events say which.
+The cache itself keeps to its bound and remembers pairs that have no delta."""
 
 from pathlib import Path
 
@@ -11,7 +12,9 @@ from hub_helpers import fleet, fleet_ids, signing_keys, wait_devices_reported, w
 from sqlalchemy import select
 
 from edgekit.bundle import sha256_file
+from edgekit.delta import DeltaError, apply_delta
 from edgekit.hub.db import Deployment, EventRecord
+from edgekit.hub.transfer import DeltaCache
 
 TIMEOUT_S = 120.0
 
@@ -81,3 +84,40 @@ def test_a_rollout_reaches_devices_of_the_same_model_as_a_delta(make_hub, bundle
     # One delta for the pair, made once for both devices and kept beside the registry.
     (delta,) = (hub.registry.dir.parent / "deltas").glob("*.zst")
     assert delta.name == f"{sha256_file(bundles['v1'])}-{record.id}.zst"
+
+
+def _files(folder: Path, contents: dict[str, bytes]) -> tuple[dict[str, str], dict[str, Path]]:
+    """Files named by the sha256 of their contents, as the registry keeps bundles: ({name: id}, {id: path})."""
+    import hashlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+    paths = {ids[name]: folder / f"{ids[name]}.ekb" for name in contents}
+    for name, data in contents.items():
+        paths[ids[name]].write_bytes(data)
+    return ids, paths
+
+
+def test_the_delta_cache_keeps_at_most_its_bound_and_remembers_pairs_without_a_delta(tmp_path):
+    rng = np.random.default_rng(3)
+    base = rng.bytes(200_000)
+    versions = {f"v{i}": base[: 50_000 * i] + rng.bytes(2_000) + base[50_000 * i :] for i in (1, 2, 3)}
+    ids, paths = _files(tmp_path / "bundles", {"base": base, **versions, "unrelated": rng.bytes(200_000)})
+    cache = DeltaCache(paths.get, max_bytes=5_000)  # room for two of these deltas (the 2,000 new bytes), not three
+    made = {}
+    for name in versions:
+        made[name] = cache.get(ids["base"], ids[name])
+        assert 2_000 < made[name].path.stat().st_size <= 2_500
+
+    kept = sorted(p.name for p in (tmp_path / "deltas").glob("*.zst"))
+    assert kept == sorted(made[name].path.name for name in ("v2", "v3")), kept  # the least recently served went
+    again = cache.get(ids["base"], ids["v1"])  # made again on request
+    assert apply_delta(base, again.path.read_bytes(), len(versions["v1"])) == versions["v1"]
+
+    with pytest.raises(DeltaError, match=r"a delta would be \d+ bytes of the bundle's 200000"):
+        cache.get(ids["base"], ids["unrelated"])
+    paths[ids["unrelated"]].unlink()  # remembered: not looked for, not made again
+    with pytest.raises(DeltaError, match="a delta would be"):
+        cache.get(ids["base"], ids["unrelated"])
+    with pytest.raises(DeltaError, match="is not here"):
+        cache.get("0" * 64, ids["v1"])
