@@ -137,9 +137,12 @@ class BundleStore:
         None when the rebuilt bytes do not hash to its id (a bundle packed by another tool), so nothing is kept
         twice on the device's disk."""
         buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for name in (MANIFEST, SIGNATURE_FILE, *(entry.path for entry in installed.manifest.files)):
-                _add_bytes(tar, name, (installed.root / name).read_bytes())
+        try:
+            with tarfile.open(fileobj=buffer, mode="w") as tar:
+                for name in (MANIFEST, SIGNATURE_FILE, *(entry.path for entry in installed.manifest.files)):
+                    _add_bytes(tar, name, (installed.root / name).read_bytes())
+        except OSError:  # a file of it gone or unreadable: no base, the update downloads the whole bundle
+            return None
         data = buffer.getvalue()
         return data if hashlib.sha256(data).hexdigest() == installed.id else None
 

@@ -166,3 +166,23 @@ def test_an_update_from_another_model_downloads_in_full(mosquitto, start_agent, 
     assert not _fallbacks(seen)
     assert served.server.deltas_served == 0 and not (tmp_path / "deltas").exists()
     _runs_exactly(agent, new)
+
+
+def test_only_a_bundle_that_repacks_to_its_own_bytes_is_a_base(digits_bundle, signing_keys, tmp_path):
+    """The device rebuilds its bundle's .ekb from the unpacked files; a bundle tarred by another tool (other member
+    times here) does not rebuild to its id, so it is no base (the update downloads the whole bundle)."""
+    import tarfile
+
+    from edgekit.agents.bundles import BundleStore
+    from edgekit.signing import load_public_key
+
+    original = digits_bundle("1.0.0")
+    retarred = tmp_path / "retarred.ekb"
+    with tarfile.open(original) as source, tarfile.open(retarred, "w") as out:
+        for member in source.getmembers():
+            member.mtime = 1_700_000_000
+            out.addfile(member, source.extractfile(member))
+    store = BundleStore(tmp_path / "device")
+    key = load_public_key(signing_keys[1])
+    assert store.repack(store.install(original, key)) == original.read_bytes()
+    assert store.repack(store.install(retarred, key)) is None
