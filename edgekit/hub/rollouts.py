@@ -470,6 +470,10 @@ class RolloutDriver:
 
         def mark_sent(session: Session, rev: int) -> None:
             self.fence(session)
+            # Halted meanwhile through another hub process: send nothing more (this also locks the row until commit).
+            running = (Deployment.id == deployment.id) & (Deployment.state == "running")
+            if session.execute(update(Deployment).where(running).values(updated=now)).rowcount != 1:
+                raise MemberTaken(f"deployment #{deployment.id} is no longer running")
             pending = (DeploymentDevice.deployment_id == member.deployment_id) & (
                 DeploymentDevice.device_id == member.device_id) & (DeploymentDevice.state == "pending")  # fmt: skip
             values = {"state": "sent", "rev": rev, "sent_at": now, "detail": "", "updated": now}
