@@ -97,7 +97,7 @@ class Hub:
 
     def _on_stored(self, stored: list[Message]) -> None:
         online = [device_id for device_id, kind, m in stored if kind == Topic.STATUS and m.state == "online"]
-        if online and self.settings.controller:  # one process per fleet signs: the one that drives rollouts
+        if online and self.settings.controller:  # replicas that may drive rollouts sign; --no-controller ones never
             self._refresh_devices(online)
         for listener in list(self.listeners):
             listener(stored)
