@@ -87,14 +87,17 @@ def controllers(hubs: list[Hub], token: str) -> list[bool]:
     return ["edgekit_hub_rollout_controller 1.0" in metrics(hub, token) for hub in hubs]
 
 
-def live_events(hub: Hub, token: str, wanted: set[str], timeout: float, shown: set[str]) -> None:
+def live_events(hub: Hub, token: str, wanted: set[str], timeout: float, shown: set[str],
+                subscribed: threading.Event) -> None:  # fmt: skip
     """Adds to `shown` the messages of the events the hub's live feed (SSE) shows within `timeout`; returns early
-    once it showed every one in `wanted`."""
+    once it showed every one in `wanted`. Sets `subscribed` once the stream said hello."""
     deadline = time.monotonic() + timeout
     client = httpx.Client(base_url=hub.http_url, headers={"Authorization": f"Bearer {token}"}, timeout=5,
                           trust_env=False)  # fmt: skip
     with client, client.stream("GET", "/api/stream") as stream:
         for line in stream.iter_lines():
+            if line == "event: hello":
+                subscribed.set()
             if line.startswith("data:"):
                 shown |= {event["message"] for event in json.loads(line.removeprefix("data:")).get("events", [])}
             if shown >= wanted or time.monotonic() > deadline:
@@ -230,11 +233,12 @@ def test_replicas_share_logins_name_themselves_in_metrics_and_each_live_view_sho
     # Each replica stores part of a device's messages (the broker shares them out); each live view shows them all.
     notes = {f"note {seq}" for seq in range(1, 21)}
     shown: dict[str, set[str]] = {"A": set(), "B": set()}
-    readers = [threading.Thread(target=live_events, args=(hub, token, notes, 20, shown[name]))
+    subscribed = {"A": threading.Event(), "B": threading.Event()}
+    readers = [threading.Thread(target=live_events, args=(hub, token, notes, 20, shown[name], subscribed[name]))
                for name, hub in (("A", a), ("B", b))]  # fmt: skip
     for reader in readers:
         reader.start()
-    time.sleep(1)  # both streams subscribed
+    assert all(event.wait(TIMEOUT_S) for event in subscribed.values()), "a live stream did not start"
     device = Probe(device_url(a, "cam-1"))
     try:
         for seq in range(1, 21):
