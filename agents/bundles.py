@@ -20,8 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-# _add_bytes: the member headers write_bundle writes, so a repacked bundle has the bytes it was shipped with.
-from edgekit.bundle import SIGNATURE_FILE, TrustKeys, _add_bytes, open_bundle, sha256_file
+from edgekit.bundle import SIGNATURE_FILE, TrustKeys, add_member, open_bundle, sha256_file
 from edgekit.manifest import Manifest
 from edgekit.protocol import BundleRef
 from edgekit.schema import StrictModel
@@ -140,7 +139,7 @@ class BundleStore:
         try:
             with tarfile.open(fileobj=buffer, mode="w") as tar:
                 for name in (MANIFEST, SIGNATURE_FILE, *(entry.path for entry in installed.manifest.files)):
-                    _add_bytes(tar, name, (installed.root / name).read_bytes())
+                    add_member(tar, name, (installed.root / name).read_bytes())
         except OSError:  # a file of it gone or unreadable: no base, the update downloads the whole bundle
             return None
         data = buffer.getvalue()

@@ -50,7 +50,8 @@ def file_entries(root: Path) -> list[FileEntry]:
     return [FileEntry(path=p.relative_to(root).as_posix(), sha256=sha256_file(p), size=p.stat().st_size) for p in paths]
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One regular file with fixed headers (mode, mtime 0): a bundle repacked from its files has the same bytes."""
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), 0o644, 0
     tar.addfile(info, io.BytesIO(data))
@@ -63,10 +64,10 @@ def write_bundle(root: Path, manifest: Manifest, private_key: Ed25519PrivateKey,
     partial = out.with_name(out.name + ".partial")
     try:
         with tarfile.open(partial, "w") as tar:
-            _add_bytes(tar, MANIFEST_FILE, manifest_bytes)
-            _add_bytes(tar, SIGNATURE_FILE, sign(private_key, manifest_bytes))
+            add_member(tar, MANIFEST_FILE, manifest_bytes)
+            add_member(tar, SIGNATURE_FILE, sign(private_key, manifest_bytes))
             for entry in manifest.files:
-                _add_bytes(tar, entry.path, (root / entry.path).read_bytes())
+                add_member(tar, entry.path, (root / entry.path).read_bytes())
         partial.replace(out)
     finally:
         # Interrupted (Ctrl-C) or failed: never leave a half-written bundle behind.

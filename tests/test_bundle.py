@@ -188,8 +188,8 @@ def test_interrupted_write_leaves_no_bundle(monkeypatch, tmp_path, signed):
             raise KeyboardInterrupt
         original(tar, name, data)
 
-    original = bundle_module._add_bytes
-    monkeypatch.setattr(bundle_module, "_add_bytes", interrupt_on_second)
+    original = bundle_module.add_member
+    monkeypatch.setattr(bundle_module, "add_member", interrupt_on_second)
     out = tmp_path / "out.ekb"
     key = generate_keypair(tmp_path / "k")[0]
     with pytest.raises(KeyboardInterrupt):
