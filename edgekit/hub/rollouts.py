@@ -575,14 +575,27 @@ class Deployments:
     def halt(self, deployment_id: int, actor: str, reason: str) -> Deployment:
         """Stop a running deployment and roll back every device it moved to the new bundle."""
         with self._lock:
-            loaded = load(self.sessions, deployment_id)
-            if loaded.deployment.state != "running":
-                raise BadInput(f"deployment #{deployment_id} is {loaded.deployment.state}; only a running one halts")
-            writes = _Writes()
             reason = f"halted by {actor}: {reason or 'no reason given'}"
+            self._mark_halted(deployment_id, reason)
+            loaded = load(self.sessions, deployment_id)  # after the mark: every member a controller sent is in it
+            writes = _Writes()
             halt_loaded(self.sessions, loaded, self.send, writes, reason)
             writes.commit(self.sessions)
             return self.get(deployment_id)
+
+    def _mark_halted(self, deployment_id: int, reason: str) -> None:
+        """Halted first, in a transaction of its own: a controller in another hub process then sends nothing more
+        for it (it marks a member sent only while the deployment runs, under the deployment row's lock)."""
+        running = (Deployment.id == deployment_id) & (Deployment.state == "running")
+        with self.sessions.begin() as session:  # writes before any read: see the module doc on SQLite
+            halted = session.execute(update(Deployment).where(running).values(
+                state="halted", reason=reason, updated=time.time())).rowcount  # fmt: skip
+            if halted:
+                members = DeploymentDevice.deployment_id == deployment_id
+                session.execute(update(DeploymentDevice).where(members).values(active=None))
+        if not halted:
+            state = self.get(deployment_id).state  # UnknownDeployment when there is none
+            raise BadInput(f"deployment #{deployment_id} is {state}; only a running one halts")
 
     def get(self, deployment_id: int) -> Deployment:
         with self.sessions() as session:
