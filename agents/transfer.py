@@ -388,9 +388,12 @@ class Download(_Window):
 
     @staticmethod
     def on_disk(folder: Path, ref: BundleRef) -> bool:
-        """Whether some of the bundle is downloaded already (a partial file to resume, or the whole file)."""
+        """Whether a download of the bundle has begun: some of it on disk (a partial file to resume, or the whole
+        file), or time already spent on it (kept across restarts). Such an update goes on with the whole bundle: a
+        delta tried again after a restart would spend time outside the update's deadline."""
         part = folder / f"{ref.id}.part"
-        return (folder / f"{ref.id}.ekb").is_file() or (part.is_file() and part.stat().st_size > 0)
+        begun = (folder / f"{ref.id}.ekb").is_file() or (folder / f"{ref.id}.json").is_file()
+        return begun or (part.is_file() and part.stat().st_size > 0)
 
     def _resume_spent(self, default_chunk_size: int, attempt: int | None) -> _Spent:
         """A resumed download keeps the chunk size it started with, and a resumed attempt what it spent."""
