@@ -25,7 +25,9 @@ from edgekit.trust import DEFAULT_DESIRED_TTL_S
 DEFAULT_DATA = Path("edgekit-hub")
 MQTT_PORT = 1883  # devices find an embedded broker on the standard port when it is free
 
-DataOpt = Annotated[Path, typer.Option("--data", help="The hub's folder: database, bundles, broker, secret.")]
+DataOpt = Annotated[
+    Path, typer.Option("--data", help="The hub's folder: SQLite database, bundles, broker, trust keys.")
+]
 DbOpt = Annotated[
     str | None, typer.Option("--db", help="sqlite:///PATH or postgresql://USER@HOST/DB; default: SQLite in --data.")
 ]
@@ -114,7 +116,10 @@ def hub(
         str | None, typer.Option("--share-group", help="MQTT shared-subscription group, to run several hubs.")
     ] = None,
     no_controller: Annotated[
-        bool, typer.Option("--no-controller", help="Do not drive rollouts here (another hub process does).")
+        bool,
+        typer.Option(
+            "--no-controller", help="Never drive rollouts or run retention here (replicas take turns otherwise)."
+        ),
     ] = False,
     insecure_broker: Annotated[
         bool,
