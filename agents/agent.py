@@ -215,7 +215,7 @@ class Agent:
         if not payload:
             return  # a retained desired state being cleared
         try:
-            opened = self.trust.open_desired(payload, self.device_id, self.settings.max_payload)
+            statement = self.trust.open_desired(payload, self.device_id, self.settings.max_payload)
         except PayloadRejected as error:
             self._reject(topic, str(error), len(payload))
             return
@@ -223,7 +223,7 @@ class Agent:
             self._parked = payload  # the root that trusts its key may be on its way (config/trust)
             self.report("config.rejected", f"desired state refused: {error}", level="error")
             return
-        self._jobs.put(_Job(opened.desired, opened.statement.expires))
+        self._jobs.put(_Job(statement.desired, statement.expires))
 
     def _on_trust(self, topic: str, payload: bytes) -> None:
         if not payload:

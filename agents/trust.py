@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edgekit.agents.bundles import write_atomically
 from edgekit.signing import load_public_key
 from edgekit.trust import (
+    DesiredStatement,
     Envelope,
-    Opened,
     TrustChain,
     TrustRoot,
     Untrusted,
@@ -62,7 +62,7 @@ class DeviceTrust:
     def describe(self) -> str:
         return self.root.describe() if self.root else "no hub key: every desired state is refused"
 
-    def open_desired(self, payload: bytes, device_id: str, max_bytes: int) -> Opened:
+    def open_desired(self, payload: bytes, device_id: str, max_bytes: int) -> DesiredStatement:
         """PayloadRejected when it is not a signed envelope; Untrusted when it is one this device must not act on."""
         return open_desired(payload, self.root, device_id, max_bytes)
 

@@ -14,7 +14,6 @@ one without re-enrolment, and a key left out of the newest root is no longer tru
 import base64
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -211,22 +210,9 @@ def sign_desired(
     return seal(DESIRED_TYPE, statement, [key])
 
 
-@dataclass(frozen=True)
-class Opened:
-    """A desired state whose signature and device held; `expired` is checked by the caller, after the rev."""
-
-    statement: DesiredStatement
-
-    @property
-    def desired(self) -> DesiredState:
-        return self.statement.desired
-
-    def expired(self, now: float) -> bool:
-        return now > self.statement.expires
-
-
-def open_desired(payload: bytes, root: TrustRoot | None, device_id: str, max_bytes: int) -> Opened:
-    """The desired state in a signed `config/desired` payload, if a hub key of `root` signed it for `device_id`.
+def open_desired(payload: bytes, root: TrustRoot | None, device_id: str, max_bytes: int) -> DesiredStatement:
+    """The signed statement in a `config/desired` payload, if a hub key of `root` signed it for `device_id`; its
+    expiry is the caller's to check, after the rev (a repeat of an applied state is a no-op, expired or not).
 
     PayloadRejected for what is not an envelope at all; Untrusted for an envelope the device must not act on."""
     try:
@@ -240,7 +226,7 @@ def open_desired(payload: bytes, root: TrustRoot | None, device_id: str, max_byt
     statement = _parse(DesiredStatement, data, "signed desired state")
     if statement.device != device_id:
         raise Untrusted(f"signed for device {statement.device!r}, not this one ({device_id!r})")
-    return Opened(statement)
+    return statement
 
 
 def decode_chain(payload: bytes) -> TrustChain:
