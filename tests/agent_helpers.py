@@ -3,16 +3,21 @@
 import functools
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from brokers import host_port
 
+from edgekit.agents.agent import Agent, AgentSettings
 from edgekit.agents.memory import MemoryLink
 from edgekit.bundle import sha256_file
 from edgekit.hub.broker import EmbeddedBroker
 from edgekit.hub.transfer import BundleServer
+from edgekit.mqtt import Backoff
 from edgekit.protocol import DesiredBundle, DesiredState, Sequenced, encode
 from edgekit.trust import sign_desired
 
@@ -124,3 +129,28 @@ def sequenced(messages: list[tuple[str, bytes]], model: type[Sequenced]) -> list
         item = model.model_validate_json(payload)
         seen.setdefault(item.seq, item)
     return [seen[seq] for seq in sorted(seen)]
+
+
+@contextmanager
+def started_agents(data_root: Path, **defaults: Any) -> Iterator[Callable[..., Agent]]:
+    """start(broker, device_id="dev-1", link=None, **settings) → a started in-process Agent; all stopped on exit.
+
+    `broker` is an EmbeddedBroker, or None with `link` (a MemoryLink). Defaults: trusts `shared_signer()` as the
+    hub, data under data_root/<device_id>, telemetry every 0.5 s, fast backoff; then `defaults`, then `settings`."""
+    agents: list[Agent] = []
+
+    def start(broker: EmbeddedBroker | None, device_id: str = "dev-1", link: MemoryLink | None = None,
+              **settings: Any) -> Agent:  # fmt: skip
+        fields = {"device_id": device_id, "broker": broker.url if broker else "memory:",
+                  "data_dir": data_root / device_id, "hub_key": shared_signer().public, "telemetry_s": 0.5,
+                  "threads": 1, "backoff": Backoff(initial_s=0.2, max_s=1.0), **defaults, **settings}  # fmt: skip
+        agent = Agent(AgentSettings(**fields), link=link)
+        agent.start()
+        agents.append(agent)
+        return agent
+
+    try:
+        yield start
+    finally:
+        for agent in agents:
+            agent.stop()

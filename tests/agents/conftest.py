@@ -6,13 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from agent_helpers import HubSigner, MemoryHubClient, MqttServedBundles, ServedBundles
+from agent_helpers import MemoryHubClient, MqttServedBundles, ServedBundles, started_agents
 from helpers import compile_bundle
 
-from edgekit.agents.agent import Agent, AgentSettings
+from edgekit.agents.agent import Agent
 from edgekit.agents.memory import MemoryLink
 from edgekit.hub.broker import EmbeddedBroker
-from edgekit.mqtt import Backoff
 
 BIG_VERSION = "2.0.0"
 HIDDEN = 32_000  # 64x32000 + 32000x10 fp32 weights: a ~9.5 MB bundle, 37 chunks of 256 KiB
@@ -109,26 +108,7 @@ def served_in_memory(link: MemoryLink) -> Iterator[ServedBundles]:
 
 
 @pytest.fixture
-def start_agent(
-    tmp_path: Path, signing_keys: tuple[Path, Path], hub_signer: HubSigner
-) -> Iterator[Callable[..., Agent]]:
-    """start(broker, device_id="dev-1", link=None, **settings) → a started in-process Agent, stopped at teardown.
-
-    `broker` is an EmbeddedBroker, or None with `link` (a MemoryLink). Defaults: trusts the session keys (bundles
-    and `hub_signer`), data under tmp_path/<device_id>, telemetry every 0.5 s, fast backoff."""
-    agents: list[Agent] = []
-
-    def start(broker: EmbeddedBroker | None, device_id: str = "dev-1", link: MemoryLink | None = None,
-              **settings) -> Agent:  # fmt: skip
-        fields = {"device_id": device_id, "broker": broker.url if broker else "memory:",
-                  "data_dir": tmp_path / device_id, "trust_key": signing_keys[1], "hub_key": hub_signer.public,
-                  "telemetry_s": 0.5, "threads": 1,
-                  "backoff": Backoff(initial_s=0.2, max_s=1.0), **settings}  # fmt: skip
-        agent = Agent(AgentSettings(**fields), link=link)
-        agent.start()
-        agents.append(agent)
-        return agent
-
-    yield start
-    for agent in agents:
-        agent.stop()
+def start_agent(tmp_path: Path, signing_keys: tuple[Path, Path]) -> Iterator[Callable[..., Agent]]:
+    """`agent_helpers.started_agents` under tmp_path, trusting the session's bundle key too; stopped at teardown."""
+    with started_agents(tmp_path, trust_key=signing_keys[1]) as start:
+        yield start

@@ -13,7 +13,7 @@ import json
 import time
 
 import pytest
-from agent_helpers import HubSigner, MqttServedBundles, desired_for, shared_signer, signed
+from agent_helpers import HubSigner, MqttServedBundles, desired_for, shared_signer, signed, started_agents
 from brokers import Subscriber, publish
 from e2e import conftest as e2e_fixtures
 from reliability import record
@@ -41,25 +41,10 @@ def device(mosquitto, start_agent, cnn_bundles) -> Agent:
 
 
 @pytest.fixture
-def start_agent(tmp_path, cnn_bundles):
-    """Like tests/agents' fixture, for this folder: start(broker, **settings) → a started agent, stopped at teardown."""
-    from edgekit.agents.agent import AgentSettings
-    from edgekit.mqtt import Backoff
-
-    agents: list[Agent] = []
-
-    def start(broker, **settings) -> Agent:
-        fields = {"device_id": DEVICE, "broker": broker.url, "data_dir": tmp_path / DEVICE,
-                  "hub_key": shared_signer().public, "telemetry_s": 0.5, "threads": 1,
-                  "backoff": Backoff(initial_s=0.2, max_s=1.0), **settings}  # fmt: skip
-        agent = Agent(AgentSettings(**fields))
-        agent.start()
-        agents.append(agent)
-        return agent
-
-    yield start
-    for agent in agents:
-        agent.stop()
+def start_agent(tmp_path):
+    """`agent_helpers.started_agents` under tmp_path (the bundle key is each test's): stopped at teardown."""
+    with started_agents(tmp_path) as start:
+        yield start
 
 
 def _downgrade(cnn_bundles: dict, rev: int = ATTACK_REV):
