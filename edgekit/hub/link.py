@@ -147,7 +147,7 @@ class BrokerLink:
         ingest.acknowledge_with(self._acks)
         self._ingest = ingest
         self._share_group = share_group
-        self._transfer = BundleServer(self.client, registry.path, workers=4)
+        self.transfer = BundleServer(self.client, registry.path, workers=4)
         self._connection = Connection(self.client, address, HUB_BACKOFF, name="hub-mqtt", on_lost=self._acks.reset,
                                       **session)  # fmt: skip
         self._connected = threading.Event()
@@ -159,7 +159,7 @@ class BrokerLink:
     def stop(self) -> None:
         self._connection.stop()
         if self._connected.is_set():  # the transfer workers start with the first connection
-            self._transfer.stop()
+            self.transfer.stop()
 
     @property
     def connected(self) -> bool:
@@ -181,7 +181,7 @@ class BrokerLink:
         # A resumed session keeps its subscriptions; subscribing again is harmless and covers a new session.
         for topic in subscriptions(self._share_group):
             client.subscribe(topic, qos=1)
-        self._transfer.start(route=False)
+        self.transfer.start(route=False, share_group=self._share_group)
         self._connected.set()
 
     def _on_message(self, client, userdata, message) -> None:
@@ -194,6 +194,6 @@ class BrokerLink:
             self._ingest.on_message(client, userdata, message, receipt)
             return
         try:
-            self._transfer.on_request(client, userdata, message)
+            self.transfer.on_request(client, userdata, message)
         finally:
             self._acks.done([receipt])  # a lost chunk request is asked again by the device: nothing to keep

@@ -61,14 +61,18 @@ class BundleServer:
     def topic_filter(self) -> str:
         return f"{PREFIX}/+/{Topic.TRANSFER_REQUEST}"
 
-    def start(self, route: bool = True) -> None:
+    def start(self, route: bool = True, subscribe: bool = True, share_group: str | None = None) -> None:
         """Subscribe (call again from the client's on_connect) and start the workers.
 
         `route=False`: the caller's own on_message passes requests to `on_request` (cheaper for a busy client than
-        paho's per-message topic-tree lookup for callbacks)."""
+        paho's per-message topic-tree lookup for callbacks). `share_group`: subscribe as one of the group's members,
+        so that of several hubs exactly one answers each request. `subscribe=False`: requests come some other way
+        (a JetStream consumer) and reach `handle_request`."""
         if route:
             self._client.message_callback_add(self.topic_filter, self.on_request)
-        self._client.subscribe(self.topic_filter, qos=1)
+        if subscribe:
+            shared = f"$share/{share_group}/" if share_group else ""
+            self._client.subscribe(shared + self.topic_filter, qos=1)
         for worker in self._workers:
             if not worker.is_alive():
                 worker.start()
@@ -80,12 +84,16 @@ class BundleServer:
             worker.join(timeout=5)
 
     def on_request(self, client, userdata, message: mqtt.MQTTMessage) -> None:
-        parsed = parse_topic(message.topic)
+        self.handle_request(message.topic, message.payload)
+
+    def handle_request(self, topic: str, payload: bytes) -> None:
+        """Queue one device's chunk request (MQTT topic, payload) for a worker; never raises."""
+        parsed = parse_topic(topic)
         try:
-            request = decode(ChunkRequest, message.payload, max_bytes=4096)
+            request = decode(ChunkRequest, payload, max_bytes=4096)
         except PayloadRejected as error:
             self.rejected += 1
-            log.warning("rejected chunk request on %s: %s", message.topic, error)
+            log.warning("rejected chunk request on %s: %s", topic, error)
             return
         if parsed is None:
             return
