@@ -6,7 +6,7 @@ import random
 import ssl
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import quote, unquote, urlparse
 
 import paho.mqtt.client as mqtt
@@ -26,32 +26,57 @@ class BrokerAddress:
     tls: bool
     username: str | None = None
     password: str | None = None
+    # Further nodes of the same clustered broker (a comma-separated URL list): `Connection` moves on to the next
+    # when one is unreachable or drops.
+    others: tuple["BrokerAddress", ...] = ()
+
+    def nodes(self) -> tuple["BrokerAddress", ...]:
+        return (self, *self.others)
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
-    """`mqtt://[user:pass@]host[:1883]` or `mqtts://…[:8883]`; BadInput names what is wrong."""
-    parsed = urlparse(url)
-    shown = redact_url(url)  # errors are printed and logged: never the password
+    """`mqtt://[user:pass@]host[:1883]` or `mqtts://…[:8883]`, or several such URLs separated by commas (the nodes of
+    a clustered broker: an entry without a login takes the first's); BadInput names the entry that is wrong."""
+    entries = url.split(",")
+    if len(entries) == 1:
+        return _parse_one(url, f"broker URL '{redact_url(url)}'")
+    nodes = [_parse_one(entry, f"broker URL entry {n} of {len(entries)} '{redact_url(entry)}'")
+             for n, entry in enumerate(entries, 1)]  # fmt: skip
+    first = nodes[0]
+    if any(node.tls != first.tls for node in nodes):
+        raise BadInput(f"broker URLs '{redact_url(url)}': use mqtt:// for every entry or mqtts:// for every entry")
+    nodes = [node if node.username else replace(node, username=first.username, password=first.password)
+             for node in nodes]  # fmt: skip
+    return replace(nodes[0], others=tuple(nodes[1:]))
+
+
+def _parse_one(url: str, shown: str) -> BrokerAddress:
+    """One URL; `shown` names it in errors (printed and logged: never the password)."""
+    parsed = urlparse(url.strip())
     if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
-        raise BadInput(f"broker URL '{shown}': expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        raise BadInput(f"{shown}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
     tls = parsed.scheme == "mqtts"
     try:
         port = parsed.port or (8883 if tls else 1883)
     except ValueError:
-        raise BadInput(f"broker URL '{shown}': the port must be a number from 1 to 65535") from None
+        raise BadInput(f"{shown}: the port must be a number from 1 to 65535") from None
     user = unquote(parsed.username) if parsed.username else None
     password = unquote(parsed.password) if parsed.password else None
     return BrokerAddress(parsed.hostname, port, tls, user, password)
 
 
 def with_login(url: str, username: str, password: str) -> str:
-    """`url` (without a login) with `username` and `password` in it, quoted as `parse_broker_url` unquotes them."""
+    """`url` (without a login) with `username` and `password` in it, quoted as `parse_broker_url` unquotes them; in
+    the first entry of a list, which the others take it from."""
     scheme, _, rest = url.partition("://")
     return f"{scheme}://{quote(username, safe='')}:{quote(password, safe='')}@{rest}"
 
 
 def redact_url(url: str) -> str:
-    """`url` with its password replaced by ***, for logs and messages: `mqtt://cam-1:***@hub:1883`."""
+    """`url` with its password replaced by ***, for logs and messages: `mqtt://cam-1:***@hub:1883`; each entry of a
+    comma-separated list."""
+    if "," in url:
+        return ",".join(map(redact_url, url.split(",")))
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
     if not at or ":" not in userinfo:
@@ -100,7 +125,8 @@ def new_client(
 
 class Connection:
     """Keeps one client connected from a thread of its own: connect, run paho's loop until the connection drops,
-    wait the next backoff delay, reconnect; until stop()."""
+    wait the next backoff delay, reconnect; until stop(). With several broker nodes (`BrokerAddress.others`) it moves
+    to the next node when one is unreachable (at once, until every node failed in a row: then it waits) or drops."""
 
     def __init__(
         self,
@@ -121,6 +147,8 @@ class Connection:
         self._on_lost = on_lost or (lambda: None)
         self._clean_start = clean_start
         self._properties = properties
+        self._nodes = address.nodes()
+        self._node = 0  # index of the node in use or tried last
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -135,23 +163,33 @@ class Connection:
 
     def _run(self) -> None:
         delays = self.backoff.delays()
-        first = True
+        connected_to: BrokerAddress | None = None  # the node paho's reconnect() goes back to
+        failures = 0
         while not self._stop.is_set():
+            node = self._nodes[self._node]
             try:
-                if first:
-                    self.client.connect(self.address.host, self.address.port, self.keepalive,
-                                        clean_start=self._clean_start, properties=self._properties)  # fmt: skip
-                    first = False
-                else:
-                    self.client.reconnect()
+                self._connect(node, reconnect=node is connected_to)
             except (OSError, ssl.SSLError) as error:
-                log.info("broker %s:%s unreachable: %s", self.address.host, self.address.port, error)
-                self._stop.wait(next(delays))
+                log.info("broker %s:%s unreachable: %s", node.host, node.port, error)
+                failures += 1
+                self._node = (self._node + 1) % len(self._nodes)
+                if failures % len(self._nodes) == 0:  # every node failed in a row: wait before the next round
+                    self._stop.wait(next(delays))
                 continue
-            delays = self.backoff.delays()
+            connected_to, failures, delays = node, 0, self.backoff.delays()
             while not self._stop.is_set() and self.client.loop(timeout=0.2) == mqtt.MQTT_ERR_SUCCESS:
                 pass
             self._on_lost()
+            self._node = (self._node + 1) % len(self._nodes)  # the node that dropped us may be the one in trouble
             if not self._stop.is_set():
                 self._stop.wait(next(delays))
         self._on_lost()
+
+    def _connect(self, node: BrokerAddress, reconnect: bool) -> None:
+        if reconnect:
+            self.client.reconnect()
+            return
+        if node.username:
+            self.client.username_pw_set(node.username, node.password)
+        self.client.connect(node.host, node.port, self.keepalive, clean_start=self._clean_start,
+                            properties=self._properties)  # fmt: skip

@@ -89,9 +89,11 @@ class IngestStats:
                 "batches": self.batches, "failed": self.failed}  # fmt: skip
 
 
-def subscriptions(share_group: str | None) -> list[str]:
+def subscriptions(share_group: str | None, sequenced: bool = True) -> list[str]:
+    """The topic filters of what ingest takes over MQTT; `sequenced=False`: the state topics only (telemetry,
+    results and events come another way, `edgekit.hub.jetstream`)."""
     shared = f"$share/{share_group}/" if share_group else ""
-    per_device = [f"{shared}{PREFIX}/+/{name}" for name in SEQUENCED]
+    per_device = [f"{shared}{PREFIX}/+/{name}" for name in SEQUENCED] if sequenced else []
     return per_device + [f"{PREFIX}/+/{name}" for name in STATE]
 
 
@@ -163,18 +165,24 @@ class Ingest:
         """paho callback: only queue here; parsing and writing happen in the writer thread. Never raises: an
         exception would end paho's network thread. `receipt` goes back to the acknowledger once the message is
         settled."""
-        self.stats.received += 1
         try:
             topic = message.topic
         except UnicodeDecodeError:
+            self.stats.received += 1
             self.stats.invalid["unknown topic"] += 1
             if self._acks is not None:
                 self._acks.done([receipt])
             return
+        self.receive(topic, message.payload, receipt)
+
+    def receive(self, topic: str, payload: bytes, receipt: Any = None) -> None:
+        """Queue one message that came some other way than paho (a JetStream consumer: `edgekit.hub.jetstream`);
+        as `on_message`, it blocks only while the inbox is full."""
+        self.stats.received += 1
         inbox = self._inbox
         while len(inbox) >= QUEUE_BOUND and not self._stopping:
             time.sleep(0.01)
-        inbox.append((topic, message.payload, receipt))
+        inbox.append((topic, payload, receipt))
         self._queued += 1
         if len(inbox) >= self._eager:
             self._wake.set()

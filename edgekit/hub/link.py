@@ -6,10 +6,14 @@ dir, `clean_start=False`, a session expiry), so what devices send then waits in 
 nothing by itself (manual acks): a device message is acknowledged once ingest committed it (or dropped it as
 invalid), in the order it came (`InOrderAcks`), so a hub that dies before the commit gets it again. When the
 database fails on a batch, the link reconnects: the broker then sends everything unacknowledged again.
+
+On a NATS cluster (`use_jetstream`) the sequenced messages and chunk requests come through JetStream instead
+(`edgekit.hub.jetstream`); this client keeps the state topics, desired states and chunks.
 """
 
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterable
@@ -23,6 +27,7 @@ from paho.mqtt.properties import Properties
 
 from edgekit.enrollment import write_private
 from edgekit.hub.ingest import Ingest, subscriptions
+from edgekit.hub.jetstream import JetStreamSource
 from edgekit.hub.registry import Registry
 from edgekit.hub.transfer import BundleServer
 from edgekit.mqtt import Backoff, Connection, new_client, parse_broker_url
@@ -151,23 +156,37 @@ class BrokerLink:
         self._connection = Connection(self.client, address, HUB_BACKOFF, name="hub-mqtt", on_lost=self._acks.reset,
                                       **session)  # fmt: skip
         self._connected = threading.Event()
+        self.source: JetStreamSource | None = None  # use_jetstream()
         self.session_resumed = False  # whether the broker still had the session at the last connect
+
+    def use_jetstream(self, url: str, name: str) -> None:
+        """Take telemetry, results, events and chunk requests from JetStream's shared consumers at `url` (NATS
+        URLs, `edgekit.hub.jetstream`; `name` shows in the server's connection list): this client then subscribes to
+        the state topics only, and still publishes desired states and chunks. Before start()."""
+        self.source = JetStreamSource(url, self._ingest, self.transfer.handle_request, self._acks, name=name)
 
     def start(self) -> None:
         self._connection.start()
+        if self.source is not None:
+            self.source.start()
 
     def stop(self) -> None:
+        if self.source is not None:
+            self.source.stop()
         self._connection.stop()
         if self._connected.is_set():  # the transfer workers start with the first connection
             self.transfer.stop()
 
     @property
     def connected(self) -> bool:
-        return self.client.is_connected()
+        return self.client.is_connected() and (self.source is None or self.source.connected)
 
     def wait_connected(self, timeout: float) -> bool:
-        """Until the first connection is up and subscribed."""
-        return self._connected.wait(timeout)
+        """Until the first connection is up and subscribed (and JetStream consumed from, in that mode)."""
+        deadline = time.monotonic() + timeout
+        if not self._connected.wait(timeout):
+            return False
+        return self.source is None or self.source.wait_ready(max(0.0, deadline - time.monotonic()))
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=1, retain=retain)
@@ -179,9 +198,10 @@ class BrokerLink:
         self.session_resumed = flags.session_present
         log.info("connected to the broker: %s", "session resumed" if flags.session_present else "new session")
         # A resumed session keeps its subscriptions; subscribing again is harmless and covers a new session.
-        for topic in subscriptions(self._share_group):
+        jetstream = self.source is not None
+        for topic in subscriptions(self._share_group, sequenced=not jetstream):
             client.subscribe(topic, qos=1)
-        self.transfer.start(route=False, share_group=self._share_group)
+        self.transfer.start(route=False, subscribe=not jetstream, share_group=self._share_group)
         self._connected.set()
 
     def _on_message(self, client, userdata, message) -> None:
