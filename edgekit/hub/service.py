@@ -27,6 +27,7 @@ from edgekit.hub.app import create_app
 from edgekit.hub.broker import EmbeddedBroker, MosquittoBroker, reload_broker, start_embedded_broker
 from edgekit.hub.db import Device, database_url, open_database
 from edgekit.hub.ingest import Ingest, Message, device_ids
+from edgekit.hub.jetstream import check_jetstream
 from edgekit.hub.keys import HubTrust
 from edgekit.hub.leases import CONTROLLER, Lease
 from edgekit.hub.link import DEFAULT_SESSION_EXPIRY_S, MAX_SESSION_EXPIRY_S, BrokerLink, MqttVersion, hub_client_id
@@ -59,10 +60,13 @@ class HubSettings:
     desired_ttl_s: float = DEFAULT_DESIRED_TTL_S  # how long a signed desired state stays acceptable
     session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S  # how long the broker keeps the hub's session while it is away
     mqtt_version: MqttVersion | None = None  # None: 3.1.1 for an embedded amqtt, which speaks nothing newer; else 5
+    jetstream: str | None = None  # NATS URLs: device messages through JetStream (edgekit.hub.jetstream), not MQTT
 
     def __post_init__(self) -> None:
         if self.share_group is not None:
             check_share_group(self.share_group)
+        if self.jetstream is not None:
+            check_jetstream(self.jetstream, self.broker)
         if not 0 <= self.session_expiry_s <= MAX_SESSION_EXPIRY_S:
             raise BadInput(f"--session-expiry {self.session_expiry_s}: expected seconds from 0 to "
                            f"{MAX_SESSION_EXPIRY_S} (MQTT's most, which never expires)")  # fmt: skip
@@ -152,6 +156,8 @@ class Hub:
         self.link = BrokerLink(self.broker_url, self.ingest, self.registry, settings.share_group,
                                hub_client_id(settings.data_dir), settings.session_expiry_s,
                                self._mqtt_version())  # fmt: skip
+        if settings.jetstream:
+            self.link.use_jetstream(settings.jetstream, self.replica)
         self.app = create_app(self)
         config = uvicorn.Config(self.app, host=settings.http_host, port=settings.http_port, log_level="warning")
         self.http = uvicorn.Server(config)
@@ -161,7 +167,9 @@ class Hub:
     def _mqtt_version(self) -> MqttVersion:
         if self.settings.mqtt_version is not None:
             return self.settings.mqtt_version
-        return "3.1.1" if self.embedded is not None and self.embedded.kind == "amqtt" else "5"
+        if self.settings.jetstream or (self.embedded is not None and self.embedded.kind == "amqtt"):
+            return "3.1.1"  # nats-server and amqtt speak nothing newer
+        return "5"
 
     def enroll(self, device_ids: list[str]) -> list[Enrollment]:
         """New broker credentials for each device (replacing any it had), in effect at once; with the broker's address
