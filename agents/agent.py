@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 
 from edgekit import __version__
 from edgekit.agents.bundles import BundleStore, write_atomically
+from edgekit.agents.http_fetch import HttpFetcher
 from edgekit.agents.link import Link, MqttLink
 from edgekit.agents.runner import Runner
 from edgekit.agents.runtimes import runtimes
@@ -115,7 +116,8 @@ class Agent:
         self.link = link if link is not None else self._mqtt_link()
         self.runner = Runner(self.device_id, self._emit_result, self.report, self._subscribe_input)
         if fetcher is None:
-            fetcher = ChunkFetcher(self.link, self.device_id, data / "downloads", self._reject)
+            chunks = ChunkFetcher(self.link, self.device_id, data / "downloads", self._reject)
+            fetcher = HttpFetcher(chunks, data / "downloads", settings.tls.ca if settings.tls else None)
         self.updater = Updater(self.store, self.runner, fetcher, self, self._stop, self.trust.bundle_keys,
                                settings.threads, settings.health_timeout_s, settings.update_deadline_s,
                                settings.update_retries)  # fmt: skip

@@ -85,11 +85,13 @@ class Base:
 
 @dataclass(frozen=True)
 class Fetched:
-    """A fetched bundle file and how it came: `received` bytes over the link, the whole file or a delta."""
+    """A fetched bundle file and how it came: `received` bytes, the whole file or a delta, in MQTT chunks or over
+    HTTP."""
 
     path: Path
     via: Literal["full", "delta"]
     received: int
+    transport: Literal["mqtt", "http"] = "mqtt"
 
 
 class BundleFetcher(Protocol):
@@ -437,6 +439,28 @@ class Download(_Window):
     @property
     def received_bytes(self) -> int:
         return min(self.next_index * self.chunk_size, self.ref.size)
+
+    @property
+    def bytes_on_disk(self) -> int:
+        """How much of the bundle is here: where a byte-range download (HTTP) resumes."""
+        if self.done_path.is_file():
+            return self.ref.size
+        return self.part.stat().st_size if self.part.is_file() else 0
+
+    def append(self, data: bytes) -> None:
+        """Bytes that follow what is on disk, from a byte-range download; checked as a whole by `complete`."""
+        with open(self.part, "ab") as handle:
+            handle.write(data)
+
+    def restart(self) -> None:
+        """Drop what is on disk: the server sends from the start."""
+        self.part.unlink(missing_ok=True)
+
+    def complete(self) -> str | None:
+        """All bytes are on disk (`append`): check the whole file's sha256 and move it in place; why not, or None."""
+        with self._lock:
+            self._finish()
+        return self.error
 
     def start(self) -> None:
         if self.next_index >= self.total:

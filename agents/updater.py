@@ -181,8 +181,9 @@ class Updater:
         except FetchFailed as error:
             raise UpdateFailed("failed", str(error)) from None
         how = f"a {fetched.received}-byte delta" if fetched.via == "delta" else f"{fetched.received} bytes"
-        self._host.report("update.downloaded", f"{how} received, the {target.size}-byte bundle's sha256 verified",
-                          bundle=target.id, via=fetched.via, received=fetched.received)  # fmt: skip
+        self._host.report("update.downloaded", f"{how} received over {fetched.transport.upper()}, the "
+                          f"{target.size}-byte bundle's sha256 verified", bundle=target.id, via=fetched.via,
+                          received=fetched.received, transport=fetched.transport)  # fmt: skip
         return fetched.path
 
     def _delta_base(self, target: BundleRef, current: LoadedModel | None) -> Base | None:

@@ -8,7 +8,7 @@ raw bytes (docs/protocol.md).
 
 import struct
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
@@ -197,8 +197,15 @@ class Rates(WireModel):
     results_qos: Literal[0, 1] = 1
 
 
+# HTTP downloads (`GET /dl/{bundle}?…&base=ID`): headers that mark a response as a delta from the bundle `base`.
+DELTA_BASE_HEADER = "X-Edgekit-Delta-Base"
+DELTA_SHA256_HEADER = "X-Edgekit-Delta-Sha256"
+
+
 class DesiredBundle(BundleRef):
     allow_downgrade: bool = False
+    # HTTP(S) download links, tried in order before chunks over MQTT (edgekit.hub.downloads); none: chunks only.
+    urls: list[Annotated[str, Field(max_length=2048, pattern=r"^https?://")]] = Field([], max_length=8)
 
 
 class DesiredState(Payload):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from agent_helpers import HubSigner, shared_signer
 from brokers import BROKER_KINDS, started_broker
-from helpers import CliResult
+from helpers import CliResult, compile_bundle
+from hub_helpers import signing_keys
 from typer.testing import CliRunner
 
 from edgekit.cli import app
@@ -129,3 +130,18 @@ def make_hub(tmp_path: Path) -> Iterator[Callable[..., Hub]]:
     yield make
     for hub in reversed(hubs):
         hub.stop()
+
+
+@pytest.fixture(scope="session")
+def cnn_bundles(
+    small_cnn_model: Path, small_cnn_calibration: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """The small generated CNN as cnn 1.0.0 and 2.0.0, signed by one key; and that key's public half."""
+    folder = tmp_path_factory.mktemp("cnn-bundles")
+    key, public = signing_keys(folder / "key")
+
+    def build(version: str) -> Path:
+        return compile_bundle(small_cnn_model, small_cnn_calibration, key, version, folder / f"cnn-{version}.ekb",
+                              name="cnn")  # fmt: skip
+
+    return {"public": public, "v1": build("1.0.0"), "v2": build("2.0.0")}

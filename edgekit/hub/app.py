@@ -23,7 +23,7 @@ from edgekit.hub.deps import Link, Sessions
 from edgekit.hub.guard import WebGuard
 from edgekit.hub.live import FleetRelay, LiveFeed
 from edgekit.hub.metrics import hub_registry, metrics_router
-from edgekit.hub.routes import audit, bundles, deployments, devices, enrollment, session, tokens, trust
+from edgekit.hub.routes import audit, bundles, deployments, devices, downloads, enrollment, session, tokens, trust
 from edgekit.hub.schemas import Health
 
 if TYPE_CHECKING:
@@ -99,6 +99,8 @@ def create_app(hub: "Hub") -> FastAPI:
                 "medians": medians,
                 "secret": secret,
                 "metrics": metrics,
+                "download_links": hub.links,
+                "deltas": hub.deltas,
                 "insecure_broker": hub.embedded is not None and hub.users is None,  # the dashboard's red banner
             }
 
@@ -116,7 +118,7 @@ def create_app(hub: "Hub") -> FastAPI:
         api.include_router(routes.router)
     api.include_router(enrollment.router_for(hub.enroll))  # needs the hub's broker, not only its database
     api.include_router(trust.router_for(lambda: hub.trust.root, hub.rotate_keys))  # and its keys
-    for router in (health_router, session.router, api, metrics_router, dashboard.router):
+    for router in (health_router, session.router, downloads.router, api, metrics_router, dashboard.router):
         app.include_router(router)
     app.add_middleware(WebGuard)
     return app

@@ -26,6 +26,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     create_engine,
@@ -142,6 +143,16 @@ class BundleRecord(Base):
     uploaded: Mapped[float] = mapped_column(Float, default=time.time)
     uploaded_by: Mapped[str] = mapped_column(String(64))
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class BundlePart(Base):
+    """A bundle's bytes, in parts of `edgekit.hub.store.PART_SIZE`: where every hub replica on the database reads
+    them (a replica keeps a verified copy as a file in its own `<data>/bundles`, a cache)."""
+
+    __tablename__ = "bundle_parts"
+    bundle_id: Mapped[str] = mapped_column(ForeignKey("bundles.id"), primary_key=True)
+    part: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Deployment(Base):

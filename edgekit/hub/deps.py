@@ -8,10 +8,12 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import sessionmaker
 
 from edgekit.hub.alerts import MedianCache
+from edgekit.hub.downloads import DownloadLinks
 from edgekit.hub.link import BrokerLink
 from edgekit.hub.live import LiveFeed
 from edgekit.hub.registry import Registry
 from edgekit.hub.rollouts import Deployments
+from edgekit.hub.transfer import DeltaCache
 
 
 def _lifespan_state(name: str) -> Any:
@@ -31,3 +33,5 @@ Feed = Annotated[LiveFeed, _lifespan_state("feed")]
 Medians = Annotated[MedianCache, _lifespan_state("medians")]
 Secret = Annotated[bytes, _lifespan_state("secret")]  # signs session cookies
 Metrics = Annotated[CollectorRegistry, _lifespan_state("metrics")]
+DownloadLinksDep = Annotated[DownloadLinks, _lifespan_state("download_links")]
+DeltasDep = Annotated[DeltaCache, _lifespan_state("deltas")]

@@ -29,7 +29,7 @@ from edgekit.enrollment import write_private
 from edgekit.hub.ingest import Ingest, subscriptions
 from edgekit.hub.jetstream import JetStreamSource
 from edgekit.hub.registry import Registry
-from edgekit.hub.transfer import BundleServer
+from edgekit.hub.transfer import BundleServer, DeltaCache
 from edgekit.mqtt import Backoff, Connection, new_client, parse_broker_url
 from edgekit.protocol import Topic
 
@@ -132,6 +132,7 @@ class BrokerLink:
         client_id: str,
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
         version: MqttVersion = "5",
+        deltas: DeltaCache | None = None,
     ) -> None:
         """MQTT 5 where the broker speaks it (the session expiry and Receive Maximum are MQTT 5's); 3.1.1 for brokers
         that speak only that (amqtt, NATS): a persistent session there too (clean_session false), which the broker
@@ -152,7 +153,7 @@ class BrokerLink:
         ingest.acknowledge_with(self._acks)
         self._ingest = ingest
         self._share_group = share_group
-        self.transfer = BundleServer(self.client, registry.path, workers=4)
+        self.transfer = BundleServer(self.client, registry.path, workers=4, deltas=deltas)
         self._connection = Connection(self.client, address, HUB_BACKOFF, name="hub-mqtt", on_lost=self._acks.reset,
                                       **session)  # fmt: skip
         self._connected = threading.Event()

@@ -24,8 +24,10 @@ from edgekit.enrollment import Enrollment
 from edgekit.errors import BadInput
 from edgekit.hub.acl import HUB_USER, BrokerUsers, check_share_group
 from edgekit.hub.app import create_app
+from edgekit.hub.auth import hub_secret
 from edgekit.hub.broker import EmbeddedBroker, MosquittoBroker, reload_broker, start_embedded_broker
 from edgekit.hub.db import Device, database_url, open_database
+from edgekit.hub.downloads import DownloadLinks
 from edgekit.hub.ingest import Ingest, Message, device_ids
 from edgekit.hub.jetstream import check_jetstream
 from edgekit.hub.keys import HubTrust
@@ -34,6 +36,8 @@ from edgekit.hub.link import DEFAULT_SESSION_EXPIRY_S, MAX_SESSION_EXPIRY_S, Bro
 from edgekit.hub.registry import Registry
 from edgekit.hub.retention import Retention
 from edgekit.hub.rollouts import CONTROLLER_LEASE_S, Deployments, RolloutDriver
+from edgekit.hub.store import open_store
+from edgekit.hub.transfer import DeltaCache
 from edgekit.mqtt import with_login
 from edgekit.protocol import DesiredState, Topic, device_topic, encode
 from edgekit.trust import DEFAULT_DESIRED_TTL_S, TrustRoot
@@ -61,6 +65,8 @@ class HubSettings:
     session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S  # how long the broker keeps the hub's session while it is away
     mqtt_version: MqttVersion | None = None  # None: 3.1.1 for an embedded amqtt, which speaks nothing newer; else 5
     jetstream: str | None = None  # NATS URLs: device messages through JetStream (edgekit.hub.jetstream), not MQTT
+    bundle_store: str | None = None  # s3://BUCKET/PREFIX; None: bundle bytes in the database
+    public_urls: tuple[str, ...] = ()  # where devices download bundles from; none: the HTTP address it listens on
 
     def __post_init__(self) -> None:
         if self.share_group is not None:
@@ -82,7 +88,14 @@ class Hub:
         self.trust = HubTrust(settings.data_dir / "trust", settings.trust_key, settings.desired_ttl_s)
         self.engine, self.sessions = open_database(database_url(settings.db, settings.data_dir))
         self.replica = hub_client_id(settings.data_dir)  # names this process among replicas: leases, /metrics
-        self.registry = Registry(settings.data_dir, self.sessions, self.trust.bundle_keys)
+        self.registry = Registry(settings.data_dir, self.sessions, self.trust.bundle_keys,
+                                 open_store(settings.bundle_store, self.sessions))  # fmt: skip
+        self.registry.store_local_files()
+        self.deltas = DeltaCache(self.registry.path)  # for chunks and HTTP downloads alike
+        self.links = DownloadLinks(
+            hub_secret(self.sessions, settings.data_dir),
+            list(settings.public_urls) or [public_url(settings.http_host, settings.http_port)],
+        )
         self.ingest = Ingest(self.sessions, on_stored=self._on_stored)
         self.listeners: list = []  # callables(stored) for live views (the dashboard's SSE feed)
         # Run where the driver runs: raw telemetry for a day, then per-minute rollups for 90 days.
@@ -109,7 +122,12 @@ class Hub:
     # ---- signed control messages ------------------------------------------------------------------------------
 
     def send_desired(self, device_id: str, desired: DesiredState) -> None:
-        """Sign `desired` for the device (fresh expiry) and publish it, retained."""
+        """Sign `desired` for the device (fresh expiry) and publish it, retained; a bundle it names comes with
+        download links that expire with it."""
+        if desired.bundle is not None:
+            expires = time.time() + self.settings.desired_ttl_s
+            bundle = desired.bundle.model_copy(update={"urls": self.links.urls(desired.bundle.id, device_id, expires)})
+            desired = desired.model_copy(update={"bundle": bundle})
         self.publish(device_topic(device_id, Topic.DESIRED), self.trust.sign_desired(device_id, desired), True)
 
     def _refresh_devices(self, ids: list[str]) -> None:
@@ -155,7 +173,7 @@ class Hub:
             self.broker_url = loopback_url(self.embedded, login)
         self.link = BrokerLink(self.broker_url, self.ingest, self.registry, settings.share_group,
                                hub_client_id(settings.data_dir), settings.session_expiry_s,
-                               self._mqtt_version())  # fmt: skip
+                               self._mqtt_version(), self.deltas)  # fmt: skip
         if settings.jetstream:
             self.link.use_jetstream(settings.jetstream, self.replica)
         self.app = create_app(self)
@@ -227,9 +245,19 @@ class Hub:
         self.engine.dispose()
 
 
+def reachable_host(host: str) -> str:
+    """How devices reach a server listening on `host`: this machine's name when it listens on every address."""
+    return socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
+
+
 def device_broker(host: str, port: int | None) -> str:
-    """The embedded broker's URL as devices reach it: this machine's name when it listens on every address."""
-    return f"mqtt://{socket.getfqdn() if host in ('0.0.0.0', '::', '') else host}:{port}"
+    """The embedded broker's URL as devices reach it."""
+    return f"mqtt://{reachable_host(host)}:{port}"
+
+
+def public_url(host: str, port: int) -> str:
+    """The hub's HTTP address as devices reach it, without --public-url."""
+    return f"http://{reachable_host(host)}:{port}"
 
 
 def loopback_url(broker: EmbeddedBroker, login: tuple[str, str] | None) -> str:

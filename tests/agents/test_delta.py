@@ -105,7 +105,12 @@ def test_a_damaged_delta_falls_back_to_the_whole_bundle(mosquitto, start_agent, 
     assert fallback.message.startswith("no delta update (") and "downloading the whole bundle" in fallback.message
     assert fallback.data["base"] == old_id
     assert "delta" in fallback.data["fallback"], fallback  # the delta could not be applied, or gave other bytes
-    assert _downloaded(seen).data == {"bundle": new_id, "via": "full", "received": new.stat().st_size}
+    assert _downloaded(seen).data == {
+        "bundle": new_id,
+        "via": "full",
+        "received": new.stat().st_size,
+        "transport": "mqtt",
+    }
     assert seen.index(fallback) < seen.index(_downloaded(seen))
     _runs_exactly(agent, new)
 

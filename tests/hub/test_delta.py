@@ -58,6 +58,7 @@ def _completed(hub, deployment_id: int) -> Deployment:
 
 
 def test_a_rollout_reaches_devices_of_the_same_model_as_a_delta(make_hub, bundles, tmp_path):
+    """Over HTTP, the hub's download links (as the MQTT chunk path, tests/agents/test_delta.py)."""
     hub = make_hub()
     hub.registry.add(bundles["v1"], "test")  # the base too: the hub makes deltas between bundles it has
     record, _ = hub.registry.add(bundles["v1_1"], "test")
@@ -72,10 +73,12 @@ def test_a_rollout_reaches_devices_of_the_same_model_as_a_delta(make_hub, bundle
 
         for device_id in fleet_ids("same", 2):
             event = _downloaded(hub, device_id)
-            assert event.data["via"] == "delta", (device_id, event.message, event.data)
+            assert (event.data["via"], event.data["transport"]) == ("delta", "http"), (device_id, event.message)
             assert event.data["received"] < len(target) / 2, event.data
         (event,) = [_downloaded(hub, device_id) for device_id in fleet_ids("other", 1)]
-        assert event.data == {"bundle": record.id, "via": "full", "received": len(target)}, event.data
+        assert event.data == {"bundle": record.id, "via": "full", "received": len(target), "transport": "http"}, (
+            event.data
+        )
 
         for agent in same.agents + other.agents:
             installed = agent.runner.model.bundle
