@@ -65,9 +65,10 @@ class ServedBundles:
     """The hub's BundleServer answering chunk requests from `files`; `add(path)` makes a bundle downloadable by its
     sha256."""
 
-    def __init__(self, client) -> None:
+    def __init__(self, client, workers: int = 2, resolve: Callable[[str], Path | None] | None = None) -> None:
+        """`resolve`: instead of looking in `files` (a test's slow or failing disk)."""
         self.files: dict[str, Path] = {}
-        self.server = BundleServer(client, self.files.get)
+        self.server = BundleServer(client, resolve or self.files.get, workers)
 
     def add(self, path: Path) -> str:
         bundle_id = sha256_file(path)
@@ -79,12 +80,13 @@ class ServedBundles:
 
 
 class MqttServedBundles(ServedBundles):
-    """On its own MQTT connection to `broker`."""
+    """On its own MQTT connection to `broker`, as one of `share_group`'s members when given."""
 
-    def __init__(self, broker: EmbeddedBroker) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-bundle-server")
-        super().__init__(self.client)
-        self.client.on_connect = lambda *args: self.server.start()
+    def __init__(self, broker: EmbeddedBroker, client_id: str = "test-bundle-server", share_group: str | None = None,
+                 **server: Any) -> None:  # fmt: skip
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        super().__init__(self.client, **server)
+        self.client.on_connect = lambda *args: self.server.start(share_group=share_group)
         self.client.reconnect_delay_set(0.1, 1)
         self.client.connect(*host_port(broker.url))
         self.client.loop_start()
@@ -110,8 +112,10 @@ class MemoryHubClient:
     def subscribe(self, topic_filter: str, qos: int) -> None:
         """Nothing to do: message_callback_add routes."""
 
-    def publish(self, topic: str, payload: bytes, qos: int) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int) -> SimpleNamespace:
+        """Delivered at once: the PUBACK BundleServer waits for has come already."""
         self.link.deliver(topic, payload)
+        return SimpleNamespace(wait_for_publish=lambda timeout: True)
 
 
 def agent_command(broker_url: str, data_dir: Path, trust_key: Path, hub_key: Path, *extra: str,

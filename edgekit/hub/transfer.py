@@ -3,8 +3,14 @@ name a `base` with the chunks of a delta from that bundle (`DeltaCache`, docs/pr
 
 The hub runs one; tests, the fleet simulator and benchmarks run one next to a broker. Requests are served by
 worker threads, never in the MQTT network thread, so a big transfer does not stall other traffic.
+
+Load is bounded three ways: hubs in a share group (or on JetStream) get each request once, so exactly one answers;
+a request identical to one still waiting in the queue (a device re-asking after a stall while the hub is busy) is
+dropped, not answered twice; and a worker waits for the broker's PUBACK every `IN_FLIGHT_BYTES`, so chunks leave
+no faster than the broker takes them instead of piling up in the hub's memory.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -34,6 +40,8 @@ log = logging.getLogger(__name__)
 
 Resolver = Callable[[str], Path | None]
 DELTA_CACHE_BYTES = 1024**3
+IN_FLIGHT_BYTES = 4 * 1024 * 1024  # per worker: chunk bytes published before waiting for the broker's PUBACK
+PUBACK_WAIT_S = 10.0  # a broker that takes longer is down or stuck: the device asks again after its stall timeout
 
 
 class BundleServer:
@@ -50,12 +58,15 @@ class BundleServer:
         self._queues: list[queue.Queue[tuple[str, ChunkRequest] | None]] = [
             queue.Queue(maxsize=10_000) for _ in range(workers)
         ]
+        self._waiting: set[tuple] = set()  # requests queued, not yet taken by a worker (`_key`)
+        self._waiting_lock = threading.Lock()
         self._workers = [
             threading.Thread(target=self._serve, args=(q,), daemon=True, name="bundle-server") for q in self._queues
         ]
         self.rejected = 0
         self.chunks_sent = 0
         self.deltas_served = 0  # requests for a delta's first chunk that were answered with it
+        self.duplicates = 0  # requests dropped because the same one was still waiting
 
     @property
     def topic_filter(self) -> str:
@@ -97,13 +108,25 @@ class BundleServer:
             return
         if parsed is None:
             return
+        item = (parsed[0], request)
+        with self._waiting_lock:
+            if _key(item) in self._waiting:
+                self.duplicates += 1
+                return
+            self._waiting.add(_key(item))
         try:
-            self._queues[zlib.crc32(parsed[0].encode()) % len(self._queues)].put_nowait((parsed[0], request))
+            self._queues[zlib.crc32(parsed[0].encode()) % len(self._queues)].put_nowait(item)
         except queue.Full:
+            self._taken(item)
             self.rejected += 1  # the device re-asks after its stall timeout
+
+    def _taken(self, item: tuple[str, ChunkRequest]) -> None:
+        with self._waiting_lock:
+            self._waiting.discard(_key(item))
 
     def _serve(self, requests: queue.Queue) -> None:
         while (item := requests.get()) is not None:
+            self._taken(item)
             device_id, request = item
             try:
                 self._send(device_id, request)
@@ -144,14 +167,32 @@ class BundleServer:
         """Chunks `request` asks for of the file at `path`; `base` and `delta_sha256` mark a delta's."""
         size = path.stat().st_size
         total = -(-size // request.chunk_size)
+        unacked = 0
         with open(path, "rb") as handle:
             for index in range(request.index, min(request.index + request.count, total)):
                 data = os.pread(handle.fileno(), request.chunk_size, index * request.chunk_size)
                 header = ChunkHeader(bundle=request.bundle, index=index, total=total, size=size,
                                      sha256=hashlib.sha256(data).hexdigest(), base=base,
                                      delta_sha256=delta_sha256)  # fmt: skip
-                self._client.publish(topic, encode_chunk(header, data), qos=1)
+                sent = self._client.publish(topic, encode_chunk(header, data), qos=1)
                 self.chunks_sent += 1
+                unacked += len(data)
+                if unacked >= IN_FLIGHT_BYTES:
+                    _wait_acked(sent)
+                    unacked = 0
+        if unacked:
+            _wait_acked(sent)
+
+
+def _key(item: tuple[str, ChunkRequest]) -> tuple:
+    device_id, request = item
+    return device_id, request.bundle, request.index, request.count, request.chunk_size, request.base
+
+
+def _wait_acked(sent: mqtt.MQTTMessageInfo) -> None:
+    """Until the broker acknowledged `sent` (and, PUBACKs coming in order, what was published before it)."""
+    with contextlib.suppress(RuntimeError, ValueError):  # not connected, or paho's queue full: the device re-asks
+        sent.wait_for_publish(PUBACK_WAIT_S)
 
 
 @dataclass(frozen=True)
