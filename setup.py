@@ -63,6 +63,8 @@ EXTRAS = {
         # Swagger UI vendored, so /docs needs no CDN.
         "fastapi-offline>=1.7",
     ],
+    # The hub's bundle bytes in an S3 bucket (`edgekit hub --bundle-store s3://…`) instead of its database.
+    "s3": ["boto3>=1.28"],
     # onnx2tf imports onnx_graphsurgeon and sng4onnx without declaring them.
     "tflite": [
         "tensorflow-cpu>=2.15",

@@ -12,6 +12,7 @@ import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import typer
 from rich.markup import escape
@@ -68,6 +69,14 @@ def parse_http(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def check_public_url(value: str) -> str:
+    """An http(s) URL with a host, as devices will fetch `<url>/dl/…`."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise BadInput(f"--public-url '{value}': expected http(s)://HOST[:PORT][/PATH], as devices reach this hub")
+    return value.rstrip("/")
+
+
 def _port_free(port: int, host: str = "127.0.0.1") -> bool:
     try:
         _check_listen(host, port)
@@ -93,7 +102,19 @@ def hub(
     broker: Annotated[
         str | None,
         typer.Option(
-            "--broker", "-b", help="External broker: mqtt://HOST:PORT or mqtts://…, USER:PASS@HOST for a login."
+            "--broker",
+            "-b",
+            help="External broker: mqtt://HOST:PORT or mqtts://…, USER:PASS@HOST for a login; a clustered broker's "
+            "nodes as a comma-separated list (the hub moves to the next when one fails).",
+        ),
+    ] = None,
+    jetstream: Annotated[
+        str | None,
+        typer.Option(
+            "--jetstream",
+            help="NATS cluster: nats://USER:PASS@HOST:PORT,nats://HOST2:PORT,… Telemetry, results, events and chunk "
+            "requests then come through JetStream, shared by every hub replica; needs --broker (the cluster's MQTT "
+            "listeners). See docs/brokers.md.",
         ),
     ] = None,
     broker_port: Annotated[
@@ -114,6 +135,23 @@ def hub(
     ] = None,
     share_group: Annotated[
         str | None, typer.Option("--share-group", help="MQTT shared-subscription group, to run several hubs.")
+    ] = None,
+    public_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--public-url",
+            help="Where devices download bundles over HTTP(S): this hub's address as they reach it, or a load "
+            "balancer's in front of every replica; repeat for several, tried in order. Default: the --http address. "
+            "Devices that cannot reach any fall back to chunks over MQTT.",
+        ),
+    ] = None,
+    bundle_store: Annotated[
+        str | None,
+        typer.Option(
+            "--bundle-store",
+            help="Keep bundle bytes in an S3 bucket (s3://BUCKET/PREFIX; needs boto3: pip install 'edgekit[s3]') "
+            "instead of the hub database. Every replica reads them there.",
+        ),
     ] = None,
     no_controller: Annotated[
         bool,
@@ -176,6 +214,8 @@ def hub(
                            share_group=share_group, controller=not no_controller, broker_port=broker_port,
                            broker_host=broker_listen, insecure_broker=insecure_broker,
                            desired_ttl_s=desired_ttl, mqtt_version=mqtt_version.value if mqtt_version else None,
+                           jetstream=jetstream, public_urls=tuple(check_public_url(u) for u in public_url or ()),
+                           bundle_store=bundle_store,
                            **({} if session_expiry is None else {"session_expiry_s": session_expiry}))  # fmt: skip
     _hub_logging()
     hub = Hub(settings)
@@ -225,6 +265,8 @@ def _announce(hub, admin_token: str | None) -> None:
                               "device's messages and steer every device")  # fmt: skip
     else:
         err_console.print(f"broker: external {redact_url(hub.broker_url)}")
+    if settings.jetstream:
+        err_console.print(f"device messages: JetStream at {redact_url(settings.jetstream)}", highlight=False)
     err_console.print(f"database: {settings.db or settings.data_dir / 'hub.sqlite'}; data in {settings.data_dir}")
     root = hub.trust.root
     err_console.print(f"trust: {root.describe()}; devices take desired states signed by {hub.trust.public_key_file}",

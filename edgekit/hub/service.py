@@ -36,7 +36,7 @@ from edgekit.hub.link import DEFAULT_SESSION_EXPIRY_S, MAX_SESSION_EXPIRY_S, Bro
 from edgekit.hub.registry import Registry
 from edgekit.hub.retention import Retention
 from edgekit.hub.rollouts import CONTROLLER_LEASE_S, Deployments, RolloutDriver
-from edgekit.hub.store import open_store
+from edgekit.hub.store import check_store_url, open_store
 from edgekit.hub.transfer import DeltaCache
 from edgekit.mqtt import with_login
 from edgekit.protocol import DesiredState, Topic, device_topic, encode
@@ -71,6 +71,8 @@ class HubSettings:
     def __post_init__(self) -> None:
         if self.share_group is not None:
             check_share_group(self.share_group)
+        if self.bundle_store is not None:
+            check_store_url(self.bundle_store)
         if self.jetstream is not None:
             check_jetstream(self.jetstream, self.broker)
         if not 0 <= self.session_expiry_s <= MAX_SESSION_EXPIRY_S:

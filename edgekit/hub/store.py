@@ -7,6 +7,7 @@ Each replica keeps a copy of what it serves as a file in its `<data>/bundles` (`
 deltas and HTTP range requests read that file, so the store is read once per bundle and replica.
 """
 
+import importlib.util
 import shutil
 from pathlib import Path
 from typing import Protocol
@@ -68,12 +69,11 @@ class S3Store:
     """Bundles as objects `PREFIX/<sha256>.ekb` in a bucket (boto3, imported only when configured)."""
 
     def __init__(self, url: str) -> None:
+        check_store_url(url)
         import boto3
         from botocore.exceptions import ClientError
 
         parts = urlsplit(url)
-        if parts.scheme != "s3" or not parts.netloc:
-            raise BadInput(f"--bundle-store {url}: expected s3://BUCKET or s3://BUCKET/PREFIX")
         self.bucket, self.prefix = parts.netloc, parts.path.strip("/")
         self.description = f"s3://{self.bucket}/{self.prefix}"
         self._client = boto3.client("s3")
@@ -100,6 +100,15 @@ class S3Store:
         with open(target, "wb") as handle:
             shutil.copyfileobj(body, handle, PART_SIZE)
         return True
+
+
+def check_store_url(url: str) -> None:
+    """Before anything starts: an s3:// URL with a bucket, and boto3 installed to reach it."""
+    parts = urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise BadInput(f"--bundle-store {url}: expected s3://BUCKET or s3://BUCKET/PREFIX")
+    if importlib.util.find_spec("boto3") is None:
+        raise BadInput(f"--bundle-store {url} needs boto3: pip install 'edgekit[s3]'")
 
 
 def open_store(url: str | None, sessions: sessionmaker) -> BundleStore:
