@@ -11,6 +11,7 @@ from agent_helpers import HubSigner, shared_signer
 from brokers import BROKER_KINDS, started_broker
 from helpers import CliResult, compile_bundle
 from hub_helpers import signing_keys
+from nats_cluster import NatsCluster, started_nats_cluster
 from typer.testing import CliRunner
 
 from edgekit.cli import app
@@ -101,6 +102,13 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBrok
 @pytest.fixture
 def amqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
     yield from started_broker("amqtt", tmp_path_factory.mktemp("broker"))
+
+
+@pytest.fixture
+def nats_cluster() -> Iterator[NatsCluster]:
+    """Three authenticated nats-server nodes with JetStream and MQTT listeners (tests/nats_cluster.py); skips where
+    Debian's nats-server is not installed."""
+    yield from started_nats_cluster(3)
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ import pytest
 
 from edgekit.hub.broker import LOOPBACK, free_port
 from edgekit.hub.jetstream import subject_of
+from edgekit.mqtt import with_login
 from edgekit.protocol import PREFIX
 
 BINARY = shutil.which("nats-server") or "/usr/sbin/nats-server"
@@ -32,6 +33,7 @@ MISSING = "needs Debian package nats-server (apt-get install nats-server, or `ma
 HUB_USER = "hub"
 START_TIMEOUT_S = 30.0
 CLUSTER_NAME = "edgekit-test"
+RELOADED = "Reloaded server configuration"  # what nats-server logs once a reload is in effect
 
 
 def available() -> bool:
@@ -81,17 +83,15 @@ class NatsCluster:
         """Every node's client address, the hub's login on the first (nats-py takes a list)."""
         return ",".join(f"nats://{HUB_USER}:{self.hub_password}@{LOOPBACK}:{n.client_port}" for n in self.nodes)
 
-    def mqtt_url(self, user: str, password: str, first: int = 0) -> str:
-        """Every node's MQTT address starting at node `first`, the login on the first entry (the others take it)."""
-        ports = [n.mqtt_port for n in self.nodes[first:] + self.nodes[:first]]
-        head, *rest = (f"mqtt://{LOOPBACK}:{port}" for port in ports)
-        return ",".join([head.replace("mqtt://", f"mqtt://{user}:{password}@"), *rest])
+    def mqtt_urls(self, first: int = 0) -> str:
+        """Every node's MQTT address, starting at node `first` (clients try them in that order), without a login."""
+        return ",".join(f"mqtt://{LOOPBACK}:{n.mqtt_port}" for n in self.nodes[first:] + self.nodes[:first])
 
     def hub_mqtt_url(self) -> str:
-        return self.mqtt_url(HUB_USER, self.hub_password)
+        return with_login(self.mqtt_urls(), HUB_USER, self.hub_password)
 
     def device_url(self, device_id: str, first: int = 0) -> str:
-        return self.mqtt_url(device_id, self.devices[device_id], first)
+        return with_login(self.mqtt_urls(first), device_id, self.devices[device_id])
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
@@ -107,11 +107,17 @@ class NatsCluster:
         """Logins for these devices (each may use only its own subjects), in effect on every running node."""
         fresh = {device_id: secrets.token_urlsafe(16) for device_id in device_ids}
         self.devices |= fresh
+        running = [node for node in self.nodes if node.running]
+        reloads = {node.name: self._reloads(node) for node in running}
         for node in self.nodes:
             self._write_config(node)
-            if node.running:
-                node.process.send_signal(signal.SIGHUP)  # nats-server reloads its users on SIGHUP
-        self._wait_logins(device_ids[-1], fresh[device_ids[-1]])
+        for node in running:
+            node.process.send_signal(signal.SIGHUP)  # nats-server reloads its users on SIGHUP
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while any(self._reloads(node) <= reloads[node.name] for node in running):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the NATS nodes did not reload their users in {START_TIMEOUT_S:g} s")
+            time.sleep(0.05)
         return fresh
 
     def kill(self, index: int) -> None:
@@ -150,7 +156,8 @@ class NatsCluster:
     def _write_config(self, node: Node) -> None:
         routes = [f"nats-route://{LOOPBACK}:{other.cluster_port}" for other in self.nodes if other is not node]
         users = [{"user": HUB_USER, "password": self.hub_password}]
-        users += [{"user": d, "password": p, "permissions": device_permissions(d)} for d, p in self.devices.items()]
+        users += [{"user": d, "password": p, "permissions": device_permissions(d), "allowed_connection_types": ["MQTT"]}
+                  for d, p in self.devices.items()]  # fmt: skip
         # JSON is valid NATS configuration syntax: every name and password quoted as it should be.
         config = {
             "server_name": node.name,
@@ -194,25 +201,12 @@ class NatsCluster:
                                    f"{self._log_tail(self.nodes[0])}")  # fmt: skip
             time.sleep(0.1)
 
-    def _wait_logins(self, user: str, password: str, timeout: float = 10.0) -> None:
-        """Until every running node takes this login (a reload is asynchronous)."""
-        import paho.mqtt.client as mqtt
-
-        deadline = time.monotonic() + timeout
-        for node in (n for n in self.nodes if n.running):
-            while True:
-                client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{secrets.token_hex(4)}")
-                client.username_pw_set(user, password)
-                try:
-                    accepted = client.connect(LOOPBACK, node.mqtt_port, keepalive=5) == 0 and _connack_ok(client)
-                except OSError:
-                    accepted = False
-                client.disconnect()
-                if accepted:
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"nats-server {node.name} did not take the login of {user} in {timeout:g} s")
-                time.sleep(0.1)
+    def _reloads(self, node: Node) -> int:
+        """How many times the node has reloaded its configuration (it logs each)."""
+        try:
+            return (node.folder / "server.log").read_text(errors="replace").count(RELOADED)
+        except OSError:
+            return 0
 
     def _log_tail(self, node: Node, lines: int = 15) -> str:
         try:
@@ -222,17 +216,7 @@ class NatsCluster:
         return f"last lines of {node.name}'s log:\n" + "\n".join(tail)
 
 
-def _connack_ok(client) -> bool:
-    """Run the client's loop until its CONNACK came; whether it was accepted."""
-    result: list[bool] = []
-    client.on_connect = lambda _c, _u, _f, reason, _p: result.append(not reason.is_failure)
-    deadline = time.monotonic() + 5
-    while not result and time.monotonic() < deadline:
-        client.loop(timeout=0.1)
-    return bool(result and result[0])
-
-
-def nats_cluster(size: int = 3) -> Iterator[NatsCluster]:
+def started_nats_cluster(size: int = 3) -> Iterator[NatsCluster]:
     """Generator for fixtures: a started cluster of `size` nodes, stopped afterwards; skips without nats-server."""
     if not available():
         pytest.skip(MISSING)

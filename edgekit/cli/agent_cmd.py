@@ -23,7 +23,8 @@ BrokerOpt = Annotated[
         "-b",
         envvar="EDGEKIT_BROKER",
         show_envvar=False,  # its value may hold a password: never print it in --help
-        help="mqtt://HOST:PORT or mqtts://USER:PASS@HOST:PORT (user and port optional); or $EDGEKIT_BROKER",
+        help="mqtt://HOST:PORT or mqtts://USER:PASS@HOST:PORT (user and port optional); a clustered broker's nodes "
+        "as a comma-separated list, tried in turn; or $EDGEKIT_BROKER",
     ),
 ]
 EnrollmentOpt = Annotated[

@@ -204,7 +204,8 @@ class JetStreamSource:
                 task.cancel()
             await asyncio.gather(*pulls, return_exceptions=True)
         finally:
-            await self._client.close()  # sends the acks still buffered
+            with contextlib.suppress(Exception):  # a cluster already gone: what was not acked is delivered again
+                await self._client.close()  # sends the acks still buffered
 
     async def _connect(self, nats: Any) -> Any:
         """Connected to one of the servers (nats-py moves to another when it drops), or None once stopping."""
@@ -254,9 +255,11 @@ class JetStreamSource:
 
 
 async def ensure_streams(js: Any, replicas: int, ack_wait_s: float) -> None:
-    """The streams and their shared consumers, created or brought to this configuration; safe when several hub
-    replicas do it at once (JetStream takes the same configuration again as a no-op)."""
+    """The streams and their shared consumers, created where missing; safe when several hub replicas do it at once
+    (JetStream takes the same configuration again as a no-op). Ones that exist are kept as they are, so an operator
+    may tune them with the `nats` tool (e.g. `nats consumer edit EDGEKIT_MESSAGES edgekit-hub --wait 10s`)."""
     from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+    from nats.js.errors import NotFoundError
 
     streams = {
         MESSAGES_STREAM: ([device_subjects(name) for name in SEQUENCED], MESSAGES_MAX_AGE_S),
@@ -265,13 +268,17 @@ async def ensure_streams(js: Any, replicas: int, ack_wait_s: float) -> None:
     for name, (subjects, max_age) in streams.items():
         config = StreamConfig(name=name, subjects=subjects, retention=RetentionPolicy.WORK_QUEUE, max_age=max_age,
                               storage=StorageType.FILE, num_replicas=replicas)  # fmt: skip
-        await _add_or_update_stream(js, config)
-        consumer = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s,
-                                  max_ack_pending=MAX_ACK_PENDING, max_deliver=-1)  # fmt: skip
-        await js.add_consumer(name, consumer)
+        await _add_unless_other(js, config)
+        try:
+            await js.consumer_info(name, CONSUMER)
+        except NotFoundError:
+            consumer = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s,
+                                      max_ack_pending=MAX_ACK_PENDING, max_deliver=-1)  # fmt: skip
+            await js.add_consumer(name, consumer)
 
 
-async def _add_or_update_stream(js: Any, config: Any) -> None:
+async def _add_unless_other(js: Any, config: Any) -> None:
+    """Create the stream unless one of its name exists (with this configuration or another: kept)."""
     from nats.js.errors import BadRequestError
 
     try:
@@ -279,8 +286,7 @@ async def _add_or_update_stream(js: Any, config: Any) -> None:
     except BadRequestError as error:
         if error.err_code != STREAM_IN_USE:
             raise
-        log.info("JetStream stream %s exists with another configuration: updating it", config.name)
-        await js.update_stream(config)
+        log.info("JetStream stream %s exists with another configuration: kept as it is", config.name)
 
 
 async def _ack_all(messages: Iterable[Any]) -> None:
