@@ -19,10 +19,11 @@ install: sysdeps $(STAMP)
 
 # Debian packages edgekit shells out to or tests against: the aarch64 cross linker (TVM builds for ARM profiles)
 # and qemu-user (the emulated arm64 device); mosquitto (the broker `edgekit hub` embeds; without it the hub falls
-# back to the slower amqtt); chromium (the dashboard tests' headless browser) and postgresql (the hub's scale
-# path). Installed with apt-get when running as root; otherwise what is missing is named and the tests that need
-# it skip, saying which package to install.
-SYSDEPS := gcc-aarch64-linux-gnu qemu-user-static mosquitto mosquitto-clients chromium postgresql
+# back to the slower amqtt); chromium (the dashboard tests' headless browser), postgresql (the hub's scale path)
+# and nats-server (the clustered broker with JetStream that hub replicas consume from, docs/brokers.md). Installed
+# with apt-get when running as root; otherwise what is missing is named and the tests that need it skip, saying
+# which package to install.
+SYSDEPS := gcc-aarch64-linux-gnu qemu-user-static mosquitto mosquitto-clients chromium postgresql nats-server
 sysdeps:
 	@missing=$$(for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \

@@ -62,6 +62,8 @@ EXTRAS = {
         "httpx>=0.27",
         # Swagger UI vendored, so /docs needs no CDN.
         "fastapi-offline>=1.7",
+        # `edgekit hub --jetstream`: device messages from a NATS cluster's JetStream (edgekit/hub/jetstream.py).
+        "nats-py>=2.16",  # the version tested here
     ],
     # The hub's bundle bytes in an S3 bucket (`edgekit hub --bundle-store s3://…`) instead of its database.
     "s3": ["boto3>=1.28"],
