@@ -22,7 +22,8 @@ PEM_PUBLIC_KEY = r"^-----BEGIN PUBLIC KEY-----\n[\s\S]+\n-----END PUBLIC KEY----
 class Enrollment(StrictModel):
     schema_version: Literal[1] = 1
     device_id: str = Field(pattern=DEVICE_ID, description="the device's id, also its MQTT username")
-    broker: str = Field(description="mqtt:// or mqtts:// URL as devices reach the broker, without credentials")
+    broker: str = Field(description="mqtt:// or mqtts:// URL as devices reach the broker, without credentials; "
+                        "a clustered broker's nodes comma-separated")  # fmt: skip
     username: str = Field(min_length=1, description="MQTT username (the device id)")
     password: str = Field(min_length=16, description="MQTT password; secret")
     trust_key: str | None = Field(
