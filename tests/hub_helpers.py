@@ -4,9 +4,10 @@ simulated fleets of real agents connected to a hub's broker, and waits on the hu
 No fixtures here on purpose: tests/hub modules build their own (session-scoped) fixtures from these functions.
 """
 
+import sqlite3
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from brokers import wait_until as wait_until  # one poller for every test; re-ex
 from sqlalchemy import select
 
 from edgekit.agents.fleet import Fleet, FleetSettings, device_ids
-from edgekit.hub.db import DeploymentDevice, Device
+from edgekit.hub.db import DeploymentDevice, Device, EventRecord, ResultRecord, TelemetrySample
 from edgekit.trust import DesiredStatement, Envelope
 
 TIMEOUT_S = 30.0
@@ -111,3 +112,46 @@ def deployment_members(hub: Any, deployment_id: int) -> dict[str, DeploymentDevi
     with hub.sessions() as session:
         query = select(DeploymentDevice).where(DeploymentDevice.deployment_id == deployment_id)
         return {member.device_id: member for member in session.scalars(query)}
+
+
+def stored_seqs(sessions) -> dict[str, set[int]]:
+    """Every sequenced message the hub stored: the seqs per device."""
+    found: dict[str, set[int]] = {}
+    with sessions() as session:
+        for table in (TelemetrySample, ResultRecord, EventRecord):
+            for device_id, seq in session.execute(select(table.device_id, table.seq)):
+                found.setdefault(device_id, set()).add(seq)
+    return found
+
+
+def broker_acknowledged(agents: Fleet) -> dict[str, set[int]]:
+    """Per stopped agent, the seqs the broker acknowledged: every seq it gave out, less those left in its outbox."""
+    acknowledged = {}
+    for agent in agents.agents:
+        with sqlite3.connect(agent.outbox.path) as outbox:
+            left = {seq for (seq,) in outbox.execute("SELECT seq FROM outbox")}
+        acknowledged[agent.settings.device_id] = set(range(1, agent.outbox.last_seq + 1)) - left
+    return acknowledged
+
+
+def lost_messages(acknowledged: dict[str, set[int]], sessions, timeout: float = 60.0) -> int:
+    """Waits (up to `timeout`) for the hub's database to hold everything the broker acknowledged; how many it does
+    not."""
+
+    def missing() -> int:
+        stored = stored_seqs(sessions)
+        return sum(len(seqs - stored.get(device, set())) for device, seqs in acknowledged.items())
+
+    with suppress(AssertionError):  # counted and asserted by the caller
+        wait_until(lambda: missing() == 0, timeout, "the hub to store every acknowledged message")
+    return missing()
+
+
+def bundle_revs(sub: Any, bundle_id: str) -> dict[str, set[int]]:
+    """Per device, the revs of the desired states published (retained copies included) that name `bundle_id`."""
+    revs: dict[str, set[int]] = {}
+    for topic, payload in sub.messages("edgekit/v1/+/config/desired"):
+        desired = desired_of(payload).desired
+        if desired.bundle is not None and desired.bundle.id == bundle_id:
+            revs.setdefault(topic.split("/")[2], set()).add(desired.rev)
+    return revs

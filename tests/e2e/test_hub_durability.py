@@ -8,7 +8,6 @@ stored and lost in the reliability table, recorded before the assertions.
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -21,14 +20,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from brokers import host_port
 from helpers import assert_user_error
-from hub_helpers import fleet, wait_until
+from hub_helpers import broker_acknowledged, fleet, lost_messages, stored_seqs, wait_until
 from reliability import record
-from sqlalchemy import select
 
 from edgekit.agents.fleet import Fleet, FleetSettings
 from edgekit.enrollment import Enrollment
 from edgekit.hub.broker import free_port
-from edgekit.hub.db import EventRecord, ResultRecord, TelemetrySample, database_url, open_database
+from edgekit.hub.db import database_url, open_database
 from edgekit.hub.service import Hub, HubSettings
 from edgekit.mqtt import parse_broker_url
 from edgekit.protocol import Telemetry, Topic, device_topic, encode
@@ -37,38 +35,6 @@ TIMEOUT_S = 60.0
 DEVICES = 10
 TELEMETRY_S = 0.1  # 10 messages/s per device
 BURST = 30_000
-
-
-def stored_seqs(sessions) -> dict[str, set[int]]:
-    """Every sequenced message the hub stored: the seqs per device."""
-    found: dict[str, set[int]] = {}
-    with sessions() as session:
-        for table in (TelemetrySample, ResultRecord, EventRecord):
-            for device_id, seq in session.execute(select(table.device_id, table.seq)):
-                found.setdefault(device_id, set()).add(seq)
-    return found
-
-
-def broker_acknowledged(agents: Fleet) -> dict[str, set[int]]:
-    """Per stopped agent, the seqs the broker acknowledged: every seq it gave out, less those left in its outbox."""
-    acknowledged = {}
-    for agent in agents.agents:
-        with sqlite3.connect(agent.outbox.path) as outbox:
-            left = {seq for (seq,) in outbox.execute("SELECT seq FROM outbox")}
-        acknowledged[agent.settings.device_id] = set(range(1, agent.outbox.last_seq + 1)) - left
-    return acknowledged
-
-
-def lost_messages(acknowledged: dict[str, set[int]], hub: Hub) -> int:
-    """Waits (up to TIMEOUT_S) for the hub to store everything the broker acknowledged; how many it did not."""
-
-    def missing() -> int:
-        stored = stored_seqs(hub.sessions)
-        return sum(len(seqs - stored.get(device, set())) for device, seqs in acknowledged.items())
-
-    with suppress(AssertionError):  # counted and asserted by the caller
-        wait_until(lambda: missing() == 0, TIMEOUT_S, "the hub to store every acknowledged message")
-    return missing()
 
 
 def steady(hub: Hub, count: int) -> None:
@@ -113,7 +79,7 @@ def test_hub_restart_during_steady_telemetry_loses_nothing(broker_kind, down_s, 
         resumed = hub.link.session_resumed
         steady(hub, 200)
     acknowledged = broker_acknowledged(agents)
-    lost = lost_messages(acknowledged, hub)
+    lost = lost_messages(acknowledged, hub.sessions)
     sent = sum(map(len, acknowledged.values()))
     record(scenario, "messages sent (acknowledged by the broker)", sent)
     record(scenario, "messages stored", sent - lost)
@@ -352,7 +318,7 @@ def test_a_hub_on_amqtt_speaks_mqtt_311_and_a_restart_loses_nothing(tmp_path):
             resumed = hub.link.session_resumed
             steady(hub, 200)
         acknowledged = broker_acknowledged(agents)
-        lost = lost_messages(acknowledged, hub)
+        lost = lost_messages(acknowledged, hub.sessions)
     finally:
         hub.stop()
     sent = sum(map(len, acknowledged.values()))

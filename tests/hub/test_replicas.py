@@ -22,7 +22,7 @@ from brokers import Probe, Subscriber
 from helpers import compile_bundle
 from hub.postgres import PostgresCluster, postgres_cluster
 from hub_helpers import (
-    desired_of,
+    bundle_revs,
     device_url,
     fleet,
     fleet_ids,
@@ -297,16 +297,6 @@ def lease_holder(hub: Hub) -> str | None:
         return session.scalar(select(Lease.holder).where(Lease.name == "controller", Lease.expires > time.time()))
 
 
-def bundle_revs(sub: Subscriber, bundle_id: str) -> dict[str, set[int]]:
-    """Per device, the revs of the desired states published (retained copies included) that name `bundle_id`."""
-    revs: dict[str, set[int]] = {}
-    for topic, payload in sub.messages("edgekit/v1/+/config/desired"):
-        desired = desired_of(payload).desired
-        if desired.bundle is not None and desired.bundle.id == bundle_id:
-            revs.setdefault(topic.split("/")[2], set()).add(desired.rev)
-    return revs
-
-
 @pytest.mark.slow
 def test_the_controller_killed_mid_rollout_another_replica_finishes_it(
     make_hub, pg_url: str, bundles: dict, tmp_path: Path
@@ -335,9 +325,6 @@ def test_the_controller_killed_mid_rollout_another_replica_finishes_it(
                                headers={"Content-Type": "application/octet-stream"})  # fmt: skip
         assert pushed.status_code in (200, 201), pushed.text
         bundle_id = pushed.json()["id"]
-        # Bundle files are still on the disk of the replica they were pushed to (issue #16 item 3): copied by hand.
-        for hub in (b, c):
-            shutil.copy(a_dir / "bundles" / f"{bundle_id}.ekb", hub.registry.dir / f"{bundle_id}.ekb")
         ids = fleet_ids("sim", 20)
         with (
             fleet(c, 20, tmp_path, bundles["public"], bundles["v1"]),
