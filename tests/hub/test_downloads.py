@@ -11,6 +11,7 @@ import httpx
 import pytest
 from brokers import wait_until
 from hub_helpers import fleet, fleet_ids, wait_devices_reported
+from reliability import record
 from sqlalchemy import delete, select, update
 
 from edgekit.agents.http_fetch import HttpFetcher
@@ -22,6 +23,7 @@ from edgekit.hub.store import PART_SIZE
 from edgekit.protocol import DesiredBundle
 
 TIMEOUT_S = 60.0
+ATTACK = "attack: download links forged or reused"
 
 
 def _get(url: str, **headers: str) -> httpx.Response:
@@ -30,10 +32,10 @@ def _get(url: str, **headers: str) -> httpx.Response:
 
 def test_a_link_opens_its_bundle_in_ranges_for_its_device_until_it_expires(make_hub, cnn_bundles) -> None:
     hub = make_hub()
-    record, _ = hub.registry.add(cnn_bundles["v1"], "test")
+    pushed, _ = hub.registry.add(cnn_bundles["v1"], "test")
     data = cnn_bundles["v1"].read_bytes()
-    (url,) = hub.links.urls(record.id, "cam-1", time.time() + 60)
-    assert url.startswith(hub.http_url + f"/dl/{record.id}?")
+    (url,) = hub.links.urls(pushed.id, "cam-1", time.time() + 60)
+    assert url.startswith(hub.http_url + f"/dl/{pushed.id}?")
 
     whole = _get(url)
     assert whole.status_code == 200 and whole.content == data
@@ -45,15 +47,16 @@ def test_a_link_opens_its_bundle_in_ranges_for_its_device_until_it_expires(make_
     refused = {
         "another device": url.replace("device=cam-1", "device=cam-2"),
         "a flipped signature": url[:-1] + ("0" if url[-1] != "0" else "1"),
-        "another bundle": url.replace(record.id, "0" * 64),
+        "another bundle": url.replace(pushed.id, "0" * 64),
         "an expiry moved later": url.replace("expires=", "expires=9"),
     }
-    for what, bad in refused.items():
-        response = _get(bad)
-        assert response.status_code == 403, what
-        assert response.json()["detail"] == "download link: bad signature", what
-    (expired,) = hub.links.urls(record.id, "cam-1", time.time() - 1)
-    assert _get(expired).status_code == 403 and "expired" in _get(expired).json()["detail"]
+    (expired,) = hub.links.urls(pushed.id, "cam-1", time.time() - 1)
+    answers = {what: _get(bad) for what, bad in refused.items()} | {"an expired link": _get(expired)}
+    for what, answer in answers.items():
+        record(ATTACK, f"bundle bytes served for {what}", int(answer.status_code != 403), 0)
+    for what in refused:
+        assert (answers[what].status_code, answers[what].json()["detail"]) == (403, "download link: bad signature")
+    assert "expired" in answers["an expired link"].json()["detail"]
     (unknown,) = hub.links.urls("ab" * 32, "cam-1", time.time() + 60)
     assert _get(unknown).status_code == 404
     assert _get(url.replace("device=cam-1", "device=..%2Fx")).status_code == 422  # not a device id
@@ -62,13 +65,13 @@ def test_a_link_opens_its_bundle_in_ranges_for_its_device_until_it_expires(make_
 def test_a_bundle_pushed_to_one_replica_is_served_by_another_from_the_database(make_hub, cnn_bundles, tmp_path) -> None:
     db = f"sqlite:///{tmp_path / 'shared.sqlite'}"
     a, b = make_hub(db=db), make_hub(db=db)
-    record, _ = a.registry.add(cnn_bundles["v1"], "test")
-    assert not (b.registry.dir / f"{record.id}.ekb").exists()
-    (url,) = b.links.urls(record.id, "cam-1", time.time() + 60)  # signed by B, checked by A: one shared key
+    pushed, _ = a.registry.add(cnn_bundles["v1"], "test")
+    assert not (b.registry.dir / f"{pushed.id}.ekb").exists()
+    (url,) = b.links.urls(pushed.id, "cam-1", time.time() + 60)  # signed by B, checked by A: one shared key
     assert _get(url.replace(b.http_url, a.http_url)).content == cnn_bundles["v1"].read_bytes()
     from_b = _get(url)
-    assert from_b.status_code == 200 and hashlib.sha256(from_b.content).hexdigest() == record.id
-    assert sha256_file(b.registry.dir / f"{record.id}.ekb") == record.id  # B's copy, checked before it served it
+    assert from_b.status_code == 200 and hashlib.sha256(from_b.content).hexdigest() == pushed.id
+    assert sha256_file(b.registry.dir / f"{pushed.id}.ekb") == pushed.id  # B's copy, checked before it served it
 
     other, _ = a.registry.add(cnn_bundles["v2"], "test")
     with a.sessions.begin() as session:  # a bad disk under the database: one byte of the stored bytes changed
@@ -83,17 +86,17 @@ def test_a_bundle_pushed_to_one_replica_is_served_by_another_from_the_database(m
 def test_bundles_that_an_older_hub_kept_only_as_files_move_into_the_database(make_hub, cnn_bundles, tmp_path) -> None:
     db = f"sqlite:///{tmp_path / 'shared.sqlite'}"
     old = make_hub(db=db, data_dir=tmp_path / "old")
-    record, _ = old.registry.add(cnn_bundles["v1"], "test")
+    pushed, _ = old.registry.add(cnn_bundles["v1"], "test")
     with old.sessions.begin() as session:  # as a hub from before shared storage left it: a row and a file
         session.execute(delete(BundlePart))
     old.stop()
     upgraded = make_hub(db=db, data_dir=tmp_path / "old")  # the same data dir, started by this hub
-    assert upgraded.registry.store.has(record.id)
+    assert upgraded.registry.store.has(pushed.id)
     with upgraded.sessions() as session:
-        parts = session.scalars(select(BundlePart.part).where(BundlePart.bundle_id == record.id)).all()
-    assert parts == list(range(-(-record.size // PART_SIZE)))
+        parts = session.scalars(select(BundlePart.part).where(BundlePart.bundle_id == pushed.id)).all()
+    assert parts == list(range(-(-pushed.size // PART_SIZE)))
     other = make_hub(db=db)
-    assert sha256_file(other.registry.path(record.id)) == record.id
+    assert sha256_file(other.registry.path(pushed.id)) == pushed.id
 
 
 class _Events:
@@ -170,11 +173,11 @@ def test_bad_links_are_reported_and_the_next_one_or_chunks_over_mqtt_are_used(ma
 def test_devices_that_cannot_reach_the_links_update_over_mqtt(make_hub, cnn_bundles, tmp_path) -> None:
     hub = make_hub(public_urls=(f"http://127.0.0.1:{free_port()}",))  # an address nothing listens on
     hub.registry.add(cnn_bundles["v1"], "test")
-    record, _ = hub.registry.add(cnn_bundles["v2"], "test")
+    pushed, _ = hub.registry.add(cnn_bundles["v2"], "test")
     with fleet(hub, 2, tmp_path, cnn_bundles["public"], cnn_bundles["v1"], prefix="far"):
         ids = fleet_ids("far", 2)
         wait_devices_reported(hub, ids)
-        deployment = hub.rollouts.create(record.id, "all", wave_timeout_s=90, actor="test", health_checks=3)
+        deployment = hub.rollouts.create(pushed.id, "all", wave_timeout_s=90, actor="test", health_checks=3)
 
         def ended() -> Deployment | None:
             with hub.sessions() as session:
