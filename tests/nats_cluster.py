@@ -181,7 +181,7 @@ class NatsCluster:
         """Serving, routed to every other running node, JetStream current with a meta leader elected."""
         if not node.running:
             return True
-        health = self._monitor(node, "/healthz")
+        health = self._monitor(node, "/healthz?js-server-only=true")  # not every MQTT session current
         routes = self._monitor(node, "/routez")
         jsz = self._monitor(node, "/jsz")
         if not health or health.get("status") != "ok" or not routes or not jsz:

@@ -1,6 +1,7 @@
 """MQTT → database: validate every device message, drop duplicates by (device, seq), write in batches.
 
-Telemetry, results and events arrive on a shared subscription when `share_group` is set (`$share/GROUP/…`), so
+Telemetry, results and events arrive on a shared subscription when `share_group` is set (`$share/GROUP/…`), or
+from JetStream consumers shared by the hubs on a NATS cluster (`edgekit.hub.jetstream`, through `receive`), so
 several hub processes split them; de-duplication is the database's primary key, so a message that two
 processes both receive (a replay after reconnect) is stored once. Status and reported state are retained
 state, subscribed normally by every hub process: writing the latest twice is harmless.
@@ -17,7 +18,8 @@ the valid messages of its batch (see `Ingest._store`). That includes a `config/r
 protocol's bounds (`edgekit.protocol.MAX_REV`, "config/reported: invalid"): the rollout driver derives the next
 desired rev from the stored one, so an unbounded rev never reaches the database.
 
-Acknowledgement (`acknowledge_with`, the hub's `edgekit.hub.link.InOrderAcks`): a message is acknowledged to the
+Acknowledgement (`acknowledge_with`, the hub's `edgekit.hub.link.InOrderAcks`, or `edgekit.hub.jetstream.SplitAcks`
+on a NATS cluster): a message is acknowledged to the
 broker only once its batch committed, or was dropped as invalid (it would never store). A batch the database failed
 on is not: the broker delivers it again, and de-duplication absorbs what had been stored after all. So a hub killed
 between receipt and commit loses nothing.

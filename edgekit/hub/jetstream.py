@@ -1,15 +1,20 @@
 """Device messages through NATS JetStream (`edgekit hub --jetstream URLS`), for hubs on a NATS cluster.
 
-Devices speak MQTT 3.1.1 to any node of the cluster; nats-server turns each topic into a subject (`subject_of`). Two
-streams capture what the devices send, replicated on up to three nodes, so a node that dies loses nothing stored:
-- `EDGEKIT_MESSAGES`: telemetry, results and events (work-queue retention: a message leaves once a hub acked it);
-- `EDGEKIT_TRANSFER`: chunk requests, kept only `TRANSFER_MAX_AGE_S` (a device asks again when chunks stall).
+Devices speak MQTT 3.1.1 to any node of the cluster; nats-server turns each topic into a subject (`subject_of`).
+For a QoS 1 publish the server stores the message in its own MQTT stream, `$MQTT_msgs` (replicated by `mqtt
+{ stream_replicas }`), as `$MQTT.msgs.<subject>`, and only then sends the PUBACK: once a device's message is
+acknowledged, it is in the cluster. That stream keeps a message while a consumer interested in it has not acked it,
+so the hub reads device messages from there, through one durable pull consumer per kind (telemetry, results,
+events, chunk requests) that every hub replica pulls from: each message goes to one replica. (A stream of our own
+capturing the subjects would not do: the server does not wait for it before the PUBACK, and messages a device sent
+while that stream elected a new leader were lost, acknowledged.)
 
-Each stream has one durable pull consumer that every hub replica pulls from, so each message goes to one replica.
 A device message is acknowledged only once ingest committed it (or dropped it as invalid): a hub that dies before
 that has it delivered again, to another replica or to itself, after `ack_wait`; the database's primary key makes the
 second delivery a duplicate, never a second row. A chunk request is acknowledged when it is handed to the hub's
-bundle server, whose chunks go out through the hub's MQTT link.
+bundle server (or skipped when older than `TRANSFER_MAX_AGE_S`), whose chunks go out through the hub's MQTT link.
+QoS 0 messages (results a desired state sends at QoS 0) are never stored: a core NATS queue subscription shared by
+the replicas takes those, at most once, as MQTT would.
 
 nats-py is asyncio: the consumer runs its own event loop in a thread, and ingest's writer thread hands acks over.
 """
@@ -18,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -29,20 +35,20 @@ from edgekit.protocol import PREFIX, Topic
 
 log = logging.getLogger(__name__)
 
-MESSAGES_STREAM = "EDGEKIT_MESSAGES"
-TRANSFER_STREAM = "EDGEKIT_TRANSFER"
-CONSUMER = "edgekit-hub"  # one durable per stream, shared by every hub replica
-MAX_REPLICAS = 3  # JetStream's most useful replication: a majority survives one node lost
-MESSAGES_MAX_AGE_S = 86_400.0  # like the MQTT session the hub keeps: a day of device messages waits for a hub
+MQTT_STREAM = "$MQTT_msgs"  # nats-server's own: every QoS 1 message an MQTT client publishes, stored before its PUBACK
+MQTT_SUBJECT_PREFIX = "$MQTT.msgs."
+CONSUMER_PREFIX = "edgekit-hub-"  # + the kind: one durable per kind, shared by every hub replica
+QUEUE_GROUP = "edgekit-hubs"  # QoS 0 messages: one replica each
+QOS_HEADER = "Nmqtt-Pub"  # nats-server's header on a message from an MQTT client: its QoS
+KINDS = (*SEQUENCED, Topic.TRANSFER_REQUEST)
 TRANSFER_MAX_AGE_S = 15.0  # chunk requests are worth answering for seconds; a stalled device asks again
 ACK_WAIT_S = 30.0  # a message not acked this long after delivery (its hub died) goes out again
-# Messages the hub replicas may hold unacked in all: what ingest batches from (its Acknowledger window).
+# Messages the hub replicas may hold unacked per consumer: what ingest batches from (its Acknowledger window).
 MAX_ACK_PENDING = 10_000
 FETCH_BATCH = 500
 FETCH_WAIT_S = 1.0
 RETRY_S = 0.5
 STOP_S = 10.0
-STREAM_IN_USE = 10058  # JetStream: "stream name already in use with a different configuration"
 
 
 def subject_of(topic: str) -> str:
@@ -59,6 +65,10 @@ def topic_of(subject: str) -> str:
 def device_subjects(name: str) -> str:
     """Every device's subject for topic `name` (e.g. `edgekit.v1.*.telemetry`)."""
     return subject_of(f"{PREFIX}/*/{name}")
+
+
+def consumer_name(kind: str) -> str:
+    return CONSUMER_PREFIX + kind.replace("/", "-")
 
 
 @dataclass(frozen=True)
@@ -185,20 +195,18 @@ class JetStreamSource:
     async def _main(self) -> None:
         import nats
 
-        servers = self.servers
         self._client = await self._connect(nats)
         if self._client is None:
             return
         try:
             js = self._client.jetstream()
-            # Replicas on up to three of the nodes known: those given and those the servers announced.
-            replicas = min(MAX_REPLICAS, len(self._client.servers))
-            if not await self._retry(lambda: ensure_streams(js, replicas, self._ack_wait_s), "creating the streams"):
+            if not await self._retry(lambda: ensure_consumers(js, self._ack_wait_s), "creating the consumers"):
                 return
-            pulls = [asyncio.create_task(self._pull(js, MESSAGES_STREAM, self._to_ingest)),
-                     asyncio.create_task(self._pull(js, TRANSFER_STREAM, self._to_transfer))]  # fmt: skip
+            for kind in SEQUENCED:
+                await self._client.subscribe(device_subjects(kind), queue=QUEUE_GROUP, cb=self._qos0_to_ingest)
+            pulls = [asyncio.create_task(self._pull(js, kind)) for kind in KINDS]
             self._ready.set()
-            log.info("consuming device messages from JetStream at %s", ", ".join(servers.urls))
+            log.info("consuming device messages from JetStream at %s", ", ".join(self.servers.urls))
             await self._stopping.wait()
             for task in pulls:
                 task.cancel()
@@ -229,64 +237,64 @@ class JetStreamSource:
                 await _sleep_unless(self._stopping, RETRY_S)
         return None
 
-    async def _pull(self, js: Any, stream: str, handle: Callable[[Any], Any]) -> None:
-        """Fetch from the stream's shared consumer until stopped; nats-py resubscribes after a reconnect."""
+    async def _pull(self, js: Any, kind: str) -> None:
+        """Fetch the kind's messages from its shared consumer until stopped; nats-py resubscribes after a
+        reconnect."""
         import nats.errors
 
-        subscription = await js.pull_subscribe_bind(durable=CONSUMER, stream=stream)
-        while not self._stopping.is_set():
+        handle = self._to_transfer if kind == Topic.TRANSFER_REQUEST else self._to_ingest
+        durable = consumer_name(kind)
+        subscription = await self._retry(lambda: js.pull_subscribe_bind(durable=durable, stream=MQTT_STREAM),
+                                         f"binding to the consumer {durable}")  # fmt: skip
+        while subscription is not None and not self._stopping.is_set():
             try:
                 messages = await subscription.fetch(FETCH_BATCH, timeout=FETCH_WAIT_S)
             except nats.errors.TimeoutError:
                 continue  # nothing waiting
             except Exception as error:  # a node lost, a consumer leader being elected: fetch again shortly
-                log.info("fetching from %s failed, retrying: %s", stream, error)
+                log.info("fetching %s failed, retrying: %s", kind, error)
                 await _sleep_unless(self._stopping, RETRY_S)
                 continue
             for message in messages:
                 await handle(message)
 
     async def _to_ingest(self, message: Any) -> None:
-        self._ingest.receive(topic_of(message.subject), message.data, message)
+        self._ingest.receive(mqtt_topic(message.subject), message.data, message)
+
+    async def _qos0_to_ingest(self, message: Any) -> None:
+        """A message published on a device subject: QoS 1 ones come through their consumer, so only the others."""
+        if (message.headers or {}).get(QOS_HEADER, "0") == "0":
+            self._ingest.receive(topic_of(message.subject), message.data)
 
     async def _to_transfer(self, message: Any) -> None:
-        self._handle_request(topic_of(message.subject), message.data)
+        if time.time() - message.metadata.timestamp.timestamp() < TRANSFER_MAX_AGE_S:
+            self._handle_request(mqtt_topic(message.subject), message.data)
         await _ack_all([message])  # a request lost later is asked again by the device: nothing to keep
 
 
-async def ensure_streams(js: Any, replicas: int, ack_wait_s: float) -> None:
-    """The streams and their shared consumers, created where missing; safe when several hub replicas do it at once
-    (JetStream takes the same configuration again as a no-op). Ones that exist are kept as they are, so an operator
-    may tune them with the `nats` tool (e.g. `nats consumer edit EDGEKIT_MESSAGES edgekit-hub --wait 10s`)."""
-    from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+def mqtt_topic(subject: str) -> str:
+    """The MQTT topic of a message in nats-server's MQTT stream (`$MQTT.msgs.<subject>`)."""
+    return topic_of(subject.removeprefix(MQTT_SUBJECT_PREFIX))
+
+
+async def ensure_consumers(js: Any, ack_wait_s: float) -> None:
+    """The shared consumers on nats-server's MQTT stream, created where missing; safe when several hub replicas do it
+    at once (JetStream takes the same configuration again as a no-op). Ones that exist are kept as they are, so an
+    operator may tune them with the `nats` tool (e.g. `nats consumer edit '$MQTT_msgs' edgekit-hub-telemetry
+    --wait 10s`). The stream itself appears with the first MQTT connection to the account (the hub's own)."""
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
     from nats.js.errors import NotFoundError
 
-    streams = {
-        MESSAGES_STREAM: ([device_subjects(name) for name in SEQUENCED], MESSAGES_MAX_AGE_S),
-        TRANSFER_STREAM: ([device_subjects(Topic.TRANSFER_REQUEST)], TRANSFER_MAX_AGE_S),
-    }
-    for name, (subjects, max_age) in streams.items():
-        config = StreamConfig(name=name, subjects=subjects, retention=RetentionPolicy.WORK_QUEUE, max_age=max_age,
-                              storage=StorageType.FILE, num_replicas=replicas)  # fmt: skip
-        await _add_unless_other(js, config)
+    await js.stream_info(MQTT_STREAM)  # NotFoundError until the server made it: retried
+    for kind in KINDS:
         try:
-            await js.consumer_info(name, CONSUMER)
+            await js.consumer_info(MQTT_STREAM, consumer_name(kind))
         except NotFoundError:
-            consumer = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s,
-                                      max_ack_pending=MAX_ACK_PENDING, max_deliver=-1)  # fmt: skip
-            await js.add_consumer(name, consumer)
-
-
-async def _add_unless_other(js: Any, config: Any) -> None:
-    """Create the stream unless one of its name exists (with this configuration or another: kept)."""
-    from nats.js.errors import BadRequestError
-
-    try:
-        await js.add_stream(config)
-    except BadRequestError as error:
-        if error.err_code != STREAM_IN_USE:
-            raise
-        log.info("JetStream stream %s exists with another configuration: kept as it is", config.name)
+            config = ConsumerConfig(durable_name=consumer_name(kind), filter_subject=MQTT_SUBJECT_PREFIX
+                                    + device_subjects(kind), ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s,
+                                    max_ack_pending=MAX_ACK_PENDING, max_deliver=-1,
+                                    deliver_policy=DeliverPolicy.ALL)  # fmt: skip
+            await js.add_consumer(MQTT_STREAM, config)
 
 
 async def _ack_all(messages: Iterable[Any]) -> None:
