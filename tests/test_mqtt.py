@@ -68,6 +68,9 @@ def test_nats_urls_log_in_with_the_first_login_and_name_a_bad_entry() -> None:
     assert (servers.user, servers.password) == ("hub", "p@ss")
     with pytest.raises(BadInput, match=r"--jetstream entry 2 of 2 'mqtt://h2': expected nats://"):
         parse_nats_urls("nats://h1,mqtt://h2")
+    with pytest.raises(BadInput, match=r"entry 1 of 1 'nats://hub:\*\*\*@h1:99999': the port must be") as error:
+        parse_nats_urls("nats://hub:secret@h1:99999")
+    assert "secret" not in str(error.value)
     with pytest.raises(BadInput, match="--jetstream needs --broker"):
         check_jetstream("nats://h1", None)
 

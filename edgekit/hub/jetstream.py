@@ -27,10 +27,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote, urlparse
+from urllib.parse import unquote, urlparse
 
 from edgekit.errors import BadInput
 from edgekit.hub.ingest import SEQUENCED, Acknowledger, Ingest
+from edgekit.mqtt import redact_url
 from edgekit.protocol import PREFIX, Topic
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,11 @@ def parse_nats_urls(text: str) -> NatsServers:
         where = f"--jetstream entry {number} of {len(entries)}"
         parsed = urlparse(entry.strip())
         if parsed.scheme not in ("nats", "tls") or not parsed.hostname:
-            raise BadInput(f"{where} '{redact(entry)}': expected nats://[USER:PASS@]HOST[:PORT] or tls://…")
+            raise BadInput(f"{where} '{redact_url(entry)}': expected nats://[USER:PASS@]HOST[:PORT] or tls://…")
         try:
             port = parsed.port or 4222
         except ValueError:
-            raise BadInput(f"{where} '{redact(entry)}': the port must be a number from 1 to 65535") from None
+            raise BadInput(f"{where} '{redact_url(entry)}': the port must be a number from 1 to 65535") from None
         if parsed.username and login == (None, None):
             login = (unquote(parsed.username), unquote(parsed.password or ""))
         urls.append(f"{parsed.scheme}://{parsed.hostname}:{port}")
@@ -105,14 +106,6 @@ def check_jetstream(url: str, broker: str | None) -> None:
     if not broker:
         raise BadInput("--jetstream needs --broker: the NATS cluster's MQTT listener(s), mqtt://HOST:PORT, which the "
                        "hub publishes desired states and bundle chunks to")  # fmt: skip
-
-
-def redact(url: str) -> str:
-    """One URL without its password, for messages."""
-    parsed = urlparse(url)
-    if not parsed.password:
-        return url
-    return url.replace(f":{quote(parsed.password, safe='')}@", ":***@").replace(f":{parsed.password}@", ":***@")
 
 
 class SplitAcks:
@@ -174,7 +167,7 @@ class JetStreamSource:
             self._thread.join(STOP_S)
 
     def wait_ready(self, timeout: float) -> bool:
-        """Until the streams and consumers exist and pulling has begun."""
+        """Until the consumers exist and pulling has begun."""
         return self._ready.wait(timeout)
 
     @property
@@ -183,7 +176,8 @@ class JetStreamSource:
 
     def ack(self, messages: list[Any]) -> None:
         """Acknowledge these JetStream messages (from any thread)."""
-        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(_ack_all(messages)))
+        with contextlib.suppress(RuntimeError):  # the loop has ended (stopped): JetStream delivers them again
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(_ack_all(messages)))
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
