@@ -42,7 +42,7 @@ class HttpFetcher:
     def fetch(
         self, target: BundleRef, report: Report, stopping: threading.Event, limits: FetchLimits, base: Base | None
     ) -> Fetched:
-        urls = target.urls if isinstance(target, DesiredBundle) else []
+        urls = (target.urls or []) if isinstance(target, DesiredBundle) else []
         for url in urls:
             try:
                 return self._fetch_from(url, target, report, stopping, limits, base)

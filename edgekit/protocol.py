@@ -6,6 +6,7 @@ may add (`edgekit.schema.WireModel`). Bundle chunks are the one binary payload: 
 raw bytes (docs/protocol.md).
 """
 
+import re
 import struct
 import time
 from typing import Annotated, Any, Literal
@@ -202,10 +203,22 @@ DELTA_BASE_HEADER = "X-Edgekit-Delta-Base"
 DELTA_SHA256_HEADER = "X-Edgekit-Delta-Sha256"
 
 
+# Agents from 0.2 take `DesiredBundle.urls`; 0.1 agents refuse any field they do not know (docs/protocol.md
+# "Compatibility"), so the hub sends links only to devices whose status names a version that takes them.
+DOWNLOAD_LINKS_SINCE = (0, 2)
+
+
+def takes_download_links(agent_version: str | None) -> bool:
+    """Whether an agent of `agent_version` (from its status) accepts a desired state with download links."""
+    match = re.match(r"(\d+)\.(\d+)", agent_version or "")
+    return match is not None and (int(match[1]), int(match[2])) >= DOWNLOAD_LINKS_SINCE
+
+
 class DesiredBundle(BundleRef):
     allow_downgrade: bool = False
     # HTTP(S) download links, tried in order before chunks over MQTT (edgekit.hub.downloads); none: chunks only.
-    urls: list[Annotated[str, Field(max_length=2048, pattern=r"^https?://")]] = Field([], max_length=8)
+    # None, not []: left out of the payload, which a 0.1 agent then accepts.
+    urls: list[Annotated[str, Field(max_length=2048, pattern=r"^https?://")]] | None = Field(None, max_length=8)
 
 
 class DesiredState(Payload):

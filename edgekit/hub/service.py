@@ -39,7 +39,7 @@ from edgekit.hub.rollouts import CONTROLLER_LEASE_S, Deployments, RolloutDriver
 from edgekit.hub.store import check_store_url, open_store
 from edgekit.hub.transfer import DeltaCache
 from edgekit.mqtt import with_login
-from edgekit.protocol import DesiredState, Topic, device_topic, encode
+from edgekit.protocol import DesiredState, Topic, device_topic, encode, takes_download_links
 from edgekit.trust import DEFAULT_DESIRED_TTL_S, TrustRoot
 
 log = logging.getLogger(__name__)
@@ -125,12 +125,16 @@ class Hub:
 
     def send_desired(self, device_id: str, desired: DesiredState) -> None:
         """Sign `desired` for the device (fresh expiry) and publish it, retained; a bundle it names comes with
-        download links that expire with it."""
-        if desired.bundle is not None:
+        download links that expire with it, for agents that take them."""
+        if desired.bundle is not None and self._takes_download_links(device_id):
             expires = time.time() + self.settings.desired_ttl_s
             bundle = desired.bundle.model_copy(update={"urls": self.links.urls(desired.bundle.id, device_id, expires)})
             desired = desired.model_copy(update={"bundle": bundle})
         self.publish(device_topic(device_id, Topic.DESIRED), self.trust.sign_desired(device_id, desired), True)
+
+    def _takes_download_links(self, device_id: str) -> bool:
+        with self.sessions() as session:
+            return takes_download_links(session.scalar(select(Device.agent_version).where(Device.id == device_id)))
 
     def _refresh_devices(self, ids: list[str]) -> None:
         """For devices that (re)connected: the trust chain if it moved past the first root, and their current
