@@ -123,18 +123,21 @@ class Hub:
 
     # ---- signed control messages ------------------------------------------------------------------------------
 
-    def send_desired(self, device_id: str, desired: DesiredState) -> None:
+    def send_desired(self, device_id: str, desired: DesiredState, agent_version: str | None = "") -> None:
         """Sign `desired` for the device (fresh expiry) and publish it, retained; a bundle it names comes with
-        download links that expire with it, for agents that take them."""
-        if desired.bundle is not None and self._takes_download_links(device_id):
+        download links that expire with it, for agents that take them. `agent_version`: the device's, when the
+        caller read it already ("": look it up)."""
+        if agent_version == "":
+            agent_version = self._agent_version(device_id)
+        if desired.bundle is not None and takes_download_links(agent_version):
             expires = time.time() + self.settings.desired_ttl_s
             bundle = desired.bundle.model_copy(update={"urls": self.links.urls(desired.bundle.id, device_id, expires)})
             desired = desired.model_copy(update={"bundle": bundle})
         self.publish(device_topic(device_id, Topic.DESIRED), self.trust.sign_desired(device_id, desired), True)
 
-    def _takes_download_links(self, device_id: str) -> bool:
+    def _agent_version(self, device_id: str) -> str | None:
         with self.sessions() as session:
-            return takes_download_links(session.scalar(select(Device.agent_version).where(Device.id == device_id)))
+            return session.scalar(select(Device.agent_version).where(Device.id == device_id))
 
     def _refresh_devices(self, ids: list[str]) -> None:
         """For devices that (re)connected: the trust chain if it moved past the first root, and their current
@@ -145,11 +148,12 @@ class Hub:
             for device_id in ids:
                 self.publish(device_topic(device_id, Topic.TRUST), chain, True)
         with self.sessions() as session:
-            rows = session.execute(select(Device.id, Device.desired).where(Device.id.in_(ids))).all()
-        for device_id, desired in rows:
+            query = select(Device.id, Device.desired, Device.agent_version).where(Device.id.in_(ids))
+            rows = session.execute(query).all()
+        for device_id, desired, agent_version in rows:
             if desired:
                 try:
-                    self.send_desired(device_id, DesiredState.model_validate(desired))
+                    self.send_desired(device_id, DesiredState.model_validate(desired), agent_version)
                 except ValidationError:  # stored under older bounds: the rollout's timeout resolves it
                     log.warning("%s: stored desired state no longer valid, not signed again", device_id)
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 from agent_helpers import MemoryHubClient, MqttServedBundles, ServedBundles, desired_for, shared_signer, signed
 from brokers import Subscriber, publish_many
-from e2e import conftest as e2e_fixtures
 from hub_helpers import deployment_members, device_url, fleet, fleet_ids, wait_devices_reported, wait_until
 from reliability import record
 
@@ -36,7 +35,6 @@ from edgekit.hub.db import Deployment, Device
 from edgekit.mqtt import Backoff
 from edgekit.protocol import MAX_REV, BundleRef, Event, ReportedState, Status, Topic, device_topic, encode
 
-cnn_bundles = e2e_fixtures.cnn_bundles  # the fixture: the small CNN as 1.0.0 and 2.0.0, signed by one key
 SCENARIO = "attack: bounds"
 TIMEOUT_S = 90.0
 SOURCE = "synthetic:?fps=5"

@@ -15,7 +15,6 @@ import time
 import pytest
 from agent_helpers import HubSigner, MqttServedBundles, desired_for, shared_signer, signed, started_agents
 from brokers import Subscriber, publish
-from e2e import conftest as e2e_fixtures
 from reliability import record
 
 from edgekit.agents.agent import Agent
@@ -23,7 +22,6 @@ from edgekit.bundle import sha256_file
 from edgekit.protocol import Event, ReportedState, Thresholds, Topic, device_topic, encode
 from edgekit.trust import ROOT_TYPE, TrustChain, TrustRoot, public_pem, seal
 
-cnn_bundles = e2e_fixtures.cnn_bundles  # the fixture: the small CNN as 1.0.0 and 2.0.0, signed by one key
 AREA = "attack: signed desired state"
 DEVICE = "dev-1"
 TIMEOUT_S = 60.0
