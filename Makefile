@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS := compile,agent,tflite,hub,dev
+EXTRAS := compile,agent,tflite,hub,s3,dev
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 # Pretrained networks the examples and the real-model corpus (benchmarks/zoo_corpus.py) compile, taken from the

@@ -93,6 +93,9 @@ EXTRAS = {
         "hypothesis>=6.100",
         "playwright>=1.40",
         "psycopg[binary]>=3.1",
+        # The S3 bundle store is tested against moto's S3 server: no S3 service is reachable here.
+        "boto3>=1.28",
+        "moto[server]>=5.0",
     ],
 }
 EXTRAS["all"] = sorted({req for name in ("compile", "agent", "hub", "tflite") for req in EXTRAS[name]})

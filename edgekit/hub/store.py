@@ -75,7 +75,7 @@ class S3Store:
 
         parts = urlsplit(url)
         self.bucket, self.prefix = parts.netloc, parts.path.strip("/")
-        self.description = f"s3://{self.bucket}/{self.prefix}"
+        self.description = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self._client = boto3.client("s3")
         self._missing = ClientError
 
