@@ -26,7 +26,10 @@ dies. Each of its transactions renews the lease first (a fence), so a controller
 member goes from pending to sent in the same transaction that takes its device's next rev (one UPDATE … RETURNING,
 so revs are unique per device) and stores the desired state, before it is published: whichever process sends, a
 member is sent once, and a controller that dies in between leaves a stored desired state the next one re-sends
-(same rev). A device is in at most one running deployment: a unique index on active members, checked by the
+(same rev). A desired state can still be lost past the hub (a clustered broker electing a new leader for its
+retained store, a broker restarted without persistence): a member whose device shows no sign of it after
+`RESEND_S` is sent it again, same rev, every `RESEND_S` until it does or the wave times out. A device is in at
+most one running deployment: a unique index on active members, checked by the
 database when a deployment's members are inserted.
 """
 
@@ -54,6 +57,8 @@ from edgekit.protocol import DEVICE_ID, MAX_REV, DesiredState
 log = logging.getLogger(__name__)
 
 TICK_S = 0.5
+# A member whose device shows no sign of its desired state this long after it was sent gets it again (same rev).
+RESEND_S = 30.0
 # How long a dead controller holds up rollouts before another hub process takes over (renewed every tick).
 CONTROLLER_LEASE_S = 5.0
 FAILED_PHASES = {"refused", "rolled_back", "failed"}
@@ -338,6 +343,8 @@ class RolloutDriver:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._resume = True
+        self.resend_s = RESEND_S
+        self._resent: dict[tuple[int, str], float] = {}  # (deployment, device) → when last sent again
 
     @property
     def running(self) -> bool:
@@ -489,16 +496,36 @@ class RolloutDriver:
         (amqtt keeps none across restarts). Same rev, so a device that already has it ignores it."""
         for member in loaded.members:
             device = loaded.devices.get(member.device_id)
-            if member.state != "sent" or device is None or not device.desired:
-                continue
-            if device.desired.get("rev") == member.rev:
-                try:
-                    desired = DesiredState.model_validate(device.desired)
-                except ValidationError:  # stored by an older hub under looser bounds; the wave timeout resolves it
-                    log.warning("deployment #%d: %s: stored desired state no longer valid, not re-sent",
-                                member.deployment_id, device.id)  # fmt: skip
-                    continue
-                self.send(device.id, desired)
+            if member.state == "sent" and device is not None:
+                self._send_again(member, device)
+
+    def _send_again(self, member: DeploymentDevice, device: Device) -> None:
+        """The member's desired state as the hub stored it, published again (same rev): a device that has it
+        ignores it."""
+        if not device.desired or device.desired.get("rev") != member.rev:
+            return
+        try:
+            desired = DesiredState.model_validate(device.desired)
+        except ValidationError:  # stored by an older hub under looser bounds; the wave timeout resolves it
+            log.warning("deployment #%d: %s: stored desired state no longer valid, not re-sent",
+                        member.deployment_id, device.id)  # fmt: skip
+            return
+        self._resent[(member.deployment_id, device.id)] = time.time()
+        self.send(device.id, desired)
+
+    def _resend_if_unseen(self, deployment: Deployment, member: DeploymentDevice, device: Device | None,
+                          now: float) -> None:  # fmt: skip
+        """Send again a desired state the device shows no sign of after `resend_s`: it reports neither the rev
+        nor an update of the bundle."""
+        if device is None or reported_rev(device) >= (member.rev or 0):
+            return
+        if (_reported(device).get("update") or {}).get("bundle") == deployment.bundle_id:
+            return
+        last = max(member.sent_at or now, self._resent.get((deployment.id, device.id), 0.0))
+        if now - last >= self.resend_s:
+            log.info("deployment #%d: %s shows no sign of rev %s after %.0f s: sending it again", deployment.id,
+                     device.id, member.rev, now - last)  # fmt: skip
+            self._send_again(member, device)
 
     # ---- resolving ----------------------------------------------------------------------------------------------
 
@@ -508,10 +535,13 @@ class RolloutDriver:
         if result is None and now - (member.sent_at or now) > deployment.wave_timeout_s:
             phase = (_reported(device).get("update") or {}).get("state", "unknown")
             result = "timed_out", f"not healthy within {deployment.wave_timeout_s:g} s (update state: {phase})"
-        if result is not None:
-            state, detail = result
-            writes.member(member, state=state, detail=detail[:2000], resolved_at=now)
-            log.info("deployment #%d: %s %s (%s)", deployment.id, member.device_id, state, detail)
+        if result is None:
+            self._resend_if_unseen(deployment, member, device, now)
+            return
+        state, detail = result
+        writes.member(member, state=state, detail=detail[:2000], resolved_at=now)
+        self._resent.pop((deployment.id, member.device_id), None)
+        log.info("deployment #%d: %s %s (%s)", deployment.id, member.device_id, state, detail)
 
 
 def _failure_reason(deployment: Deployment, wave: list[DeploymentDevice], failures: list) -> str:

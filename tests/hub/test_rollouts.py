@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from brokers import Subscriber
+from brokers import Subscriber, publish_many
 from helpers import compile_bundle
 from hub_helpers import (
     deployment_members,
     desired_of,
+    device_url,
     devices,
     fleet,
     fleet_ids,
@@ -31,7 +32,7 @@ from edgekit.bundle import sha256_file
 from edgekit.errors import BadInput
 from edgekit.hub.db import Deployment, DeploymentDevice, Device, open_database
 from edgekit.hub.rollouts import IN_PROGRESS_PHASES, NoRevLeft, outcome, take_rev, wave_sizes
-from edgekit.protocol import MAX_REV, DesiredState, Topic, device_topic, encode
+from edgekit.protocol import MAX_REV, BundleRef, DesiredState, ReportedState, Status, Topic, device_topic, encode
 
 TIMEOUT_S = 90.0
 DESIRED = "edgekit/v1/+/config/desired"
@@ -346,3 +347,33 @@ def _members_from_disk(data_dir: Path, deployment_id: int) -> dict[str, str]:
 def _deployment_state_on_disk(data_dir: Path, deployment_id: int) -> str:
     with sqlite3.connect(data_dir / "hub.sqlite") as db:
         return db.execute("SELECT state FROM deployments WHERE id = ?", (deployment_id,)).fetchone()[0]
+
+
+def test_a_desired_state_the_device_shows_no_sign_of_is_sent_again(hub, bundles):
+    """A desired state lost past the hub (a broker cluster electing a new leader, a broker restarted without its
+    retained messages): the device keeps reporting its old rev and no update, so the driver sends the same rev
+    again every `resend_s`, and stops once the device's report shows it is on it."""
+    hub.driver.resend_s = 1.0
+    old = hub.registry.add(bundles["v1_a"], "test")[0]
+    record, _ = hub.registry.add(bundles["v2_a"], "test")
+    running = BundleRef(id=old.id, name=old.name, version=old.version, size=old.size)
+    url = device_url(hub, "deaf-1")
+    status = (device_topic("deaf-1", Topic.STATUS), encode(Status(state="online", agent_version="0.2.0")))
+    publish_many(url, [status, (device_topic("deaf-1", Topic.REPORTED), encode(ReportedState(rev=0, bundle=running)))],
+                 retain=True)  # fmt: skip
+    wait_devices_reported(hub, ["deaf-1"])
+    with Subscriber(watcher_url(hub), DESIRED) as sub:
+        deployment = hub.rollouts.create(record.id, "all", wave_timeout_s=60, actor="test", health_checks=3)
+        copies = lambda: [desired_of(payload).desired.rev for _, payload in sub.messages(DESIRED)]  # noqa: E731
+        wait_until(lambda: len(copies()) >= 3, TIMEOUT_S, "the desired state sent three times")
+        (rev,) = set(copies())  # one rev, sent again: nothing new for a device that has it
+        downloading = {"state": "downloading", "bundle": record.id, "detail": ""}
+        on_it = ReportedState(rev=0, bundle=running, update=downloading)
+        publish_many(url, [(device_topic("deaf-1", Topic.REPORTED), encode(on_it))], retain=True)
+        wait_until(lambda: devices(hub)["deaf-1"].reported.get("update", {}).get("state") == "downloading",
+                   TIMEOUT_S, "the device's report of its download")  # fmt: skip
+        seen = len(copies())
+        ticks = hub.driver.ticks
+        wait_until(lambda: hub.driver.ticks >= ticks + 6, TIMEOUT_S, "3 s of driver ticks")
+        assert len(copies()) == seen  # the device shows it is on it: nothing more sent
+    assert deployment_members(hub, deployment.id)["deaf-1"].rev == rev
