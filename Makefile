@@ -53,7 +53,8 @@ demo: install
 test: install
 	tests/offline $(BIN)/python -m pytest -m "not slow" -n $(WORKERS)
 
-# The soak (500 agents in one process) would starve whatever ran beside it, so it runs alone, last; its figures
+# The fleet-sized runs (the 500-agent soak, the 100-agent replica scale tests) would starve whatever ran beside them,
+# and be starved by it, so they run alone, last; their figures
 # join the same reliability table.
 test-all: install arm64-sysroot
 	tests/offline $(BIN)/python -m pytest -n $(WORKERS) -m "not soak"
