@@ -70,12 +70,15 @@ class NatsCluster:
     """`start()` returns once every node serves clients, MQTT and JetStream (a meta leader elected); `kill(i)` is a
     kill -9 of node i, `restart(i)` starts it again on its ports with its store; `stop()` ends all, removes files."""
 
-    def __init__(self, size: int = 3) -> None:
+    def __init__(self, size: int = 3, mqtt_ack_wait: str | None = None) -> None:
+        """`mqtt_ack_wait` (e.g. "2s"): how long the server waits for an MQTT client's PUBACK before it sends the
+        message again; None: the server's default (30 s)."""
         # A short path under /tmp: pytest's tmp_path can be long, and nothing here needs to outlive the cluster.
         self.root = Path(tempfile.mkdtemp(prefix="eknats-"))
         self.nodes = [Node(f"n{i}", self.root / f"n{i}") for i in range(size)]
         self.hub_password = secrets.token_urlsafe(16)
         self.devices: dict[str, str] = {}  # device id → password
+        self._mqtt_ack_wait = mqtt_ack_wait
 
     # ---- addresses --------------------------------------------------------------------------------------------
 
@@ -165,7 +168,11 @@ class NatsCluster:
             "http": f"{LOOPBACK}:{node.monitor_port}",
             "jetstream": {"store_dir": str(node.folder / "jetstream")},
             "cluster": {"name": CLUSTER_NAME, "listen": f"{LOOPBACK}:{node.cluster_port}", "routes": routes},
-            "mqtt": {"listen": f"{LOOPBACK}:{node.mqtt_port}", "stream_replicas": min(3, len(self.nodes))},
+            "mqtt": {
+                "listen": f"{LOOPBACK}:{node.mqtt_port}",
+                "stream_replicas": min(3, len(self.nodes)),
+                **({"ack_wait": self._mqtt_ack_wait} if self._mqtt_ack_wait else {}),
+            },
             "authorization": {"users": users},
         }
         node.config.write_text(json.dumps(config, indent=2))
@@ -216,11 +223,11 @@ class NatsCluster:
         return f"last lines of {node.name}'s log:\n" + "\n".join(tail)
 
 
-def started_nats_cluster(size: int = 3) -> Iterator[NatsCluster]:
+def started_nats_cluster(size: int = 3, mqtt_ack_wait: str | None = None) -> Iterator[NatsCluster]:
     """Generator for fixtures: a started cluster of `size` nodes, stopped afterwards; skips without nats-server."""
     if not available():
         pytest.skip(MISSING)
-    cluster = NatsCluster(size).start()
+    cluster = NatsCluster(size, mqtt_ack_wait).start()
     try:
         yield cluster
     finally:

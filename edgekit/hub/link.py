@@ -200,8 +200,12 @@ class BrokerLink:
         log.info("connected to the broker: %s", "session resumed" if flags.session_present else "new session")
         # A resumed session keeps its subscriptions; subscribing again is harmless and covers a new session.
         jetstream = self.source is not None
+        # On NATS only the state topics come this way, at QoS 0: nats-server sends a QoS 1 message that was not acked
+        # (its connection died with a node) again after its ack wait, after newer ones, and an old retained state
+        # would then overwrite the device's current one. At QoS 0 nothing is sent again, and every (re)subscribe
+        # brings each device's latest retained state.
         for topic in subscriptions(self._share_group, sequenced=not jetstream):
-            client.subscribe(topic, qos=1)
+            client.subscribe(topic, qos=0 if jetstream else 1)
         self.transfer.start(route=False, subscribe=not jetstream, share_group=self._share_group)
         self._connected.set()
 

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +20,30 @@ import psycopg
 import pytest
 from brokers import Probe
 from hub_helpers import broker_acknowledged, fleet, lost_messages, stored_seqs, wait_until
-from nats_cluster import NatsCluster
+from nats_cluster import NatsCluster, started_nats_cluster
 from paho.mqtt.client import MQTTv311
 from reliability import record
 from sqlalchemy import func, select
 
 from edgekit.enrollment import Enrollment
 from edgekit.hub.broker import free_port
-from edgekit.hub.db import TelemetrySample
+from edgekit.hub.db import Device, TelemetrySample
 from edgekit.hub.jetstream import MQTT_STREAM, consumer_name, ensure_consumers, parse_nats_urls
 from edgekit.hub.service import Hub
-from edgekit.protocol import ChunkRequest, Result, Telemetry, Topic, decode_chunk, device_topic, encode
+from edgekit.protocol import (
+    ChunkRequest,
+    ReportedState,
+    Result,
+    Telemetry,
+    Topic,
+    decode_chunk,
+    device_topic,
+    encode,
+)
 
 SCENARIO = "hub replicas on a 3-node NATS cluster (JetStream)"
 TIMEOUT_S = 30.0
+MQTT_ACK_WAIT_S = 5  # longer than the hub's reconnect, so a message sent again would come after newer ones
 
 
 @pytest.fixture
@@ -184,6 +194,51 @@ def test_results_sent_at_qos_0_reach_one_replica_too(cluster, pg_url, make_hub, 
     record(SCENARIO, "results at QoS 0 and 1 taken by the replicas, of 20 sent", received, 20)
     assert stored_seqs(a.sessions)["cam-3"] == set(range(1, 21))
     assert received == 20, f"the replicas took {received} messages for 20 results"
+
+
+@pytest.fixture
+def quick_redelivery() -> Iterator[NatsCluster]:
+    """A cluster whose MQTT side sends a message again 5 s after an unanswered delivery (30 s by default)."""
+    yield from started_nats_cluster(3, mqtt_ack_wait=f"{MQTT_ACK_WAIT_S}s")
+
+
+def test_a_state_the_hub_had_not_acknowledged_when_its_node_died_never_overwrites_a_newer_one(
+    quick_redelivery, pg_url, make_hub, tmp_path
+) -> None:
+    """The hub took reported state rev 1 but could not commit it (the devices table locked) when its NATS node died;
+    rev 2 came after it reconnected. nats-server would send rev 1 again after its ack wait (5 s here), after rev 2:
+    the hub takes state topics at QoS 0, so nothing is sent again and rev 2 stays."""
+    cluster = quick_redelivery
+    hub = make_hub(data_dir=tmp_path / "hub", db=pg_url, broker=cluster.hub_mqtt_url(), jetstream=cluster.nats_url())
+    cluster.add_devices(["cam-5"])
+    device = Probe(cluster.device_url("cam-5", first=1), client_id="cam-5", protocol=MQTTv311)
+    topic = device_topic("cam-5", Topic.REPORTED)
+    try:
+        device.publish(topic, encode(ReportedState(rev=0)), retain=True)
+        wait_until(lambda: reported_rev(hub, "cam-5") == 0, TIMEOUT_S, "the first state stored")
+        with psycopg.connect(pg_url) as lock:
+            lock.execute("LOCK TABLE devices IN ACCESS EXCLUSIVE MODE")
+            device.publish(topic, encode(ReportedState(rev=1)), retain=True)
+            wait_until(lambda: hub.ingest.stats.received >= 2, TIMEOUT_S, "the hub to take rev 1")
+            cluster.kill(0)  # the hub's node (its address lists start there): its connections move on
+            # Subscribed again on another node, which sends the retained rev 1: a state published from now on reaches
+            # the hub live. (One published while it reconnects is covered by that retained copy.)
+            wait_until(lambda: hub.ingest.stats.received >= 3, TIMEOUT_S, "the hub subscribed on another node")
+            lock.rollback()
+        device.publish(topic, encode(ReportedState(rev=2)), retain=True)
+        wait_until(lambda: reported_rev(hub, "cam-5") == 2, TIMEOUT_S, "rev 2 stored")
+        time.sleep(2 * MQTT_ACK_WAIT_S)  # past the server's ack wait: anything it would send again has come by now
+        final = reported_rev(hub, "cam-5")
+    finally:
+        device.close()
+    record(SCENARIO, "older reported states stored over a newer one after a node kill", int(final != 2), 0)
+    assert final == 2
+
+
+def reported_rev(hub: Hub, device_id: str) -> int | None:
+    with hub.sessions() as session:
+        reported = session.scalar(select(Device.reported).where(Device.id == device_id))
+    return None if not reported else reported["rev"]
 
 
 def test_a_device_may_use_only_its_own_topics_on_the_cluster(cluster: NatsCluster) -> None:
