@@ -322,8 +322,12 @@ class Agent:
     def _control(self) -> None:
         while (job := self._jobs.get()) is not None:
             desired = job.desired
-            if desired.rev <= self._applied_rev:
-                continue  # a repeat, a stale reorder or a replay: already converged
+            if desired.rev == self._applied_rev:
+                # The hub sends a rev again when it saw no sign of it: the report it missed goes out once more.
+                self.publish_state()
+                continue
+            if desired.rev < self._applied_rev:
+                continue  # a stale reorder or a replay: already converged
             if time.time() > job.expires:
                 self.report("config.rejected", f"desired state rev {desired.rev} refused: it expired at "
                             f"{_utc(job.expires)} (replayed, or held back; the hub signs it again when the device "

@@ -55,6 +55,14 @@ def test_update_over_mqtt_switches_and_reports(broker, start_agent, served, digi
         assert reported.previous_bundle.version == "1.0.0"
         assert agent.runner.model.bundle.manifest.version == "1.1.0"
 
+        # The hub, having missed that report, sends rev 1 again: the device reports once more, and updates nothing.
+        reports = len(sub.messages("edgekit/v1/dev-1/config/reported"))
+        publish(broker.url, device_topic("dev-1", "config/desired"), signed(desired, "dev-1"), retain=True)
+        sub.wait_count(reports + 1, "edgekit/v1/dev-1/config/reported")
+        again = ReportedState.model_validate_json(sub.messages("edgekit/v1/dev-1/config/reported")[-1][1])
+        assert (again.rev, again.bundle.version, again.update.state) == (1, "1.1.0", "healthy")
+        assert [e.type for e in _events(sub)].count("update.started") == 1
+
 
 def test_the_agent_never_imports_the_compiler_stack():
     """`pip install edgekit[agent]` has no onnx/openvino/TVM/TF: importing the agent and its plugins must not need
