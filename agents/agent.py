@@ -125,13 +125,15 @@ class Agent:
 
     def _mqtt_link(self) -> MqttLink:
         settings = self.settings
-        return MqttLink(
+        link = MqttLink(
             parse_broker_url(settings.broker),
             client_id=f"edgekit-{self.device_id}",
             will=(self._topic(Topic.STATUS), encode(Status(state="offline"))),
             tls_files=settings.tls,
             backoff=settings.backoff,
         )
+        link.watch_downlink(self._topic(Topic.PROBE))
+        return link
 
     # ---- outgoing -------------------------------------------------------------------------------------------
 

@@ -6,9 +6,17 @@ session, subscriptions restored on every connect, and the outbox drained in seq 
 A message leaves the outbox only when the broker acknowledged it (QoS 1 PUBACK). After a reconnect every
 unacknowledged message is published again from the oldest, so the hub may see a seq twice (it de-duplicates)
 but never out of order and never missing.
+
+The other direction has no acknowledgement the agent sees: a broker can keep a connection up while a persistent
+session's subscriptions deliver nothing (nats-server's MQTT support, 2.9 to 2.11, after a node is lost or under
+load: nats-io/nats-server#5282, #6989). With `watch_downlink`, the link publishes a nonce to a topic of its own
+every `PROBE_S` and expects it back within `PROBE_WAIT_S`; when it does not come, it subscribes to every topic
+again (which also brings the retained desired state again), and waits longer before the next probe each time
+that did not help (a broker whose ACL refuses the probe topic).
 """
 
 import logging
+import secrets
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -24,6 +32,9 @@ log = logging.getLogger(__name__)
 Handler = Callable[[str, bytes], None]
 # Unacknowledged messages handed to paho at once; bounds memory when a long outage backlog is replayed.
 MAX_IN_FLIGHT = 200
+PROBE_S = 60.0  # how often the link checks that its subscriptions deliver (module docstring)
+PROBE_WAIT_S = 15.0  # how long its echo may take
+PROBE_BACKOFF_MAX = 64  # after failed probes the interval doubles, up to this many times PROBE_S
 
 
 class Link(Protocol):
@@ -80,6 +91,10 @@ class MqttLink:
         self._cursor = 0  # highest seq handed to paho since the last connect
         self._restart_drain = threading.Event()
         self.connects = 0
+        self.resubscribes = 0  # subscriptions renewed after a probe that did not come back
+        self._probe_topic: str | None = None
+        self._probe_nonce = b""
+        self._probe_seen = threading.Event()
         self._client = self._make_client(client_id, will, tls_files)
         self._connection = Connection(self._client, address, backoff, keepalive, on_lost=self._connected.clear)
         self._drain = threading.Thread(target=self._drain_loop, name="mqtt-outbox", daemon=True)
@@ -119,10 +134,41 @@ class MqttLink:
         with self._wake:
             self._wake.notify()
 
+    def watch_downlink(self, topic: str) -> None:
+        """Probe on `topic` (one this client may publish and subscribe to) that subscriptions deliver, and renew
+        them when they do not (module docstring). Call before start()."""
+        self._probe_topic = topic
+        self._handlers[topic] = self._on_probe
+
     def start(self, outbox: Outbox, on_connect: Callable[[], None]) -> None:
         self.outbox, self._on_connect_hook = outbox, on_connect
         self._connection.start()
         self._drain.start()
+        if self._probe_topic is not None:
+            threading.Thread(target=self._probe_loop, args=(self._probe_topic,), name="mqtt-probe", daemon=True).start()
+
+    def _on_probe(self, topic: str, payload: bytes) -> None:
+        if payload == self._probe_nonce:
+            self._probe_seen.set()
+
+    def _probe_loop(self, topic: str) -> None:
+        failed = 0
+        while not self._stop.wait(PROBE_S * min(2**failed, PROBE_BACKOFF_MAX)):
+            if not self.connected:
+                continue
+            self._probe_seen.clear()
+            self._probe_nonce = secrets.token_hex(8).encode()
+            self._client.publish(topic, self._probe_nonce, qos=1)
+            if self._probe_seen.wait(PROBE_WAIT_S) or not self.connected:
+                failed = 0
+                continue
+            failed += 1
+            self.resubscribes += 1
+            log.warning("the broker delivered nothing to this client for %g s (its probe did not come back): "
+                        "subscribing again", PROBE_WAIT_S)  # fmt: skip
+            for subscribed in list(self._handlers):
+                self._client.unsubscribe(subscribed)
+                self._client.subscribe(subscribed, qos=1)
 
     def stop(self, goodbye: tuple[str, bytes] | None = None) -> None:
         """Disconnect cleanly; `goodbye` (e.g. status offline) is published first, since a clean disconnect

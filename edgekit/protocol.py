@@ -45,6 +45,7 @@ class Topic:
     TRANSFER_REQUEST = "transfer/request"
     TRANSFER_CHUNK = "transfer/chunk"
     INPUT = "input"
+    PROBE = "link/probe"  # the agent's own echo: its subscriptions still deliver (edgekit.agents.link)
 
 
 def device_topic(device_id: str, name: str) -> str:

@@ -30,8 +30,9 @@ from edgekit.trust import TrustRoot
 HUB_USER = "edgekit-hub"
 # The hubs' shared-subscription group is their secret: a device that knows it can join it (module docstring).
 MIN_SHARE_GROUP = 16
-DEVICE_WRITES = (Topic.STATUS, Topic.TELEMETRY, Topic.RESULTS, Topic.EVENTS, Topic.REPORTED, Topic.TRANSFER_REQUEST)
-DEVICE_READS = (Topic.DESIRED, Topic.TRUST, Topic.TRANSFER_CHUNK, Topic.INPUT)
+DEVICE_WRITES = (Topic.STATUS, Topic.TELEMETRY, Topic.RESULTS, Topic.EVENTS, Topic.REPORTED, Topic.TRANSFER_REQUEST,
+                 Topic.PROBE)  # fmt: skip
+DEVICE_READS = (Topic.DESIRED, Topic.TRUST, Topic.TRANSFER_CHUNK, Topic.INPUT, Topic.PROBE)
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd writes for its $7$ (PBKDF2-SHA512) format
 
 

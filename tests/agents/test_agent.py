@@ -3,11 +3,13 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 from agent_helpers import desired_for, sequenced, signed
 from brokers import Subscriber, publish, publish_many, wait_until
 
+from edgekit.agents import link as link_module
 from edgekit.protocol import Event, ReportedState, Result, Status, Telemetry, device_topic
 
 TOPICS = "edgekit/v1/dev-1/#"
@@ -62,6 +64,28 @@ def test_update_over_mqtt_switches_and_reports(broker, start_agent, served, digi
         again = ReportedState.model_validate_json(sub.messages("edgekit/v1/dev-1/config/reported")[-1][1])
         assert (again.rev, again.bundle.version, again.update.state) == (1, "1.1.0", "healthy")
         assert [e.type for e in _events(sub)].count("update.started") == 1
+
+
+def test_subscriptions_that_stopped_delivering_are_renewed(broker, start_agent, served, digits_bundle, monkeypatch):
+    """A broker that keeps the connection but no longer delivers to the session (nats-server's MQTT after a node is
+    lost, nats-io/nats-server#5282): played here by taking the agent's subscriptions away behind its back. Its
+    probe does not come back, it subscribes again, and the desired state published meanwhile is applied."""
+    monkeypatch.setattr(link_module, "PROBE_S", 0.5)
+    monkeypatch.setattr(link_module, "PROBE_WAIT_S", 1.0)
+    new = digits_bundle("1.1.0")
+    served.add(new)
+    agent = start_agent(broker, bundle=digits_bundle("1.0.0"), source="synthetic:?fps=50")
+    wait_until(lambda: agent.link.connected, 10, "the agent connected")
+    client = agent.link._client
+    for topic in ("config/desired", "config/trust", "transfer/chunk", "link/probe"):
+        client.unsubscribe(device_topic("dev-1", topic))
+    desired = desired_for(new, rev=1, version="1.1.0", health_checks=5)
+    publish(broker.url, device_topic("dev-1", "config/desired"), signed(desired, "dev-1"), retain=True)
+    wait_until(lambda: agent.link.resubscribes >= 1, 10, "the agent to subscribe again")
+    wait_until(lambda: agent.runner.model.bundle.manifest.version == "1.1.0", 30, "the update applied")
+    resubscribed = agent.link.resubscribes
+    time.sleep(2)  # probes now come back: nothing renewed again
+    assert agent.link.resubscribes == resubscribed
 
 
 def test_the_agent_never_imports_the_compiler_stack():
