@@ -12,7 +12,9 @@ session's subscriptions deliver nothing (nats-server's MQTT support, 2.9 to 2.11
 load: nats-io/nats-server#5282, #6989). With `watch_downlink`, the link publishes a nonce to a topic of its own
 every `PROBE_S` and expects it back within `PROBE_WAIT_S`; when it does not come, it subscribes to every topic
 again (which also brings the retained desired state again), and waits longer before the next probe each time
-that did not help (a broker whose ACL refuses the probe topic).
+that did not help (a broker whose ACL refuses the probe topic). A subscription the broker refuses in its SUBACK
+(nats-server under load, when it cannot create the session's JetStream consumer in time) is asked for again after
+`RESUBSCRIBE_S`.
 """
 
 import logging
@@ -35,6 +37,7 @@ MAX_IN_FLIGHT = 200
 PROBE_S = 60.0  # how often the link checks that its subscriptions deliver (module docstring)
 PROBE_WAIT_S = 15.0  # how long its echo may take
 PROBE_BACKOFF_MAX = 64  # after failed probes the interval doubles, up to this many times PROBE_S
+RESUBSCRIBE_S = 2.0  # after the broker refused a subscription
 
 
 class Link(Protocol):
@@ -92,6 +95,8 @@ class MqttLink:
         self._restart_drain = threading.Event()
         self.connects = 0
         self.resubscribes = 0  # subscriptions renewed after a probe that did not come back
+        self.refused_subscriptions = 0  # SUBACKs that refused a topic (each asked for again)
+        self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE packet id → its topics, until the SUBACK
         self._probe_topic: str | None = None
         self._probe_nonce = b""
         self._probe_seen = threading.Event()
@@ -108,6 +113,7 @@ class MqttLink:
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         return client
@@ -120,7 +126,7 @@ class MqttLink:
         """Route messages on `topic` (exact name) to `handler`; restored after every reconnect."""
         self._handlers[topic] = handler
         if self.connected:
-            self._client.subscribe(topic, qos=1)
+            self._subscribe([topic])
 
     def publish_state(self, topic: str, payload: bytes) -> None:
         """Retained state (status, reported config): only the latest matters, so it bypasses the outbox."""
@@ -166,9 +172,8 @@ class MqttLink:
             self.resubscribes += 1
             log.warning("the broker delivered nothing to this client for %g s (its probe did not come back): "
                         "subscribing again", PROBE_WAIT_S)  # fmt: skip
-            for subscribed in list(self._handlers):
-                self._client.unsubscribe(subscribed)
-                self._client.subscribe(subscribed, qos=1)
+            self._client.unsubscribe(list(self._handlers))
+            self._subscribe(list(self._handlers))
 
     def stop(self, goodbye: tuple[str, bytes] | None = None) -> None:
         """Disconnect cleanly; `goodbye` (e.g. status offline) is published first, since a clean disconnect
@@ -190,12 +195,32 @@ class MqttLink:
             log.warning("broker refused the connection: %s", reason_code)
             return
         self.connects += 1
-        for topic in self._handlers:
-            client.subscribe(topic, qos=1)
+        self._subscribe(list(self._handlers))
         self._restart_drain.set()
         self._connected.set()
         self._on_connect_hook()
         self.notify()
+
+    def _subscribe(self, topics: list[str]) -> None:
+        result, mid = self._client.subscribe([(topic, 1) for topic in topics])
+        if result == mqtt.MQTT_ERR_SUCCESS:
+            self._subscribing[mid] = topics
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        topics = self._subscribing.pop(mid, [])
+        refused = [topic for topic, code in zip(topics, reason_codes, strict=False) if code.is_failure]
+        if not refused:
+            return
+        self.refused_subscriptions += len(refused)
+        log.warning("the broker refused the subscription to %s: asking again in %g s", ", ".join(refused),
+                    RESUBSCRIBE_S)  # fmt: skip
+        timer = threading.Timer(RESUBSCRIBE_S, self._subscribe_again, args=(refused,))
+        timer.daemon = True
+        timer.start()
+
+    def _subscribe_again(self, topics: list[str]) -> None:
+        if self.connected and not self._stop.is_set():  # else the next connect subscribes to every topic anyway
+            self._subscribe(topics)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()

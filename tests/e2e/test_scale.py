@@ -208,7 +208,8 @@ def test_two_replicas_carry_a_fleet_through_a_rollout_while_a_replica_and_a_brok
         assert created.status_code == 201, created.text
         deployment_id = created.json()["id"]
 
-        wait_until(lambda: _healthy(sessions, deployment_id) >= 5 or None, TIMEOUT_S, "the canary to be healthy")
+        explain = lambda: _in_flight(sessions, deployment_id, agents)  # noqa: E731
+        _wait(lambda: _healthy(sessions, deployment_id) >= 5 or None, TIMEOUT_S, "the canary to be healthy", explain)
         controller = next(name for name in REPLICAS if replicas.replica_id(name) == _lease_holder(sessions))
         survivor = next(name for name in REPLICAS if name != controller)
         replicas.kill(controller)
@@ -219,7 +220,7 @@ def test_two_replicas_carry_a_fleet_through_a_rollout_while_a_replica_and_a_brok
         wait_until(lambda: _lease_holder(sessions) == replicas.replica_id(survivor) or None, TIMEOUT_S,
                    f"replica {survivor} to take over the rollouts")  # fmt: skip
         takeover_s = time.monotonic() - killed
-        wait_until(lambda: _state(sessions, deployment_id) != "running" or None, ROLLOUT_S, "the rollout to end")
+        _wait(lambda: _state(sessions, deployment_id) != "running" or None, ROLLOUT_S, "the rollout to end", explain)
         time.sleep(1)  # the last desired states reach the watcher
         revs = bundle_revs(watcher, bundle_id)
 
@@ -228,6 +229,8 @@ def test_two_replicas_carry_a_fleet_through_a_rollout_while_a_replica_and_a_brok
             not _login_works_on(replicas, token, made, used) for made, used in (("a", "b"), ("b", "a"))
         )
         agents.stop()
+        renewed = sum(agent.link.resubscribes > 0 for agent in agents.agents)
+        refused = sum(agent.link.refused_subscriptions for agent in agents.agents)
         acknowledged = broker_acknowledged(agents)
         lost = lost_messages(acknowledged, sessions, timeout=TIMEOUT_S)
 
@@ -246,6 +249,8 @@ def test_two_replicas_carry_a_fleet_through_a_rollout_while_a_replica_and_a_brok
     for transport, count in sorted(_downloads(sessions, bundle_id).items()):
         record(scenario, f"bundle downloads over {transport.upper()}", count)
     record(scenario, "dashboard logins on one replica refused by the other", refused_logins, 0)
+    record(scenario, "devices whose broker stopped delivering, until their probe renewed the subscriptions", renewed)
+    record(scenario, "subscriptions the broker refused (asked for again)", refused)
     assert _state(sessions, deployment_id) == "completed", not_healthy
     assert healthy_at_kill < DEVICES, "the rollout was over before the kill"
     assert len(members) == DEVICES and not_healthy == []
@@ -253,6 +258,32 @@ def test_two_replicas_carry_a_fleet_through_a_rollout_while_a_replica_and_a_brok
     assert {m.device_id: {m.rev} for m in members} == {device: revs.get(device) for device in ids}
     assert sent > DEVICES * 20 and lost == 0
     assert refused_logins == 0
+
+
+def _wait(condition: Callable[[], object], timeout: float, what: str, explain: Callable[[], str]) -> None:
+    """wait_until, and on a timeout what the devices still in flight say."""
+    try:
+        wait_until(condition, timeout, what)
+    except AssertionError as error:
+        raise AssertionError(f"{error}; {explain()}") from None
+
+
+def _in_flight(sessions, deployment_id: int, agents: Fleet) -> str:
+    """Each member still in flight: the agent's applied rev and probe renewals, and its last events at the hub."""
+    by_id = {agent.device_id: agent for agent in agents.agents}
+    lines = []
+    for member in _members(sessions, deployment_id):
+        if member.state != "sent":
+            continue
+        agent = by_id[member.device_id]
+        query = select(EventRecord.type, EventRecord.message).where(EventRecord.device_id == member.device_id)
+        with sessions() as session:
+            events = session.execute(query.order_by(EventRecord.seq.desc()).limit(3)).all()
+        lines.append(f"{member.device_id}: sent rev {member.rev}, applied {agent._applied_rev}, "
+                     f"probe renewals {agent.link.resubscribes}, refused subscriptions "
+                     f"{agent.link.refused_subscriptions}, connected {agent.link.connected}, "
+                     f"last events {[tuple(event) for event in events]}")  # fmt: skip
+    return "in flight: " + "; ".join(lines[:10])
 
 
 def _login_works_on(replicas: Replicas, token: str, made: str, used: str) -> bool:
