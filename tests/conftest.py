@@ -128,11 +128,18 @@ def make_hub(tmp_path: Path) -> Iterator[Callable[..., Hub]]:
     def make(**fields) -> Hub:
         settings = {"data_dir": tmp_path / f"hub-{len(hubs)}", "http_port": free_port(), "broker_port": free_port(),
                     **fields}  # fmt: skip
-        hub = Hub(HubSettings(**settings))
-        hub.start()
-        hubs.append(hub)
-        assert hub.wait_connected(15), "the hub did not connect to its broker"
-        assert hub.wait_http(15), "the hub's HTTP server did not start"
+        for _ in range(3):  # a free port can be taken by another test process before the hub binds it: pick again
+            hub = Hub(HubSettings(**settings))
+            hub.start()
+            hubs.append(hub)
+            assert hub.wait_connected(15), "the hub did not connect to its broker"
+            started = hub.wait_http(15)
+            if started or "http_port" in fields:
+                break
+            hubs.remove(hub)
+            hub.stop()
+            settings["http_port"] = free_port()
+        assert started, "the hub's HTTP server did not start"
         return hub
 
     yield make
