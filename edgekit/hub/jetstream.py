@@ -246,7 +246,7 @@ class JetStreamSource:
             except nats.errors.TimeoutError:
                 continue  # nothing waiting
             except Exception as error:  # a node lost, a consumer leader being elected: fetch again shortly
-                log.info("fetching %s failed, retrying: %s", kind, error)
+                log.debug("fetching %s failed (%s), retrying: %s", kind, type(error).__name__, error)
                 await _sleep_unless(self._stopping, RETRY_S)
                 continue
             for message in messages:

@@ -12,21 +12,16 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from brokers import Probe, Subscriber
-from helpers import compile_bundle
-from hub.postgres import PostgresCluster, postgres_cluster
 from hub_helpers import (
     bundle_revs,
     device_url,
     fleet,
     fleet_ids,
-    signing_keys,
     wait_devices_reported,
     wait_until,
     watcher_url,
@@ -58,16 +53,6 @@ from edgekit.protocol import Event, Topic, device_topic, encode
 GROUP = "hubs-7c1e9a3f5b2d8e40"
 SCENARIO = "hub replicas on one PostgreSQL (shared subscriptions)"
 TIMEOUT_S = 30.0
-
-
-@pytest.fixture(scope="module")
-def pg_cluster() -> Iterator[PostgresCluster]:
-    yield from postgres_cluster()
-
-
-@pytest.fixture
-def pg_url(pg_cluster: PostgresCluster) -> str:
-    return pg_cluster.create_database(f"r{uuid.uuid4().hex[:12]}")
 
 
 def second_replica(make_hub, first: Hub, data_dir: Path, **fields) -> Hub:
@@ -274,16 +259,6 @@ def test_an_old_hub_secret_file_moves_into_the_database_and_its_cookies_still_wo
 # ---- the rollout controller killed mid-rollout ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bundles(small_cnn_model: Path, small_cnn_calibration: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """cnn 1.0.0 and 2.0.0 signed by one key, and its public key."""
-    folder = tmp_path_factory.mktemp("replica-bundles")
-    key, public = signing_keys(folder / "key")
-    build = {v: compile_bundle(small_cnn_model, small_cnn_calibration, key, v, folder / f"cnn-{v}.ekb", name="cnn")
-             for v in ("1.0.0", "2.0.0")}  # fmt: skip
-    return {"public": public, "v1": build["1.0.0"], "v2": build["2.0.0"]}
-
-
 def hub_process(data_dir: Path, db: str, broker: str, port: int) -> subprocess.Popen:
     """`edgekit hub` as a user runs a replica, its log in `data_dir`/../<name>.log."""
     command = [sys.executable, "-m", "edgekit", "hub", "--data", str(data_dir), "--db", db, "--broker", broker,
@@ -299,7 +274,7 @@ def lease_holder(hub: Hub) -> str | None:
 
 @pytest.mark.slow
 def test_the_controller_killed_mid_rollout_another_replica_finishes_it(
-    make_hub, pg_url: str, bundles: dict, tmp_path: Path
+    make_hub, pg_url: str, cnn_bundles: dict, tmp_path: Path
 ) -> None:
     """Three replicas on one PostgreSQL and one Mosquitto (C hosts the broker and never drives; A and B may), 20
     real agents. A bundle pushed to A; two deployments of it created at once through A and B (one wins); A, the
@@ -321,13 +296,13 @@ def test_the_controller_killed_mid_rollout_another_replica_finishes_it(
         b = second_replica(make_hub, c, tmp_path / "replica-b")
         api["B"] = httpx.Client(base_url=b.http_url, headers={"Authorization": f"Bearer {token}"}, timeout=30,
                                 trust_env=False)  # fmt: skip
-        pushed = api["A"].post("/api/bundles", content=bundles["v2"].read_bytes(),
+        pushed = api["A"].post("/api/bundles", content=cnn_bundles["v2"].read_bytes(),
                                headers={"Content-Type": "application/octet-stream"})  # fmt: skip
         assert pushed.status_code in (200, 201), pushed.text
         bundle_id = pushed.json()["id"]
         ids = fleet_ids("sim", 20)
         with (
-            fleet(c, 20, tmp_path, bundles["public"], bundles["v1"]),
+            fleet(c, 20, tmp_path, cnn_bundles["public"], cnn_bundles["v1"]),
             Subscriber(watcher_url(c), "edgekit/v1/+/config/desired") as sub,
         ):
             wait_devices_reported(c, ids)
