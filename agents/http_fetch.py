@@ -9,7 +9,6 @@ the chunk download's partial file and budget (`Download`): a restart resumes it 
 deadline counts time spent on both.
 """
 
-import hashlib
 import ssl
 import threading
 import time
@@ -20,8 +19,16 @@ from urllib.parse import urlsplit
 
 from edgekit.agents.bundles import write_atomically
 from edgekit.agents.runner import Report
-from edgekit.agents.transfer import Base, BundleFetcher, Download, Fetched, FetchFailed, FetchLimits
-from edgekit.delta import DeltaError, apply_delta
+from edgekit.agents.transfer import (
+    Base,
+    BundleFetcher,
+    Download,
+    Fetched,
+    FetchFailed,
+    FetchLimits,
+    rebuilt_from_delta,
+)
+from edgekit.delta import DeltaError
 from edgekit.protocol import DELTA_BASE_HEADER, DELTA_SHA256_HEADER, BundleRef, DesiredBundle
 
 TIMEOUT_S = 15.0  # per connect and per read: a hub that stops sending is left for the next link
@@ -81,7 +88,7 @@ class HttpFetcher:
                 if delta_sha256 is None or response.headers.get(DELTA_BASE_HEADER) != base.id:
                     return None  # the whole bundle is on its way: asked for again with a range by the caller
                 data = _read_at_most(response, target.size)
-            bundle = _rebuilt(base, data, delta_sha256, target)
+            bundle = rebuilt_from_delta(base, data, delta_sha256, target)
         except (HttpFailed, DeltaError, OSError) as error:
             report("update.progress", f"no delta update ({error}): downloading the whole bundle", bundle=target.id,
                    base=base.id, fallback=str(error))  # fmt: skip
@@ -148,15 +155,6 @@ class HttpFetcher:
             if 4 * offset // size > reported:
                 reported = 4 * offset // size
                 report("update.progress", f"downloaded {25 * reported}%", bundle=download.ref.id, received=offset)
-
-
-def _rebuilt(base: Base, delta: bytes, delta_sha256: str, target: BundleRef) -> bytes:
-    if hashlib.sha256(delta).hexdigest() != delta_sha256:
-        raise DeltaError("the delta's sha256 does not match its header")
-    bundle = apply_delta(base.data, delta, target.size)
-    if hashlib.sha256(bundle).hexdigest() != target.id:
-        raise DeltaError("the bundle rebuilt from the delta does not match the desired bundle's sha256")
-    return bundle
 
 
 def _read_at_most(response, limit: int) -> bytes:

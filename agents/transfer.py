@@ -326,16 +326,10 @@ class DeltaDownload(_Window):
         return None
 
     def _finish(self) -> None:
-        if hashlib.sha256(self._data).hexdigest() != self._sha256:
-            self._fail("the delta's sha256 does not match its header")
-            return
         try:
-            bundle = apply_delta(self.base.data, bytes(self._data), self.ref.size)
+            bundle = rebuilt_from_delta(self.base, bytes(self._data), self._sha256, self.ref)
         except DeltaError as error:
             self._fail(str(error))
-            return
-        if hashlib.sha256(bundle).hexdigest() != self.ref.id:
-            self._fail("the bundle rebuilt from the delta does not match the desired bundle's sha256")
             return
         write_atomically(self.done_path, bundle)
         self.finished.set()
@@ -353,6 +347,17 @@ class DeltaDownload(_Window):
             self._last_progress = time.monotonic()
             self._requested_until = self.next_index
             self._ask(self.next_index, self.window)
+
+
+def rebuilt_from_delta(base: Base, delta: bytes, delta_sha256: str, target: BundleRef) -> bytes:
+    """The bundle `delta` rebuilds from `base`, however it came (chunks or HTTP): the delta checked against the
+    sha256 it was announced with, the result against the target's id. Raises DeltaError saying which failed."""
+    if hashlib.sha256(delta).hexdigest() != delta_sha256:
+        raise DeltaError("the delta's sha256 does not match its header")
+    bundle = apply_delta(base.data, delta, target.size)
+    if hashlib.sha256(bundle).hexdigest() != target.id:
+        raise DeltaError("the bundle rebuilt from the delta does not match the desired bundle's sha256")
+    return bundle
 
 
 class Download(_Window):

@@ -64,8 +64,9 @@ CONTROLLER_LEASE_S = 5.0
 FAILED_PHASES = {"refused", "rolled_back", "failed"}
 IN_PROGRESS_PHASES = {"downloading", "verifying", "testing", "switching"}
 RESOLVED = {"healthy", "failed", "timed_out"}
-# Sign a device's desired state and publish it, retained (`Hub.send_desired`).
-SendDesired = Callable[[str, DesiredState], None]
+# Sign a device's desired state and publish it, retained (`Hub.send_desired`): device id, the state, and the
+# device's agent version (which fields it takes).
+SendDesired = Callable[[str, DesiredState, str | None], None]
 # Run inside a transaction before it commits: raises to roll it back (the controller lease's fence).
 Fence = Callable[[Session], None]
 
@@ -286,7 +287,7 @@ def publish_desired(sessions: sessionmaker, send: SendDesired, device: Device, b
         session.execute(update(Device).where(Device.id == device.id).values(desired=stored))
         record(session, rev)
     device.desired, device.desired_rev = stored, rev
-    send(device.id, desired)
+    send(device.id, desired, device.agent_version)
     return rev
 
 
@@ -493,7 +494,7 @@ class RolloutDriver:
 
     def _republish(self, loaded: _Loaded) -> None:
         """After a (re)start: send the in-flight desired states again, for a broker that lost its retained ones
-        (amqtt keeps none across restarts). Same rev, so a device that already has it ignores it."""
+        (amqtt keeps none across restarts). Same rev, so a device that already has it only reports its state again."""
         for member in loaded.members:
             device = loaded.devices.get(member.device_id)
             if member.state == "sent" and device is not None:
@@ -501,7 +502,7 @@ class RolloutDriver:
 
     def _send_again(self, member: DeploymentDevice, device: Device) -> None:
         """The member's desired state as the hub stored it, published again (same rev): a device that has it
-        ignores it."""
+        only reports its state again."""
         if not device.desired or device.desired.get("rev") != member.rev:
             return
         try:
@@ -511,7 +512,7 @@ class RolloutDriver:
                         member.deployment_id, device.id)  # fmt: skip
             return
         self._resent[(member.deployment_id, device.id)] = time.time()
-        self.send(device.id, desired)
+        self.send(device.id, desired, device.agent_version)
 
     def _resend_if_unseen(self, deployment: Deployment, member: DeploymentDevice, device: Device | None,
                           now: float) -> None:  # fmt: skip

@@ -123,21 +123,14 @@ class Hub:
 
     # ---- signed control messages ------------------------------------------------------------------------------
 
-    def send_desired(self, device_id: str, desired: DesiredState, agent_version: str | None = "") -> None:
+    def send_desired(self, device_id: str, desired: DesiredState, agent_version: str | None) -> None:
         """Sign `desired` for the device (fresh expiry) and publish it, retained; a bundle it names comes with
-        download links that expire with it, for agents that take them. `agent_version`: the device's, when the
-        caller read it already ("": look it up)."""
-        if agent_version == "":
-            agent_version = self._agent_version(device_id)
+        download links that expire with it when the device's `agent_version` (from its status) takes them."""
         if desired.bundle is not None and takes_download_links(agent_version):
             expires = time.time() + self.settings.desired_ttl_s
             bundle = desired.bundle.model_copy(update={"urls": self.links.urls(desired.bundle.id, device_id, expires)})
             desired = desired.model_copy(update={"bundle": bundle})
         self.publish(device_topic(device_id, Topic.DESIRED), self.trust.sign_desired(device_id, desired), True)
-
-    def _agent_version(self, device_id: str) -> str | None:
-        with self.sessions() as session:
-            return session.scalar(select(Device.agent_version).where(Device.id == device_id))
 
     def _refresh_devices(self, ids: list[str]) -> None:
         """For devices that (re)connected: the trust chain if it moved past the first root, and their current

@@ -243,7 +243,7 @@ def test_hub_enroll_writes_a_private_file_an_agent_joins_with(make_hub, bundles,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         wait_until(lambda: devices(hub).get("cam-9") and devices(hub)["cam-9"].online, TIMEOUT_S, "cam-9 online")
-        hub.send_desired("cam-9", DesiredState(rev=1))
+        hub.send_desired("cam-9", DesiredState(rev=1), None)
         wait_until(lambda: (devices(hub)["cam-9"].reported or {}).get("rev") == 1, TIMEOUT_S, "cam-9 to take rev 1")
     finally:
         agent.terminate()

@@ -63,7 +63,7 @@ def reported_revs(watcher: Probe, device_id: str) -> list[int]:
 def converge_to_marker(hub, watcher: Probe, device_id: str) -> None:
     """The hub's own (signed) desired state, and until the device reported converging to it: anything an attacker
     sent before was routed (and applied, had it got through) by then, since Mosquitto routes in arrival order."""
-    hub.send_desired(device_id, DesiredState(rev=MARKER_REV))
+    hub.send_desired(device_id, DesiredState(rev=MARKER_REV), None)
     watcher.wait(lambda: MARKER_REV in reported_revs(watcher, device_id), 15, f"{device_id} reporting rev {MARKER_REV}")
 
 
