@@ -26,6 +26,7 @@ import subprocess
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -405,6 +406,7 @@ class AmqttBroker(EmbeddedBroker):
 
         async def start() -> Broker:
             broker = Broker(self.config())
+            broker._subscriptions = SnapshotIterDict()
             await broker.start()
             return broker
 
@@ -457,6 +459,22 @@ class AmqttBroker(EmbeddedBroker):
         for transport in list(getattr(asyncio.get_running_loop(), "_transports", {}).values()):
             transport.abort()
         await asyncio.sleep(0.05)  # the aborted connections' callbacks run, and their readers end
+
+
+class SnapshotIterDict(dict[Any, Any]):
+    """A dict whose iteration walks a copy of its keys or items, taken when the iteration starts.
+
+    amqtt 0.12.1 iterates its subscription table across awaits: on every connect (sending retained messages) and on
+    every broadcast. A client subscribing to a new topic meanwhile raised "dictionary changed size during iteration"
+    inside the connect handler, which left that client with a CONNACK but no message loop: connected and deaf for good
+    (CI: one agent of ten never came up). Iterating a snapshot is what amqtt's loops need.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(super().keys()))
+
+    def items(self) -> Any:
+        return list(super().items())
 
 
 def _open_auth_plugin() -> type:

@@ -1,12 +1,16 @@
 """edgekit/hub/broker.py with real paho clients: delivery, retained messages, Last Will, sessions, restarts."""
 
+import itertools
 import select
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pytest
@@ -131,6 +135,41 @@ def test_amqtt_forgets_everything_on_restart(amqtt_broker: AmqttBroker) -> None:
     with Subscriber(amqtt_broker.url, "jobs/#", "config/#", client_id="away", clean_session=False) as away:
         publish(amqtt_broker.url, "jobs/2", b"live")
         assert away.wait_count(1) == [("jobs/2", b"live")]
+
+
+def test_amqtt_serves_clients_that_connect_while_others_subscribe(amqtt_broker: AmqttBroker) -> None:
+    """amqtt walks its subscription table across awaits on every connect; a subscribe to a new topic meanwhile left
+    the connecting client with a CONNACK but no message loop, so its own SUBACK never came (CI: an agent never up)."""
+    url = amqtt_broker.url
+    publish_many(url, [(f"retained/{i}", b"x") for i in range(100)], retain=True)
+    holders = [Subscriber(url, *(f"retained/{i * 10 + j}" for j in range(10))) for i in range(10)]
+
+    joined_all = threading.Event()
+
+    def churn(holder: Subscriber) -> None:
+        for j in itertools.count():
+            if joined_all.is_set():
+                return
+            holder.client.subscribe(f"new/{id(holder)}/{j}", 0)
+            time.sleep(0.002)
+
+    def connect_and_subscribe(i: int) -> int:
+        Subscriber(url, f"own/{i}", timeout=15).close()
+        return i
+
+    try:
+        with ThreadPoolExecutor(max_workers=50) as pool:
+            churns = [pool.submit(churn, holder) for holder in holders]
+            joined = [pool.submit(connect_and_subscribe, i) for i in range(20)]
+            wait(joined)
+            joined_all.set()
+            failures = [str(future.exception()) for future in joined if future.exception() is not None]
+            assert not failures, f"{len(failures)} of 20 clients connected but were never served: {failures[0]}"
+            assert all(future.exception() is None for future in churns)
+    finally:
+        joined_all.set()
+        for holder in holders:
+            holder.close()
 
 
 @needs_mosquitto
