@@ -111,3 +111,6 @@ class Manifest(WireModel):
     build_details: dict[str, Any] = Field(default_factory=dict, description="Backend facts, e.g. NPU op placement")
     selftest: SelfTest
     signing_key_id: str
+    labels: list[str] | None = Field(
+        None, min_length=1, description="Class names: class index i is labels[i] (edgekit compile --labels)"
+    )

@@ -138,11 +138,13 @@ class Detection(WireModel):
     box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2")
     score: float
     label: int
+    name: str | None = Field(None, description="The class name, from the bundle's labels; absent without them")
 
 
 class Score(WireModel):
     label: int
     score: float
+    name: str | None = Field(None, description="The class name, from the bundle's labels; absent without them")
 
 
 class Result(Sequenced):
