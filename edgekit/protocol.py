@@ -118,6 +118,55 @@ class Sequenced(Payload):
     ts: float
 
 
+class Disagreement(WireModel):
+    """One input on which the shadow bundle and the active one disagreed: each side's answer, named when labelled."""
+
+    active: str = Field(max_length=160)
+    shadow: str = Field(max_length=160)
+
+
+class ShadowStats(WireModel):
+    """The shadow bundle run on a sample of live inputs beside the active one, since the shadow started."""
+
+    bundle: str = Field(pattern=SHA256, description="The shadow bundle's id")
+    active: str = Field(pattern=SHA256, description="The bundle it is compared with")
+    metric: Literal["top1", "boxes", "cosine"] = Field(
+        description="top1: same top class; boxes: detections matched by IoU and class; cosine: raw outputs"
+    )
+    samples: int = Field(0, ge=0, description="Inputs both ran on")
+    agreement: float | None = Field(None, ge=0, le=1, description="Mean agreement over the samples")
+    errors: int = Field(0, ge=0, description="Samples the shadow failed on (exception, NaN)")
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    active_p50_ms: float | None = Field(None, description="The active bundle on the same samples")
+    active_p95_ms: float | None = None
+    budget_skipped: int = Field(0, ge=0, description="Inputs not shadowed because the CPU budget was spent")
+    disagreements: list[Disagreement] = Field([], max_length=8, description="The most recent ones")
+
+
+class ModelStats(WireModel):
+    """The active bundle since it became active: what health gates compare with the bundle before it."""
+
+    bundle: str = Field(pattern=SHA256)
+    since: float = Field(description="When it became active (device clock)")
+    inferences: int = Field(0, ge=0)
+    errors: int = Field(0, ge=0)
+    latency_p50_ms: float | None = Field(None, description="Over the most recent inferences (a bounded window)")
+    latency_p95_ms: float | None = None
+    classes: dict[str, int] = Field(
+        {}, max_length=65, description="Top-1 class index → count; the rarest past 64 summed under 'other'"
+    )
+    mean_confidence: float | None = Field(None, description="Mean top-1 score (classifiers) or detection score")
+
+
+class DriftStats(WireModel):
+    """How far the live inputs have moved from the bundle's calibration data (edgekit.drift)."""
+
+    score: float = Field(ge=0, description="Population stability index, the highest over the features")
+    samples: int = Field(ge=0, description="Inputs in the live window")
+    feature: str = Field(max_length=64, description="The feature with the highest score")
+
+
 class Telemetry(Sequenced):
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
@@ -132,6 +181,9 @@ class Telemetry(Sequenced):
     store_dropped: int = 0
     rejected_payloads: int = 0
     bundle: str | None = Field(None, description="name@version of the active bundle")
+    model: ModelStats | None = None
+    shadow: ShadowStats | None = None
+    drift: DriftStats | None = None
 
 
 class Detection(WireModel):
@@ -206,15 +258,17 @@ DELTA_BASE_HEADER = "X-Edgekit-Delta-Base"
 DELTA_SHA256_HEADER = "X-Edgekit-Delta-Sha256"
 
 
-# Agents from 0.2 take `DesiredBundle.urls`; 0.1 agents refuse any field they do not know (docs/protocol.md
-# "Compatibility"), so the hub sends links only to devices whose status names a version that takes them.
+# Agents refuse a desired state with a field they do not know (docs/protocol.md "Compatibility"), so the hub sends
+# a newer field only to devices whose status names a version that takes it: download links (`DesiredBundle.urls`)
+# from 0.2, a shadow bundle (`DesiredState.shadow`) from 0.3.
 DOWNLOAD_LINKS_SINCE = (0, 2)
+SHADOW_SINCE = (0, 3)
 
 
-def takes_download_links(agent_version: str | None) -> bool:
-    """Whether an agent of `agent_version` (from its status) accepts a desired state with download links."""
+def agent_takes(agent_version: str | None, since: tuple[int, int]) -> bool:
+    """Whether an agent of `agent_version` (from its status) is `since` or newer."""
     match = re.match(r"(\d+)\.(\d+)", agent_version or "")
-    return match is not None and (int(match[1]), int(match[2])) >= DOWNLOAD_LINKS_SINCE
+    return match is not None and (int(match[1]), int(match[2])) >= since
 
 
 class DesiredBundle(BundleRef):
@@ -222,6 +276,16 @@ class DesiredBundle(BundleRef):
     # HTTP(S) download links, tried in order before chunks over MQTT (edgekit.hub.downloads); none: chunks only.
     # None, not []: left out of the payload, which a 0.1 agent then accepts.
     urls: list[Annotated[str, Field(max_length=2048, pattern=r"^https?://")]] | None = Field(None, max_length=8)
+
+
+class DesiredShadow(WireModel):
+    """A bundle to run beside the active one on a sample of live inputs, compared but never switched to."""
+
+    bundle: DesiredBundle
+    every_n: int = Field(1, ge=1, le=10_000, description="Shadow at most every Nth input")
+    budget: float = Field(
+        0.25, gt=0, le=4, description="Shadow inference time at most this fraction of the active model's time"
+    )
 
 
 class DesiredState(Payload):
@@ -236,6 +300,8 @@ class DesiredState(Payload):
     thresholds: Thresholds = Thresholds()
     rates: Rates = Rates()
     health_checks: int = Field(20, ge=1, le=10_000, description="Inferences that must succeed after a switch")
+    # Sent only to agents that take it (`agent_takes(version, SHADOW_SINCE)`): a 0.1 or 0.2 agent refuses it.
+    shadow: DesiredShadow | None = None
 
 
 UpdatePhase = Literal[
@@ -246,6 +312,15 @@ UpdatePhase = Literal[
 class UpdateState(WireModel):
     state: UpdatePhase
     bundle: str | None = Field(None, description="sha256 of the bundle this update is about")
+    detail: str = ""
+
+
+ShadowPhase = Literal["preparing", "running", "refused", "failed"]
+
+
+class ShadowState(WireModel):
+    state: ShadowPhase
+    bundle: BundleRef
     detail: str = ""
 
 
@@ -260,6 +335,7 @@ class ReportedState(Payload):
     thresholds: Thresholds = Thresholds()
     rates: Rates = Rates()
     update: UpdateState = UpdateState(state="idle")
+    shadow: ShadowState | None = None
 
 
 class ChunkRequest(Payload):
