@@ -72,6 +72,9 @@ class Device(Base):
     # The last DesiredState the hub published for this device (JSON), so a rollout changes only the bundle.
     desired: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     reported: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The newest telemetry's model-health blocks: {"model": ModelStats, "shadow": ShadowStats, "drift": DriftStats}
+    # (edgekit.protocol), each present when the device sent it; what health gates and drift alerts read.
+    health: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class TelemetrySample(Base):
@@ -90,6 +93,7 @@ class TelemetrySample(Base):
     dropped_frames: Mapped[int | None] = mapped_column(BigInteger)
     store_depth: Mapped[int | None] = mapped_column(BigInteger)
     bundle: Mapped[str | None] = mapped_column(String(160))
+    drift_score: Mapped[float | None] = mapped_column(Float, comment="Telemetry.drift.score (PSI)")
 
     __table_args__ = (Index("ix_telemetry_device_ts", "device_id", "ts"),)
 
@@ -174,6 +178,13 @@ class Deployment(Base):
     created: Mapped[float] = mapped_column(Float, default=time.time)
     created_by: Mapped[str] = mapped_column(String(64))
     updated: Mapped[float] = mapped_column(Float, default=time.time)
+    # Health gates (edgekit.hub.gates): with `shadow`, the canary first runs the bundle as a shadow (phase
+    # "shadow"), and waves start ("waves") only when its gates pass.
+    shadow: Mapped[bool] = mapped_column(default=False)
+    phase: Mapped[str] = mapped_column(String(8), default="waves", comment="shadow|waves")
+    gates: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list, comment="[Gate]")
+    min_samples: Mapped[int] = mapped_column(Integer, default=0, comment="inferences a gate needs per device")
+    gate_results: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list, comment="[GateResult]")
 
 
 class DeploymentDevice(Base):
@@ -191,6 +202,10 @@ class DeploymentDevice(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
     sent_at: Mapped[float | None] = mapped_column(Float)
     resolved_at: Mapped[float | None] = mapped_column(Float, comment="when it became healthy/failed/timed_out")
+    # ModelStats of the bundle the device ran when the deployment was created: what gates compare with.
+    baseline: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # What the gates measured on this device when it resolved (agreement, p95 ratio, error rate, shift).
+    health: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     updated: Mapped[float] = mapped_column(Float, default=time.time)
     # True while the deployment runs, NULL after: the unique index below lets a device be in one running deployment
     # only, checked by the database as the members are inserted (hubs creating deployments at once cannot both win).

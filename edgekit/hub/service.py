@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import uvicorn
@@ -39,7 +40,16 @@ from edgekit.hub.rollouts import CONTROLLER_LEASE_S, Deployments, RolloutDriver
 from edgekit.hub.store import check_store_url, open_store
 from edgekit.hub.transfer import DeltaCache
 from edgekit.mqtt import with_login
-from edgekit.protocol import DesiredState, Topic, device_topic, encode, takes_download_links
+from edgekit.protocol import (
+    DOWNLOAD_LINKS_SINCE,
+    SHADOW_SINCE,
+    DesiredBundle,
+    DesiredState,
+    Topic,
+    agent_takes,
+    device_topic,
+    encode,
+)
 from edgekit.trust import DEFAULT_DESIRED_TTL_S, TrustRoot
 
 log = logging.getLogger(__name__)
@@ -124,13 +134,26 @@ class Hub:
     # ---- signed control messages ------------------------------------------------------------------------------
 
     def send_desired(self, device_id: str, desired: DesiredState, agent_version: str | None) -> None:
-        """Sign `desired` for the device (fresh expiry) and publish it, retained; a bundle it names comes with
-        download links that expire with it when the device's `agent_version` (from its status) takes them."""
-        if desired.bundle is not None and takes_download_links(agent_version):
-            expires = time.time() + self.settings.desired_ttl_s
-            bundle = desired.bundle.model_copy(update={"urls": self.links.urls(desired.bundle.id, device_id, expires)})
-            desired = desired.model_copy(update={"bundle": bundle})
+        """Sign `desired` for the device (fresh expiry) and publish it, retained. What the device's `agent_version`
+        (from its status) cannot take is left out: download links before 0.2 (the bundles it names come with
+        links that expire with the desired state from 0.2 on), a shadow bundle before 0.3 (the rollout controller
+        does not ask such a device to shadow; this keeps a stored desired state from being refused whole)."""
+        if desired.shadow is not None and not agent_takes(agent_version, SHADOW_SINCE):
+            desired = desired.model_copy(update={"shadow": None})
+        if agent_takes(agent_version, DOWNLOAD_LINKS_SINCE):
+            desired = self._with_links(desired, device_id, time.time() + self.settings.desired_ttl_s)
         self.publish(device_topic(device_id, Topic.DESIRED), self.trust.sign_desired(device_id, desired), True)
+
+    def _with_links(self, desired: DesiredState, device_id: str, expires: float) -> DesiredState:
+        def linked(bundle: DesiredBundle) -> DesiredBundle:
+            return bundle.model_copy(update={"urls": self.links.urls(bundle.id, device_id, expires)})
+
+        changes: dict[str, Any] = {}
+        if desired.bundle is not None:
+            changes["bundle"] = linked(desired.bundle)
+        if desired.shadow is not None:
+            changes["shadow"] = desired.shadow.model_copy(update={"bundle": linked(desired.shadow.bundle)})
+        return desired.model_copy(update=changes)
 
     def _refresh_devices(self, ids: list[str]) -> None:
         """For devices that (re)connected: the trust chain if it moved past the first root, and their current
