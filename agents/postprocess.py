@@ -32,13 +32,19 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum()
 
 
-def classify(output: np.ndarray, thresholds: Thresholds) -> list[Score]:
+def class_name(labels: list[str] | None, index: int) -> str | None:
+    """The bundle's name for a class; None without labels or for an index they do not cover (a detector's class
+    count is not known when it is compiled), never an error."""
+    return labels[index] if labels and 0 <= index < len(labels) else None
+
+
+def classify(output: np.ndarray, thresholds: Thresholds, labels: list[str] | None = None) -> list[Score]:
     probs = probabilities(output[0])
     top = np.argsort(-probs)[: thresholds.top_k]
-    return [Score(label=int(i), score=round(float(probs[i]), 6)) for i in top]
+    return [Score(label=int(i), score=round(float(probs[i]), 6), name=class_name(labels, int(i))) for i in top]
 
 
-def detect(output: np.ndarray, thresholds: Thresholds) -> list[Detection]:
+def detect(output: np.ndarray, thresholds: Thresholds, labels: list[str] | None = None) -> list[Detection]:
     """Rows are x1, y1, x2, y2, score, class; keeps rows over the score threshold, then per-class NMS."""
     rows = output[0].astype(np.float32)
     rows = rows[rows[:, 4] >= thresholds.score]
@@ -46,7 +52,8 @@ def detect(output: np.ndarray, thresholds: Thresholds) -> list[Detection]:
     for label in np.unique(rows[:, 5]).astype(int):
         candidates = rows[rows[:, 5] == label]
         for row in _nms(candidates[np.argsort(-candidates[:, 4])], thresholds.iou):
-            kept.append(Detection(box=[float(v) for v in row[:4]], score=float(row[4]), label=int(label)))
+            kept.append(Detection(box=[float(v) for v in row[:4]], score=float(row[4]), label=int(label),
+                                  name=class_name(labels, int(label))))  # fmt: skip
     kept.sort(key=lambda d: -d.score)
     return kept[: thresholds.top_k]
 
@@ -67,12 +74,14 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-def postprocess(task: Task, outputs: list[np.ndarray], thresholds: Thresholds) -> dict[str, Any]:
-    """The task-specific fields of a Result."""
+def postprocess(
+    task: Task, outputs: list[np.ndarray], thresholds: Thresholds, labels: list[str] | None = None
+) -> dict[str, Any]:
+    """The task-specific fields of a Result; classes named from `labels` (the bundle's) where it has them."""
     if task == "classifier":
-        return {"top": classify(outputs[0], thresholds)}
+        return {"top": classify(outputs[0], thresholds, labels)}
     if task == "detector":
-        return {"detections": detect(outputs[0], thresholds)}
+        return {"detections": detect(outputs[0], thresholds, labels)}
     return {"values": [float(v) for v in outputs[0].ravel()[:RAW_VALUES]]}
 
 

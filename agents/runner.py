@@ -255,7 +255,7 @@ class Runner:
             "latency_ms": round(latency * 1000, 3),
             "task": task,
             "source": frame.meta,
-            **postprocess(task, outputs, self._thresholds),
+            **postprocess(task, outputs, self._thresholds, manifest.labels),
         }
         self._emit_result(result, self._rates.results_qos)
         return None
