@@ -40,14 +40,15 @@ def compile_args(model, profile: str, *extra, out=None, seconds: str = "0.05") -
     return ["compile", model, "-p", profile, "--bench-seconds", seconds, *(["-o", out] if out else []), *extra]
 
 
-def compile_bundle(model: Path, calibration: Path, key: Path, version: str, out: Path, name: str = "digits") -> Path:
+def compile_bundle(model: Path, calibration: Path, key: Path, version: str, out: Path, name: str = "digits",
+                   *extra: str) -> Path:  # fmt: skip
     """A signed fp32 onnxruntime bundle of `model` (a .onnx file, or a folder holding `<name>.onnx`), built by the
-    real `edgekit compile`; `key` is the Ed25519 private key that signs it."""
+    real `edgekit compile`; `key` is the Ed25519 private key that signs it; `extra`: more compile flags."""
     if model.is_dir():
         model = model / f"{name}.onnx"
     args = ["compile", str(model), "-p", "x86-64-avx2", "--precision", "fp32", "--backend", "onnxruntime",
             "--calibration", str(calibration), "--sign-key", str(key), "--bundle-version", version,
-            "--name", name, "--bench-seconds", "0.02", "-o", str(out)]  # fmt: skip
+            "--name", name, "--bench-seconds", "0.02", "-o", str(out), *extra]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return out
