@@ -1,5 +1,6 @@
 """Turn raw model outputs into results: top-k classes for classifiers, filtered boxes for detectors."""
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -61,12 +62,13 @@ def detect(output: np.ndarray, thresholds: Thresholds, labels: list[str] | None 
 def _nms(rows: np.ndarray, iou_limit: float) -> list[np.ndarray]:
     selected: list[np.ndarray] = []
     for row in rows:
-        if all(_iou(row, other) <= iou_limit for other in selected):
+        if all(iou(row, other) <= iou_limit for other in selected):
             selected.append(row)
     return selected
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
+def iou(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Intersection over union of two x1, y1, x2, y2 boxes."""
     width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = width * height
