@@ -8,6 +8,7 @@ import typer
 from edgekit.cli.console import console, print_json
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+LABELS_SHOWN = 8
 
 
 def inspect_command(bundle: Annotated[Path, typer.Argument(help="The .ekb bundle.")], json: JsonFlag = False) -> None:
@@ -23,6 +24,15 @@ def inspect_command(bundle: Annotated[Path, typer.Argument(help="The .ekb bundle
         print_json(manifest.model_dump_json(indent=2))
     else:
         console.print(manifest_table(manifest))
+        if manifest.labels:
+            console.print(labels_line(manifest.labels), markup=False, highlight=False)
+
+
+def labels_line(labels: list[str]) -> str:
+    """The first few class names and how many there are: a 1000-class list would bury the rest of the manifest."""
+    shown = ", ".join(f"{index} {name}" for index, name in enumerate(labels[:LABELS_SHOWN]))
+    more = f", … ({len(labels) - LABELS_SHOWN} more; --json lists all)" if len(labels) > LABELS_SHOWN else ""
+    return f"labels: {len(labels)} classes: {shown}{more}"
 
 
 def verify_command(

@@ -78,6 +78,13 @@ def compile_command(
         Optional[Path], typer.Option(help="Ed25519 private key (default: per-user key, created on first use).")
     ] = None,
     name: Annotated[Optional[str], typer.Option(help="Bundle name (default: model file name).")] = None,
+    labels: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Class names, stored in the bundle: results then carry each class's name. A .txt file with one "
+            'name per line, or .json: a list of names or {"0": "cat", ...}. A classifier needs one name per class.'
+        ),
+    ] = None,
     bundle_version: Annotated[str, typer.Option(help="Bundle semver version.")] = "0.1.0",
     max_accuracy_drop: Annotated[
         float,
@@ -165,6 +172,7 @@ def compile_command(
         threads=threads,
         backend_options=parse_backend_options(_with_deprecated_flags(option or [], tune_trials)),
         verify_emulated=verify_emulated,
+        labels=labels,
     )
     try:
         with RichProgress() as progress:

@@ -19,6 +19,7 @@ from edgekit.agents.runtimes import Session, get_runtime, run_batches
 from edgekit.bundle import file_entries, write_bundle
 from edgekit.compile.calibration import load_samples, synthetic_samples
 from edgekit.compile.intake import PreparedModel, prepare_model
+from edgekit.compile.labels import check_labels_fit, read_labels
 from edgekit.compile.measure import compare, like_reference, measure_latency, peak_memory, predictions
 from edgekit.compile.mixed import compute_layers, keep_float_rounds, rank_sensitive_nodes
 from edgekit.compile.report import CandidateReport, CompileReport, ReferenceReport
@@ -70,6 +71,7 @@ class CompileRequest:
     verify_emulated: bool = (
         False  # also run the device artifact under emulation where its backend can (Backend.emulate)
     )
+    labels: Path | None = None  # class names (--labels), stored as Manifest.labels
 
 
 class CompileFailed(OperationFailed):
@@ -529,6 +531,7 @@ def _package(
     verifier: _Verifier,
     report: CompileReport,
     workdir: Path,
+    labels: list[str] | None,
 ) -> Manifest:
     root = workdir / "bundle"
     shutil.copytree(chosen.outdir, root / "artifacts")
@@ -565,6 +568,7 @@ def _package(
         build_details=chosen.report.details,
         selftest=SelfTest(file="selftest/vectors.npz", count=count, atol=atol, rtol=rtol),
         signing_key_id=key_id(private_key.public_key()),
+        labels=labels,
     )
     write_bundle(root, manifest, private_key, request.out)
     return manifest
@@ -574,12 +578,15 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
     """Build every planned candidate, verify each against fp32, bundle the best. Raises CompileFailed if none pass."""
     progress = progress or NoProgress()
     plans = plan_candidates(request)
+    labels = read_labels(request.labels) if request.labels else None
     with tempfile.TemporaryDirectory(prefix="edgekit-compile-") as scratch:
         workdir = Path(scratch)
         with progress.task("checking and simplifying the model", total=1):
             model = prepare_model(
                 request.model, workdir, request.input_shapes, request.profile.batch_size, request.input_values
             )
+        if request.labels and labels:
+            check_labels_fit(request.labels, labels, model.outputs)
         samples = _load_samples(request, model)
         with progress.task("fp32 reference (onnxruntime)", total=1):
             verifier = _Verifier(request, model, samples.held_out, samples.data)
@@ -609,7 +616,7 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
         if chosen is None:
             raise _failure(built, len(outcomes), request, report)
         report = report.model_copy(update={"bundle": str(request.out)})
-        manifest = _package(request, model, chosen, verifier, report, workdir)
+        manifest = _package(request, model, chosen, verifier, report, workdir, labels)
     return report, manifest
 
 
