@@ -84,6 +84,15 @@ class EventOut(Model):
     data: dict[str, Any]
 
 
+class ResultOut(Model):
+    seq: int
+    ts: float
+    bundle: str = Field(description="name@version that produced it")
+    latency_ms: float
+    summary: dict[str, Any] = Field(description="task, and top (classifiers), detections or values; classes carry "
+                                    "`name` when the bundle has labels")  # fmt: skip
+
+
 class BundleOut(Model):
     id: str
     name: str

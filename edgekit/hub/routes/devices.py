@@ -1,4 +1,4 @@
-"""`/api/devices` (the fleet, labels, telemetry) and `/api/events`."""
+"""`/api/devices` (the fleet, labels, telemetry, results) and `/api/events`."""
 
 import time
 from typing import Annotated, Any, Literal
@@ -8,10 +8,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from edgekit.hub.auth import Operator
-from edgekit.hub.db import AuditEntry, Device, EventRecord, TelemetryRollup, TelemetrySample
+from edgekit.hub.db import AuditEntry, Device, EventRecord, ResultRecord, TelemetryRollup, TelemetrySample
 from edgekit.hub.deps import Sessions
 from edgekit.hub.routes import unprocessable
-from edgekit.hub.schemas import LABEL_KEY, DeviceDetail, DeviceOut, EventOut, LabelsIn, TelemetryOut
+from edgekit.hub.schemas import LABEL_KEY, DeviceDetail, DeviceOut, EventOut, LabelsIn, ResultOut, TelemetryOut
 
 router = APIRouter()
 
@@ -95,6 +95,17 @@ def get_telemetry(
         return [TelemetryOut(ts=r.minute * 60.0, samples=r.samples, latency_p50_ms=r.latency_p50_ms, fps=r.fps,
                              cpu_percent=r.cpu_percent, temperature_c=r.temperature_c) for r in rows]  # fmt: skip
     return rows
+
+
+@router.get("/devices/{device_id}/results", response_model=list[ResultOut])
+def get_results(
+    sessions: Sessions, device_id: str, limit: Annotated[int, Query(ge=1, le=1000, description="The newest N")] = 50
+) -> list[ResultRecord]:
+    """The device's newest results, newest first."""
+    with sessions() as session:
+        _device_or_404(session, device_id)
+        statement = select(ResultRecord).where(ResultRecord.device_id == device_id)
+        return list(session.scalars(statement.order_by(ResultRecord.seq.desc()).limit(limit)))
 
 
 @router.get("/events", response_model=list[EventOut])
