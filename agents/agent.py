@@ -197,6 +197,7 @@ class Agent:
             thresholds=desired.thresholds if desired else DesiredState(rev=0).thresholds,
             rates=desired.rates if desired else DesiredState(rev=0).rates,
             update=self.updater.state,
+            shadow=self.updater.shadow_state,
         )
 
     def publish_state(self) -> None:
@@ -322,6 +323,8 @@ class Agent:
     # ---- control --------------------------------------------------------------------------------------------
 
     def _control(self) -> None:
+        if self._desired is not None and self._desired.rev == self._applied_rev:
+            self._resume_shadow(self._desired)
         while (job := self._jobs.get()) is not None:
             desired = job.desired
             if desired.rev == self._applied_rev:
@@ -350,6 +353,7 @@ class Agent:
         model = self.runner.model
         if desired.bundle and (model is None or model.bundle.id != desired.bundle.id):
             self.updater.update(desired.bundle, desired.health_checks, desired.rev)
+        self.updater.set_shadow(desired.shadow, desired.rev)
         self._applied_rev = desired.rev
         self._save_state()
         self.publish_state()
@@ -362,6 +366,15 @@ class Agent:
                 self.runner.use_source(parse_source(desired.source))
             except EdgekitError as error:
                 self.report("config.rejected", f"source: {error}", level="error", rev=desired.rev)
+
+    def _resume_shadow(self, desired: DesiredState) -> None:
+        """The shadow of the desired state converged to before a restart, back beside the active model (from the
+        installed copy: a shadow only downloads again when a crash cut its download short)."""
+        try:
+            self.updater.set_shadow(desired.shadow, desired.rev)
+        except Exception as error:  # the control thread must survive anything a payload can cause
+            log.exception("resuming the shadow failed")
+            self.report("config.rejected", f"shadow: {error}", level="error")
 
     def _telemetry_interval(self) -> float:
         """The desired state's rate when it sets one, else the command line's."""

@@ -32,6 +32,7 @@ class ActiveRecord(StrictModel):
     active: str | None = None
     previous: str | None = None
     trial: bool = False
+    shadow: str | None = None  # installed and running beside the active one, never switched to (updater.set_shadow)
 
 
 @dataclass(frozen=True)

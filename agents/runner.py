@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgekit.agents.bundles import Installed
 from edgekit.agents.postprocess import Task, infer_task, outputs_are_sane, postprocess
@@ -25,11 +25,14 @@ from edgekit.agents.sources import (
     create_source,
     to_feeds,
 )
-from edgekit.agents.stats import InferenceStats
+from edgekit.agents.stats import InferenceStats, ModelHealth
 from edgekit.errors import EdgekitError
 from edgekit.manifest import TensorSpec
 from edgekit.mqtt import Backoff
 from edgekit.protocol import Rates, Thresholds
+
+if TYPE_CHECKING:
+    from edgekit.agents.shadow import Shadow
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,8 @@ class Runner:
         self._worker = threading.Thread(target=self._work, name="inference", daemon=True)
         self._last_error_event = 0.0
         self._errors_since_event = 0
+        self.model_health: ModelHealth | None = None
+        self._shadow: Shadow | None = None
 
     @property
     def model(self) -> LoadedModel | None:
@@ -127,14 +132,24 @@ class Runner:
             self._model = model
             self._health = HealthCheck(health_checks) if health_checks else None
             health = self._health
+            self.model_health = ModelHealth(model.bundle.id)
+            self._shadow = None  # it was compared with the model before; the agent starts it again if still wanted
         if self._source_config and previous_input != model.bundle.manifest.inputs[0]:
             self._restart_source()  # e.g. a serial window size follows the model's input
         return health
 
+    @property
+    def shadow(self) -> "Shadow | None":
+        return self._shadow
+
+    def use_shadow(self, shadow: "Shadow | None") -> None:
+        """Run `shadow` beside the active model from the next inference on (None: no shadow)."""
+        self._shadow = shadow
+
     def unload(self) -> None:
         """Stop inferring: no model, and its source closed (nothing to feed); use_model starts both again."""
         with self._lock:
-            self._model, self._health = None, None
+            self._model, self._health, self.model_health, self._shadow = None, None, None, None
         self._stop_source()
 
     def use_source(self, config: SourceConfig | None) -> None:
@@ -248,7 +263,7 @@ class Runner:
         if not outputs_are_sane(outputs):
             return self._inference_failed(model, "the model produced NaN or infinite outputs")
         self.stats.record(latency)
-        task = self._task(model)
+        task = self.task_of(model)
         result = {
             "frame_ts": frame.ts,
             "bundle": model.bundle.label,
@@ -258,15 +273,28 @@ class Runner:
             **postprocess(task, outputs, self._thresholds, manifest.labels),
         }
         self._emit_result(result, self._rates.results_qos)
+        self._observe(model, frame, feeds, outputs, latency, result)
         return None
 
-    def _task(self, model: LoadedModel) -> Task:
+    def _observe(self, model: LoadedModel, frame: Frame, feeds: dict[str, Any], outputs: list[Any], latency: float,
+                 result: dict[str, Any]) -> None:  # fmt: skip
+        """After the result went out: the model's health record, and the shadow's turn on the same input."""
+        health, shadow = self.model_health, self._shadow
+        if health is not None and health.bundle_id == model.bundle.id:
+            health.record(latency, _top(result))
+        if shadow is not None and shadow.active_id == model.bundle.id:
+            shadow.offer(frame, feeds, outputs, latency, self._thresholds)
+
+    def task_of(self, model: LoadedModel) -> Task:
         if self._task_setting != "auto":
             return self._task_setting
         return infer_task([o.shape for o in model.bundle.manifest.outputs])
 
     def _inference_failed(self, model: LoadedModel, reason: str) -> str:
         """Report the first failure, then at most one summary per interval, so a broken stream cannot flood."""
+        health = self.model_health
+        if health is not None and health.bundle_id == model.bundle.id:
+            health.record_error()
         self._errors_since_event += 1
         now = time.monotonic()
         if now - self._last_error_event >= ERROR_EVENT_INTERVAL_S:
@@ -274,3 +302,9 @@ class Runner:
                          failures=self._errors_since_event)  # fmt: skip
             self._last_error_event, self._errors_since_event = now, 0
         return reason
+
+
+def _top(result: dict[str, Any]) -> tuple[int, float] | None:
+    """(class, score) of a result's best class or box, for the model's health record; None for raw outputs."""
+    best = (result.get("top") or result.get("detections") or [None])[0]
+    return (best.label, best.score) if best is not None else None

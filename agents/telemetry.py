@@ -39,4 +39,6 @@ class TelemetryLoop:
             "store_dropped": self._outbox.dropped,
             "rejected_payloads": self._rejected_payloads(),
             "bundle": model.bundle.label if model else None,
+            "model": health.stats() if (health := self._runner.model_health) else None,
+            "shadow": shadow.stats() if (shadow := self._runner.shadow) else None,
         }

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edgekit.agents.bundles import ActiveRecord, BundleStore, Installed, semver_key
 from edgekit.agents.runner import HealthCheck, LoadedModel, Runner
 from edgekit.agents.runtimes import get_runtime
+from edgekit.agents.shadow import Shadow
 from edgekit.agents.transfer import (
     DEFAULT_RETRIES,
     Base,
@@ -34,11 +35,12 @@ from edgekit.agents.transfer import (
 )
 from edgekit.delta import supported as delta_supported
 from edgekit.errors import EdgekitError
-from edgekit.protocol import BundleRef, DesiredBundle, UpdatePhase, UpdateState
+from edgekit.protocol import BundleRef, DesiredBundle, DesiredShadow, ShadowState, UpdatePhase, UpdateState
 from edgekit.selftest import run_selftest
 
 log = logging.getLogger(__name__)
 HEALTH_POLL_S = 0.2
+Phase = Callable[..., None]  # phase(state, bundle_id, detail=""): an update's (or a shadow's) progress
 
 
 class UpdateFailed(Exception):
@@ -86,6 +88,7 @@ class Updater:
         self._deadline_s = deadline_s
         self._retries = retries
         self.state = UpdateState(state="idle")
+        self.shadow_state: ShadowState | None = None
 
     def _set_phase(self, phase: UpdatePhase, bundle: str | None, detail: str = "") -> None:
         self.state = UpdateState(state=phase, bundle=bundle, detail=detail)
@@ -134,12 +137,7 @@ class Updater:
         try:
             self._check_version(target, current)
             self._host.report("update.started", f"updating to {target.name}@{target.version}", bundle=target.id)
-            self._check_verifiable(target)
-            bundle_file = self._fetch(target, rev, current)
-            self._set_phase("verifying", target.id)
-            candidate = self._verify(target, bundle_file)
-            self._set_phase("testing", target.id)
-            model = self._self_test(candidate)
+            model = self._prepare(target, rev, current, self._set_phase)
         except UpdateFailed as error:
             self.store.prune(self._kept_bundles())  # a refused candidate leaves nothing behind
             kind = "update.refused" if error.phase == "refused" else "update.failed"
@@ -147,6 +145,15 @@ class Updater:
             self._set_phase(error.phase, target.id, str(error))
             return
         self._switch(model, current, health_checks)
+
+    def _prepare(self, target: DesiredBundle, rev: int, current: LoadedModel | None, phase: Phase) -> LoadedModel:
+        """`target` fetched (unless installed), verified and self-tested: loaded, ready to run."""
+        self._check_verifiable(target)
+        bundle_file = self._fetch(target, rev, current, phase)
+        phase("verifying", target.id)
+        candidate = self._verify(target, bundle_file)
+        phase("testing", target.id)
+        return self._self_test(candidate)
 
     def _check_version(self, target: DesiredBundle, current: LoadedModel | None) -> None:
         if current is None or target.allow_downgrade:
@@ -167,12 +174,12 @@ class Updater:
         deadline_s = self._deadline_s if self._deadline_s is not None else default_deadline_s(target.size)
         return FetchLimits(attempt=rev, deadline_s=deadline_s, retries=self._retries)
 
-    def _fetch(self, target: BundleRef, rev: int, current: LoadedModel | None) -> Path | None:
+    def _fetch(self, target: BundleRef, rev: int, current: LoadedModel | None, phase: Phase) -> Path | None:
         """The bundle file, fetched (as a delta from the running bundle of the same model, else resuming a partial
         download) unless it is already installed."""
         if self.store.has(target.id):
             return None
-        self._set_phase("downloading", target.id)
+        phase("downloading", target.id)
         limits = self._limits(target, rev)
         try:
             fetched = self.fetcher.fetch(
@@ -237,7 +244,55 @@ class Updater:
 
     def _kept_bundles(self) -> set[str]:
         record = self.store.record()
-        return {b for b in (record.active, record.previous) if b}
+        return {b for b in (record.active, record.previous, record.shadow) if b}
+
+    # ---- the shadow -----------------------------------------------------------------------------------------
+
+    def set_shadow(self, wanted: DesiredShadow | None, rev: int) -> None:
+        """Run `wanted` beside the active model (prepared like an update, never switched to), or no shadow; a
+        shadow that cannot be prepared is refused (`shadow_state`) and the active model runs on alone."""
+        active, running = self.runner.model, self.runner.shadow
+        if wanted is None or active is None:
+            if running is not None or self.shadow_state is not None:
+                self.runner.use_shadow(None)
+                self._keep_shadow(None)
+                self.shadow_state = None
+                self._host.publish_reported()
+            return
+        if running and (running.model.bundle.id, running.active_id) == (wanted.bundle.id, active.bundle.id):
+            running.every_n, running.budget = wanted.every_n, wanted.budget
+            return
+        self.runner.use_shadow(None)
+        ref = BundleRef.model_validate(wanted.bundle.model_dump(include={"id", "name", "version", "size"}))
+
+        def phase(state: UpdatePhase, _bundle: str, detail: str = "") -> None:
+            self.shadow_state = ShadowState(state="preparing", bundle=ref, detail=detail or state)
+            self._host.publish_reported()
+
+        try:
+            model = self._prepare(wanted.bundle, rev, active, phase)
+        except UpdateFailed as error:
+            self._keep_shadow(None)
+            self.shadow_state = ShadowState(state=error.phase, bundle=ref, detail=str(error))
+            kind = "update.refused" if error.phase == "refused" else "update.failed"
+            self._host.report(kind, f"shadow {wanted.bundle.name}@{wanted.bundle.version}: {error}", level="error",
+                              bundle=wanted.bundle.id, shadow=True)  # fmt: skip
+            self._host.publish_reported()
+            return
+        self._keep_shadow(model.bundle.id)
+        task = self.runner.task_of(active)
+        self.runner.use_shadow(Shadow(model, active.bundle.manifest, active.bundle.id, task, wanted.every_n,
+                                      wanted.budget))  # fmt: skip
+        self.shadow_state = ShadowState(state="running", bundle=ref, detail=f"compared with {active.bundle.label}")
+        self._host.report("update.selftest", f"shadow {model.bundle.label} runs beside {active.bundle.label}",
+                          bundle=model.bundle.id, passed=True, shadow=True)  # fmt: skip
+        self._host.publish_reported()
+
+    def _keep_shadow(self, bundle_id: str | None) -> None:
+        record = self.store.record()
+        if record.shadow != bundle_id:
+            self.store.set_record(record.model_copy(update={"shadow": bundle_id}))
+            self.store.prune(self._kept_bundles())
 
     # ---- after the switch -----------------------------------------------------------------------------------
 

@@ -136,3 +136,66 @@ def tar_of(path: Path, members: list[tuple[str, bytes]]) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def _append_to_output(model_path: Path, out: Path, build) -> Path:
+    """`model_path` with its first output rewritten by `build(graph, output name) → (nodes, initializers, new name)`:
+    the same model with a change at its end, still a valid ONNX file that any backend compiles."""
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    output = graph.output[0]
+    nodes, initializers, new_name = build(graph, output.name)
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    renamed = helper.make_tensor_value_info(new_name, output.type.tensor_type.elem_type, None)
+    renamed.type.CopyFrom(output.type)
+    graph.output.remove(output)
+    graph.output.insert(0, renamed)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+    return out
+
+
+def with_permuted_classes(model_path: Path, out: Path, classes: int) -> Path:
+    """A deliberately damaged classifier: its class scores rolled by one along the class axis (class i reports as
+    i + 1). It loads, runs as fast and passes its own self-test once compiled; only a comparison with the original
+    on real input shows it is wrong."""
+
+    def build(graph, name: str):
+        order = numpy_helper.from_array(np.roll(np.arange(classes, dtype=np.int64), 1), "permuted_order")
+        node = helper.make_node("Gather", [name, "permuted_order"], ["permuted_scores"], axis=1)
+        return [node], [order], "permuted_scores"
+
+    return _append_to_output(model_path, out, build)
+
+
+def with_extra_work(model_path: Path, out: Path, size: int = 2048, rounds: int = 6) -> Path:
+    """A slower model with the same outputs: `rounds` square matmuls of `size` on a slice of the input, scaled by 0
+    and added to the first output (nothing an optimizer removes: 0 × x is not 0 for NaN or infinity)."""
+
+    def build(graph, name: str):
+        first = graph.input[0].name
+        rng = np.random.default_rng(0)
+        weights = numpy_helper.from_array((rng.standard_normal((size, size)) / size).astype(np.float32), "work_w")
+        flat_shape = numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "work_flat")
+        starts = numpy_helper.from_array(np.array([0], dtype=np.int64), "work_start")
+        ends = numpy_helper.from_array(np.array([size], dtype=np.int64), "work_end")
+        axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "work_axis")
+        tiled = numpy_helper.from_array(np.array([1, size], dtype=np.int64), "work_repeats")
+        zero = numpy_helper.from_array(np.array(0, dtype=np.float32), "work_zero")
+        nodes = [
+            helper.make_node("Reshape", [first, "work_flat"], ["work_flat_in"]),
+            helper.make_node("Slice", ["work_flat_in", "work_start", "work_end", "work_axis"], ["work_sliced"]),
+            helper.make_node("ReduceMean", ["work_sliced"], ["work_mean"], keepdims=1),
+            helper.make_node("Tile", ["work_mean", "work_repeats"], ["work_0"]),
+        ]
+        for i in range(rounds):
+            nodes.append(helper.make_node("MatMul", [f"work_{i}", "work_w"], [f"work_{i + 1}"]))
+        nodes += [
+            helper.make_node("ReduceSum", [f"work_{rounds}"], ["work_sum"], keepdims=0),
+            helper.make_node("Mul", ["work_sum", "work_zero"], ["work_nothing"]),
+            helper.make_node("Add", [name, "work_nothing"], ["slow_output"]),
+        ]
+        return nodes, [weights, flat_shape, starts, ends, axes, tiled, zero], "slow_output"
+
+    return _append_to_output(model_path, out, build)

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from edgekit.cli.console import console, err_console, print_json
 from edgekit.errors import BadInput, OperationFailed
+from edgekit.hub.gates import DEFAULT_GATES, DEFAULT_MIN_SAMPLES, parse_gate
 from edgekit.hub.scopes import DEFAULT_SCOPE, SCOPE_HELP, Scope
 from edgekit.trust import DEFAULT_DESIRED_TTL_S
 
@@ -461,16 +462,45 @@ def deploy(
             help="Inferences each device must run on the new bundle before it counts healthy (default: 20).",
         ),
     ] = None,
+    shadow: Annotated[
+        bool,
+        typer.Option(
+            "--shadow",
+            help="The canary first runs the bundle as a shadow beside its current one, "
+            "compared on live input; the waves start only when the gates pass.",
+        ),
+    ] = False,
+    gate: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--gate",
+            help="A health gate every wave must pass, e.g. agreement>=0.98, p95<=1.2x, "
+            "errors<=0.01, shift<=0.3 (repeatable; with --shadow and none given: "
+            f"{', '.join(DEFAULT_GATES)}).",
+        ),
+    ] = None,
+    min_samples: Annotated[
+        int | None,
+        typer.Option(
+            "--min-samples",
+            min=1,
+            help=f"Inputs a device must have measured before the gates count it (default {DEFAULT_MIN_SAMPLES}).",
+        ),
+    ] = None,
     hub_url: HubOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Start a staged rollout: canary first, then waves; halts and rolls back past the failure threshold."""
+    """Start a staged rollout: canary first, then waves; halts and rolls back past the failure threshold or when a
+    health gate fails (docs/health.md)."""
     threshold = _fraction(max_failures) if max_failures is not None else None
+    for text in gate or []:
+        parse_gate(text)  # a typo is refused here, before anything reaches the hub
     with _client(hub_url, token) as client:
         deployment = client.deploy(bundle_id, to, canary_percent=canary, wave_percent=wave,
                                    failure_threshold=threshold, wave_timeout_s=wave_timeout,
-                                   health_checks=health_checks)  # fmt: skip
+                                   health_checks=health_checks, shadow=shadow or None, gates=gate or None,
+                                   min_samples=min_samples)  # fmt: skip
     if as_json:
         print_json(json.dumps(deployment, indent=2))
         return
@@ -491,6 +521,11 @@ def _print_deployment(d: dict[str, Any]) -> None:
     label = f"{bundle['name']}@{bundle['version']}" if bundle else d["bundle_id"][:12]
     head = f"deployment {d['id']}: {escape(label)} → {escape(d['target'])}, {_styled(d['state'])}"
     console.print(f"{head}, wave {d['current_wave']} of {d['waves']}, {d['devices_total']} devices", highlight=False)
+    for result in d.get("gate_results") or []:
+        mark = "[green]passed[/]" if result["passed"] else "[red]FAILED[/]"
+        value = "not measured" if result["value"] is None else f"{result['value']:g}"
+        where = "shadow" if result["phase"] == "shadow" else f"wave {result['wave']}"
+        console.print(f"gate {escape(result['gate'])} ({where}): {value} {mark}", highlight=False)
     if d.get("reason"):
         console.print(f"reason: {escape(d['reason'])}", highlight=False)
     table = Table("wave", "devices", "states")

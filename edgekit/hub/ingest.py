@@ -402,24 +402,25 @@ def _fit_text(value: str | None, length: int | None = None) -> str | None:
 _T = TelemetrySample.__table__.c
 TELEMETRY_COLUMNS = ("device_id", "seq", "ts", "latency_p50_ms", "latency_p95_ms", "fps", "inferences",
                      "cpu_percent", "memory_mb", "temperature_c", "queue_depth", "dropped_frames", "store_depth",
-                     "bundle")  # fmt: skip
+                     "bundle", "drift_score")  # fmt: skip
 _COUNT_BOUND = min(_int_bound(_T[name]) for name in ("inferences", "queue_depth", "dropped_frames", "store_depth"))
 _BUNDLE_LENGTH = _T.bundle.type.length
 _RESULT_BUNDLE_LENGTH = ResultRecord.__table__.c.bundle.type.length
 
 
 # The hot path: the values straight from the model's field dict (one C call), fitted only when one needs it.
-_telemetry_values = itemgetter(*TELEMETRY_COLUMNS[1:])
+_telemetry_values = itemgetter(*TELEMETRY_COLUMNS[1:-1])
 
 
 def _telemetry_row(device_id: str, m: Telemetry) -> tuple:
     v = _telemetry_values(m.__dict__)
     b, bundle = _COUNT_BOUND, v[12]
+    drift = m.drift.score if m.drift is not None else None
     if (-b <= v[5] <= b and -b <= v[9] <= b and -b <= v[10] <= b and -b <= v[11] <= b
             and (bundle is None or (len(bundle) <= _BUNDLE_LENGTH and "\x00" not in bundle))):  # fmt: skip
-        return (device_id, *v)
+        return (device_id, *v, drift)
     return (device_id, *v[:5], _fit_int(v[5], b), *v[6:9], _fit_int(v[9], b), _fit_int(v[10], b),
-            _fit_int(v[11], b), _fit_text(bundle, _BUNDLE_LENGTH))  # fmt: skip
+            _fit_int(v[11], b), _fit_text(bundle, _BUNDLE_LENGTH), drift)  # fmt: skip
 
 
 def _result_row(device_id: str, m: Result) -> tuple:
@@ -472,6 +473,7 @@ def _insert(connection: Connection, kind: str, kind_rows: list[tuple[str, Any]])
 
 # ---- device rows -------------------------------------------------------------------------------------------------
 
+HEALTH_BLOCKS = ("model", "shadow", "drift")
 LATEST_COLUMNS = ("latency_p50_ms", "latency_p95_ms", "fps", "cpu_percent", "memory_mb", "temperature_c")
 _latest_values = attrgetter(*LATEST_COLUMNS)
 
@@ -496,9 +498,15 @@ def _apply_latest(connection: Connection, rows: dict[str, list[tuple[str, Any]]]
         sql = f"UPDATE devices SET last_seen = {mark}, online = {mark} WHERE id = {mark} AND last_seen < {mark}"
         connection.exec_driver_sql(sql, activity)
     if newest:
-        values = [(*_latest_values(m), m.seq, d, m.seq) for d, m in sorted(newest.items())]
-        columns = ", ".join(f"{c} = {mark}" for c in (*LATEST_COLUMNS, "last_seq"))
+        values = [(*_latest_values(m), _health(m), m.seq, d, m.seq) for d, m in sorted(newest.items())]
+        columns = ", ".join(f"{c} = {mark}" for c in (*LATEST_COLUMNS, "health", "last_seq"))
         connection.exec_driver_sql(f"UPDATE devices SET {columns} WHERE id = {mark} AND last_seq < {mark}", values)
+
+
+def _health(m: Telemetry) -> str | None:
+    """The telemetry's model-health blocks as the devices.health JSON; None (SQL NULL) when it has none."""
+    blocks = {name: block.model_dump(mode="json") for name in HEALTH_BLOCKS if (block := getattr(m, name))}
+    return json.dumps(blocks) if blocks else None
 
 
 _D = Device.__table__.c

@@ -50,9 +50,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from edgekit.errors import BadInput
 from edgekit.hub.db import BundleRecord, Deployment, DeploymentDevice, Device
+from edgekit.hub.gates import (
+    DEFAULT_MIN_SAMPLES,
+    evaluate,
+    failed_gates,
+    model_measurement,
+    parse_gates,
+    shadow_measurement,
+)
 from edgekit.hub.leases import Lease, LostLease
 from edgekit.hub.registry import Registry
-from edgekit.protocol import DEVICE_ID, MAX_REV, DesiredState
+from edgekit.protocol import DEVICE_ID, MAX_REV, SHADOW_SINCE, DesiredState, agent_takes
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +190,30 @@ def outcome(member: DeploymentDevice, device: Device | None, bundle_id: str) -> 
     return "failed", f"converged to rev {reported.get('rev')} without the bundle (update state {phase})"
 
 
+def shadow_outcome(member: DeploymentDevice, device: Device | None, bundle_id: str,
+                   min_samples: int) -> tuple[str, str, dict[str, Any] | None] | None:  # fmt: skip
+    """(state, detail, measurement) once a shadow-phase member is resolved: healthy when the device has run the
+    bundle as its shadow on `min_samples` inputs, failed when it could not prepare it; None while in flight."""
+    if device is None:
+        return "failed", "the device is no longer known to the hub", None
+    shadow = _reported(device).get("shadow") or {}
+    running_it = (shadow.get("bundle") or {}).get("id") == bundle_id
+    if running_it and shadow.get("state") in ("refused", "failed"):
+        return "failed", f"shadow {shadow['state']}: {shadow.get('detail', '')}", None
+    measured = shadow_measurement(device.health, bundle_id, min_samples)
+    if running_it and shadow.get("state") == "running" and measured is not None:
+        return "healthy", f"shadow measured on {measured['samples']} inputs", measured
+    if reported_rev(device) >= (member.rev or 0) and not running_it:
+        return "failed", "converged to the rev without running the shadow (an agent before 0.3?)", None
+    return None
+
+
+def _baseline(device: Device, running: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The device's newest ModelStats when they are of the bundle it runs: what wave gates compare with."""
+    model = (device.health or {}).get("model")
+    return model if model and running and model.get("bundle") == running.get("id") else None
+
+
 def _desired_base(device: Device) -> dict[str, Any]:
     """The last desired state the hub sent this device, the defaults if none or if it no longer validates."""
     try:
@@ -270,9 +302,10 @@ def find_bundle(registry: Registry, bundle_id: str) -> BundleRecord:
 
 
 def publish_desired(sessions: sessionmaker, send: SendDesired, device: Device, bundle: dict[str, Any],
-                    allow_downgrade: bool, health_checks: int | None,
-                    record: Callable[[Session, int], None]) -> int:  # fmt: skip
-    """Publish (retained) the device's last desired state with `bundle` swapped in and a fresh rev; returns it.
+                    allow_downgrade: bool, health_checks: int | None, record: Callable[[Session, int], None],
+                    shadow: dict[str, Any] | None = None) -> int:  # fmt: skip
+    """Publish (retained) the device's last desired state with `bundle` swapped in, `shadow` (a BundleRef to run
+    beside it) or none, and a fresh rev; returns the rev.
 
     Recorded before it is published, in one transaction: the rev taken (`take_rev`), the desired state stored and
     whatever `record(session, rev)` writes (it raises to call the send off). If the hub dies before publishing,
@@ -280,6 +313,9 @@ def publish_desired(sessions: sessionmaker, send: SendDesired, device: Device, b
     with sessions.begin() as session:
         rev = take_rev(session, device)
         fields = {**_desired_base(device), "rev": rev, "bundle": {**bundle, "allow_downgrade": allow_downgrade}}
+        fields.pop("shadow", None)
+        if shadow is not None:
+            fields["shadow"] = {"bundle": shadow}
         if health_checks is not None:
             fields["health_checks"] = health_checks
         desired = DesiredState.model_validate(fields)
@@ -435,9 +471,14 @@ class RolloutDriver:
             if any(member.state not in RESOLVED for member in wave):
                 break
             failures = [member for member in wave if member.state != "healthy"]
+            gate_halt = self._check_gates(deployment, wave, writes)
             if wave and len(failures) / len(wave) > deployment.failure_threshold:
                 reason = _failure_reason(deployment, wave, failures)
                 halt_loaded(self.sessions, loaded, self.send, writes, reason, self.fence)
+            elif gate_halt:
+                halt_loaded(self.sessions, loaded, self.send, writes, gate_halt, self.fence)
+            elif deployment.phase == "shadow":
+                self._promote(deployment, wave, writes)
             elif deployment.current_wave + 1 >= deployment.waves:
                 healthy = sum(member.state == "healthy" for member in loaded.members)
                 done = f"every wave done: {healthy} of {len(loaded.members)} devices healthy on the bundle"
@@ -448,6 +489,30 @@ class RolloutDriver:
                 log.info("deployment #%d: wave %d done, starting wave %d", deployment.id, deployment.current_wave - 1,
                          deployment.current_wave)  # fmt: skip
         writes.commit(self.sessions, self.fence)
+
+    def _check_gates(self, deployment: Deployment, wave: list[DeploymentDevice], writes: _Writes) -> str:
+        """Evaluate the gates on a resolved wave and record the results; the halt reason when one failed."""
+        if not deployment.gates:
+            return ""
+        gates = parse_gates([gate["text"] for gate in deployment.gates], deployment.shadow)
+        measured = [member.health for member in wave if member.state == "healthy" and member.health]
+        results = evaluate(gates, deployment.phase, deployment.current_wave, measured)
+        writes.deployment(deployment, gate_results=[*deployment.gate_results, *results])
+        for result in results:
+            log.info("deployment #%d: gate %s in %s: %s (%s)", deployment.id, result["gate"], deployment.phase,
+                     result["value"], "passed" if result["passed"] else "FAILED")  # fmt: skip
+        return failed_gates(results)
+
+    def _promote(self, deployment: Deployment, wave: list[DeploymentDevice], writes: _Writes) -> None:
+        """The shadow passed on the canary: the canary now switches to the bundle it already holds (no download),
+        then the waves go on as without a shadow."""
+        writes.deployment(deployment, phase="waves")
+        for member in wave:
+            if member.state == "healthy":
+                writes.member(member, state="pending", rev=None, sent_at=None, resolved_at=None,
+                              detail=f"shadow passed ({member.detail}); promoting")  # fmt: skip
+        writes.commit(self.sessions, self.fence)  # sending marks pending members sent: they must be pending by then
+        log.info("deployment #%d: the shadow passed its gates on the canary; promoting", deployment.id)
 
     def _advance(self, deployment: Deployment, bundle: BundleRecord, member: DeploymentDevice, device: Device | None,
                  now: float, writes: _Writes) -> None:  # fmt: skip
@@ -490,6 +555,14 @@ class RolloutDriver:
             for name, value in values.items():
                 setattr(member, name, value)
 
+        if deployment.phase == "shadow":
+            refusal = _cannot_shadow(member, device)
+            if refusal:
+                writes.member(member, state="failed", detail=refusal, resolved_at=now)
+                return
+            publish_desired(self.sessions, self.send, device, member.previous_bundle or {}, False, None, mark_sent,
+                            shadow=ref)  # fmt: skip
+            return
         publish_desired(self.sessions, self.send, device, ref, False, deployment.health_checks, mark_sent)
 
     def _republish(self, loaded: _Loaded) -> None:
@@ -520,7 +593,9 @@ class RolloutDriver:
         nor an update of the bundle."""
         if device is None or reported_rev(device) >= (member.rev or 0):
             return
-        if (_reported(device).get("update") or {}).get("bundle") == deployment.bundle_id:
+        reported = _reported(device)
+        if deployment.bundle_id in ((reported.get("update") or {}).get("bundle"),
+                                    ((reported.get("shadow") or {}).get("bundle") or {}).get("id")):  # fmt: skip
             return
         last = max(member.sent_at or now, self._resent.get((deployment.id, device.id), 0.0))
         if now - last >= self.resend_s:
@@ -532,17 +607,56 @@ class RolloutDriver:
 
     def _resolve(self, deployment: Deployment, member: DeploymentDevice, device: Device | None, now: float,
                  writes: _Writes) -> None:  # fmt: skip
-        result = outcome(member, device, deployment.bundle_id)
+        result = member_outcome(deployment, member, device)
         if result is None and now - (member.sent_at or now) > deployment.wave_timeout_s:
-            phase = (_reported(device).get("update") or {}).get("state", "unknown")
-            result = "timed_out", f"not healthy within {deployment.wave_timeout_s:g} s (update state: {phase})"
+            progress = _progress(deployment, device)
+            result = "timed_out", f"not healthy within {deployment.wave_timeout_s:g} s ({progress})", None
         if result is None:
             self._resend_if_unseen(deployment, member, device, now)
             return
-        state, detail = result
-        writes.member(member, state=state, detail=detail[:2000], resolved_at=now)
+        state, detail, measured = result
+        writes.member(member, state=state, detail=detail[:2000], resolved_at=now, health=measured)
         self._resent.pop((deployment.id, member.device_id), None)
         log.info("deployment #%d: %s %s (%s)", deployment.id, member.device_id, state, detail)
+
+
+def member_outcome(deployment: Deployment, member: DeploymentDevice,
+                   device: Device | None) -> tuple[str, str, dict[str, Any] | None] | None:  # fmt: skip
+    """(state, detail, what the gates measured) once the member is resolved, else None. With gates, a member that
+    installed the bundle waits until its device has run it `min_samples` times."""
+    if deployment.phase == "shadow":
+        return shadow_outcome(member, device, deployment.bundle_id, deployment.min_samples)
+    result = outcome(member, device, deployment.bundle_id)
+    if result is None or result[0] != "healthy" or not deployment.gates or device is None:
+        return (*result, None) if result else None
+    measured = model_measurement(device.health, member.baseline, deployment.bundle_id, deployment.min_samples)
+    if measured is None:
+        return None
+    return "healthy", f"{result[1]}; measured on {measured['samples']} inferences", measured
+
+
+def _progress(deployment: Deployment, device: Device | None) -> str:
+    """Where a member that timed out had got to, for its detail."""
+    reported = _reported(device)
+    if deployment.phase == "shadow":
+        shadow = reported.get("shadow") or {}
+        samples = ((device.health if device else None) or {}).get("shadow", {}).get("samples", 0)
+        return f"shadow state: {shadow.get('state', 'none')}; {samples} of {deployment.min_samples} inputs measured"
+    phase = (reported.get("update") or {}).get("state", "unknown")
+    if not deployment.gates:
+        return f"update state: {phase}"
+    model = ((device.health if device else None) or {}).get("model") or {}
+    count = model.get("inferences", 0) if model.get("bundle") == deployment.bundle_id else 0
+    return f"update state: {phase}; {count} of {deployment.min_samples} inferences measured"
+
+
+def _cannot_shadow(member: DeploymentDevice, device: Device) -> str:
+    """Why a device cannot run the shadow phase; '' when it can."""
+    if not member.previous_bundle:
+        return "it runs no bundle for a shadow to be compared with"
+    if not agent_takes(device.agent_version, SHADOW_SINCE):
+        return f"its agent ({device.agent_version or 'version unknown'}) cannot run a shadow: 0.3 or later can"
+    return ""
 
 
 def _failure_reason(deployment: Deployment, wave: list[DeploymentDevice], failures: list) -> str:
@@ -576,14 +690,20 @@ class Deployments:
 
     def create(self, bundle_id: str, target: str, canary_percent: float = 10, wave_percent: float = 30,
                failure_threshold: float = 0.2, wave_timeout_s: float = 600, actor: str = "hub",
-               health_checks: int | None = None) -> Deployment:  # fmt: skip
+               health_checks: int | None = None, shadow: bool = False, gates: list[str] | None = None,
+               min_samples: int | None = None) -> Deployment:  # fmt: skip
         """Plan a rollout of a registry bundle to the devices `target` names now, and send the canary wave.
 
         `health_checks` sets how many inferences each device must get through on the new bundle before it calls
-        it healthy; None keeps each device's current setting."""
+        it healthy; None keeps each device's current setting. With `shadow`, the canary first runs the bundle as a
+        shadow beside its current one; `gates` (edgekit.hub.gates; the defaults with a shadow) must pass on every
+        wave, each device counting once it measured `min_samples` inputs (default DEFAULT_MIN_SAMPLES)."""
         _check_settings(canary_percent, wave_percent, failure_threshold, wave_timeout_s)
         if health_checks is not None and not 1 <= health_checks <= 10_000:
             raise BadInput(f"health checks {health_checks}: expected 1 to 10000")
+        if min_samples is not None and not 1 <= min_samples <= 1_000_000:
+            raise BadInput(f"min samples {min_samples}: expected 1 to 1000000")
+        parsed = parse_gates(gates, shadow)
         bundle = find_bundle(self.registry, bundle_id)
         with self._lock:
             chosen = self._resolve_target(target)
@@ -591,7 +711,9 @@ class Deployments:
             deployment = Deployment(
                 bundle_id=bundle.id, target=target, canary_percent=canary_percent, wave_percent=wave_percent,
                 failure_threshold=failure_threshold, wave_timeout_s=wave_timeout_s, health_checks=health_checks,
-                state="running", current_wave=0, waves=len(sizes), reason="", created_by=actor,
+                state="running", current_wave=0, waves=len(sizes), reason="", created_by=actor, shadow=shadow,
+                phase="shadow" if shadow else "waves", gates=[{"text": str(g), **g.model_dump()} for g in parsed],
+                min_samples=(min_samples or DEFAULT_MIN_SAMPLES) if parsed or shadow else 0, gate_results=[],
             )  # fmt: skip
             try:
                 self._insert(deployment, chosen, sizes)
@@ -678,6 +800,7 @@ class Deployments:
                 session.add(DeploymentDevice(
                     deployment_id=deployment.id, device_id=device.id, wave=number, state="pending", active=True,
                     previous_bundle_id=previous["id"] if previous else None, previous_bundle=previous, detail="",
+                    baseline=_baseline(device, previous),
                 ))  # fmt: skip
 
     def _busy_message(self, device_ids: list[str]) -> str:

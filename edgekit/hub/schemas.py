@@ -6,6 +6,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgekit import __version__
+from edgekit.errors import BadInput
+from edgekit.hub.gates import parse_gate
 from edgekit.hub.scopes import DEFAULT_SCOPE, Scope
 from edgekit.protocol import DEVICE_ID
 
@@ -125,6 +127,22 @@ class DeploymentIn(BaseModel):
     health_checks: int | None = Field(
         None, ge=1, le=10_000, description="Inferences a device must run on the new bundle before it counts healthy"
     )
+    shadow: bool = Field(False, description="The canary first runs the bundle as a shadow, compared on live input")
+    gates: list[str] | None = Field(
+        None, max_length=16, description="Health gates, e.g. agreement>=0.98, p95<=1.2x (docs/health.md); "
+        "None: the defaults with a shadow, none without"
+    )  # fmt: skip
+    min_samples: int | None = Field(None, ge=1, le=1_000_000, description="Inputs a device measures before a gate")
+
+    @field_validator("gates")
+    @classmethod
+    def _gates(cls, gates: list[str] | None) -> list[str] | None:
+        for text in gates or []:
+            try:
+                parse_gate(text)
+            except BadInput as error:
+                raise ValueError(str(error)) from None  # a 422 that names the gate
+        return gates
 
     @field_validator("target")
     @classmethod
@@ -147,6 +165,7 @@ class DeploymentDeviceOut(Model):
     rev: int | None
     detail: str
     updated: float
+    health: dict[str, Any] | None = Field(None, description="What the gates measured on this device")
 
 
 class WaveOut(BaseModel):
@@ -173,6 +192,11 @@ class DeploymentOut(Model):
     updated: float
     devices_total: int = 0
     states: dict[str, int] = Field(default_factory=dict, description="Devices per state")
+    shadow: bool = False
+    phase: str = Field("waves", description="shadow: the canary runs the bundle as a shadow; waves: installs")
+    gates: list[dict[str, Any]] = []
+    min_samples: int = 0
+    gate_results: list[dict[str, Any]] = Field([], description="Each gate evaluation: value, threshold, passed")
 
 
 class DeploymentDetail(DeploymentOut):

@@ -13,8 +13,8 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI

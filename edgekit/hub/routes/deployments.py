@@ -66,13 +66,14 @@ def create_deployment(body: DeploymentIn, actor: Operator, deployments: Deployme
         deployment = deployments.create(
             bundle.id, body.target, canary_percent=body.canary_percent, wave_percent=body.wave_percent,
             failure_threshold=body.failure_threshold, wave_timeout_s=body.wave_timeout_s, actor=actor,
-            health_checks=body.health_checks,
+            health_checks=body.health_checks, shadow=body.shadow, gates=body.gates, min_samples=body.min_samples,
         )  # fmt: skip
     except EdgekitError as error:
         # Deployments.create refuses targets that match no device, or a device already in a running rollout.
         raise unprocessable(["body", "target"], str(error)) from None
     audit(sessions, actor, "deploy", deployment_id=deployment.id, bundle_id=bundle.id,
-          bundle=f"{bundle.name}@{bundle.version}", target=body.target)  # fmt: skip
+          bundle=f"{bundle.name}@{bundle.version}", target=body.target, shadow=body.shadow,
+          gates=[gate["text"] for gate in deployment.gates])  # fmt: skip
     return _detail(deployments, deployment.id)
 
 

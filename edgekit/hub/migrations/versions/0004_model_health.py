@@ -12,7 +12,8 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("devices", sa.Column("health", sa.JSON(), nullable=True))
-    op.add_column("telemetry", sa.Column("drift_score", sa.Float(), nullable=True, comment="Telemetry.drift.score (PSI)"))
+    drift = sa.Column("drift_score", sa.Float(), nullable=True, comment="Telemetry.drift.score (PSI)")
+    op.add_column("telemetry", drift)
     # Plain ADD COLUMNs with constant defaults: SQLite takes them without a table copy (and `migrate --sql` works).
     op.add_column("deployments", sa.Column("shadow", sa.Boolean(), nullable=False, server_default=sa.false()))
     op.add_column("deployments", sa.Column("phase", sa.String(length=8), nullable=False, server_default="waves",
