@@ -5,12 +5,14 @@ from typing import Any, Literal
 
 from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, field_validator, model_serializer
 
+from edgekit.drift import DriftReference
 from edgekit.profiles import Preprocessing
 from edgekit.protocol import PROTOCOL_MAJOR, SUPPORTED_MAJORS
 from edgekit.schema import Precision, WireModel
 
 SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
 Layout = Literal["NCHW", "NHWC", "NC", "other"]
+ADDED_SINCE_0_1 = ("labels", "drift_reference")  # optional manifest fields a 0.1 agent does not know
 
 
 class TensorSpec(WireModel):
@@ -114,3 +116,16 @@ class Manifest(WireModel):
     labels: list[str] | None = Field(
         None, min_length=1, description="Class names: class index i is labels[i] (edgekit compile --labels)"
     )
+    drift_reference: DriftReference | None = Field(
+        None, description="A sketch of the calibration inputs the agent scores live inputs against (edgekit.drift)"
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_additions(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        # Fields added since 0.1 are written only when set: a 0.1 agent refuses any field it does not know, even a
+        # null one, and so still takes the bundles that do without them.
+        data: dict[str, Any] = handler(self)
+        for name in ADDED_SINCE_0_1:
+            if data.get(name, ...) is None:
+                data.pop(name)
+        return data
