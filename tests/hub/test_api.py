@@ -18,7 +18,8 @@ from edgekit.hub.routes.bundles import max_bundle_bytes
 
 TIMEOUT_S = 60.0
 PROTECTED = ["/", "/api/devices", "/api/devices/x/telemetry", "/api/events", "/api/bundles", "/api/deployments",
-             "/api/audit", "/metrics"]  # fmt: skip
+             "/api/audit", "/metrics", "/api/devices/x/results", "/api/bundles/x/report"]  # fmt: skip
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,13 @@ def bundles(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     key, public = signing_keys(folder / "trusted")
     other_key, _ = signing_keys(folder / "other")
     calibration = digits / "calibration.npz"
+    names = folder / "labels.txt"
+    names.write_text("\n".join(DIGIT_NAMES))
+    labelled = compile_bundle(digits, calibration, key, "3.0.0", folder / "digits-3.ekb", "digits", "--labels",
+                              str(names))  # fmt: skip
     return {
         "public": public,
+        "labelled": labelled,
         "v1": compile_bundle(digits, calibration, key, "1.0.0", folder / "digits-1.ekb"),
         "v2": compile_bundle(digits, calibration, key, "2.0.0", folder / "digits-2.ekb"),
         "other": compile_bundle(digits, calibration, other_key, "1.0.0", folder / "digits-other.ekb"),
@@ -334,3 +340,37 @@ def test_fields_from_a_newer_agent_are_stored_around_and_counted_in_metrics(hub)
         families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
     counted = {s.labels["field"]: s.value for s in families["edgekit_unknown_fields"].samples}
     assert counted.get("Telemetry.battery_mv", 0) >= 5 and counted.get("Event.severity_score", 0) >= 1, counted
+
+
+def test_a_bundles_compile_report_and_a_devices_results_by_class_name(make_hub, bundles, tmp_path: Path) -> None:
+    """A read-scope token reads the report packed in a labelled bundle, and a real agent's results, named."""
+    hub = make_hub(trust_key=bundles["public"])
+    device = fleet_ids("named", 1)[0]
+    with (
+        fleet(hub, 1, tmp_path, bundles["public"], bundles["labelled"], prefix="named") as _,
+        _client(hub, create_token(hub.sessions, "viewer", "test", scope="read")) as viewer,
+        _client(hub, create_token(hub.sessions, "release-bot", "test")) as operator,
+    ):
+        bundle_id = _push(operator, bundles["labelled"]).json()["id"]
+        assert viewer.get(f"/api/bundles/{bundle_id}").json()["manifest"]["labels"] == DIGIT_NAMES
+        report = viewer.get(f"/api/bundles/{bundle_id[:12]}/report")
+        assert report.status_code == 200, report.text
+        chosen = report.json()["candidates"][0]
+        assert (chosen["backend"], chosen["precision"], chosen["status"]) == ("onnxruntime", "fp32", "chosen")
+        assert chosen["metrics"]["top1_agreement"] == 1.0 and chosen["metrics"]["model_bytes"] > 0
+        assert report.json()["reference"]["latency_p50_ms"] > 0
+        missing = viewer.get("/api/bundles/0123456789/report")
+        assert missing.status_code == 404 and "no bundles match" in missing.json()["detail"]
+
+        def stored_results() -> list | None:
+            response = viewer.get(f"/api/devices/{device}/results")
+            return response.json() if response.status_code == 200 and response.json() else None
+
+        results = wait_until(stored_results, TIMEOUT_S, "results")
+        for result in results:
+            assert result["bundle"] == "digits@3.0.0" and result["summary"]["task"] == "classifier"
+            assert [s["name"] for s in result["summary"]["top"]] == [DIGIT_NAMES[s["label"]]
+                                                                    for s in result["summary"]["top"]]  # fmt: skip
+        assert [r["seq"] for r in results] == sorted((r["seq"] for r in results), reverse=True)
+        assert len(viewer.get(f"/api/devices/{device}/results", params={"limit": 1}).json()) == 1
+        assert viewer.get("/api/devices/nobody/results").status_code == 404

@@ -1,9 +1,13 @@
-"""`/api/bundles`: the registry's bundles, and pushing one (streamed to disk, verified before it is stored)."""
+"""`/api/bundles`: the registry's bundles, the compile report inside each, and pushing one (streamed to disk,
+verified before it is stored)."""
 
+import hashlib
+import json
 import os
+import tarfile
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from anyio import to_thread
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -17,6 +21,8 @@ from edgekit.hub.schemas import BundleDetail, BundleOut, PushOut
 
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
 WRITE_BLOCK = 4 * 1024 * 1024  # upload bytes gathered before one (threaded) disk write
+REPORT_FILE = "report.json"
+MAX_REPORT_BYTES = 8 * 1024 * 1024  # a report is a few KB per candidate; the cap only bounds what one request reads
 
 router = APIRouter()
 
@@ -36,10 +42,46 @@ def list_bundles(registry: RegistryDep) -> list[BundleRecord]:
 
 @router.get("/bundles/{bundle_id}", response_model=BundleDetail, summary="A bundle by sha256 or ≥8-character prefix")
 def get_bundle(registry: RegistryDep, bundle_id: str) -> BundleRecord:
+    return _find(registry, bundle_id)
+
+
+@router.get(
+    "/bundles/{bundle_id}/report",
+    summary="The compile report packed in a bundle (report.json): every candidate with its backend, precision, "
+    "verdict, accuracy, latency, size and mixed-precision layers",
+)
+def get_bundle_report(registry: RegistryDep, bundle_id: str) -> dict[str, Any]:
+    record = _find(registry, bundle_id)
+    entry = next((f for f in record.manifest.get("files", []) if f.get("path") == REPORT_FILE), None)
+    path = registry.path(record.id)
+    if entry is None or path is None:
+        raise HTTPException(status_code=404, detail=f"bundle {record.name}@{record.version} has no compile report")
+    if entry["size"] > MAX_REPORT_BYTES:
+        raise HTTPException(status_code=413, detail=f"its {REPORT_FILE} is {entry['size']} bytes; the hub shows "
+                            f"reports of at most {MAX_REPORT_BYTES >> 20} MiB")  # fmt: skip
+    report: dict[str, Any] = json.loads(_listed_file(path, entry))
+    return report
+
+
+def _find(registry: RegistryDep, bundle_id: str) -> BundleRecord:
     try:
         return registry.find(bundle_id)
     except EdgekitError as error:
         raise HTTPException(status_code=404, detail=str(error)) from None
+
+
+def _listed_file(bundle: Path, entry: dict[str, Any]) -> bytes:
+    """A file the bundle's manifest lists, read from the registry's copy and held to the manifest's sha256: the
+    copy was verified when it was pushed, and one more hash of a small file keeps this read as safe on its own."""
+    with tarfile.open(bundle, "r:") as tar:
+        source = tar.extractfile(tar.getmember(entry["path"]))
+        assert source is not None, "the registry keeps verified bundles, whose listed members are regular files"
+        with source:
+            data = source.read(entry["size"] + 1)
+    if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise HTTPException(status_code=500, detail=f"{entry['path']} in the registry's copy does not match its "
+                            "manifest")  # fmt: skip
+    return data
 
 
 BUNDLE_BODY = {
