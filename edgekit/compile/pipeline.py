@@ -18,6 +18,7 @@ from edgekit import __version__
 from edgekit.agents.runtimes import Session, get_runtime, run_batches
 from edgekit.bundle import file_entries, write_bundle
 from edgekit.compile.calibration import load_samples, synthetic_samples
+from edgekit.compile.drift import drift_reference
 from edgekit.compile.intake import PreparedModel, prepare_model
 from edgekit.compile.labels import check_labels_fit, read_labels
 from edgekit.compile.measure import compare, like_reference, measure_latency, peak_memory, predictions
@@ -25,6 +26,7 @@ from edgekit.compile.mixed import compute_layers, keep_float_rounds, rank_sensit
 from edgekit.compile.report import CandidateReport, CompileReport, ReferenceReport
 from edgekit.compile.verdict import Budget, Judgement, judge
 from edgekit.compilers import Backend, BackendOptions, BuildRequest, BuildResult, HostStandIn, backends
+from edgekit.drift import DriftReference
 from edgekit.errors import BadInput, OperationFailed
 from edgekit.manifest import Manifest, Metrics, SelfTest
 from edgekit.profiles import Candidate, Preprocessing, Profile, host_arch
@@ -532,6 +534,7 @@ def _package(
     report: CompileReport,
     workdir: Path,
     labels: list[str] | None,
+    drift: DriftReference | None,
 ) -> Manifest:
     root = workdir / "bundle"
     shutil.copytree(chosen.outdir, root / "artifacts")
@@ -569,6 +572,7 @@ def _package(
         selftest=SelfTest(file="selftest/vectors.npz", count=count, atol=atol, rtol=rtol),
         signing_key_id=key_id(private_key.public_key()),
         labels=labels,
+        drift_reference=drift,
     )
     write_bundle(root, manifest, private_key, request.out)
     return manifest
@@ -615,8 +619,12 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
         )
         if chosen is None:
             raise _failure(built, len(outcomes), request, report)
-        report = report.model_copy(update={"bundle": str(request.out)})
-        manifest = _package(request, model, chosen, verifier, report, workdir, labels)
+        with progress.task("drift reference", total=1):
+            drift, drift_note = drift_reference(model.inputs, samples.held_out, verifier.reference_outputs,
+                                                samples.calibration, verifier.reference_session,
+                                                synthetic=samples.data == "synthetic")  # fmt: skip
+        report = report.model_copy(update={"bundle": str(request.out), "drift_reference": drift_note})
+        manifest = _package(request, model, chosen, verifier, report, workdir, labels, drift)
     return report, manifest
 
 

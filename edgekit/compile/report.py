@@ -55,4 +55,5 @@ class CompileReport(StrictModel):
     reference: ReferenceReport
     candidates: list[CandidateReport]
     warnings: list[str] = Field(default_factory=list, description="What the user should know about this verdict")
+    drift_reference: str = Field("", description="What the bundle's drift reference sketches, or why it has none")
     bundle: str | None = None
