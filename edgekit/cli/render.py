@@ -56,6 +56,8 @@ def compile_report(report: CompileReport) -> Group:
     notes = [Text(f"{c.backend} {c.precision}: {_details_line(c.details)}") for c in report.candidates if c.details]
     if report.ranking:
         notes.append(Text(f"ranking: {report.ranking}", style="dim"))
+    if report.drift_reference:
+        notes.append(Text(f"drift reference: {report.drift_reference}", style="dim"))
     notes.extend(Text(f"note: {warning}", style="yellow") for warning in report.warnings)
     return Group(compile_table(report), *notes)
 
