@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from edgekit.agents.bundles import Installed
 from edgekit.drift import MAX_BINS, DriftReference, bin_indices, drift_scores, sample_features
-from edgekit.manifest import Manifest
 from edgekit.protocol import DriftStats
 
 DEFAULT_WINDOW = 200
@@ -28,11 +28,16 @@ class DriftMonitor:
     """`observe` runs on the inference thread, `stats` on the telemetry thread; a lock keeps the counts whole."""
 
     def __init__(
-        self, reference: DriftReference | None, window: int = DEFAULT_WINDOW, min_samples: int | None = None
+        self,
+        reference: DriftReference | None,
+        bundle_id: str | None = None,
+        window: int = DEFAULT_WINDOW,
+        min_samples: int | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"drift window {window}: expected 1 or more inputs")
         self.reference = reference
+        self.bundle_id = bundle_id  # the bundle whose inferences it counts
         self.window = window
         self.min_samples = min(window, min_samples if min_samples is not None else DEFAULT_MIN_SAMPLES)
         self.skipped = 0  # inferences whose inputs or outputs the reference cannot read
@@ -46,9 +51,9 @@ class DriftMonitor:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_manifest(cls, manifest: Manifest | None) -> "DriftMonitor":
-        """A fresh monitor for the bundle that just became active (none without a manifest or a reference)."""
-        return cls(manifest.drift_reference if manifest else None)
+    def for_bundle(cls, bundle: Installed) -> "DriftMonitor":
+        """A fresh monitor for the bundle that just became active (it reports nothing if it has no reference)."""
+        return cls(bundle.manifest.drift_reference, bundle.id)
 
     def observe(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[np.ndarray]) -> None:
         """Bin one inference's samples (feeds batched on axis 0, as the agent's are) and slide the window."""

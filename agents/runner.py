@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgekit.agents.bundles import Installed
+from edgekit.agents.drift import DriftMonitor
 from edgekit.agents.postprocess import Task, infer_task, outputs_are_sane, postprocess
 from edgekit.agents.runtimes import Session
 from edgekit.agents.sources import (
@@ -101,6 +102,7 @@ class Runner:
         self._errors_since_event = 0
         self.model_health: ModelHealth | None = None
         self._shadow: Shadow | None = None
+        self.drift = DriftMonitor(None)  # the active bundle's input drift (edgekit.agents.drift)
 
     @property
     def model(self) -> LoadedModel | None:
@@ -133,6 +135,7 @@ class Runner:
             self._health = HealthCheck(health_checks) if health_checks else None
             health = self._health
             self.model_health = ModelHealth(model.bundle.id)
+            self.drift = DriftMonitor.for_bundle(model.bundle)
             self._shadow = None  # it was compared with the model before; the agent starts it again if still wanted
         if self._source_config and previous_input != model.bundle.manifest.inputs[0]:
             self._restart_source()  # e.g. a serial window size follows the model's input
@@ -150,6 +153,7 @@ class Runner:
         """Stop inferring: no model, and its source closed (nothing to feed); use_model starts both again."""
         with self._lock:
             self._model, self._health, self.model_health, self._shadow = None, None, None, None
+            self.drift = DriftMonitor(None)
         self._stop_source()
 
     def use_source(self, config: SourceConfig | None) -> None:
@@ -284,6 +288,8 @@ class Runner:
             health.record(latency, _top(result))
         if shadow is not None and shadow.active_id == model.bundle.id:
             shadow.offer(frame, feeds, outputs, latency, self._thresholds)
+        if (drift := self.drift).bundle_id == model.bundle.id:
+            drift.observe(feeds, outputs)
 
     def task_of(self, model: LoadedModel) -> Task:
         if self._task_setting != "auto":

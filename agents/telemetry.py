@@ -41,4 +41,5 @@ class TelemetryLoop:
             "bundle": model.bundle.label if model else None,
             "model": health.stats() if (health := self._runner.model_health) else None,
             "shadow": shadow.stats() if (shadow := self._runner.shadow) else None,
+            "drift": self._runner.drift.stats(),
         }
