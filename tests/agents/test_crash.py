@@ -218,7 +218,9 @@ class Rounds:
         process.wait(timeout=10)
         hit = _disk_phase(data, self.new_id)
         part = data / "downloads" / f"{self.new_id}.part"
-        detail = f" ({part.stat().st_size} of {self.new.stat().st_size} bytes)" if hit == "downloading" else ""
+        # A kill between the download's sidecar and its first chunk leaves no .part yet: 0 bytes in.
+        received = part.stat().st_size if part.exists() else 0
+        detail = f" ({received} of {self.new.stat().st_size} bytes)" if hit == "downloading" else ""
         record = _check_left_behind(data, self.work / f"{device}-outbox-copy")
         # Once it was seen online, its Last Will says offline when the broker notices the dead connection; wait for
         # it, so that the broker is done with the old session before the same client id connects again. (An
