@@ -479,6 +479,15 @@ def deploy(
             f"{', '.join(DEFAULT_GATES)}).",
         ),
     ] = None,
+    shadow_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--shadow-budget",
+            min=0.01,
+            max=4,
+            help="The shadow's inference time as a fraction of the active model's (default 0.25).",
+        ),
+    ] = None,
     min_samples: Annotated[
         int | None,
         typer.Option(
@@ -500,7 +509,7 @@ def deploy(
         deployment = client.deploy(bundle_id, to, canary_percent=canary, wave_percent=wave,
                                    failure_threshold=threshold, wave_timeout_s=wave_timeout,
                                    health_checks=health_checks, shadow=shadow or None, gates=gate or None,
-                                   min_samples=min_samples)  # fmt: skip
+                                   min_samples=min_samples, shadow_budget=shadow_budget)  # fmt: skip
     if as_json:
         print_json(json.dumps(deployment, indent=2))
         return

@@ -181,6 +181,7 @@ class Deployment(Base):
     # Health gates (edgekit.hub.gates): with `shadow`, the canary first runs the bundle as a shadow (phase
     # "shadow"), and waves start ("waves") only when its gates pass.
     shadow: Mapped[bool] = mapped_column(default=False)
+    shadow_budget: Mapped[float] = mapped_column(Float, default=0.25, comment="DesiredShadow.budget")
     phase: Mapped[str] = mapped_column(String(8), default="waves", comment="shadow|waves")
     gates: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list, comment="[Gate]")
     min_samples: Mapped[int] = mapped_column(Integer, default=0, comment="inferences a gate needs per device")

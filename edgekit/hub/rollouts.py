@@ -304,8 +304,8 @@ def find_bundle(registry: Registry, bundle_id: str) -> BundleRecord:
 def publish_desired(sessions: sessionmaker, send: SendDesired, device: Device, bundle: dict[str, Any],
                     allow_downgrade: bool, health_checks: int | None, record: Callable[[Session, int], None],
                     shadow: dict[str, Any] | None = None) -> int:  # fmt: skip
-    """Publish (retained) the device's last desired state with `bundle` swapped in, `shadow` (a BundleRef to run
-    beside it) or none, and a fresh rev; returns the rev.
+    """Publish (retained) the device's last desired state with `bundle` swapped in, `shadow` (a DesiredShadow's
+    fields: a bundle to run beside it) or none, and a fresh rev; returns the rev.
 
     Recorded before it is published, in one transaction: the rev taken (`take_rev`), the desired state stored and
     whatever `record(session, rev)` writes (it raises to call the send off). If the hub dies before publishing,
@@ -315,7 +315,7 @@ def publish_desired(sessions: sessionmaker, send: SendDesired, device: Device, b
         fields = {**_desired_base(device), "rev": rev, "bundle": {**bundle, "allow_downgrade": allow_downgrade}}
         fields.pop("shadow", None)
         if shadow is not None:
-            fields["shadow"] = {"bundle": shadow}
+            fields["shadow"] = shadow
         if health_checks is not None:
             fields["health_checks"] = health_checks
         desired = DesiredState.model_validate(fields)
@@ -560,8 +560,9 @@ class RolloutDriver:
             if refusal:
                 writes.member(member, state="failed", detail=refusal, resolved_at=now)
                 return
+            shadow = {"bundle": ref, "budget": deployment.shadow_budget}
             publish_desired(self.sessions, self.send, device, member.previous_bundle or {}, False, None, mark_sent,
-                            shadow=ref)  # fmt: skip
+                            shadow)  # fmt: skip
             return
         publish_desired(self.sessions, self.send, device, ref, False, deployment.health_checks, mark_sent)
 
@@ -691,18 +692,22 @@ class Deployments:
     def create(self, bundle_id: str, target: str, canary_percent: float = 10, wave_percent: float = 30,
                failure_threshold: float = 0.2, wave_timeout_s: float = 600, actor: str = "hub",
                health_checks: int | None = None, shadow: bool = False, gates: list[str] | None = None,
-               min_samples: int | None = None) -> Deployment:  # fmt: skip
+               min_samples: int | None = None, shadow_budget: float = 0.25) -> Deployment:  # fmt: skip
         """Plan a rollout of a registry bundle to the devices `target` names now, and send the canary wave.
 
         `health_checks` sets how many inferences each device must get through on the new bundle before it calls
         it healthy; None keeps each device's current setting. With `shadow`, the canary first runs the bundle as a
         shadow beside its current one; `gates` (edgekit.hub.gates; the defaults with a shadow) must pass on every
-        wave, each device counting once it measured `min_samples` inputs (default DEFAULT_MIN_SAMPLES)."""
+        wave, each device counting once it measured `min_samples` inputs (default DEFAULT_MIN_SAMPLES); the shadow
+        may take `shadow_budget` of the active model's inference time."""
         _check_settings(canary_percent, wave_percent, failure_threshold, wave_timeout_s)
         if health_checks is not None and not 1 <= health_checks <= 10_000:
             raise BadInput(f"health checks {health_checks}: expected 1 to 10000")
         if min_samples is not None and not 1 <= min_samples <= 1_000_000:
             raise BadInput(f"min samples {min_samples}: expected 1 to 1000000")
+        if not 0 < shadow_budget <= 4:
+            raise BadInput(f"shadow budget {shadow_budget:g}: expected more than 0 and at most 4 (times the active "
+                           "model's inference time)")  # fmt: skip
         parsed = parse_gates(gates, shadow)
         bundle = find_bundle(self.registry, bundle_id)
         with self._lock:
@@ -712,6 +717,7 @@ class Deployments:
                 bundle_id=bundle.id, target=target, canary_percent=canary_percent, wave_percent=wave_percent,
                 failure_threshold=failure_threshold, wave_timeout_s=wave_timeout_s, health_checks=health_checks,
                 state="running", current_wave=0, waves=len(sizes), reason="", created_by=actor, shadow=shadow,
+                shadow_budget=shadow_budget,
                 phase="shadow" if shadow else "waves", gates=[{"text": str(g), **g.model_dump()} for g in parsed],
                 min_samples=(min_samples or DEFAULT_MIN_SAMPLES) if parsed or shadow else 0, gate_results=[],
             )  # fmt: skip

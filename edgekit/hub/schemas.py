@@ -133,6 +133,7 @@ class DeploymentIn(BaseModel):
         "None: the defaults with a shadow, none without"
     )  # fmt: skip
     min_samples: int | None = Field(None, ge=1, le=1_000_000, description="Inputs a device measures before a gate")
+    shadow_budget: float = Field(0.25, gt=0, le=4, description="Shadow time as a fraction of the active model's")
 
     @field_validator("gates")
     @classmethod
@@ -196,6 +197,7 @@ class DeploymentOut(Model):
     phase: str = Field("waves", description="shadow: the canary runs the bundle as a shadow; waves: installs")
     gates: list[dict[str, Any]] = []
     min_samples: int = 0
+    shadow_budget: float = 0.25
     gate_results: list[dict[str, Any]] = Field([], description="Each gate evaluation: value, threshold, passed")
 
 

@@ -67,6 +67,7 @@ def create_deployment(body: DeploymentIn, actor: Operator, deployments: Deployme
             bundle.id, body.target, canary_percent=body.canary_percent, wave_percent=body.wave_percent,
             failure_threshold=body.failure_threshold, wave_timeout_s=body.wave_timeout_s, actor=actor,
             health_checks=body.health_checks, shadow=body.shadow, gates=body.gates, min_samples=body.min_samples,
+            shadow_budget=body.shadow_budget,
         )  # fmt: skip
     except EdgekitError as error:
         # Deployments.create refuses targets that match no device, or a device already in a running rollout.

@@ -16,6 +16,8 @@ def upgrade() -> None:
     op.add_column("telemetry", drift)
     # Plain ADD COLUMNs with constant defaults: SQLite takes them without a table copy (and `migrate --sql` works).
     op.add_column("deployments", sa.Column("shadow", sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.add_column("deployments", sa.Column("shadow_budget", sa.Float(), nullable=False, server_default="0.25",
+                                           comment="DesiredShadow.budget"))  # fmt: skip
     op.add_column("deployments", sa.Column("phase", sa.String(length=8), nullable=False, server_default="waves",
                                            comment="shadow|waves"))  # fmt: skip
     op.add_column("deployments", sa.Column("gates", sa.JSON(), nullable=False, server_default="[]", comment="[Gate]"))
@@ -31,7 +33,7 @@ def downgrade() -> None:
     for column in ("health", "baseline"):
         op.drop_column("deployment_devices", column)
     with op.batch_alter_table("deployments") as table:
-        for column in ("gate_results", "min_samples", "gates", "phase", "shadow"):
+        for column in ("gate_results", "min_samples", "gates", "phase", "shadow_budget", "shadow"):
             table.drop_column(column)
     op.drop_column("telemetry", "drift_score")
     op.drop_column("devices", "health")
