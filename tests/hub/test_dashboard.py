@@ -217,3 +217,48 @@ def test_alerts_offline_failed_updates_and_latency_regressions(make_hub) -> None
     assert regressions[0]["median_ms"] == pytest.approx(10.1, abs=0.01)
     assert regressions[0]["samples"] == 40
     assert alerts["count"] == 2 + 3 + 1
+
+
+def test_bundle_report_with_class_names_and_named_results(make_hub, digits: Path, tmp_path: Path, browser) -> None:
+    """The bundles page opens a labelled bundle's compile report (every candidate, its class names), for a read-only
+    token too; the device page lists results by class name."""
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    private, public = signing_keys(tmp_path / "keys")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(names) + "\n")
+    bundle = compile_bundle(digits, digits / "calibration.npz", private, "2.0.0", tmp_path / "digits-2.0.0.ekb",
+                            "digits", "--labels", str(labels))  # fmt: skip
+    hub = make_hub(trust_key=public)
+    record, _ = hub.registry.add(bundle, "test")
+    device = fleet_ids("named", 1)[0]
+    with fleet(hub, 1, tmp_path, public, bundle, prefix="named"):
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        violations: list[str] = []
+        page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
+        try:
+            page.goto(hub.http_url + "/bundles")
+            page.fill("#token", create_token(hub.sessions, "report-reader", "test", scope="read"))
+            page.click("button[type=submit]")
+            until(page, "document.body?.dataset.ready === 'bundles'")
+            page.click(f'button[data-report="{record.id}"]')
+            until(page, f"document.querySelector('#bundle-report')?.dataset.ready === '{record.id}'")
+            cells = page.eval_on_selector_all("#candidates tbody tr:first-child td", "ts => ts.map(t => t.textContent)")
+            assert cells[:3] == ["onnxruntime", "fp32", "chosen"], cells
+            assert cells[4] == "100.0%" and cells[8].endswith("KiB"), cells  # top-1 agreement with fp32, size
+            shown = page.eval_on_selector_all("#class-names li", "items => items.map(i => i.textContent)")
+            assert shown == names
+            assert "Class names (10)" in page.text_content("#bundle-report")
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard-bundle-report.png"), full_page=True)
+
+            page.goto(f"{hub.http_url}/bundles#{record.id}")  # a link to the report opens it
+            until(page, f"document.querySelector('#bundle-report')?.dataset.ready === '{record.id}'")
+            assert page.eval_on_selector_all("#class-names li", "items => items.length") == len(names)
+
+            page.goto(f"{hub.http_url}/devices/{device}")
+            until(page, "document.querySelector('#results tbody tr[data-seq]') !== null")
+            first = page.text_content("#results tbody tr[data-seq] td:last-child")
+            assert any(name in first for name in names) and "class " not in first, first
+            assert violations == [], violations
+        finally:
+            page.close()

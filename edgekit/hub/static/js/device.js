@@ -56,6 +56,32 @@ function facts(d) {
   return items.map(([k, v]) => `<dt>${k}</dt><dd>${v}</dd>`).join("");
 }
 
+// Recent results: classes by name where the bundle has labels (edgekit compile --labels), else by index.
+const className = (c) => esc(c.name ?? `class ${c.label}`);
+function resultText(summary) {
+  if (summary.top) return summary.top.map((s) => `${className(s)} <span class="muted">${num(s.score * 100)}%</span>`).join(" · ");
+  if (summary.detections) {
+    return summary.detections.map((d) => `${className(d)} <span class="muted">${num(d.score, 2)}</span>`).join(" · ") || "no detections";
+  }
+  return `<span class="muted">${(summary.values || []).length} values</span>`;
+}
+const resultRow = (r) => `<tr data-seq="${esc(r.seq)}"><td>${when(r.ts)}</td><td>${esc(r.bundle)}</td>
+  <td class="num">${num(r.latency_ms, 3)}</td><td>${resultText(r.summary || {})}</td></tr>`;
+
+/** A table of the device's newest results at the end of the page, reloaded every 5 s. */
+function recentResults(main, id) {
+  main.insertAdjacentHTML("beforeend", `<h2>Recent results</h2><div class="table-wrap"><table id="results">
+    <thead><tr><th>Time</th><th>Bundle</th><th class="num">Latency ms</th><th>Result</th></tr></thead><tbody></tbody></table></div>`);
+  const body = main.querySelector("#results tbody");
+  const load = async () => {
+    const rows = await api(`/api/devices/${encodeURIComponent(id)}/results?limit=20`);
+    body.innerHTML = listOf(rows).map(resultRow).join("") || '<tr><td colspan="4" class="muted">No results yet.</td></tr>';
+  };
+  const reload = () => load().catch((error) => console.warn("results:", error));
+  reload();
+  setInterval(reload, 5000);
+}
+
 const eventRow = (e) =>
   `<tr><td>${when(e.ts)}</td><td>${state(e.level)}</td><td><code>${esc(e.type)}</code></td><td>${esc(e.message)}</td></tr>`;
 
@@ -148,6 +174,7 @@ export async function render(main, id) {
       if (e.device_id === id) events.insertAdjacentHTML("afterbegin", eventRow(e));
     }
   }, { device: id });
+  recentResults(main, id);
   await Promise.all([loadWindow(), loadEvents().catch((error) => console.warn("events:", error))]);
   document.body.dataset.ready = "device";
 }
