@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgekit.cli.console import console, err_console, print_json
+from edgekit.drift import LARGE
 from edgekit.errors import BadInput, OperationFailed
 from edgekit.hub.gates import DEFAULT_GATES, DEFAULT_MIN_SAMPLES, parse_gate
 from edgekit.hub.scopes import DEFAULT_SCOPE, SCOPE_HELP, Scope
@@ -192,6 +193,14 @@ def hub(
             "is away (MQTT 5 session expiry; default 86400); 0 ends it when the hub disconnects.",
         ),
     ] = None,
+    drift_threshold: Annotated[
+        float,
+        typer.Option(
+            "--drift-threshold",
+            help="Alert on a device whose input drift score (PSI of its last 200 inputs against the bundle's "
+            "calibration data) is above this: 0.1 is a moderate shift, 0.25 a large one (docs/health.md).",
+        ),
+    ] = LARGE,
 ) -> None:
     """Run the hub until Ctrl-C or SIGTERM. With no --broker it starts an embedded one (Mosquitto, else amqtt)."""
     if ctx.invoked_subcommand is not None:
@@ -216,7 +225,7 @@ def hub(
                            broker_host=broker_listen, insecure_broker=insecure_broker,
                            desired_ttl_s=desired_ttl, mqtt_version=mqtt_version.value if mqtt_version else None,
                            jetstream=jetstream, public_urls=tuple(check_public_url(u) for u in public_url or ()),
-                           bundle_store=bundle_store,
+                           bundle_store=bundle_store, drift_threshold=drift_threshold,
                            **({} if session_expiry is None else {"session_expiry_s": session_expiry}))  # fmt: skip
     _hub_logging()
     hub = Hub(settings)

@@ -1,4 +1,4 @@
-"""The dashboard's alerts: offline devices, failed updates and latency regressions, each one query.
+"""The dashboard's alerts: offline devices, failed updates, latency regressions and input drift, each one query.
 
 A regression compares a device's current p50 latency with its median over the last hour; that median is the one
 costly query, so `MedianCache` keeps it, recomputed in the background.
@@ -161,15 +161,35 @@ def regression_alerts(session: Session, medians: dict[str, tuple[float, int]]) -
     return sorted(alerts, key=lambda a: a["current_ms"] / a["median_ms"], reverse=True)
 
 
+def drift_alerts(session: Session, threshold: float, limit: int) -> list[dict[str, Any]]:
+    """Devices whose newest telemetry scores input drift above `threshold`, the worst first (`devices.health`, the
+    newest telemetry's blocks; JSON paths work in SQLite and PostgreSQL alike)."""
+    score = Device.health[("drift", "score")].as_float()
+    rows = session.execute(
+        select(Device.id, Device.last_seen, Device.bundle_label, score, Device.health[("drift", "feature")].as_string(),
+               Device.health[("drift", "samples")].as_integer())
+        .where(score > threshold)
+        .order_by(score.desc())
+        .limit(limit)
+    ).all()  # fmt: skip
+    return [
+        {"kind": "drift", "level": "warning", "device_id": device_id, "ts": last_seen, "bundle": bundle,
+         "score": value, "feature": feature, "samples": samples, "threshold": threshold,
+         "message": f"input drift {value:.2f} (PSI of {feature} over the last {samples} inputs) is above {threshold}"}
+        for device_id, last_seen, bundle, value, feature, samples in rows
+    ]  # fmt: skip
+
+
 def fleet_alerts(sessions: sessionmaker, medians: MedianCache, since_s: float, silent_s: float,
-                 limit: int) -> dict[str, Any]:  # fmt: skip
+                 limit: int, drift_threshold: float) -> dict[str, Any]:  # fmt: skip
     """Every kind of alert, at most `limit` of each: devices silent for `silent_s`, failed updates in the last
-    `since_s`, and latency regressions, the worst first."""
+    `since_s`, latency regressions, and devices whose inputs drifted past `drift_threshold`, the worst first."""
     now = time.time()
     with sessions() as session:
         found = {
             "offline": offline_alerts(session, now, silent_s, limit),
             "failed_updates": failed_update_alerts(session, now - since_s, limit),
             "latency_regressions": regression_alerts(session, medians.get())[:limit],
+            "drift": drift_alerts(session, drift_threshold, limit),
         }
     return {"ts": now, "count": sum(len(v) for v in found.values()), **found}

@@ -102,6 +102,7 @@ def create_app(hub: "Hub") -> FastAPI:
                 "download_links": hub.links,
                 "deltas": hub.deltas,
                 "insecure_broker": hub.embedded is not None and hub.users is None,  # the dashboard's red banner
+                "drift_threshold": hub.settings.drift_threshold,
             }
 
     # Swagger UI's scripts served by the hub itself (fastapi-offline vendors them): /docs works without internet.

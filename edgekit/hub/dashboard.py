@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, HTMLResponse, Response, StreamingRes
 
 from edgekit.hub.alerts import fleet_alerts
 from edgekit.hub.auth import Actor, MaybeCaller
-from edgekit.hub.deps import Feed, Medians, Sessions
+from edgekit.hub.deps import DriftThreshold, Feed, Medians, Sessions
 
 STATIC = Path(__file__).parent / "static"
 PAGES = ("/", "/devices/{device_id}", "/bundles", "/rollouts", "/events", "/audit")
@@ -65,12 +65,14 @@ def alerts(
     _actor: Actor,
     sessions: Sessions,
     medians: Medians,
+    drift_threshold: DriftThreshold,
     since_s: Annotated[float, Query(gt=0, le=30 * 86400, description="How far back failed updates count")] = 86400,
     silent_s: Annotated[float, Query(gt=0, description="An online device this quiet counts as offline")] = 120,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> dict[str, Any]:
-    """Offline devices, failed updates and latency regressions (current p50 > 1.5× the device's hour median)."""
-    return fleet_alerts(sessions, medians, since_s, silent_s, limit)
+    """Offline devices, failed updates, latency regressions (current p50 > 1.5× the device's hour median) and input
+    drift (the newest drift score over `edgekit hub --drift-threshold`)."""
+    return fleet_alerts(sessions, medians, since_s, silent_s, limit, drift_threshold)
 
 
 @router.get("/api/stream", tags=["dashboard"])

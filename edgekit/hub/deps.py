@@ -35,3 +35,4 @@ Secret = Annotated[bytes, _lifespan_state("secret")]  # signs session cookies
 Metrics = Annotated[CollectorRegistry, _lifespan_state("metrics")]
 DownloadLinksDep = Annotated[DownloadLinks, _lifespan_state("download_links")]
 DeltasDep = Annotated[DeltaCache, _lifespan_state("deltas")]
+DriftThreshold = Annotated[float, _lifespan_state("drift_threshold")]  # edgekit hub --drift-threshold

@@ -74,6 +74,7 @@ class TelemetryOut(Model):
     store_depth: int | None = None
     bundle: str | None = None
     samples: int | None = Field(None, description="Raw samples folded into this point (resolution=minute)")
+    drift_score: float | None = Field(None, description="Input drift (PSI, Telemetry.drift.score); raw samples only")
 
 
 class EventOut(Model):

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from sqlalchemy import select
 
+from edgekit.drift import LARGE
 from edgekit.enrollment import Enrollment
 from edgekit.errors import BadInput
 from edgekit.hub.acl import HUB_USER, BrokerUsers, check_share_group
@@ -77,6 +78,7 @@ class HubSettings:
     jetstream: str | None = None  # NATS URLs: device messages through JetStream (edgekit.hub.jetstream), not MQTT
     bundle_store: str | None = None  # s3://BUCKET/PREFIX; None: bundle bytes in the database
     public_urls: tuple[str, ...] = ()  # where devices download bundles from; none: the HTTP address it listens on
+    drift_threshold: float = LARGE  # a `drift` alert for a device whose newest input drift score (PSI) is above it
 
     def __post_init__(self) -> None:
         if self.share_group is not None:
@@ -88,6 +90,9 @@ class HubSettings:
         if not 0 <= self.session_expiry_s <= MAX_SESSION_EXPIRY_S:
             raise BadInput(f"--session-expiry {self.session_expiry_s}: expected seconds from 0 to "
                            f"{MAX_SESSION_EXPIRY_S} (MQTT's most, which never expires)")  # fmt: skip
+        if not self.drift_threshold > 0:
+            raise BadInput(f"--drift-threshold {self.drift_threshold}: expected a drift score (PSI) above 0, e.g. "
+                           f"{LARGE} for a large shift")  # fmt: skip
 
 
 class Hub:

@@ -1,4 +1,4 @@
-// Device page: facts, live charts (latency, FPS, CPU, temperature) and the device's recent events.
+// Device page: facts, live charts (latency, FPS, CPU, temperature), input drift and the device's recent events.
 import { ago, api, esc, labels, listOf, live, num, setTitle, short, state, tickAges, when } from "./common.js";
 
 const WINDOWS = [[300, "5 min"], [900, "15 min"], [3600, "1 h"], [6 * 3600, "6 h"], [86400, "24 h"]];
@@ -80,6 +80,42 @@ function recentResults(main, id) {
   const reload = () => load().catch((error) => console.warn("results:", error));
   reload();
   setInterval(reload, 5000);
+}
+
+// Input drift: PSI of the device's last inputs against its bundle's calibration data (docs/health.md). Conventional
+// bands; the hub's alert threshold is its own setting (edgekit hub --drift-threshold).
+const driftBand = (score) => (score < 0.1 ? "stable" : score < 0.25 ? "moderate shift" : "large shift");
+
+/** A chart of the device's drift score over the chosen window and its current value, polled every 5 s. */
+function driftChart(main, id, uPlot, windowSelect) {
+  main.querySelector(".grid").insertAdjacentHTML("afterend", `<div class="card chart" id="chart-drift" data-points="0">
+    <h3>Input drift (PSI) <span id="drift-now" class="muted">no figure yet</span></h3></div>`);
+  const el = main.querySelector("#chart-drift");
+  const now = el.querySelector("#drift-now");
+  const plot = new uPlot({
+    width: Math.max(300, el.clientWidth - 32), height: 180, scales: { x: { time: true }, y: { range: (_, min, max) => [0, Math.max(0.3, max)] } },
+    series: [{}, { label: "drift", stroke: "#7c3aed", width: 1.5, spanGaps: true }], axes: [{}, { size: 50 }], legend: { live: false },
+  }, [[], []], el);
+  window.__driftChart = plot;
+  new ResizeObserver(() => plot.setSize({ width: Math.max(300, el.clientWidth - 32), height: 180 })).observe(el);
+  let points = [];
+  const load = async (since) => {
+    const rows = listOf(await api(`/api/devices/${encodeURIComponent(id)}/telemetry?since=${since.toFixed(3)}&limit=${MAX_POINTS}`));
+    const horizon = Date.now() / 1000 - Number(windowSelect.value);
+    points = points.concat(rows.filter((r) => r.drift_score !== null && r.drift_score !== undefined).map((r) => [r.ts, r.drift_score]))
+      .filter(([ts]) => ts >= horizon).slice(-MAX_POINTS);
+    plot.setData([points.map((p) => p[0]), points.map((p) => p[1])]);
+    el.dataset.points = points.length;
+    const newest = points[points.length - 1];
+    if (newest) now.textContent = `now ${num(newest[1], 3)}: ${driftBand(newest[1])}`;
+    return rows.length ? rows[rows.length - 1].ts : since;
+  };
+  let last = 0;
+  const reload = (since) => load(since).then((ts) => (last = ts)).catch((error) => console.warn("drift:", error));
+  const fromWindowStart = () => { points = []; return reload(Date.now() / 1000 - Number(windowSelect.value)); };
+  windowSelect.addEventListener("change", fromWindowStart);
+  setInterval(() => reload(last), 5000);
+  return fromWindowStart();
 }
 
 const eventRow = (e) =>
@@ -175,6 +211,6 @@ export async function render(main, id) {
     }
   }, { device: id });
   recentResults(main, id);
-  await Promise.all([loadWindow(), loadEvents().catch((error) => console.warn("events:", error))]);
+  await Promise.all([loadWindow(), loadEvents().catch((error) => console.warn("events:", error)), driftChart(main, id, uPlot, windowSelect)]);
   document.body.dataset.ready = "device";
 }

@@ -1,4 +1,4 @@
-// Events and alerts: offline devices, failed updates and latency regressions (from /api/alerts, computed by the
+// Events and alerts: offline devices, failed updates, latency regressions and input drift (from /api/alerts, computed by the
 // hub), then the newest events of the whole fleet, with new ones arriving live.
 import { ago, api, esc, listOf, live, setTitle, state, tickAges, when } from "./common.js";
 
@@ -7,6 +7,7 @@ const GROUPS = [
   ["offline", "Offline devices", (a) => `${device(a.device_id)} ${state(a.level === "error" ? "offline" : "warning")} <span class="muted" data-ts="${a.ts}">${ago(a.ts)}</span>`],
   ["failed_updates", "Failed updates & errors", (a) => `${device(a.device_id)} <code>${esc(a.type)}</code> <span class="muted">${esc(a.message)}</span> <span class="muted" data-ts="${a.ts}">${ago(a.ts)}</span>`],
   ["latency_regressions", "Latency regressions", (a) => `${device(a.device_id)} <span>${esc(a.message)}</span>`],
+  ["drift", "Input drift", (a) => `${device(a.device_id)} <span>${esc(a.message)}</span>`],
 ];
 const eventRow = (e) =>
   `<tr><td>${when(e.ts)}</td><td>${device(e.device_id)}</td><td>${state(e.level)}</td><td><code>${esc(e.type)}</code></td><td>${esc(e.message)}</td></tr>`;
