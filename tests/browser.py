@@ -8,6 +8,12 @@ from typing import Any
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
+WAIT_MS = 15_000
+
+
+def until(page: Any, condition: str) -> None:
+    """Wait for a JS condition, passed as a function: a bare expression would be eval'd, which the hub's CSP refuses."""
+    page.wait_for_function(f"() => {condition}", timeout=WAIT_MS)
 
 
 @contextmanager

@@ -42,6 +42,9 @@ class DeviceOut(Model):
 class DeviceDetail(DeviceOut):
     reported: dict[str, Any] | None = Field(None, description="The device's last ReportedState (config/reported)")
     desired: dict[str, Any] | None = Field(None, description="The DesiredState the hub last sent, when known")
+    health: dict[str, Any] | None = Field(
+        None, description="The newest telemetry's model health: model (ModelStats), shadow (ShadowStats), drift"
+    )
 
 
 class LabelsIn(BaseModel):

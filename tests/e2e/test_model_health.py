@@ -9,12 +9,15 @@ camera, real signed bundles. Health gates decide on what the devices measured, n
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from browser import chromium, until
 from helpers import compile_bundle, with_extra_work, with_permuted_classes
 from hub_helpers import deployment_members, fleet, fleet_ids, signing_keys, wait_until
 from reliability import record
 
 from edgekit.bundle import sha256_file
+from edgekit.hub.auth import create_token
 from edgekit.hub.db import Deployment, Device, EventRecord
 from edgekit.hub.service import Hub
 
@@ -25,10 +28,13 @@ SCENARIO = "health-gated rollouts (shadow, gates)"
 
 
 @pytest.fixture(scope="module")
-def bundles(small_cnn_model: Path, small_cnn_calibration: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def bundles(small_cnn_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The small CNN as cnn 1.0.0 and 2.0.0 (the same model, so it agrees), a damaged 2.0.0 (classes rolled) and a
-    slow 2.0.0 (the same outputs after ~5 ms of extra matmuls), all signed with one key."""
+    slow 2.0.0 (the same outputs after ~5 ms of extra matmuls), all signed with one key; calibrated on enough
+    samples (120) for a drift reference."""
     folder = tmp_path_factory.mktemp("health-bundles")
+    small_cnn_calibration = folder / "calibration.npz"
+    np.savez(small_cnn_calibration, input=np.random.default_rng(3).random((120, 3, 32, 32), dtype=np.float32))
     key, public = signing_keys(folder / "key")
     damaged = with_permuted_classes(small_cnn_model, folder / "damaged.onnx", classes=10)
     slow = with_extra_work(small_cnn_model, folder / "slow.onnx")
@@ -156,3 +162,43 @@ def test_a_slower_bundle_is_stopped_by_the_latency_gate(hub, bundles, tmp_path, 
         assert all(m.rev is None for d, m in members.items() if d != ids[0])
         record(SCENARIO, f"slower bundle ({'shadow' if shadow else 'installed'}): p95 ratio measured",
                round(latency["value"], 1))  # fmt: skip
+
+
+def test_the_dashboard_shows_a_halted_gate_and_a_running_shadow(hub, bundles, tmp_path):
+    """In headless Chromium: the rollouts page shows the agreement gate that halted a rollout, with the value it
+    measured; the device page of a canary still shadowing shows its agreement and its drift figure."""
+    record_damaged, _ = hub.registry.add(bundles["damaged"], "test")
+    token = create_token(hub.sessions, "health-viewer", "test", scope="read")
+    ids = fleet_ids("cam", 2)
+    with fleet(hub, 2, tmp_path, bundles["public"], bundles["v1"], prefix="cam", source=SOURCE) as agents:
+        _wait_measured(hub, ids, sha256_file(bundles["v1"]))
+        halted = hub.rollouts.create(record_damaged.id, "all", canary_percent=50, wave_timeout_s=60, actor="test",
+                                     shadow=True, min_samples=MIN_SAMPLES)  # fmt: skip
+        halted = _wait_done(hub, halted.id)
+        assert halted.state == "halted", halted.reason
+        measured = _gates(halted, "shadow")["agreement>=0.95"]["value"]
+        # Shadowing until halted: the canary compares for as long as the test looks.
+        shadowing = hub.rollouts.create(record_damaged.id, ids[1], wave_timeout_s=600, actor="test", shadow=True,
+                                        min_samples=10**6)  # fmt: skip
+        wait_until(lambda: agents.agents[1].runner.shadow is not None, TIMEOUT_S, "the canary to run the shadow")
+        with chromium() as browser:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            try:
+                page.goto(f"{hub.http_url}/rollouts")
+                page.fill("#token", token)
+                page.click("button[type=submit]")
+                until(page, "document.body?.dataset.ready === 'rollouts'")
+                row = f'.rollout[data-id="{halted.id}"] tr.failed[data-gate="agreement>=0.95"]'
+                until(page, f"document.querySelector('{row}') !== null")
+                assert float(page.text_content(f"{row} .value")) == measured
+                assert "agreement>=0.95 failed" in page.text_content(f'.rollout[data-id="{halted.id}"]')
+
+                page.goto(f"{hub.http_url}/devices/{ids[1]}")
+                until(page, "document.querySelector('#agreement') !== null && document.querySelector('#drift')")
+                assert page.text_content("#agreement").endswith("%")
+                assert float(page.text_content("#agreement").rstrip("%")) < 50
+                assert float(page.text_content("#drift")) >= 0
+                assert "damaged" not in page.text_content("#facts") and "cnn@2.0.0" in page.text_content("#facts")
+            finally:
+                page.close()
+        hub.rollouts.halt(shadowing.id, "test", "done looking")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from browser import chromium
+from browser import chromium, until
 from helpers import compile_bundle
 from hub_helpers import fleet, fleet_ids, signing_keys, wait_until
 from sqlalchemy import update
@@ -32,11 +32,6 @@ def get(url: str, token: str | None = None) -> tuple[int, str, dict[str, str]]:
             return response.status, response.read().decode(), dict(response.headers)
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode(), dict(error.headers)
-
-
-def until(page, condition: str) -> None:
-    """Wait for a JS condition, passed as a function: a bare expression would be eval'd, which the hub's CSP refuses."""
-    page.wait_for_function(f"() => {condition}", timeout=WAIT_MS)
 
 
 def shown_ids(page) -> list[str]:

@@ -46,6 +46,7 @@ function facts(d) {
     ["Last seen", `<span data-ts="${Number(d.last_seen) || 0}">${ago(d.last_seen)}</span>`],
     ["Bundle", esc(d.bundle_label || "–") + (d.bundle_id ? ` <code>${esc(short(d.bundle_id))}</code>` : "")],
     ["Update", update.state ? state(update.state) + (update.detail ? ` <span class="muted">${esc(update.detail)}</span>` : "") : "–"],
+    ...modelHealth(reported.shadow, d.health || {}),
     ["Profile", esc(d.profile || "–")],
     ["Agent", esc(d.agent_version || "–")],
     ["Runtimes", esc((d.runtimes || []).join(", ") || "–")],
@@ -54,6 +55,30 @@ function facts(d) {
     ["First seen", when(d.first_seen)],
   ];
   return items.map(([k, v]) => `<dt>${k}</dt><dd>${v}</dd>`).join("");
+}
+
+/** Facts rows for the active bundle's health and the shadow beside it (docs/health.md). */
+function modelHealth(shadowState, health) {
+  const rows = [];
+  const model = health.model;
+  if (model) {
+    const errors = model.inferences ? `${num((100 * model.errors) / (model.inferences + model.errors), 2)}% errors` : "";
+    rows.push(["Model health", `<span id="model-health">${esc(model.inferences)} inferences · p95 ${num(model.latency_p95_ms, 3)} ms · ${errors}</span>`]);
+  }
+  if (shadowState) {
+    const bundle = shadowState.bundle || {};
+    rows.push(["Shadow", `${esc(`${bundle.name}@${bundle.version}`)} ${state(shadowState.state)} <span class="muted">${esc(shadowState.detail || "")}</span>`]);
+  }
+  const shadow = health.shadow;
+  if (shadowState && shadow && shadow.bundle === (shadowState.bundle || {}).id) {
+    const agreement = shadow.agreement === null || shadow.agreement === undefined ? "–" : `${num(100 * shadow.agreement, 1)}%`;
+    const latency = `shadow p95 ${num(shadow.latency_p95_ms, 3)} ms vs active ${num(shadow.active_p95_ms, 3)} ms`;
+    const last = (shadow.disagreements || []).slice(-1)[0];
+    const example = last ? ` · last disagreement: active ${esc(last.active)}, shadow ${esc(last.shadow)}` : "";
+    rows.push(["Agreement", `<span id="agreement">${agreement}</span> <span class="muted">${esc(shadow.metric)} on ${esc(shadow.samples)} inputs · ${latency}${example}</span>`]);
+  }
+  if (health.drift) rows.push(["Drift", `<span id="drift">${num(health.drift.score, 3)}</span> <span class="muted">PSI over ${esc(health.drift.samples)} inputs, highest on ${esc(health.drift.feature)}</span>`]);
+  return rows;
 }
 
 // Recent results: classes by name where the bundle has labels (edgekit compile --labels), else by index.

@@ -28,6 +28,22 @@ function waveRow(d, [wave, counts]) {
   return `<div class="wave" data-wave="${wave}"><span>${name}${current}</span><div class="bar">${bar}</div><span class="muted">${text || "no devices"}</span></div>`;
 }
 
+/** Each gate with what it measured: the threshold, the value, passed or failed, and where (shadow or wave N). */
+function gates(d) {
+  if (!listOf(d.gates).length) return "";
+  const results = listOf(d.gate_results);
+  const rows = results.map((r) => {
+    const where = r.phase === "shadow" ? "shadow" : r.wave === 0 ? "canary" : `wave ${r.wave}`;
+    const value = r.value === null || r.value === undefined ? "not measured" : `${r.value}${r.metric === "p95" ? "×" : ""}`;
+    return `<tr class="${r.passed ? "passed" : "failed"}" data-gate="${esc(r.gate)}"><td><code>${esc(r.gate)}</code></td><td>${esc(where)}</td>
+      <td class="value">${esc(value)}</td><td>${r.passed ? state("passed") : state("failed")}</td><td class="muted">${esc(r.devices)} devices ${esc(r.note || "")}</td></tr>`;
+  }).join("");
+  const waiting = d.state === "running" ? `<p class="muted">waiting for ${esc(d.min_samples)} measured inputs per device</p>` : "";
+  const phase = d.shadow ? `<span class="muted">${d.phase === "shadow" ? "shadow phase: the canary compares the bundle on live input" : "shadow passed: installing"}</span>` : "";
+  return `<div class="gates">${phase}<table><thead><tr><th>gate</th><th>where</th><th>measured</th><th></th><th></th></tr></thead>
+    <tbody>${rows || `<tr><td colspan="5" class="muted">${listOf(d.gates).map((g) => `<code>${esc(g.text)}</code>`).join(" ")}: not evaluated yet</td></tr>`}</tbody></table>${waiting}</div>`;
+}
+
 function card(d) {
   const bundle = d.bundle_label || (d.bundle ? `${d.bundle.name}@${d.bundle.version}` : short(d.bundle_id));
   const halt = d.state === "running" ? `<button class="danger" data-halt="${d.id}">Halt</button>` : "";
@@ -36,6 +52,7 @@ function card(d) {
       <span class="muted">canary ${esc(d.canary_percent)}% · waves of ${esc(d.wave_percent)}% · halt past ${esc(Math.round((d.failure_threshold || 0) * 100))}% failed</span></span>
       <span class="muted">${esc(d.created_by)} · ${when(d.created)}</span> ${halt}</header>
     ${waves(d).map((w) => waveRow(d, w)).join("")}
+    ${gates(d)}
     ${d.reason ? `<p class="muted">${esc(d.reason)}</p>` : ""}
   </section>`;
 }
