@@ -107,6 +107,14 @@ def outlier_classifier(path: Path) -> Path:
     return save(path, nodes, {"x": [1, 16]}, {"logits": [1, 4]}, {"w1": w1, "w2": rng.standard_normal((32, 4))})
 
 
+def outlier_samples(path: Path, count: int = 200) -> Path:
+    """Calibration data for `outlier_classifier`, as .npz: unit-scale features, and feature 0 at ±1000."""
+    x = np.random.default_rng(1).standard_normal((count, 16)).astype(np.float32)
+    x[:, 0] = np.where(np.arange(count) % 2, 1000.0, -1000.0)
+    np.savez(path, x=x)
+    return path
+
+
 def voice_detector_lstm(path: Path, steps: int = 1) -> Path:
     """A recurrent head exported like silero's: LSTM over [steps, 1, 16] with its state [1, 1, 8] as inputs and
     h/c as outputs. onnx2tf's own LSTM failed on it ("An `initial_state` was passed that is not compatible with
