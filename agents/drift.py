@@ -8,6 +8,7 @@ own 12.6 ms on ONNX Runtime there. Memory is bounded: a ring of `window` bin ind
 per bin.
 """
 
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 
@@ -16,6 +17,8 @@ import numpy as np
 from edgekit.agents.bundles import Installed
 from edgekit.drift import MAX_BINS, DriftReference, bin_indices, drift_scores, sample_features
 from edgekit.protocol import DriftStats
+
+log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 200
 # A window scores above 0 on unchanged data by about (bins - 1) / samples per feature (edgekit.drift), so a half-full
@@ -41,6 +44,7 @@ class DriftMonitor:
         self.window = window
         self.min_samples = min(window, min_samples if min_samples is not None else DEFAULT_MIN_SAMPLES)
         self.skipped = 0  # inferences whose inputs or outputs the reference cannot read
+        self._warned = False
         features = len(reference.features) if reference else 0
         self._edges = [np.asarray(f.edges, dtype=np.float64) for f in reference.features] if reference else []
         self._columns = np.arange(features)
@@ -59,11 +63,17 @@ class DriftMonitor:
         """Bin one inference's samples (feeds batched on axis 0, as the agent's are) and slide the window."""
         if self.reference is None:
             return
-        values = sample_features(self.reference, feeds, outputs[0] if outputs else None)
-        if values is None:
+        try:
+            values = sample_features(self.reference, feeds, outputs[0] if outputs else None)
+            rows = bin_indices(self._edges, values) if values is not None else None
+        except Exception as error:  # a statistic must never stop inference: count it, say it once
+            rows = None
+            if not self._warned:
+                self._warned = True
+                log.warning("drift: cannot read this inference (%s: %s); not counted", type(error).__name__, error)
+        if rows is None:
             self.skipped += 1
             return
-        rows = bin_indices(self._edges, values)
         with self._lock:
             for row in rows:
                 self._slide(row)

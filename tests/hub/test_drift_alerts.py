@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from browser import chromium
+from browser import chromium, until
 
 from edgekit.errors import BadInput
 from edgekit.hub.auth import create_token
@@ -104,11 +104,6 @@ def test_the_telemetry_history_carries_drift_scores(make_hub):
 def browser() -> Iterator:
     with chromium() as launched:
         yield launched
-
-
-def until(page, condition: str) -> None:
-    """Wait for a JS condition, passed as a function (the hub's CSP refuses eval of a bare expression)."""
-    page.wait_for_function(f"() => {condition}", timeout=15_000)
 
 
 def test_the_dashboard_charts_drift_and_lists_the_alert(make_hub, browser):
