@@ -17,7 +17,7 @@ from collections import deque
 
 import numpy as np
 
-from edgekit.agents.postprocess import Task, detect, iou
+from edgekit.agents.postprocess import Task, class_name, detect, iou
 from edgekit.agents.runner import LoadedModel
 from edgekit.agents.sources import Frame, to_feeds
 from edgekit.agents.stats import LatencyWindow
@@ -135,8 +135,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _name(label: int, manifest: Manifest) -> str:
-    labels = manifest.labels or []
-    return f"{label} {labels[label]}" if 0 <= label < len(labels) else str(label)
+    name = class_name(manifest.labels, label)
+    return f"{label} {name}" if name else str(label)
 
 
 def _boxes(boxes: list[Detection], manifest: Manifest) -> str:

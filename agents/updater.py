@@ -40,6 +40,7 @@ from edgekit.selftest import run_selftest
 
 log = logging.getLogger(__name__)
 HEALTH_POLL_S = 0.2
+SHADOW_THREADS = 1
 Phase = Callable[..., None]  # phase(state, bundle_id, detail=""): an update's (or a shadow's) progress
 
 
@@ -146,14 +147,16 @@ class Updater:
             return
         self._switch(model, current, health_checks)
 
-    def _prepare(self, target: DesiredBundle, rev: int, current: LoadedModel | None, phase: Phase) -> LoadedModel:
-        """`target` fetched (unless installed), verified and self-tested: loaded, ready to run."""
+    def _prepare(self, target: DesiredBundle, rev: int, current: LoadedModel | None, phase: Phase,
+                 threads: int | None = None) -> LoadedModel:  # fmt: skip
+        """`target` fetched (unless installed), verified and self-tested: loaded (with `threads`, default the
+        agent's), ready to run."""
         self._check_verifiable(target)
         bundle_file = self._fetch(target, rev, current, phase)
         phase("verifying", target.id)
         candidate = self._verify(target, bundle_file)
         phase("testing", target.id)
-        return self._self_test(candidate)
+        return self._self_test(candidate, threads)
 
     def _check_version(self, target: DesiredBundle, current: LoadedModel | None) -> None:
         if current is None or target.allow_downgrade:
@@ -217,19 +220,19 @@ class Updater:
             )
         return installed
 
-    def _load(self, installed: Installed) -> LoadedModel:
+    def _load(self, installed: Installed, threads: int | None = None) -> LoadedModel:
         manifest = installed.manifest
         try:
             runtime = get_runtime(manifest.runtime)
-            session = runtime.load(installed.root / manifest.entrypoint, manifest.target, self._threads)
+            session = runtime.load(installed.root / manifest.entrypoint, manifest.target, threads or self._threads)
         except EdgekitError as error:
             raise UpdateFailed("refused", str(error)) from None
         except Exception as error:
             raise UpdateFailed("refused", f"{manifest.runtime} cannot load {manifest.entrypoint}: {error}") from None
         return LoadedModel(installed, session)
 
-    def _self_test(self, installed: Installed) -> LoadedModel:
-        model = self._load(installed)
+    def _self_test(self, installed: Installed, threads: int | None = None) -> LoadedModel:
+        model = self._load(installed, threads)
         try:
             outcome = run_selftest(model.session, installed.root, installed.manifest)
         except Exception as error:
@@ -270,7 +273,9 @@ class Updater:
             self._host.publish_reported()
 
         try:
-            model = self._prepare(wanted.bundle, rev, active, phase)
+            # One thread: a runtime's worker pool spins between runs, and a second pool spinning beside the active
+            # model's slowed it by 1.8x at full load (benchmarks/shadow_bench.py).
+            model = self._prepare(wanted.bundle, rev, active, phase, threads=SHADOW_THREADS)
         except UpdateFailed as error:
             self._keep_shadow(None)
             self.shadow_state = ShadowState(state=error.phase, bundle=ref, detail=str(error))
