@@ -234,9 +234,8 @@ class _Verifier:
         """The candidate's figures against the reference, and its accuracy verdict (sample-size aware:
         edgekit/compile/verdict.py)."""
         stand_in = built.result.host_stand_in
-        run = stand_in or built.result
         with peak_memory() as peak:
-            session = get_runtime(run.runtime).load(run.entrypoint, run.target, self.request.threads)
+            session = _session(built, self.request.threads)
             built.outputs = like_reference(self.reference_outputs, run_batches(session, self.feeds))
         agreement = compare(self.reference_outputs, built.outputs)
         names = [spec.name for spec in self.model.outputs]
@@ -285,6 +284,12 @@ class _Verifier:
         agreement = compare([o[:count] for o in self.reference_outputs], outputs)
         return {"samples": count, "max_abs_error": agreement.max_abs_error, "cosine": agreement.cosine,
                 "top1_agreement": agreement.top1_agreement}  # fmt: skip
+
+
+def _session(built: _Built, threads: int | None) -> Session:
+    """A session on what verification runs for a candidate: its artifact, or the host stand-in for it."""
+    run = built.result.host_stand_in or built.result
+    return get_runtime(run.runtime).load(run.entrypoint, run.target, threads)
 
 
 class _Candidates:
@@ -620,8 +625,8 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
         if chosen is None:
             raise _failure(built, len(outcomes), request, report)
         with progress.task("drift reference", total=1):
-            drift, drift_note = drift_reference(model.inputs, samples.held_out, verifier.reference_outputs,
-                                                samples.calibration, verifier.reference_session,
+            drift, drift_note = drift_reference(model.inputs, samples.held_out, chosen.outputs, samples.calibration,
+                                                _session(chosen, request.threads),
                                                 synthetic=samples.data == "synthetic")  # fmt: skip
         report = report.model_copy(update={"bundle": str(request.out), "drift_reference": drift_note})
         manifest = _package(request, model, chosen, verifier, report, workdir, labels, drift)

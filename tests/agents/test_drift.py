@@ -10,11 +10,13 @@ import pytest
 from brokers import Subscriber, wait_until
 from drift_helpers import digit_folders
 from helpers import compile_bundle
+from typer.testing import CliRunner
 
 from edgekit.agents.drift import DriftMonitor
 from edgekit.agents.runtimes import get_runtime
 from edgekit.agents.sources import Frame, to_feeds
 from edgekit.bundle import open_bundle
+from edgekit.cli import app
 from edgekit.drift import LARGE, MODERATE
 from edgekit.protocol import Telemetry
 
@@ -32,6 +34,19 @@ def images_bundle(digits: Path, digit_images: dict[str, Path], signing_keys, tmp
     out = tmp_path_factory.mktemp("images-bundle") / "digits-1.0.0.ekb"
     return compile_bundle(digits, digit_images["calibration"], signing_keys[0], "1.0.0", out, "digits",
                           "--color", "gray")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(digits: Path, digit_images: dict[str, Path], signing_keys, tmp_path_factory) -> Path:
+    """digits int8 (ONNX Runtime), calibrated on the training split's PNGs: its softmax output moves in steps of
+    1/256, so its confidences are not fp32's."""
+    out = tmp_path_factory.mktemp("int8-bundle") / "digits-int8.ekb"
+    args = ["compile", digits / "digits.onnx", "-p", "x86-64-avx2", "--precision", "int8", "--backend", "onnxruntime",
+            "--calibration", digit_images["calibration"], "--color", "gray", "--sign-key", signing_keys[0],
+            "--bench-seconds", "0.02", "-o", out]  # fmt: skip
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return out
 
 
 def folder_score(bundle: Path, folder: Path) -> tuple[float, str]:
@@ -78,6 +93,11 @@ def test_held_out_images_score_low_and_changed_images_high(images_bundle, digit_
     print("drift on real digits:", {name: f"{score:.3f} ({feature})" for name, (score, feature) in scores.items()})
     assert scores["held_out"][0] < MODERATE
     assert scores["inverted"][0] > LARGE and scores["noise"][0] > LARGE
+
+
+def test_an_int8_bundle_is_scored_against_its_own_outputs_not_fp32s(int8_bundle, digit_images):
+    score, feature = folder_score(int8_bundle, digit_images["held_out"])
+    assert score < MODERATE, f"held-out images score {score:.3f} on {feature}"
 
 
 def test_the_agent_reports_drift_in_telemetry_once_its_window_is_full(mosquitto, start_agent, images_bundle,
