@@ -87,6 +87,19 @@ def test_the_reference_stays_small_however_wide_the_model():
     assert set(reference.channel_axes) == {f.input for f in reference.features if f.input}
 
 
+def test_channels_last_images_get_the_same_features_as_channels_first():
+    first = images(200, seed=24)
+    last = np.ascontiguousarray(first.transpose(0, 2, 3, 1))
+    nchw = build_reference({"input": first}, {"input": "NCHW"})
+    nhwc = build_reference({"input": last}, {"input": "NHWC"})
+    assert nhwc.channel_axes == {"input": 2} and nchw.channel_axes == {"input": 0}
+    assert [(f.name, f.channel, f.fractions) for f in nhwc.features] == [
+        (f.name, f.channel, f.fractions) for f in nchw.features
+    ]
+    for a, b in zip(nhwc.features, nchw.features, strict=True):  # float32 sums in another order: last digit
+        assert a.edges == pytest.approx(b.edges, rel=1e-5)
+
+
 def test_feature_maps_wider_than_colour_get_whole_sample_features():
     maps = np.random.default_rng(0).random((100, 32, 4, 4), dtype=np.float32)
     reference = build_reference({"maps": maps}, {"maps": "NCHW"})
