@@ -8,6 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from edgekit.compile.report import CompileReport
+from edgekit.drift import DriftReference
 from edgekit.manifest import Manifest
 
 STATUS_STYLE = {"chosen": "bold green", "passed": "green", "rejected": "yellow", "failed": "red", "skipped": "dim"}
@@ -49,6 +50,12 @@ def _details_line(details: dict[str, Any]) -> str:
             line += "; CPU fallback: " + ", ".join(details["cpu_fallback"])
         return line
     return ", ".join(f"{key} {value}" for key, value in details.items())
+
+
+def _drift_line(reference: DriftReference | None) -> str:
+    if reference is None:
+        return "- (the agent reports no input drift for this bundle)"
+    return f"{', '.join(f.name for f in reference.features)} from {reference.samples} samples"
 
 
 def compile_report(report: CompileReport) -> Group:
@@ -125,6 +132,7 @@ def manifest_table(manifest: Manifest) -> Table:
         "size": f"{_size(v.model_bytes)} artifacts, params {_size(v.param_bytes)} "
         f"(fp32 {_size(v.reference_param_bytes)}, {_num(v.compression_ratio, '.2f')}x smaller)",
         "self-test": f"{manifest.selftest.count} vectors, atol {manifest.selftest.atol:.3g}",
+        "drift ref.": _drift_line(manifest.drift_reference),
         "compiler": ", ".join(f"{k} {val}" for k, val in manifest.compiler.items()),
         "build": _details_line(manifest.build_details) if manifest.build_details else "-",
         "signed by": f"key {manifest.signing_key_id}",

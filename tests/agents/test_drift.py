@@ -67,7 +67,7 @@ def folder_score(bundle: Path, folder: Path) -> tuple[float, str]:
     return stats.score, stats.feature
 
 
-def test_compile_sketches_the_calibration_images(images_bundle):
+def test_compile_sketches_the_calibration_images(images_bundle, cli):
     with tempfile.TemporaryDirectory() as scratch:
         manifest = open_bundle(images_bundle, Path(scratch), trust_key=None)
         report = json.loads((Path(scratch) / "report.json").read_text())
@@ -78,6 +78,8 @@ def test_compile_sketches_the_calibration_images(images_bundle):
         f"3 features (confidence, image.mean[0], image.std[0]) from {REFERENCE_SAMPLES} calibration and held-out "
         "samples"
     )
+    shown = cli("inspect", images_bundle).stdout
+    assert f"confidence, image.mean[0], image.std[0] from {REFERENCE_SAMPLES} samples" in shown
 
 
 def test_synthetic_samples_make_no_reference_and_the_report_says_why(cli, digits, tmp_path):
