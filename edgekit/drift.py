@@ -47,6 +47,9 @@ EPSILON = 1e-6  # floor for fractions handed to `psi` directly (the pseudo-count
 SIGNIFICANT_DIGITS = 6  # edges are rounded before the reference fractions are counted, so both sides bin alike
 MODERATE = 0.1
 LARGE = 0.25  # the hub's default alert threshold (edgekit hub --drift-threshold)
+# A row within this of summing to 1 already is a distribution (an int8 softmax is off by several 1/256 steps): the
+# rule the agent's results follow (edgekit.agents.postprocess.probabilities), so confidence means the same in both.
+SUMS_TO_ONE = 1 / 64
 
 Statistic = Literal["mean", "std", "confidence"]
 
@@ -121,7 +124,7 @@ def confidences(output: "np.ndarray") -> "np.ndarray | None":
     if output.dtype.kind != "f" or output.ndim < 2 or output.shape[1] < 2 or any(d != 1 for d in output.shape[2:]):
         return None
     rows = output.reshape(output.shape[0], output.shape[1]).astype(np.float64)
-    distributions = (rows.min(axis=1) >= 0) & (np.abs(rows.sum(axis=1) - 1) < 1 / 64)
+    distributions = (rows.min(axis=1) >= 0) & (np.abs(rows.sum(axis=1) - 1) < SUMS_TO_ONE)
     shifted = np.exp(rows - rows.max(axis=1, keepdims=True))
     softmax_top = 1 / shifted.sum(axis=1)  # the max's own term is exp(0) = 1
     top: np.ndarray = np.where(distributions, rows.max(axis=1), softmax_top)
