@@ -23,10 +23,11 @@ from edgekit.hub.client import HubClient
 from edgekit.hub.db import Deployment, Device, TelemetrySample
 
 REPO = Path(__file__).resolve().parents[2]
-# The last commit before durable ingest, schema migrations and tolerant payloads (#15): the release this one must
-# work with. Signed desired states (#14) were in it already; agents from before those need the hub upgraded with
-# them (docs/protocol.md, "Compatibility").
-PREVIOUS_RELEASE = "1cf2a5ab713d07c79ef873806c06ec5dddf9ee90"
+# Release 0.2.0 (#16: replicas, HTTP downloads, deltas): the release this one (0.3.0) must work with. Moved on from
+# 0.1 (1cf2a5ab, before tolerant payloads) at this release, as docs/protocol.md "Compatibility" asks: a 0.1 hub
+# refuses the telemetry of a 0.3 agent (its model-health blocks are fields it does not know), so 0.3 agents need
+# the hub at 0.2 or later (docs/protocol.md).
+PREVIOUS_RELEASE = "4ffbe6fed2be0ca09203b2b0e5bd25a9c327cf42"
 TIMEOUT_S = 90.0
 
 
