@@ -16,6 +16,21 @@ def until(page: Any, condition: str) -> None:
     page.wait_for_function(f"() => {condition}", timeout=WAIT_MS)
 
 
+def open_logged_in(page: Any, url: str, token: str, ready: str) -> None:
+    """Open a dashboard `url` as a person would: its 401 page is the login form; after logging in with `token` the
+    same URL shows the page, which marks itself ready (`document.body.dataset.ready`, e.g. 'bundles')."""
+    page.goto(url)
+    page.fill("#token", token)
+    page.click("button[type=submit]")
+    until(page, f"document.body?.dataset.ready === '{ready}'")
+
+
+def open_bundle_report(page: Any, bundle_id: str) -> None:
+    """On the Bundles page: open a bundle's compile report and wait until it is shown."""
+    page.click(f'button[data-report="{bundle_id}"]')
+    until(page, f"document.querySelector('#bundle-report')?.dataset.ready === '{bundle_id}'")
+
+
 @contextmanager
 def chromium() -> Iterator[Any]:
     """A headless Chromium, closed on exit; the test is skipped without Playwright, fails without the browser."""

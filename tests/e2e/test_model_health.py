@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import chromium, until
+from browser import chromium, open_logged_in, until
 from helpers import compile_bundle, with_extra_work, with_permuted_classes
 from hub_helpers import deployment_members, fleet, fleet_ids, signing_keys, wait_until
 from reliability import record
@@ -184,10 +184,7 @@ def test_the_dashboard_shows_a_halted_gate_and_a_running_shadow(hub, bundles, tm
         with chromium() as browser:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             try:
-                page.goto(f"{hub.http_url}/rollouts")
-                page.fill("#token", token)
-                page.click("button[type=submit]")
-                until(page, "document.body?.dataset.ready === 'rollouts'")
+                open_logged_in(page, f"{hub.http_url}/rollouts", token, "rollouts")
                 row = f'.rollout[data-id="{halted.id}"] tr.failed[data-gate="agreement>=0.95"]'
                 until(page, f"document.querySelector('{row}') !== null")
                 assert float(page.text_content(f"{row} .value")) == measured

@@ -4,18 +4,13 @@ candidates it tried, the layers it kept in float, and the class names."""
 import json
 from pathlib import Path
 
-from browser import chromium
+from browser import chromium, open_bundle_report, open_logged_in
 from helpers import compile_args, outlier_classifier, outlier_samples
 from hub_helpers import signing_keys
 
 from edgekit.hub.auth import create_token
 
-WAIT_MS = 15_000
 NAMES = ["north", "east", "south", "west"]
-
-
-def _until(page, condition: str) -> None:
-    page.wait_for_function(f"() => {condition}", timeout=WAIT_MS)  # a function: the hub's CSP refuses eval
 
 
 def test_the_report_shows_the_layers_mixed_precision_kept_in_float(cli, make_hub, tmp_path: Path) -> None:
@@ -32,12 +27,9 @@ def test_the_report_shows_the_layers_mixed_precision_kept_in_float(cli, make_hub
 
     with chromium() as browser:
         page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(hub.http_url + "/bundles")
-        page.fill("#token", create_token(hub.sessions, "report-reader", "test", scope="read"))
-        page.click("button[type=submit]")
-        _until(page, "document.body?.dataset.ready === 'bundles'")
-        page.click(f'button[data-report="{record.id}"]')
-        _until(page, f"document.querySelector('#bundle-report')?.dataset.ready === '{record.id}'")
+        token = create_token(hub.sessions, "report-reader", "test", scope="read")
+        open_logged_in(page, hub.http_url + "/bundles", token, "bundles")
+        open_bundle_report(page, record.id)
         row = page.eval_on_selector_all("#candidates tbody tr:first-child td", "ts => ts.map(t => t.textContent)")
         assert row[:3] == ["onnxruntime", "int8", "chosen"], row
         assert row[9].startswith("1 of 2 layers in float"), row  # the summary; the layer's name is under it

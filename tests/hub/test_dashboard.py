@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from browser import chromium, until
+from browser import chromium, open_bundle_report, open_logged_in, until
 from helpers import compile_bundle
 from hub_helpers import fleet, fleet_ids, signing_keys, wait_until
 from sqlalchemy import update
@@ -231,12 +231,9 @@ def test_bundle_report_with_class_names_and_named_results(make_hub, digits: Path
         violations: list[str] = []
         page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
         try:
-            page.goto(hub.http_url + "/bundles")
-            page.fill("#token", create_token(hub.sessions, "report-reader", "test", scope="read"))
-            page.click("button[type=submit]")
-            until(page, "document.body?.dataset.ready === 'bundles'")
-            page.click(f'button[data-report="{record.id}"]')
-            until(page, f"document.querySelector('#bundle-report')?.dataset.ready === '{record.id}'")
+            token = create_token(hub.sessions, "report-reader", "test", scope="read")
+            open_logged_in(page, hub.http_url + "/bundles", token, "bundles")
+            open_bundle_report(page, record.id)
             cells = page.eval_on_selector_all("#candidates tbody tr:first-child td", "ts => ts.map(t => t.textContent)")
             assert cells[:3] == ["onnxruntime", "fp32", "chosen"], cells
             assert cells[4] == "100.0%" and cells[8].endswith("KiB"), cells  # top-1 agreement with fp32, size

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from browser import chromium, until
+from browser import chromium, open_logged_in, until
 
 from edgekit.errors import BadInput
 from edgekit.hub.auth import create_token
@@ -114,10 +114,7 @@ def test_the_dashboard_charts_drift_and_lists_the_alert(make_hub, browser):
     violations: list[str] = []
     page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
     try:
-        page.goto(hub.http_url + "/devices/cam-moved")
-        page.fill("#token", token)
-        page.click("button[type=submit]")
-        until(page, "document.body?.dataset.ready === 'device'")
+        open_logged_in(page, hub.http_url + "/devices/cam-moved", token, "device")
         until(page, f"Number(document.querySelector('#chart-drift').dataset.points) === {len(HISTORY)}")
         assert page.evaluate("window.__driftChart.data[1]") == HISTORY
         assert page.text_content("#drift-now") == "now 1.700: large shift"
