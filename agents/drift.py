@@ -4,8 +4,8 @@
 Cost per inference, measured on the 2-core x86 VM with a MobileNetV2-sized input (1×3×224×224 float32) and a
 1,000-class output (`benchmarks/drift_bench.py`): `observe` takes a median 86 µs (features 69 µs, of which the
 per-channel sums and sums of squares are ~50 and the softmax ~12; binary searches 11 µs), 0.7% of MobileNetV2-224's
-own 12.6 ms on ONNX Runtime there under load, 4.4% of its 1.9 ms with the machine idle. Memory is bounded: a ring of `window` bin indices per feature and one count
-per bin.
+own 12.6 ms on ONNX Runtime there under load, 4.4% of its 1.9 ms with the machine idle. Memory is bounded: a ring
+of `window` bin indices per feature and one count per bin.
 """
 
 import logging
