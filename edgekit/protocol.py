@@ -11,7 +11,7 @@ import struct
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from edgekit.schema import WireModel, describe_validation_error, unknown
 
@@ -118,6 +118,10 @@ class Sequenced(Payload):
     ts: float
 
 
+# The health blocks are stored as JSON, which has no NaN or infinity (PostgreSQL refuses them): refused on ingest.
+FINITE = ConfigDict(allow_inf_nan=False)
+
+
 class Disagreement(WireModel):
     """One input on which the shadow bundle and the active one disagreed: each side's answer, named when labelled."""
 
@@ -127,6 +131,8 @@ class Disagreement(WireModel):
 
 class ShadowStats(WireModel):
     """The shadow bundle run on a sample of live inputs beside the active one, since the shadow started."""
+
+    model_config = FINITE
 
     bundle: str = Field(pattern=SHA256, description="The shadow bundle's id")
     active: str = Field(pattern=SHA256, description="The bundle it is compared with")
@@ -147,6 +153,8 @@ class ShadowStats(WireModel):
 class ModelStats(WireModel):
     """The active bundle since it became active: what health gates compare with the bundle before it."""
 
+    model_config = FINITE
+
     bundle: str = Field(pattern=SHA256)
     since: float = Field(description="When it became active (device clock)")
     inferences: int = Field(0, ge=0)
@@ -161,6 +169,8 @@ class ModelStats(WireModel):
 
 class DriftStats(WireModel):
     """How far the live inputs have moved from the bundle's calibration data (edgekit.drift)."""
+
+    model_config = FINITE
 
     score: float = Field(ge=0, description="Population stability index, the highest over the features")
     samples: int = Field(ge=0, description="Inputs in the live window")

@@ -44,12 +44,12 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from pydantic import ValidationError
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgekit.errors import BadInput
-from edgekit.hub.db import BundleRecord, Deployment, DeploymentDevice, Device
+from edgekit.hub.db import AuditEntry, BundleRecord, Deployment, DeploymentDevice, Device
 from edgekit.hub.gates import (
     DEFAULT_MIN_SAMPLES,
     evaluate,
@@ -250,6 +250,10 @@ class _Writes:
         if values.get("state", "running") != "running":  # its devices are free for another deployment
             members = DeploymentDevice.deployment_id == deployment.id
             self.statements.append(update(DeploymentDevice).where(members).values(active=None))
+
+    def audit(self, action: str, **detail: Any) -> None:
+        """An audit log entry by the hub itself (the rollout controller), committed with the change it records."""
+        self.statements.append(insert(AuditEntry).values(ts=time.time(), actor="hub", action=action, detail=detail))
 
     def commit(self, sessions: sessionmaker, fence: Fence = no_fence) -> None:
         if not self.statements:
@@ -473,10 +477,9 @@ class RolloutDriver:
             failures = [member for member in wave if member.state != "healthy"]
             gate_halt = self._check_gates(deployment, wave, writes)
             if wave and len(failures) / len(wave) > deployment.failure_threshold:
-                reason = _failure_reason(deployment, wave, failures)
-                halt_loaded(self.sessions, loaded, self.send, writes, reason, self.fence)
+                self._halt(loaded, writes, _failure_reason(deployment, wave, failures))
             elif gate_halt:
-                halt_loaded(self.sessions, loaded, self.send, writes, gate_halt, self.fence)
+                self._halt(loaded, writes, gate_halt)
             elif deployment.phase == "shadow":
                 self._promote(deployment, wave, writes)
             elif deployment.current_wave + 1 >= deployment.waves:
@@ -490,6 +493,10 @@ class RolloutDriver:
                          deployment.current_wave)  # fmt: skip
         writes.commit(self.sessions, self.fence)
 
+    def _halt(self, loaded: _Loaded, writes: _Writes, reason: str) -> None:
+        halt_loaded(self.sessions, loaded, self.send, writes, reason, self.fence)
+        writes.audit("halt", deployment_id=loaded.deployment.id, reason=reason, automatic=True)
+
     def _check_gates(self, deployment: Deployment, wave: list[DeploymentDevice], writes: _Writes) -> str:
         """Evaluate the gates on a resolved wave and record the results; the halt reason when one failed."""
         if not deployment.gates:
@@ -497,16 +504,35 @@ class RolloutDriver:
         gates = parse_gates([gate["text"] for gate in deployment.gates], deployment.shadow)
         measured = [member.health for member in wave if member.state == "healthy" and member.health]
         results = evaluate(gates, deployment.phase, deployment.current_wave, measured)
+        expected = self._expected_p95(deployment, wave)
+        for result in results:
+            if result["metric"] == "p95" and expected is not None:
+                result["expected"] = expected
+                result["note"] = f"{result['note']}; the compile reports expected {expected:g}x".lstrip("; ")
         writes.deployment(deployment, gate_results=[*deployment.gate_results, *results])
         for result in results:
             log.info("deployment #%d: gate %s in %s: %s (%s)", deployment.id, result["gate"], deployment.phase,
                      result["value"], "passed" if result["passed"] else "FAILED")  # fmt: skip
         return failed_gates(results)
 
+    def _expected_p95(self, deployment: Deployment, wave: list[DeploymentDevice]) -> float | None:
+        """What the compile reports of the two bundles expect of the p95 ratio (their host measurements): shown
+        beside a device's ratio, so a device that misses a promised speed-up (an int8 build without VNNI) shows."""
+        previous = Counter(m.previous_bundle_id for m in wave if m.previous_bundle_id).most_common(1)
+        if not previous:
+            return None
+        try:
+            new, old = (self.registry.get(b).manifest["verification"] for b in (deployment.bundle_id, previous[0][0]))
+        except (BadInput, KeyError, TypeError):  # the previous bundle is not in the registry
+            return None
+        new_p95, old_p95 = new.get("latency_p95_ms"), old.get("latency_p95_ms")
+        return round(new_p95 / old_p95, 3) if new_p95 and old_p95 else None
+
     def _promote(self, deployment: Deployment, wave: list[DeploymentDevice], writes: _Writes) -> None:
         """The shadow passed on the canary: the canary now switches to the bundle it already holds (no download),
         then the waves go on as without a shadow."""
         writes.deployment(deployment, phase="waves")
+        writes.audit("promote", deployment_id=deployment.id, reason="the shadow passed its gates on the canary")
         for member in wave:
             if member.state == "healthy":
                 writes.member(member, state="pending", rev=None, sent_at=None, resolved_at=None,

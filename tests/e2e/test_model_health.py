@@ -18,7 +18,7 @@ from reliability import record
 
 from edgekit.bundle import sha256_file
 from edgekit.hub.auth import create_token
-from edgekit.hub.db import Deployment, Device, EventRecord
+from edgekit.hub.db import AuditEntry, Deployment, Device, EventRecord
 from edgekit.hub.service import Hub
 
 TIMEOUT_S = 90.0
@@ -83,6 +83,12 @@ def _events(hub: Hub, device_id: str, kind: str) -> list[EventRecord]:
         return list(rows.order_by(EventRecord.seq))
 
 
+def _audited(hub: Hub, action: str, deployment_id: int) -> list[dict]:
+    with hub.sessions() as session:
+        entries = session.query(AuditEntry).filter_by(actor="hub", action=action).all()
+    return [e.detail for e in entries if e.detail.get("deployment_id") == deployment_id]
+
+
 def _gates(deployment: Deployment, phase: str) -> dict[str, dict]:
     return {r["gate"]: r for r in deployment.gate_results if r["phase"] == phase}
 
@@ -101,6 +107,7 @@ def test_an_agreeing_shadow_is_promoted_on_the_canary_without_a_download_then_wa
         shadow = _gates(done, "shadow")
         assert shadow["agreement>=0.95"]["value"] == 1.0 and shadow["agreement>=0.95"]["passed"], shadow
         assert all(r["passed"] for r in done.gate_results), done.gate_results
+        assert len(_audited(hub, "promote", deployment.id)) == 1
         assert {r["wave"] for r in done.gate_results if r["phase"] == "waves"} == {0, 1, 2}
         assert all(agent.runner.model.bundle.id == v2 for agent in agents.agents)
         # The canary downloaded 2.0.0 once, as its shadow; promoting it switched to the copy it had verified.
@@ -127,6 +134,7 @@ def test_a_damaged_bundle_is_stopped_at_the_canary_by_the_agreement_gate(hub, bu
         done = _wait_done(hub, deployment.id)
         assert done.state == "halted" and done.phase == "shadow", done.reason
         assert "agreement>=0.95 failed" in done.reason, done.reason
+        assert [a["reason"] for a in _audited(hub, "halt", deployment.id)] == [done.reason]
         agreement = _gates(done, "shadow")["agreement>=0.95"]
         assert agreement["value"] < 0.5 and not agreement["passed"], agreement
         # The canary downloaded and verified it as a shadow, and kept serving 1.0.0 throughout.
@@ -145,6 +153,7 @@ def test_a_slower_bundle_is_stopped_by_the_latency_gate(hub, bundles, tmp_path, 
     """In the shadow phase (budget 4x, so a slow shadow still gets samples) it never activates; after a switch
     (no shadow, `p95<=1.5x` against the device's own 1.0.0 figures) the canary is rolled back."""
     v1 = sha256_file(bundles["v1"])
+    hub.registry.add(bundles["v1"], "test")  # its compile report is what the slow one's is compared with
     record_slow, _ = hub.registry.add(bundles["slow"], "test")
     ids = fleet_ids("cam", 3)
     with fleet(hub, 3, tmp_path, bundles["public"], bundles["v1"], prefix="cam", source=SOURCE) as agents:
@@ -156,6 +165,7 @@ def test_a_slower_bundle_is_stopped_by_the_latency_gate(hub, bundles, tmp_path, 
         assert done.state == "halted" and "p95<=1.5x failed" in done.reason, done.reason
         latency = _gates(done, "shadow" if shadow else "waves")["p95<=1.5x"]
         assert latency["value"] > 1.5 and not latency["passed"], latency
+        assert latency["expected"] > 1.5 and "the compile reports expected" in latency["note"], latency
         members = deployment_members(hub, deployment.id)
         assert members[ids[0]].state == "rolled_back", members[ids[0]].detail
         wait_until(lambda: agents.agents[0].runner.model.bundle.id == v1, TIMEOUT_S, "the canary to run 1.0.0")

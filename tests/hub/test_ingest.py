@@ -8,6 +8,7 @@ its stats as JSON.
 """
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -310,7 +311,7 @@ def _worker(broker_url: str, url: str, share_group: str) -> None:
 def malformed(rng: random.Random, base: float) -> tuple[str, bytes, bool, str]:
     """One message that ingest must reject: (topic, payload, retain, what it is)."""
     good = json.loads(encode(Telemetry(seq=1, ts=base, fps=1.0)))
-    kind = rng.choice(["bytes", "schema", "json", "topic", "oversized", "state", "state out of range"])
+    kind = rng.choice(["bytes", "schema", "json", "topic", "oversized", "state", "state out of range", "health"])
     topic = device_topic(f"bad-{rng.randrange(5)}", rng.choice([Topic.TELEMETRY, Topic.RESULTS, Topic.EVENTS]))
     if kind == "bytes":
         return topic, rng.randbytes(rng.randint(1, 300)), False, kind
@@ -325,6 +326,13 @@ def malformed(rng: random.Random, base: float) -> tuple[str, bytes, bool, str]:
             broken[{"version": "schema_version"}.get(field, field)] = {
                 "0": 0, "-3": -3, "text": "abc", "1.5": 1.5, "2": 2, "list": [1, 2]}[value]  # fmt: skip
         return device_topic("bad-0", Topic.TELEMETRY), json.dumps(broken).encode(), False, kind
+    if kind == "health":  # model-health blocks out of bounds; NaN or infinity would not even fit a JSON column
+        bundle = {"bundle": "a" * 64, "since": base}
+        health = rng.choice([{"model": {**bundle, "latency_p95_ms": math.inf}}, {"drift": {"score": math.nan,
+                             "samples": 200, "feature": "image.mean[0]"}}, {"model": {**bundle, "classes":
+                             {str(i): 1 for i in range(100)}}}, {"shadow": {**bundle, "active": "b" * 64,
+                             "metric": "top1", "agreement": 2.0}}])  # fmt: skip
+        return device_topic("bad-2", Topic.TELEMETRY), json.dumps({**good, **health}).encode(), False, kind
     if kind == "json":
         payload = rng.choice([b"", b"null", b"[]", b"42", b'"text"', b"{", b"[" * 5000, b'{"seq": 1,}', b"\xff\xfe"])
         return device_topic("bad-1", Topic.EVENTS), payload, False, kind
