@@ -299,9 +299,17 @@ def test_the_data_dir_is_the_owners_only_also_when_an_older_hub_left_it_open(tmp
     engine.dispose()
     with sqlite3.connect(old / "hub.sqlite") as db:
         db.execute("ALTER TABLE tokens DROP COLUMN scope")
-        db.execute("DROP TABLE alembic_version")  # older hubs had no schema migrations either, nor what 0002-3 added
+        db.execute("DROP TABLE alembic_version")  # older hubs had no schema migrations either, nor what 0002-4 added
         db.executescript("DROP TABLE leases; DROP TABLE hub_settings; DROP INDEX ux_deployment_devices_active_device; "
                          "ALTER TABLE deployment_devices DROP COLUMN active; DROP TABLE bundle_parts")  # fmt: skip
+        added_by_0004 = {
+            "devices": ["health"],
+            "telemetry": ["drift_score"],
+            "deployment_devices": ["baseline", "health"],
+            "deployments": ["shadow", "shadow_budget", "phase", "gates", "min_samples", "gate_results"],
+        }
+        db.executescript("".join(f"ALTER TABLE {table} DROP COLUMN {column};" for table, columns in added_by_0004.items()
+                                 for column in columns))  # fmt: skip
     (old / "secret").write_bytes(os.urandom(32))
     for path in [old, *old.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
