@@ -308,8 +308,8 @@ def test_the_data_dir_is_the_owners_only_also_when_an_older_hub_left_it_open(tmp
             "deployment_devices": ["baseline", "health"],
             "deployments": ["shadow", "shadow_budget", "phase", "gates", "min_samples", "gate_results"],
         }
-        db.executescript("".join(f"ALTER TABLE {table} DROP COLUMN {column};" for table, columns in added_by_0004.items()
-                                 for column in columns))  # fmt: skip
+        for table, columns in added_by_0004.items():
+            db.executescript("".join(f"ALTER TABLE {table} DROP COLUMN {column};" for column in columns))
     (old / "secret").write_bytes(os.urandom(32))
     for path in [old, *old.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
