@@ -46,6 +46,8 @@ class Topic:
     TRANSFER_CHUNK = "transfer/chunk"
     INPUT = "input"
     PROBE = "link/probe"  # the agent's own echo: its subscriptions still deliver (edgekit.agents.link)
+    SAMPLES = "samples"  # captured inputs, in chunks (encode_sample; docs/datasets.md)
+    SAMPLES_ACK = "samples/ack"  # hub → device: a sample is stored (or refused): the device may delete it
 
 
 def device_topic(device_id: str, name: str) -> str:
@@ -194,6 +196,7 @@ class Telemetry(Sequenced):
     model: ModelStats | None = None
     shadow: ShadowStats | None = None
     drift: DriftStats | None = None
+    capture: "CaptureStats | None" = None
 
 
 class Detection(WireModel):
@@ -241,6 +244,8 @@ EventType = Literal[
     "inference.error",
     "trust.updated",
     "trust.rejected",
+    "sample.captured",
+    "capture.dropped",
 ]
 
 
@@ -273,6 +278,7 @@ DELTA_SHA256_HEADER = "X-Edgekit-Delta-Sha256"
 # from 0.2, a shadow bundle (`DesiredState.shadow`) from 0.3.
 DOWNLOAD_LINKS_SINCE = (0, 2)
 SHADOW_SINCE = (0, 3)
+CAPTURE_SINCE = (0, 4)
 
 
 def agent_takes(agent_version: str | None, since: tuple[int, int]) -> bool:
@@ -312,6 +318,8 @@ class DesiredState(Payload):
     health_checks: int = Field(20, ge=1, le=10_000, description="Inferences that must succeed after a switch")
     # Sent only to agents that take it (`agent_takes(version, SHADOW_SINCE)`): a 0.1 or 0.2 agent refuses it.
     shadow: DesiredShadow | None = None
+    # Sent only to agents that take it (`agent_takes(version, CAPTURE_SINCE)`); None: capture off (the default).
+    capture: "CapturePolicy | None" = None
 
 
 UpdatePhase = Literal[
@@ -391,3 +399,89 @@ def decode_chunk(payload: bytes, max_bytes: int) -> tuple[ChunkHeader, bytes]:
     except ValidationError as error:
         raise PayloadRejected(f"chunk header: {describe_validation_error(error)}") from None
     return header, payload[8 + length :]
+
+
+# ---- sample capture (docs/datasets.md): the agent's captured inputs, uploaded in chunks ------------------------------
+
+SAMPLE_MAGIC = b"EKS1"
+MAX_SAMPLE_BYTES = 4 * 1024 * 1024  # one captured input, encoded (PNG or .npy)
+SAMPLE_CHUNK_BYTES = 64 * 1024  # well under every broker's default maximum packet size
+MAX_SAMPLE_HEADER = 16 * 1024
+
+
+class CapturePolicy(WireModel):
+    """Which of its inputs a device keeps for the hub's datasets, and how many; absent from the desired state: none."""
+
+    below_confidence: float | None = Field(None, gt=0, le=1, description="Capture when the top score is below it")
+    on_disagreement: bool = Field(False, description="Capture when the shadow bundle disagrees with the active one")
+    random_rate: float = Field(0.0, ge=0, le=1, description="Capture this fraction of all inputs at random")
+    max_per_day: int = Field(100, ge=1, le=100_000, description="Samples captured per UTC day, at most")
+    max_bytes_per_day: int = Field(50 * 1024**2, ge=1024, le=10 * 1024**3, description="Bytes captured per UTC day")
+    max_sample_bytes: int = Field(1024**2, ge=1024, le=MAX_SAMPLE_BYTES, description="A larger input is not kept")
+
+
+class CaptureStats(WireModel):
+    """The agent's capture spool (agents/capture.py), counted since it was created."""
+
+    captured: int = Field(0, ge=0)
+    uploaded: int = Field(0, ge=0, description="Acknowledged as stored by the hub")
+    refused: int = Field(0, ge=0, description="Refused by the hub (its reason is in the agent's log)")
+    dropped: int = Field(0, ge=0, description="Spooled but dropped, oldest first, to respect the spool's bound")
+    spooled: int = Field(0, ge=0, description="Waiting to be uploaded")
+    spool_bytes: int = Field(0, ge=0)
+
+
+SampleReason = Literal["low_confidence", "disagreement", "random"]
+
+
+class SampleMeta(WireModel):
+    """What a captured input is: sent with every chunk, so the hub can file it whichever chunk comes first."""
+
+    ts: float = Field(description="When the source gave the input (device clock)")
+    bundle: str = Field(max_length=160, description="name@version of the active bundle")
+    bundle_id: str = Field(pattern=SHA256)
+    input: str = Field(max_length=128, description="The model input it fed")
+    format: Literal["png", "npy"] = Field(description="png: the image the source gave; npy: a sensor window")
+    reason: SampleReason
+    output: dict[str, Any] = Field({}, description="The result's summary (top, detections or values)")
+
+
+class SampleHeader(Payload):
+    sample: str = Field(pattern=SHA256, description="sha256 of the whole sample: its id")
+    index: int = Field(ge=0)
+    total: int = Field(ge=1, le=MAX_SAMPLE_BYTES // 1024)
+    size: int = Field(ge=1, le=MAX_SAMPLE_BYTES, description="The whole sample's bytes")
+    sha256: str = Field(pattern=SHA256, description="Of this chunk's data")
+    meta: SampleMeta
+
+
+class SampleAck(Payload):
+    """Hub → device: `sample` is stored (or was refused, with `error`): the device deletes it from its spool."""
+
+    sample: str = Field(pattern=SHA256)
+    error: str | None = Field(None, max_length=400)
+
+
+def encode_sample(header: SampleHeader, data: bytes) -> bytes:
+    head = header.model_dump_json(exclude_none=True).encode()
+    return SAMPLE_MAGIC + struct.pack(">I", len(head)) + head + data
+
+
+def decode_sample(payload: bytes) -> tuple[SampleHeader, bytes]:
+    """A sample chunk's header and data; PayloadRejected (saying why) when it is not a valid one."""
+    if len(payload) > SAMPLE_CHUNK_BYTES + MAX_SAMPLE_HEADER + 8:
+        raise PayloadRejected(f"sample chunk of {len(payload)} bytes is over the maximum; not read")
+    if len(payload) < 8 or payload[:4] != SAMPLE_MAGIC:
+        raise PayloadRejected("not a sample chunk: expected the EKS1 magic and a header length")
+    (length,) = struct.unpack(">I", payload[4:8])
+    if length > min(len(payload) - 8, MAX_SAMPLE_HEADER):
+        raise PayloadRejected(f"sample header length {length} does not fit the {len(payload)}-byte payload")
+    try:
+        header = SampleHeader.model_validate_json(payload[8 : 8 + length])
+    except ValidationError as error:
+        raise PayloadRejected(f"sample header: {describe_validation_error(error)}") from None
+    return header, payload[8 + length :]
+
+
+Telemetry.model_rebuild()
+DesiredState.model_rebuild()

@@ -3,8 +3,8 @@
 
 Devices log in with their device id as the MQTT username. The ACL uses Mosquitto's `pattern` rules with `%u`,
 so one rule set covers every device: a device can publish its status, telemetry, results, events, reported
-state and chunk requests, and read its desired state, bundle chunks and input — under `edgekit/v1/<its id>/`
-only. The hub's user may read and write everything under `edgekit/`.
+state, chunk requests and captured samples, and read its desired state, bundle chunks, input and sample acks —
+under `edgekit/v1/<its id>/` only. The hub's user may read and write everything under `edgekit/`.
 
 What Mosquitto 2.0's ACL file cannot express (checked against Debian's 2.0.11): it does not check SUBSCRIBE at
 all, so a device's subscription to `$share/GROUP/edgekit/v1/+/telemetry` is granted (the messages are then
@@ -31,8 +31,9 @@ HUB_USER = "edgekit-hub"
 # The hubs' shared-subscription group is their secret: a device that knows it can join it (module docstring).
 MIN_SHARE_GROUP = 16
 DEVICE_WRITES = (Topic.STATUS, Topic.TELEMETRY, Topic.RESULTS, Topic.EVENTS, Topic.REPORTED, Topic.TRANSFER_REQUEST,
-                 Topic.PROBE)  # fmt: skip
-DEVICE_READS = (Topic.DESIRED, Topic.TRUST, Topic.TRANSFER_CHUNK, Topic.INPUT, Topic.PROBE)
+                 Topic.PROBE, Topic.SAMPLES)  # fmt: skip
+DEVICE_READS = (Topic.DESIRED, Topic.TRUST, Topic.TRANSFER_CHUNK, Topic.INPUT, Topic.PROBE,
+                Topic.SAMPLES_ACK)  # fmt: skip
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd writes for its $7$ (PBKDF2-SHA512) format
 
 
