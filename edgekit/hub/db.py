@@ -241,6 +241,27 @@ class HubSetting(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+class GroupConfig(Base):
+    """A device group's configuration (edgekit.hub.config): applied to its members when set, and to a device that
+    joins the group later."""
+
+    __tablename__ = "group_configs"
+    selector: Mapped[str] = mapped_column(String(160), primary_key=True, comment="LABEL=VALUE or LABEL")
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, comment="edgekit.hub.config.ConfigChange")
+    version: Mapped[int] = mapped_column()
+    updated: Mapped[float] = mapped_column(Float)
+    updated_by: Mapped[str] = mapped_column(String(64))
+
+
+class GroupConfigDevice(Base):
+    """The version of a group's configuration a device was given: it gets each version once."""
+
+    __tablename__ = "group_config_devices"
+    selector: Mapped[str] = mapped_column(String(160), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(comment="the group_configs.version it was given")
+
+
 class ApiToken(Base):
     __tablename__ = "tokens"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

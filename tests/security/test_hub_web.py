@@ -299,9 +299,10 @@ def test_the_data_dir_is_the_owners_only_also_when_an_older_hub_left_it_open(tmp
     engine.dispose()
     with sqlite3.connect(old / "hub.sqlite") as db:
         db.execute("ALTER TABLE tokens DROP COLUMN scope")
-        db.execute("DROP TABLE alembic_version")  # older hubs had no schema migrations either, nor what 0002-4 added
+        db.execute("DROP TABLE alembic_version")  # older hubs had no schema migrations either, nor what 0002-5 added
         db.executescript("DROP TABLE leases; DROP TABLE hub_settings; DROP INDEX ux_deployment_devices_active_device; "
                          "ALTER TABLE deployment_devices DROP COLUMN active; DROP TABLE bundle_parts")  # fmt: skip
+        db.executescript("DROP TABLE group_configs; DROP TABLE group_config_devices")  # added by 0005
         added_by_0004 = {
             "devices": ["health"],
             "telemetry": ["drift_score"],
