@@ -342,6 +342,15 @@ class ShadowState(WireModel):
     detail: str = ""
 
 
+class ConfigState(WireModel):
+    """What became of the configuration (source, task, thresholds, rates) of the desired state `rev`: refused ones
+    leave the device on its previous configuration, the rest of that desired state (bundle, shadow) applied."""
+
+    state: Literal["applied", "refused"]
+    rev: int = Field(ge=0, le=MAX_REV, strict=True)
+    detail: str = Field("", max_length=2000)
+
+
 class ReportedState(Payload):
     # Bounded and strict like DesiredState.rev: the hub derives the next desired rev from it.
     rev: int = Field(ge=-1, le=MAX_REV, strict=True, description="The desired rev last converged to; -1 before any")
@@ -354,6 +363,7 @@ class ReportedState(Payload):
     rates: Rates = Rates()
     update: UpdateState = UpdateState(state="idle")
     shadow: ShadowState | None = None
+    config: ConfigState | None = Field(None, description="Set by agents from 0.4 on")
 
 
 class ChunkRequest(Payload):
