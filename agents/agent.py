@@ -22,6 +22,8 @@ from pydantic import Field, model_validator
 
 from edgekit import __version__
 from edgekit.agents.bundles import BundleStore, write_atomically
+from edgekit.agents.capture import Capture, Spool, Uploader
+from edgekit.agents.configure import ConfigRefused, check_config, keep_previous
 from edgekit.agents.http_fetch import HttpFetcher
 from edgekit.agents.link import Link, MqttLink
 from edgekit.agents.runner import Runner
@@ -43,6 +45,7 @@ from edgekit.mqtt import Backoff, TlsFiles, parse_broker_url
 from edgekit.protocol import (
     DEFAULT_MAX_PAYLOAD,
     DEVICE_ID,
+    ConfigState,
     DesiredState,
     Event,
     PayloadRejected,
@@ -107,6 +110,7 @@ class Agent:
         self._overflow_quiet = 0.0
         self._applied_rev = -1
         self._desired: DesiredState | None = None
+        self._config: ConfigState | None = None  # what became of the last desired state's configuration
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self.trust = DeviceTrust(data, settings.hub_key, settings.trust_key, settings.trust_version)
         self._parked: bytes | None = None  # the last desired state signed by a key this device may learn next
@@ -115,6 +119,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self.link = link if link is not None else self._mqtt_link()
         self.runner = Runner(self.device_id, self._emit_result, self.report, self._subscribe_input)
+        self.capture = self.runner.capture = Capture(Spool(data / "spool.sqlite"), self.report)
         if fetcher is None:
             chunks = ChunkFetcher(self.link, self.device_id, data / "downloads", self._reject)
             fetcher = HttpFetcher(chunks, data / "downloads", settings.tls.ca if settings.tls else None)
@@ -122,6 +127,7 @@ class Agent:
                                settings.threads, settings.health_timeout_s, settings.update_deadline_s,
                                settings.update_retries)  # fmt: skip
         self.telemetry = TelemetryLoop(self.runner, self.outbox, lambda: self.rejected_payloads)
+        self.uploader = Uploader(self.capture.spool, self.link, self.outbox, self.device_id, self._stop)
 
     def _mqtt_link(self) -> MqttLink:
         settings = self.settings
@@ -198,6 +204,7 @@ class Agent:
             rates=desired.rates if desired else DesiredState(rev=0).rates,
             update=self.updater.state,
             shadow=self.updater.shadow_state,
+            config=self._config,
         )
 
     def publish_state(self) -> None:
@@ -254,6 +261,7 @@ class Agent:
         self.link.subscribe(self._topic(Topic.TRUST), self._on_trust)
         self.link.subscribe(self._topic(Topic.DESIRED), self._on_desired)
         self.runner.start()
+        self.uploader.start()
         self.link.start(self.outbox, on_connect=self.publish_state)
         telemetry = lambda: self.telemetry.run(self._stop, self._telemetry_interval, self._emit_telemetry)  # noqa: E731
         for target, name in ((self._control, "control"), (telemetry, "telemetry")):
@@ -276,7 +284,9 @@ class Agent:
             thread.join(timeout=10)
         self._flush(timeout=3)
         self.link.stop(goodbye=(self._topic(Topic.STATUS), encode(Status(state="offline"))))
+        self.uploader.join(timeout=5)
         self.outbox.close()
+        self.capture.spool.close()
 
     def _flush(self, timeout: float) -> None:
         """Give queued messages a moment to leave; whatever stays is sent after the next start."""
@@ -311,10 +321,10 @@ class Agent:
             state = _SavedState.model_validate_json(self._state_path.read_bytes())
         except (OSError, ValueError):
             return
-        self._applied_rev, self._desired = state.applied_rev, state.desired
+        self._applied_rev, self._desired, self._config = state.applied_rev, state.desired, state.config
 
     def _save_state(self) -> None:
-        state = _SavedState(applied_rev=self._applied_rev, desired=self._desired)
+        state = _SavedState(applied_rev=self._applied_rev, desired=self._desired, config=self._config)
         write_atomically(self._state_path, state.model_dump_json().encode())
 
     def _health_checks(self) -> int:
@@ -347,10 +357,10 @@ class Agent:
     def _converge(self, desired: DesiredState) -> None:
         if self._desired is not None and desired.rev < self._desired.rev:
             return
-        self._desired = desired
+        self._desired = self._checked_config(desired)
         self._save_state()
-        self._apply_config(desired)
-        model = self.runner.model
+        self._apply_config(self._desired)
+        desired, model = self._desired, self.runner.model
         if desired.bundle and (model is None or model.bundle.id != desired.bundle.id):
             self.updater.update(desired.bundle, desired.health_checks, desired.rev)
         self.updater.set_shadow(desired.shadow, desired.rev)
@@ -359,8 +369,22 @@ class Agent:
         self.publish_state()
         self.report("config.applied", f"converged to rev {desired.rev}", rev=desired.rev)
 
+    def _checked_config(self, desired: DesiredState) -> DesiredState:
+        """`desired`, or, when its configuration cannot be applied here, `desired` with the configuration the device
+        has now (the refusal reported, and kept for the reported state)."""
+        try:
+            check_config(desired, self.runner, self.device_id)
+        except ConfigRefused as error:
+            self._config = ConfigState(state="refused", rev=desired.rev, detail=str(error)[:2000])
+            self.report("config.rejected", f"rev {desired.rev}: {error}; keeping the previous configuration",
+                        level="error", rev=desired.rev)  # fmt: skip
+            return keep_previous(desired, self._desired)
+        self._config = ConfigState(state="applied", rev=desired.rev)
+        return desired
+
     def _apply_config(self, desired: DesiredState) -> None:
         self.runner.configure(desired.task, desired.thresholds, desired.rates)
+        self.capture.use(desired.capture)
         if desired.source is not None:
             try:
                 self.runner.use_source(parse_source(desired.source))
@@ -394,3 +418,4 @@ def _utc(ts: float) -> str:
 class _SavedState(StrictModel):
     applied_rev: int = -1
     desired: DesiredState | None = None
+    config: ConfigState | None = None
