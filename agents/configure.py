@@ -8,11 +8,7 @@ from typing import Any
 from edgekit.agents.runner import Runner
 from edgekit.agents.sources import SourceConfig, SourceContext, SourceUnavailable, create_source, parse_source
 from edgekit.errors import EdgekitError
-from edgekit.protocol import DesiredState
-
-# The desired state's fields a hub configures (edgekit.hub.config takes the same list); `capture` once it exists.
-CONFIG_FIELDS = tuple(name for name in ("source", "task", "thresholds", "rates", "capture")
-                      if name in DesiredState.model_fields)  # fmt: skip
+from edgekit.protocol import CONFIG_FIELDS, DesiredState
 
 
 class ConfigRefused(Exception):

@@ -322,6 +322,11 @@ class DesiredState(Payload):
     capture: "CapturePolicy | None" = None
 
 
+# The desired state's configuration, which the hub sets per device or group (edgekit.hub.config) and an agent takes
+# all or nothing (edgekit.agents.configure); the rest of a desired state is the rollout's (bundle, shadow, checks).
+CONFIG_FIELDS = tuple(name for name in ("source", "task", "thresholds", "rates", "capture")
+                      if name in DesiredState.model_fields)  # fmt: skip
+
 UpdatePhase = Literal[
     "idle", "downloading", "verifying", "testing", "switching", "healthy", "refused", "rolled_back", "failed"
 ]
