@@ -33,6 +33,7 @@ from edgekit.mqtt import Backoff
 from edgekit.protocol import Rates, Thresholds
 
 if TYPE_CHECKING:
+    from edgekit.agents.capture import Capture
     from edgekit.agents.shadow import Shadow
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class Runner:
         self.model_health: ModelHealth | None = None
         self._shadow: Shadow | None = None
         self.drift = DriftMonitor(None)  # the active bundle's input drift (edgekit.agents.drift)
+        self.capture: Capture | None = None  # keeps inputs the hub's capture policy asks for (agents/capture.py)
 
     @property
     def model(self) -> LoadedModel | None:
@@ -290,6 +292,8 @@ class Runner:
             shadow.offer(frame, feeds, outputs, latency, self._thresholds)
         if (drift := self.drift).bundle_id == model.bundle.id:
             drift.observe(feeds, outputs)
+        if self.capture is not None:
+            self.capture.consider(model, frame, feeds, result, shadow)
 
     def task_of(self, model: LoadedModel) -> Task:
         if self._task_setting != "auto":

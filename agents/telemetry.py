@@ -42,4 +42,5 @@ class TelemetryLoop:
             "model": health.stats() if (health := self._runner.model_health) else None,
             "shadow": shadow.stats() if (shadow := self._runner.shadow) else None,
             "drift": self._runner.drift.stats(),
+            "capture": capture.spool.stats() if (capture := self._runner.capture) else None,
         }
