@@ -285,6 +285,52 @@ class AuditEntry(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+class Dataset(Base):
+    """Inputs captured on devices (docs/datasets.md): one dataset per bundle name, with its retention limits."""
+
+    __tablename__ = "datasets"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created: Mapped[float] = mapped_column(Float, default=time.time)
+    samples: Mapped[int] = mapped_column(default=0)
+    stored_bytes: Mapped[int] = mapped_column(default=0)
+    dropped: Mapped[int] = mapped_column(default=0, comment="samples removed by retention, oldest first")
+    max_samples: Mapped[int] = mapped_column(default=10_000)
+    max_bytes: Mapped[int] = mapped_column(default=1024**3)
+
+
+class DatasetSample(Base):
+    """One captured input, content-addressed (its sha256) within its dataset; the bytes as the device sent them."""
+
+    __tablename__ = "dataset_samples"
+    dataset: Mapped[str] = mapped_column(ForeignKey("datasets.name"), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    ts: Mapped[float] = mapped_column(Float, comment="when the source gave it (device clock)")
+    received: Mapped[float] = mapped_column(Float, index=True)
+    bundle: Mapped[str] = mapped_column(String(160))
+    bundle_id: Mapped[str] = mapped_column(String(64))
+    input_name: Mapped[str] = mapped_column(String(128))
+    format: Mapped[str] = mapped_column(String(8), comment="png|npy")
+    reason: Mapped[str] = mapped_column(String(16), comment="low_confidence|disagreement|random")
+    output: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    size: Mapped[int] = mapped_column()
+    label: Mapped[int | None] = mapped_column(Integer)
+    labelled_by: Mapped[str | None] = mapped_column(String(64))
+    data: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+
+
+class SampleChunk(Base):
+    """A chunk of a sample still being uploaded: kept until every chunk is here, so a hub restart loses none."""
+
+    __tablename__ = "sample_chunks"
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sample: Mapped[str] = mapped_column(String(64), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    total: Mapped[int] = mapped_column(Integer)
+    received: Mapped[float] = mapped_column(Float, index=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 def dialect_insert(session: Session) -> Any:
     """The INSERT construct of the session's dialect, which has ON CONFLICT (SQLite and PostgreSQL alike)."""
     if session.bind.dialect.name == "postgresql":
