@@ -24,6 +24,7 @@ from edgekit.hub.guard import WebGuard
 from edgekit.hub.live import FleetRelay, LiveFeed
 from edgekit.hub.metrics import hub_registry, metrics_router
 from edgekit.hub.routes import audit, bundles, deployments, devices, downloads, enrollment, session, tokens, trust
+from edgekit.hub.routes import config as config_routes
 from edgekit.hub.schemas import Health
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ def create_app(hub: "Hub") -> FastAPI:
                 "sessions": hub.sessions,
                 "registry": hub.registry,
                 "deployments": hub.rollouts,
+                "configs": hub.configs,
                 "link": hub.link,
                 "feed": feed,
                 "medians": medians,
@@ -115,7 +117,7 @@ def create_app(hub: "Hub") -> FastAPI:
         lifespan=lifespan,
     )
     api = APIRouter(prefix="/api", dependencies=[Depends(require_read)])
-    for routes in (devices, bundles, deployments, audit, tokens):
+    for routes in (devices, config_routes, bundles, deployments, audit, tokens):
         api.include_router(routes.router)
     api.include_router(enrollment.router_for(hub.enroll))  # needs the hub's broker, not only its database
     api.include_router(trust.router_for(lambda: hub.trust.root, hub.rotate_keys))  # and its keys

@@ -214,10 +214,10 @@ def _baseline(device: Device, running: dict[str, Any] | None) -> dict[str, Any] 
     return model if model and running and model.get("bundle") == running.get("id") else None
 
 
-def _desired_base(device: Device) -> dict[str, Any]:
-    """The last desired state the hub sent this device, the defaults if none or if it no longer validates."""
+def _desired_base(desired: dict[str, Any] | None) -> dict[str, Any]:
+    """The last desired state the hub sent a device, the defaults if none or if it no longer validates."""
     try:
-        return DesiredState.model_validate(device.desired or {"rev": 0}).model_dump(mode="json", exclude_none=True)
+        return DesiredState.model_validate(desired or {"rev": 0}).model_dump(mode="json", exclude_none=True)
     except ValidationError:
         return {"rev": 0}
 
@@ -309,20 +309,36 @@ def publish_desired(sessions: sessionmaker, send: SendDesired, device: Device, b
                     allow_downgrade: bool, health_checks: int | None, record: Callable[[Session, int], None],
                     shadow: dict[str, Any] | None = None) -> int:  # fmt: skip
     """Publish (retained) the device's last desired state with `bundle` swapped in, `shadow` (a DesiredShadow's
-    fields: a bundle to run beside it) or none, and a fresh rev; returns the rev.
+    fields: a bundle to run beside it) or none, and a fresh rev (`publish_change`); returns the rev. Its
+    configuration (`CONFIG_FIELDS`: source, thresholds, rates, capture) stays as it is."""
+
+    def with_bundle(fields: dict[str, Any]) -> dict[str, Any]:
+        fields = {**fields, "bundle": {**bundle, "allow_downgrade": allow_downgrade}}
+        fields.pop("shadow", None)
+        if shadow is not None:
+            fields["shadow"] = shadow
+        if health_checks is not None:
+            fields["health_checks"] = health_checks
+        return fields
+
+    return publish_change(sessions, send, device, with_bundle, record)
+
+
+def publish_change(sessions: sessionmaker, send: SendDesired, device: Device,
+                   change: Callable[[dict[str, Any]], dict[str, Any]],
+                   record: Callable[[Session, int], None]) -> int:  # fmt: skip
+    """Publish (retained) `change` applied to the device's last desired state (its fields, JSON), with a fresh rev;
+    returns the rev. The last desired state is read after the UPDATE that takes the rev, in its transaction: no
+    other writer is in between, so a deploy keeps a configuration set since `device` was loaded, and a
+    configuration change keeps the bundle a rollout sent meanwhile. ValidationError when the result is invalid.
 
     Recorded before it is published, in one transaction: the rev taken (`take_rev`), the desired state stored and
     whatever `record(session, rev)` writes (it raises to call the send off). If the hub dies before publishing,
     the stored desired state is sent again by the next controller's resume, or when the device reconnects."""
     with sessions.begin() as session:
         rev = take_rev(session, device)
-        fields = {**_desired_base(device), "rev": rev, "bundle": {**bundle, "allow_downgrade": allow_downgrade}}
-        fields.pop("shadow", None)
-        if shadow is not None:
-            fields["shadow"] = shadow
-        if health_checks is not None:
-            fields["health_checks"] = health_checks
-        desired = DesiredState.model_validate(fields)
+        last = session.scalar(select(Device.desired).where(Device.id == device.id))
+        desired = DesiredState.model_validate({**change(_desired_base(last)), "rev": rev})
         stored = desired.model_dump(mode="json", exclude_none=True)
         session.execute(update(Device).where(Device.id == device.id).values(desired=stored))
         record(session, rev)

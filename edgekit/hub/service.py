@@ -28,6 +28,7 @@ from edgekit.hub.acl import HUB_USER, BrokerUsers, check_share_group
 from edgekit.hub.app import create_app
 from edgekit.hub.auth import hub_secret
 from edgekit.hub.broker import EmbeddedBroker, MosquittoBroker, reload_broker, start_embedded_broker
+from edgekit.hub.config import Configs
 from edgekit.hub.db import Device, database_url, open_database
 from edgekit.hub.downloads import DownloadLinks
 from edgekit.hub.ingest import Ingest, Message, device_ids
@@ -123,6 +124,7 @@ class Hub:
             lease = Lease(self.sessions, CONTROLLER, self.replica, CONTROLLER_LEASE_S)
             self.driver = RolloutDriver(self.sessions, self.send_desired, self.registry, lease)
         self.rollouts = Deployments(self.sessions, self.send_desired, self.registry, self.driver)
+        self.configs = Configs(self.sessions, self.send_desired)  # device and group configuration (edgekit.hub.config)
         self.stopping = threading.Event()  # set by stop(): open live streams end, so the server can stop
         self.link: BrokerLink | None = None  # from start(), when the broker's address is known
         self.app: FastAPI | None = None
@@ -133,6 +135,7 @@ class Hub:
         online = [device_id for device_id, kind, m in stored if kind == Topic.STATUS and m.state == "online"]
         if online and self.settings.controller:  # replicas that may drive rollouts sign; --no-controller ones never
             self._refresh_devices(online)
+            self.configs.follow_groups(online)  # enrolled, or away, since a group it is in was configured
         for listener in list(self.listeners):
             listener(stored)
 

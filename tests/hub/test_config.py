@@ -1,0 +1,197 @@
+"""Device configuration from the hub (edgekit.hub.config) over the real API: a real hub (embedded Mosquitto,
+SQLite), real agents, real signed bundles. Group and device changes reach the devices, survive deploys in both
+orders, follow devices into groups, are audited; bad input gets 422s naming the field and stores nothing."""
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from helpers import compile_bundle
+from hub_helpers import devices, fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until
+from sqlalchemy import func, select
+
+from edgekit.hub.auth import create_token
+from edgekit.hub.config import Configs
+from edgekit.hub.db import AuditEntry, Device, GroupConfig, ResultRecord, open_database
+from edgekit.hub.rollouts import publish_desired
+from edgekit.protocol import DesiredState
+
+TIMEOUT_S = 90.0
+
+
+@pytest.fixture(scope="module")
+def bundles(small_cnn_model: Path, small_cnn_calibration: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # fmt: skip
+    """cnn 1.0.0 and 2.0.0 signed by one key, and its public key."""
+    folder = tmp_path_factory.mktemp("config-bundles")
+    key, public = signing_keys(folder / "key")
+
+    def build(version: str) -> Path:
+        return compile_bundle(small_cnn_model, small_cnn_calibration, key, version, folder / f"cnn-{version}.ekb",
+                              name="cnn")  # fmt: skip
+
+    return {"public": public, "v1": build("1.0.0"), "v2": build("2.0.0")}
+
+
+def _client(hub, token: str) -> httpx.Client:
+    return httpx.Client(base_url=hub.http_url, headers={"Authorization": f"Bearer {token}"}, timeout=30,
+                        trust_env=False)  # fmt: skip
+
+
+def _reported(hub, device_id: str) -> dict[str, Any]:
+    return devices(hub)[device_id].reported or {}
+
+
+def _wait_reported(hub, device_id: str, check, what: str) -> dict[str, Any]:
+    return wait_until(lambda: (r := _reported(hub, device_id)) and check(r) and r, TIMEOUT_S, f"{device_id}: {what}")
+
+
+def _results_since(hub, since: float) -> set[str]:
+    with hub.sessions() as session:
+        return set(session.scalars(select(ResultRecord.device_id).where(ResultRecord.ts > since).distinct()))
+
+
+def _deploy(client: httpx.Client, hub, bundle_id: str, target: str) -> None:
+    created = client.post("/api/deployments", json={"bundle_id": bundle_id, "target": target, "canary_percent": 100,
+                                                    "wave_timeout_s": 60})  # fmt: skip
+    assert created.status_code == 201, created.text
+    number = created.json()["id"]
+    done = wait_until(lambda: (d := client.get(f"/api/deployments/{number}").json())["state"] != "running" and d,
+                      TIMEOUT_S, f"deployment #{number} to end")  # fmt: skip
+    assert done["state"] == "completed", done["reason"]
+
+
+def test_group_and_device_config_reach_agents_survive_deploys_and_follow_joins(make_hub, bundles, tmp_path) -> None:
+    hub = make_hub(trust_key=bundles["public"])
+    ids = fleet_ids("cfg", 3)
+    north, other = ids[:2], ids[2]
+    v2, _ = hub.registry.add(bundles["v2"], "test")
+    with (
+        fleet(hub, 3, tmp_path, bundles["public"], bundles["v1"], prefix="cfg") as agents,
+        _client(hub, create_token(hub.sessions, "alice", "test")) as alice,
+    ):
+        wait_devices_reported(hub, ids)
+        for device_id in north:
+            assert alice.put(f"/api/devices/{device_id}/labels", json={"labels": {"site": "north"}}).status_code == 200
+
+        # A group change: stored, and sent to every current member only.
+        changed = alice.put(
+            "/api/groups/site=north/config", json={"thresholds": {"top_k": 3}, "rates": {"telemetry_s": 2}}
+        )
+        assert changed.status_code == 200, changed.text
+        body = changed.json()
+        assert body["target"] == "group:site=north" and body["group"]["version"] == 1
+        assert sorted(s["device"] for s in body["sent"]) == north and all(s["rev"] for s in body["sent"])
+        for device_id in north:
+            reported = _wait_reported(hub, device_id, lambda r: r["thresholds"]["top_k"] == 3, "top_k 3")
+            assert reported["rates"]["telemetry_s"] == 2 and reported["config"]["state"] == "applied"
+        assert _reported(hub, other)["thresholds"]["top_k"] == 5  # not in the group
+
+        # Config, then deploy: the deploy keeps the configuration.
+        _deploy(alice, hub, v2.id, "all")
+        for device_id in north:
+            reported = _reported(hub, device_id)
+            assert reported["bundle"]["id"] == v2.id and reported["thresholds"]["top_k"] == 3, reported
+            assert devices(hub)[device_id].desired["thresholds"]["top_k"] == 3
+
+        # Deploy, then config: the change keeps the bundle the deploy sent.
+        own = alice.put(
+            f"/api/devices/{other}/config", json={"source": "synthetic:?fps=7", "thresholds": {"score": 0.3}}
+        )
+        assert own.status_code == 200, own.text
+        reported = _wait_reported(hub, other, lambda r: (r.get("source") or {}).get("fps") == 7, "source at 7 fps")
+        assert reported["bundle"]["id"] == v2.id and reported["thresholds"]["score"] == 0.3
+        assert devices(hub)[other].desired["bundle"]["id"] == v2.id
+
+        # It joins the group later: it gets the group's configuration, and keeps what the group does not set.
+        assert alice.put(f"/api/devices/{other}/labels", json={"labels": {"site": "north"}}).status_code == 200
+        reported = _wait_reported(hub, other, lambda r: r["thresholds"]["top_k"] == 3, "the group's top_k")
+        assert reported["thresholds"]["score"] == 0.3 and reported["source"]["fps"] == 7
+        assert reported["bundle"]["id"] == v2.id
+        shown = alice.get(f"/api/devices/{other}/config").json()
+        assert [g["selector"] for g in shown["groups"]] == ["site=north"] and shown["desired"]["thresholds"][
+            "top_k"
+        ] == 3
+
+        # A source the devices do not have: refused on each, which keeps its configuration and keeps running.
+        bad = alice.put("/api/groups/site=north/config", json={"source": "camera:7", "thresholds": {"top_k": 1}})
+        assert bad.status_code == 200 and len(bad.json()["sent"]) == 3
+        for device_id in ids:
+            rev = next(s["rev"] for s in bad.json()["sent"] if s["device"] == device_id)
+            reported = _wait_reported(hub, device_id, lambda r, rev=rev: r.get("rev", -1) >= rev, f"rev {rev}")
+            assert reported["config"]["state"] == "refused" and "camera 7" in reported["config"]["detail"]
+            assert reported["thresholds"]["top_k"] == 3, reported["thresholds"]
+        assert alice.get(f"/api/devices/{other}/config").json()["state"]["state"] == "refused"
+        since = time.time()
+        wait_until(lambda: _results_since(hub, since) == set(ids), TIMEOUT_S, "results from every device: running")
+        assert all(a.runner.source_config is not None and a.runner.source_config.kind == "synthetic"
+                   for a in agents.agents)  # fmt: skip
+
+        with hub.sessions() as session:
+            audit = [e for e in session.scalars(select(AuditEntry).where(AuditEntry.action == "config"))]
+        assert [(e.actor, e.detail["target"]) for e in audit] == [
+            ("alice", "group:site=north"),
+            ("alice", other),
+            ("hub", other),
+            ("alice", "group:site=north"),
+        ]
+        assert audit[0].detail["change"] == {"thresholds": {"top_k": 3}, "rates": {"telemetry_s": 2}}
+        assert audit[2].detail["why"] == "the device joined the group" and audit[2].detail["devices"][0]["rev"]
+
+
+def test_bad_config_input_gets_422_naming_the_field_and_stores_nothing(hub) -> None:
+    ops = create_token(hub.sessions, "ops", "test", scope="operate")
+    reader = create_token(hub.sessions, "viewer", "test", scope="read")
+    with hub.sessions.begin() as session:
+        session.add(Device(id="dev-1", labels={}, runtimes=[]))
+    cases = [
+        ("/api/devices/dev-1/config", {"thresholds": {"score": 2}}, "body.thresholds", "less than or equal to 1"),
+        ("/api/devices/dev-1/config", {"thresholds": {"topk": 2}}, "body.thresholds", "unknown topk"),
+        ("/api/devices/dev-1/config", {"rates": {"telemetry_s": 0}}, "body.rates", "greater than 0"),
+        ("/api/devices/dev-1/config", {"colour": "red"}, "body.colour", "Extra inputs"),
+        ("/api/devices/dev-1/config", {"source": "no kind"}, "body.source", "expected KIND:TARGET"),
+        ("/api/devices/dev-1/config", {"task": "segmenter"}, "body.task", "'classifier'"),
+        ("/api/devices/dev-1/config", {"capture": {"random_rate": 3}}, "body.capture", "random_rate"),
+        ("/api/groups/site=a b/config", {"task": "raw"}, "path.selector", "expected KEY=VALUE or KEY"),
+    ]
+    with _client(hub, ops) as client:
+        for path, body, where, fragment in cases:
+            response = client.put(path, json=body)
+            assert response.status_code == 422, (body, response.text)
+            errors = {".".join(map(str, e["loc"])): e["msg"] for e in response.json()["detail"]}
+            assert where in errors and fragment in errors[where], (body, errors)
+        assert client.put("/api/devices/nope/config", json={"task": "raw"}).status_code == 404
+        assert client.get("/api/groups/site=a/config").status_code == 404
+    with _client(hub, reader) as client:
+        refused = client.put("/api/groups/site=a/config", json={"task": "raw"})
+        assert refused.status_code == 403 and "operate" in refused.text
+        assert client.get("/api/devices/dev-1/config").status_code == 200
+    with hub.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(GroupConfig)) == 0
+        assert session.scalar(select(func.count()).select_from(AuditEntry).where(AuditEntry.action == "config")) == 0
+        assert session.get(Device, "dev-1").desired is None
+
+
+def test_a_deploy_from_a_stale_read_keeps_a_config_set_since_and_a_config_keeps_bundle_and_shadow(tmp_path) -> None:
+    """The driver loads devices, then sends a tick later: a configuration set in between is kept (both orders)."""
+    _engine, sessions = open_database(f"sqlite:///{tmp_path / 'hub.sqlite'}")
+    sent: list[DesiredState] = []
+    send = lambda _device, desired, _version: sent.append(desired)  # noqa: E731
+    bundle = {"id": "a" * 64, "name": "cnn", "version": "2.0.0", "size": 10}
+    shadow = {"bundle": {**bundle, "id": "b" * 64, "version": "3.0.0"}, "budget": 0.5}
+    with sessions.begin() as session:
+        session.add(Device(id="dev-1", labels={}, runtimes=[], agent_version="0.4.0"))
+    with sessions() as session:
+        stale = session.get(Device, "dev-1")
+    configs = Configs(sessions, send)
+    configs.set_device("dev-1", {"thresholds": {"top_k": 2}, "source": "video:/data/clip.mp4"}, "alice")
+    publish_desired(sessions, send, stale, bundle, False, None, lambda _s, _r: None, shadow)
+    assert sent[-1].thresholds.top_k == 2 and sent[-1].source == "video:/data/clip.mp4"
+    assert sent[-1].bundle is not None and sent[-1].bundle.id == bundle["id"]
+    configs.set_device("dev-1", {"thresholds": {"score": 0.9}, "source": None}, "alice")
+    last = sent[-1]
+    assert last.bundle is not None and last.bundle.id == bundle["id"] and last.shadow is not None
+    assert (last.thresholds.top_k, last.thresholds.score, last.source) == (2, 0.9, None)
+    assert [d.rev for d in sent] == [1, 2, 3]
