@@ -11,6 +11,7 @@ from edgekit.hub.auth import Operator
 from edgekit.hub.db import AuditEntry, Device, EventRecord, ResultRecord, TelemetryRollup, TelemetrySample
 from edgekit.hub.deps import Sessions
 from edgekit.hub.routes import unprocessable
+from edgekit.hub.routes.config import ConfigsDep
 from edgekit.hub.schemas import LABEL_KEY, DeviceDetail, DeviceOut, EventOut, LabelsIn, ResultOut, TelemetryOut
 
 router = APIRouter()
@@ -62,12 +63,13 @@ def get_device(sessions: Sessions, device_id: str) -> DeviceDetail:
 
 
 @router.put("/devices/{device_id}/labels", response_model=DeviceOut)
-def put_labels(sessions: Sessions, device_id: str, body: LabelsIn, actor: Operator) -> Device:
+def put_labels(sessions: Sessions, device_id: str, body: LabelsIn, actor: Operator, configs: ConfigsDep) -> Device:
     with sessions.begin() as session:
         device = _device_or_404(session, device_id)
         device.labels = dict(body.labels)
         session.add(AuditEntry(ts=time.time(), actor=actor, action="labels",
                                detail={"device": device_id, "labels": body.labels}))  # fmt: skip
+    configs.follow_groups([device_id])  # it may have joined a group that has a configuration (edgekit.hub.config)
     return device
 
 
