@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -62,6 +63,16 @@ class HubClient:
 
     def device(self, device_id: str) -> dict[str, Any]:
         return self._request("GET", f"/api/devices/{device_id}")
+
+    def set_config(self, target: str, change: dict[str, Any]) -> dict[str, Any]:
+        """`target`: a device id or group:KEY[=VALUE] (edgekit.hub.config)."""
+        if target.startswith("group:"):
+            return self._request("PUT", f"/api/groups/{quote(target.removeprefix('group:'), safe='=')}/config",
+                                 json=change)  # fmt: skip
+        return self._request("PUT", f"/api/devices/{quote(target, safe='')}/config", json=change)
+
+    def device_config(self, device_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/api/devices/{quote(device_id, safe='')}/config")
 
     def bundles(self) -> list[dict[str, Any]]:
         return self._request("GET", "/api/bundles")
