@@ -63,7 +63,7 @@ def _root(
 
 
 def _register() -> None:
-    from edgekit.cli import agent_cmd, bundle_cmds, compile_cmd, demo_cmd, hub_cmd, keys_cmd, profiles_cmd
+    from edgekit.cli import agent_cmd, bundle_cmds, compile_cmd, config_cmd, demo_cmd, hub_cmd, keys_cmd, profiles_cmd
 
     compile_cmd.register(app)
     bundle_cmds.register(app)
@@ -71,6 +71,7 @@ def _register() -> None:
     app.add_typer(keys_cmd.app, name="keys")
     agent_cmd.register(app)
     hub_cmd.register(app)
+    app.add_typer(config_cmd.app, name="config")
     demo_cmd.register(app)
 
 
