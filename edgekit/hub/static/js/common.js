@@ -1,7 +1,7 @@
 // Shared by every page: API calls, HTML escaping, formatting and the live (SSE) feed.
 
 export class ApiError extends Error {
-  constructor(status, message) { super(message); this.status = status; }
+  constructor(status, message, detail) { super(message); this.status = status; this.detail = detail; } // detail: FastAPI's
 }
 
 /** GET (or other method) a JSON API path; a 401 means the session ended, so show the login form again. */
@@ -19,7 +19,7 @@ export async function api(path, { method = "GET", body } = {}) {
   const data = text ? JSON.parse(text) : null;
   if (!response.ok) {
     const detail = data && data.detail !== undefined ? JSON.stringify(data.detail) : text;
-    throw new ApiError(response.status, `${method} ${path}: HTTP ${response.status} ${detail}`);
+    throw new ApiError(response.status, `${method} ${path}: HTTP ${response.status} ${detail}`, data && data.detail);
   }
   return data;
 }
