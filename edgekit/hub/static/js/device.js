@@ -1,5 +1,6 @@
 // Device page: facts, live charts (latency, FPS, CPU, temperature), input drift and the device's recent events.
 import { ago, api, esc, labels, listOf, live, num, setTitle, short, state, tickAges, when } from "./common.js";
+import { configPanel } from "./config.js";
 
 const WINDOWS = [[300, "5 min"], [900, "15 min"], [3600, "1 h"], [6 * 3600, "6 h"], [86400, "24 h"]];
 const MAX_POINTS = 5000; // per chart; older points fall off the left
@@ -166,6 +167,7 @@ export async function render(main, id) {
   const [device, uPlot] = await Promise.all([api(path), loadUPlot()]);
   factsEl.innerHTML = facts(device);
   tickAges(factsEl);
+  const config = configPanel(factsEl, id, device.labels).catch((error) => console.warn("config:", error));
 
   let rows = [];
   const charts = CHARTS.map((c) => {
@@ -236,6 +238,6 @@ export async function render(main, id) {
     }
   }, { device: id });
   recentResults(main, id);
-  await Promise.all([loadWindow(), loadEvents().catch((error) => console.warn("events:", error)), driftChart(main, id, uPlot, windowSelect)]);
+  await Promise.all([config, loadWindow(), loadEvents().catch((error) => console.warn("events:", error)), driftChart(main, id, uPlot, windowSelect)]);
   document.body.dataset.ready = "device";
 }

@@ -1,5 +1,6 @@
 // Rollouts: each deployment's waves with per-state progress bars, and a Halt button while it runs.
 import { api, applySizes, esc, listOf, live, setTitle, short, state, when } from "./common.js";
+import { deployForm } from "./deploy.js";
 
 const STATES = ["healthy", "sent", "failed", "timed_out", "rolled_back", "pending"];
 
@@ -81,7 +82,7 @@ export async function render(main) {
     await load();
   });
 
-  await load();
+  await Promise.all([load(), deployForm(main.querySelector(".toolbar"), load)]);
   document.body.dataset.ready = "rollouts";
   // Update events move rollouts forward: reload soon after one arrives, and every few seconds regardless.
   let due = null;
