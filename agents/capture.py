@@ -19,7 +19,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -277,6 +277,16 @@ class Capture:
         return reason
 
 
+def chunks_of(sample: Spooled) -> Iterator[bytes]:
+    """The `samples` payloads of a sample: SAMPLE_CHUNK_BYTES pieces, each with the header (docs/protocol.md)."""
+    total = max(1, -(-len(sample.data) // SAMPLE_CHUNK_BYTES))
+    for index in range(total):
+        data = sample.data[index * SAMPLE_CHUNK_BYTES : (index + 1) * SAMPLE_CHUNK_BYTES]
+        header = SampleHeader(sample=sample.sha256, index=index, total=total, size=len(sample.data),
+                              sha256=hashlib.sha256(data).hexdigest(), meta=sample.meta)  # fmt: skip
+        yield encode_sample(header, data)
+
+
 class Uploader:
     """Sends spooled samples to the hub one chunk at a time, while the outbox is nearly empty (module docstring)."""
 
@@ -323,14 +333,10 @@ class Uploader:
 
     def _send(self, sample: Spooled) -> bool:
         """Every chunk of `sample`, each when the outbox is nearly empty; False when the link went down meanwhile."""
-        total = max(1, -(-len(sample.data) // SAMPLE_CHUNK_BYTES))
-        for index in range(total):
+        for chunk in chunks_of(sample):
             if not self._wait_for_room():
                 return False
-            data = sample.data[index * SAMPLE_CHUNK_BYTES : (index + 1) * SAMPLE_CHUNK_BYTES]
-            header = SampleHeader(sample=sample.sha256, index=index, total=total, size=len(sample.data),
-                                  sha256=hashlib.sha256(data).hexdigest(), meta=sample.meta)  # fmt: skip
-            if not self._link.publish_direct(self._topic, encode_sample(header, data), qos=1):
+            if not self._link.publish_direct(self._topic, chunk, qos=1):
                 return False
             self._stop.wait(CHUNK_GAP_S)
         return True

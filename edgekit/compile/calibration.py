@@ -11,6 +11,8 @@ from edgekit.profiles import Preprocessing
 from edgekit.samples import IMAGE_SUFFIXES, SampleSet, feed_size, item_shape, preprocess_image, resolve_preprocessing
 
 LABEL_KEYS = ("labels", "y")
+# A text array naming where the samples came from (a hub dataset's export); the compile report names it.
+SOURCE_KEY = "source"
 SINGLE_INPUT_KEYS = ("inputs", "x", "arr_0")
 
 
@@ -62,6 +64,7 @@ def _load_npz(path: Path, inputs: list[TensorSpec]) -> SampleSet:
     except (OSError, ValueError) as error:
         raise BadInput(f"{path}: not a readable .npz file ({error})") from None
     labels = next((data.pop(key) for key in LABEL_KEYS if key in data), None)
+    source = data.pop(SOURCE_KEY) if SOURCE_KEY in data and data[SOURCE_KEY].dtype.kind == "U" else None
     arrays = {}
     for spec in inputs:
         key = spec.name if spec.name in data else _single_input_key(path, data, inputs)
@@ -71,7 +74,8 @@ def _load_npz(path: Path, inputs: list[TensorSpec]) -> SampleSet:
         raise BadInput(f"{path}: inputs have different sample counts: {counts}")
     if labels is not None and len(labels) != len(next(iter(arrays.values()))):
         raise BadInput(f"{path}: 'labels' has {len(labels)} entries, inputs have {next(iter(counts.values()))} samples")
-    return SampleSet(arrays, labels.astype(np.int64) if labels is not None else None, str(path), _axes(inputs))
+    origin = f"{path} ({str(source)[:300]})" if source is not None else str(path)
+    return SampleSet(arrays, labels.astype(np.int64) if labels is not None else None, origin, _axes(inputs))
 
 
 def _single_input_key(path: Path, data: dict[str, np.ndarray], inputs: list[TensorSpec]) -> str:

@@ -201,6 +201,15 @@ def _load_samples(request: CompileRequest, model: PreparedModel) -> _Samples:
     return result
 
 
+def _data_description(samples: _Samples, request: CompileRequest) -> str:
+    """The report's `data`: which samples verified, and where they came from when the .npz says (a hub dataset's
+    export names itself in its `source` array, edgekit.compile.calibration)."""
+    counted = f"{samples.data} ({len(samples.held_out)} samples)"
+    calibration = samples.calibration
+    named = calibration is not None and calibration.origin != str(request.calibration)
+    return f"{counted} of {calibration.origin}" if named else counted
+
+
 class _Verifier:
     """Runs sessions on the held-out feeds and turns them into Metrics against the fp32 reference."""
 
@@ -616,7 +625,7 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
             model=str(request.model),
             profile=request.profile.name,
             host=f"{host_arch()}",
-            data=f"{samples.data} ({len(samples.held_out)} samples)",
+            data=_data_description(samples, request),
             ranking=ranking,
             reference=verifier.reference,
             candidates=[o.report if isinstance(o, _Built) else o for o in outcomes],

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import attrgetter, itemgetter
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import paho.mqtt.client as mqtt
 from sqlalchemy import BigInteger, case, select, update
@@ -58,6 +58,9 @@ from edgekit.protocol import (
     decode,
     parse_topic,
 )
+
+if TYPE_CHECKING:
+    from edgekit.hub.datasets import SampleIngest
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ def subscriptions(share_group: str | None, sequenced: bool = True) -> list[str]:
     """The topic filters of what ingest takes over MQTT; `sequenced=False`: the state topics only (telemetry,
     results and events come another way, `edgekit.hub.jetstream`)."""
     shared = f"$share/{share_group}/" if share_group else ""
-    per_device = [f"{shared}{PREFIX}/+/{name}" for name in SEQUENCED] if sequenced else []
+    per_device = [f"{shared}{PREFIX}/+/{name}" for name in (*SEQUENCED, Topic.SAMPLES)] if sequenced else []
     return per_device + [f"{PREFIX}/+/{name}" for name in STATE]
 
 
@@ -131,6 +134,7 @@ class Ingest:
         self.stats = IngestStats()
         self._on_stored = on_stored
         self._acks: Acknowledger | None = None
+        self.samples: SampleIngest | None = None  # takes the `samples` topic's chunks (edgekit.hub.datasets)
         # The writer starts at once when this many wait (else it lets more come for up to flush_s).
         self._eager = batch_size
         # deque.append and popleft are atomic: paho's thread hands messages over without taking a lock.
@@ -265,6 +269,10 @@ class Ingest:
                 parsed = topics[topic] = _device_and_kind(topic)
                 if len(topics) > TOPIC_CACHE:  # a flood of made-up topics must not grow it without bound
                     topics.clear()
+            if not parsed and self.samples is not None and (sender := _sample_sender(topic)):
+                if refused := self.samples.receive(sender, payload):
+                    invalid[refused] += 1
+                continue
             if not parsed:
                 invalid["unknown topic"] += 1
                 continue
@@ -358,6 +366,12 @@ def _device_and_kind(topic: str) -> tuple:
     if model_type is None or not _DEVICE_ID.fullmatch(parsed[0]):
         return ()
     return (parsed[0], parsed[1], model_type)
+
+
+def _sample_sender(topic: str) -> str | None:
+    """The device a `samples` topic is of, else None."""
+    parsed = parse_topic(topic)
+    return parsed[0] if parsed and parsed[1] == Topic.SAMPLES and _DEVICE_ID.fullmatch(parsed[0]) else None
 
 
 def _ensure_devices(session: Session, devices: set[str]) -> None:

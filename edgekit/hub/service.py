@@ -29,6 +29,7 @@ from edgekit.hub.app import create_app
 from edgekit.hub.auth import hub_secret
 from edgekit.hub.broker import EmbeddedBroker, MosquittoBroker, reload_broker, start_embedded_broker
 from edgekit.hub.config import Configs
+from edgekit.hub.datasets import SampleIngest
 from edgekit.hub.db import Device, database_url, open_database
 from edgekit.hub.downloads import DownloadLinks
 from edgekit.hub.ingest import Ingest, Message, device_ids
@@ -43,6 +44,7 @@ from edgekit.hub.store import check_store_url, open_store
 from edgekit.hub.transfer import DeltaCache
 from edgekit.mqtt import with_login
 from edgekit.protocol import (
+    CAPTURE_SINCE,
     DOWNLOAD_LINKS_SINCE,
     SHADOW_SINCE,
     DesiredBundle,
@@ -115,6 +117,7 @@ class Hub:
             list(settings.public_urls) or [public_url(settings.http_host, settings.http_port)],
         )
         self.ingest = Ingest(self.sessions, on_stored=self._on_stored)
+        self.ingest.samples = SampleIngest(self.sessions, self.publish)  # captured inputs (edgekit.hub.datasets)
         self.listeners: list = []  # callables(stored) for live views (the dashboard's SSE feed)
         # Run where the driver runs: raw telemetry for a day, then per-minute rollups for 90 days.
         # Replicas on one database all run them; leases let one at a time do the work (edgekit.hub.leases).
@@ -145,9 +148,12 @@ class Hub:
         """Sign `desired` for the device (fresh expiry) and publish it, retained. What the device's `agent_version`
         (from its status) cannot take is left out: download links before 0.2 (the bundles it names come with
         links that expire with the desired state from 0.2 on), a shadow bundle before 0.3 (the rollout controller
-        does not ask such a device to shadow; this keeps a stored desired state from being refused whole)."""
+        does not ask such a device to shadow; this keeps a stored desired state from being refused whole), a
+        capture policy before 0.4 (such a device captures nothing)."""
         if desired.shadow is not None and not agent_takes(agent_version, SHADOW_SINCE):
             desired = desired.model_copy(update={"shadow": None})
+        if desired.capture is not None and not agent_takes(agent_version, CAPTURE_SINCE):
+            desired = desired.model_copy(update={"capture": None})
         if agent_takes(agent_version, DOWNLOAD_LINKS_SINCE):
             desired = self._with_links(desired, device_id, time.time() + self.settings.desired_ttl_s)
         self.publish(device_topic(device_id, Topic.DESIRED), self.trust.sign_desired(device_id, desired), True)
