@@ -63,7 +63,17 @@ def _root(
 
 
 def _register() -> None:
-    from edgekit.cli import agent_cmd, bundle_cmds, compile_cmd, config_cmd, demo_cmd, hub_cmd, keys_cmd, profiles_cmd
+    from edgekit.cli import (
+        agent_cmd,
+        bundle_cmds,
+        compile_cmd,
+        config_cmd,
+        dataset_cmd,
+        demo_cmd,
+        hub_cmd,
+        keys_cmd,
+        profiles_cmd,
+    )
 
     compile_cmd.register(app)
     bundle_cmds.register(app)
@@ -72,6 +82,7 @@ def _register() -> None:
     agent_cmd.register(app)
     hub_cmd.register(app)
     app.add_typer(config_cmd.app, name="config")
+    app.add_typer(dataset_cmd.app, name="dataset")
     demo_cmd.register(app)
 
 
