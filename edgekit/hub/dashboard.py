@@ -17,7 +17,7 @@ from edgekit.hub.auth import Actor, MaybeCaller
 from edgekit.hub.deps import DriftThreshold, Feed, Medians, Sessions
 
 STATIC = Path(__file__).parent / "static"
-PAGES = ("/", "/devices/{device_id}", "/bundles", "/rollouts", "/events", "/audit")
+PAGES = ("/", "/devices/{device_id}", "/bundles", "/rollouts", "/events", "/audit", "/datasets", "/datasets/{name}")
 
 INSECURE_BANNER = (
     '<div class="insecure-broker" role="alert">Insecure broker (edgekit hub --insecure-broker): anyone who reaches '

@@ -177,3 +177,35 @@ def test_list_label_export_and_purge_through_the_api(cnn_hub, tmp_path: Path) ->
         actions = [entry.action for entry in session.scalars(select(AuditEntry).order_by(AuditEntry.id))]
     assert actions.count("dataset.label") == 4 and actions.count("dataset.purge") == 1
     wait_until(lambda: hub.ingest.running, 5, "ingest to keep running")
+
+
+def test_the_dashboard_shows_a_gallery_and_labels_a_sample(cnn_hub) -> None:
+    from browser import chromium, open_logged_in, until
+
+    hub = cnn_hub
+    image = image_sample(hub, 30)
+    buffer = io.BytesIO()
+    np.save(buffer, np.sin(np.linspace(0, 6, 3 * 32 * 32, dtype=np.float32)).reshape(1, 3, 32, 32))
+    meta = image.meta.model_copy(update={"format": "npy", "reason": "random"})
+    window = Spooled(hashlib.sha256(buffer.getvalue()).hexdigest(), meta, buffer.getvalue())
+    for sample in (image, window):
+        send(hub, list(chunks_of(sample)))
+    token = create_token(hub.sessions, "labeller", "test", "operate")
+    with chromium() as browser:
+        page = browser.new_page()
+        open_logged_in(page, f"{hub.http_url}/datasets", token, "datasets")
+        assert page.inner_text("#datasets tbody").split()[:3] == ["cnn", "2", "0"]
+        page.click("#datasets a")
+        until(page, "document.body?.dataset.ready === 'dataset'")
+        until(page, "[...document.querySelectorAll('img.thumb')].every((img) => img.complete && img.naturalWidth > 0)")
+        assert page.eval_on_selector("img.thumb", "img => [img.naturalWidth, img.naturalHeight]") == [32, 32]
+        points = page.get_attribute(f"svg[data-sample='{window.sha256}'] polyline", "points")
+        assert points and len(points.split()) == 256, "a sensor window is drawn from its (picked) values"
+        form = f"figure[data-sample='{image.sha256}'] form.label"
+        page.fill(f"{form} input", "7")
+        page.click(f"{form} button")
+        until(page, f"document.querySelector(\"{form}\").dataset.saved === '7'")
+    assert stored(hub)[image.sha256].label == 7 and stored(hub)[image.sha256].labelled_by == "labeller"
+    with hub.sessions() as session:
+        entry = session.scalars(select(AuditEntry).where(AuditEntry.action == "dataset.label")).one()
+    assert entry.actor == "labeller" and entry.detail == {"dataset": "cnn", "sample": image.sha256, "label": 7}

@@ -8,6 +8,8 @@ const ROUTES = [
   [/^\/rollouts$/, "rollouts"],
   [/^\/events$/, "events"],
   [/^\/audit$/, "audit"],
+  [/^\/datasets$/, "datasets"],
+  [/^\/datasets\/([^/]+)$/, "datasets"],
 ];
 
 async function alertBadge() {
