@@ -3,13 +3,10 @@ SQLite), real agents, real signed bundles. Group and device changes reach the de
 orders, follow devices into groups, are audited; bad input gets 422s naming the field and stores nothing."""
 
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-from helpers import compile_bundle
-from hub_helpers import devices, fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until
+from hub_helpers import devices, fleet, fleet_ids, wait_devices_reported, wait_until
 from sqlalchemy import func, select
 
 from edgekit.hub.auth import create_token
@@ -19,20 +16,6 @@ from edgekit.hub.rollouts import publish_desired
 from edgekit.protocol import DesiredState
 
 TIMEOUT_S = 90.0
-
-
-@pytest.fixture(scope="module")
-def bundles(small_cnn_model: Path, small_cnn_calibration: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # fmt: skip
-    """cnn 1.0.0 and 2.0.0 signed by one key, and its public key."""
-    folder = tmp_path_factory.mktemp("config-bundles")
-    key, public = signing_keys(folder / "key")
-
-    def build(version: str) -> Path:
-        return compile_bundle(small_cnn_model, small_cnn_calibration, key, version, folder / f"cnn-{version}.ekb",
-                              name="cnn")  # fmt: skip
-
-    return {"public": public, "v1": build("1.0.0"), "v2": build("2.0.0")}
 
 
 def _client(hub, token: str) -> httpx.Client:
@@ -63,13 +46,13 @@ def _deploy(client: httpx.Client, hub, bundle_id: str, target: str) -> None:
     assert done["state"] == "completed", done["reason"]
 
 
-def test_group_and_device_config_reach_agents_survive_deploys_and_follow_joins(make_hub, bundles, tmp_path) -> None:
-    hub = make_hub(trust_key=bundles["public"])
+def test_group_and_device_config_reach_agents_survive_deploys_and_follow_joins(make_hub, cnn_bundles, tmp_path) -> None:
+    hub = make_hub(trust_key=cnn_bundles["public"])
     ids = fleet_ids("cfg", 3)
     north, other = ids[:2], ids[2]
-    v2, _ = hub.registry.add(bundles["v2"], "test")
+    v2, _ = hub.registry.add(cnn_bundles["v2"], "test")
     with (
-        fleet(hub, 3, tmp_path, bundles["public"], bundles["v1"], prefix="cfg") as agents,
+        fleet(hub, 3, tmp_path, cnn_bundles["public"], cnn_bundles["v1"], prefix="cfg") as agents,
         _client(hub, create_token(hub.sessions, "alice", "test")) as alice,
     ):
         wait_devices_reported(hub, ids)

@@ -5,9 +5,7 @@ import json
 from pathlib import Path
 
 import httpx
-import pytest
-from helpers import compile_bundle
-from hub_helpers import devices, fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until
+from hub_helpers import devices, fleet, fleet_ids, wait_devices_reported, wait_until
 
 from edgekit.hub.auth import create_token
 from edgekit.hub.broker import free_port
@@ -15,19 +13,11 @@ from edgekit.hub.broker import free_port
 TIMEOUT_S = 60.0
 
 
-@pytest.fixture(scope="module")
-def bundle(small_cnn_model: Path, small_cnn_calibration: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    folder = tmp_path_factory.mktemp("config-cli-bundle")
-    key, public = signing_keys(folder / "key")
-    built = compile_bundle(small_cnn_model, small_cnn_calibration, key, "1.0.0", folder / "cnn.ekb", name="cnn")
-    return {"public": public, "v1": built}
-
-
-def test_config_set_and_show_against_a_hub_with_a_real_agent(make_hub, bundle, tmp_path: Path, cli) -> None:
-    hub = make_hub(trust_key=bundle["public"])
+def test_config_set_and_show_against_a_hub_with_a_real_agent(make_hub, cnn_bundles, tmp_path: Path, cli) -> None:
+    hub = make_hub(trust_key=cnn_bundles["public"])
     ops = ["--hub", hub.http_url, "--token", create_token(hub.sessions, "ops", "test", scope="operate")]
     (device,) = fleet_ids("cli", 1)
-    with fleet(hub, 1, tmp_path, bundle["public"], bundle["v1"], prefix="cli"):
+    with fleet(hub, 1, tmp_path, cnn_bundles["public"], cnn_bundles["v1"], prefix="cli"):
         wait_devices_reported(hub, [device])
         empty = cli("config", "set", "--to", "group:site=a", "--top-k", "2", "--telemetry-s", "3", *ops)
         assert empty.exit_code == 0, empty.stderr

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 from browser import chromium, open_logged_in, until
-from helpers import compile_bundle
-from hub_helpers import devices, fleet, fleet_ids, signing_keys, wait_devices_reported, wait_until
+from hub_helpers import devices, fleet, fleet_ids, wait_devices_reported, wait_until
 from sqlalchemy import update
 
 from edgekit.hub.auth import create_token
@@ -25,18 +24,6 @@ def browser() -> Iterator:
         yield launched
 
 
-@pytest.fixture(scope="module")
-def bundles(small_cnn_model: Path, small_cnn_calibration: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    folder = tmp_path_factory.mktemp("config-dashboard-bundles")
-    key, public = signing_keys(folder / "key")
-
-    def build(version: str) -> Path:
-        out = folder / f"cnn-{version}.ekb"
-        return compile_bundle(small_cnn_model, small_cnn_calibration, key, version, out, name="cnn")
-
-    return {"public": public, "v1": build("1.0.0"), "v2": build("2.0.0")}
-
-
 def _reported(hub, device_id: str) -> dict:
     return devices(hub)[device_id].reported or {}
 
@@ -50,15 +37,15 @@ def _apply(page, fields: dict[str, str]) -> None:
     page.click("#config-apply")
 
 
-def test_group_config_and_deploy_from_the_dashboard(make_hub, bundles, tmp_path: Path, browser) -> None:
-    hub = make_hub(trust_key=bundles["public"])
-    hub.registry.add(bundles["v1"], "test")
-    v2, _ = hub.registry.add(bundles["v2"], "test")
+def test_group_config_and_deploy_from_the_dashboard(make_hub, cnn_bundles, tmp_path: Path, browser) -> None:
+    hub = make_hub(trust_key=cnn_bundles["public"])
+    hub.registry.add(cnn_bundles["v1"], "test")
+    v2, _ = hub.registry.add(cnn_bundles["v2"], "test")
     ids = fleet_ids("web", 3)
     lab, outside = ids[:2], ids[2]
     admin = create_token(hub.sessions, "web-admin", "test")
     reader = create_token(hub.sessions, "web-reader", "test", scope="read")
-    with fleet(hub, 3, tmp_path, bundles["public"], bundles["v1"], prefix="web"):
+    with fleet(hub, 3, tmp_path, cnn_bundles["public"], cnn_bundles["v1"], prefix="web"):
         wait_devices_reported(hub, ids)
         with hub.sessions.begin() as session:
             session.execute(update(Device).where(Device.id.in_(lab)).values(labels={"site": "lab"}))
