@@ -9,7 +9,7 @@ SCOPES: tuple[Scope, ...] = get_args(Scope)
 DEFAULT_SCOPE: Scope = "operate"
 SCOPE_HELP = {
     "read": "GET only: devices, bundles, deployments, events, audit, metrics, the dashboard",
-    "operate": "read, plus push, deploy, halt and labels",
+    "operate": "read, plus push, deploy, halt, labels and device configuration",
     "admin": "everything: also tokens and device enrollment",
 }
 
