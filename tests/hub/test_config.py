@@ -3,15 +3,24 @@ SQLite), real agents, real signed bundles. Group and device changes reach the de
 orders, follow devices into groups, are audited; bad input gets 422s naming the field and stores nothing."""
 
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from hub_helpers import devices, fleet, fleet_ids, wait_devices_reported, wait_until
 from sqlalchemy import func, select
 
 from edgekit.hub.auth import create_token
 from edgekit.hub.config import Configs
-from edgekit.hub.db import AuditEntry, Device, GroupConfig, ResultRecord, open_database
+from edgekit.hub.db import (
+    AuditEntry,
+    Device,
+    GroupConfig,
+    GroupConfigDevice,
+    ResultRecord,
+    open_database,
+)
 from edgekit.hub.rollouts import publish_desired
 from edgekit.protocol import DesiredState
 
@@ -178,3 +187,44 @@ def test_a_deploy_from_a_stale_read_keeps_a_config_set_since_and_a_config_keeps_
     assert last.bundle is not None and last.bundle.id == bundle["id"] and last.shadow is not None
     assert (last.thresholds.top_k, last.thresholds.score, last.source) == (2, 0.9, None)
     assert [d.rev for d in sent] == [1, 2, 3]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'hub.sqlite'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+
+def test_group_versions_each_member_once_and_a_device_that_leaves_and_rejoins_gets_it_again(db_url: str) -> None:
+    """The group bookkeeping on both databases: each change a new version merged into the group's configuration,
+    each member given each version once (following a reconnect gives nothing twice), and leaving forgets it."""
+    _engine, sessions = open_database(db_url)
+    sent: list[tuple[str, DesiredState]] = []
+    configs = Configs(sessions, lambda device, desired, _version: sent.append((device, desired)))
+    with sessions.begin() as session:
+        session.add_all([Device(id=f"d{i}", labels={"site": "a"} if i < 2 else {}, runtimes=[]) for i in range(3)])
+    group, first = configs.set_group("site=a", {"thresholds": {"top_k": 2}}, "alice")
+    assert group.version == 1 and [s.device for s in first] == ["d0", "d1"]
+    group, second = configs.set_group("site=a", {"thresholds": {"score": 0.7}, "task": "classifier"}, "bob")
+    assert group.version == 2 and group.config == {"thresholds": {"top_k": 2, "score": 0.7}, "task": "classifier"}
+    assert group.updated_by == "bob" and [s.rev for s in second] == [2, 2]
+
+    configs.follow_groups(["d0", "d1", "d2"])  # they reconnect: nothing new for anyone
+    assert len(sent) == 4
+    _relabel(sessions, "d2", {"site": "a"})
+    configs.follow_groups(["d2"])
+    assert [d for d, _ in sent[4:]] == ["d2"] and sent[-1][1].thresholds.top_k == 2 and sent[-1][1].task == "classifier"
+    _relabel(sessions, "d0", {})
+    configs.follow_groups(["d0"])  # left: forgotten, nothing sent
+    _relabel(sessions, "d0", {"site": "a"})
+    configs.follow_groups(["d0"])  # rejoined: given again
+    assert [d for d, _ in sent[5:]] == ["d0"] and sent[-1][1].rev == 3
+    with sessions() as session:
+        given = {(r.device_id, r.version) for r in session.scalars(select(GroupConfigDevice))}
+        actions = [(e.actor, e.detail["target"]) for e in session.scalars(select(AuditEntry).order_by(AuditEntry.id))]
+    assert given == {("d0", 2), ("d1", 2), ("d2", 2)}
+    assert actions == [("alice", "group:site=a"), ("bob", "group:site=a"), ("hub", "d2"), ("hub", "d0")]
+
+
+def _relabel(sessions, device_id: str, labels: dict[str, str]) -> None:
+    with sessions.begin() as session:
+        session.get(Device, device_id).labels = labels
