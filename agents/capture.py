@@ -5,7 +5,7 @@ uploaded to the hub in chunks when the link is up.
 disagreement, a random rate) and the day's bounds, encodes the input (an image frame as PNG, a sensor window as
 .npy) and spools it. The spool follows the outbox's rules (agents/store.py): SQLite in WAL mode (survives kill -9),
 bounded (the oldest samples dropped, counted and reported), and the day's counts persisted, so a restart does not
-reset the bounds. Samples are content-addressed by sha256: the same input captured twice is kept once.
+reset the bounds. Samples are content-addressed by sha256: the same input is captured once (within SEEN_DAYS).
 
 `Uploader` sends one chunk at a time, only while the outbox is (nearly) empty, so telemetry and results go first.
 A sample leaves the spool only when the hub acknowledged it (`samples/ack`): a broker restart or a kill -9 in the
@@ -55,6 +55,7 @@ SPOOL_MAX_BYTES = 64 * 1024**2
 OUTBOX_LOW = 10  # the uploader sends a chunk only while the outbox holds at most this many messages
 CHUNK_GAP_S = 0.02  # between two chunks: the link stays free for what the outbox gets meanwhile
 ACK_WAIT_S = 15.0  # after the last chunk: without the hub's ack by then, the sample is sent again
+SEEN_DAYS = 30  # how long a captured sample's sha256 is remembered, so that it is not captured again
 COUNTERS = ("captured", "uploaded", "refused", "dropped")
 
 Report = Callable[..., None]  # report(event_type, message, level="info", **data)
@@ -87,6 +88,9 @@ class Spool:
             " meta TEXT NOT NULL, data BLOB NOT NULL)"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS days (day TEXT PRIMARY KEY, count INTEGER, bytes INTEGER)")
+        # Every sample captured in the last SEEN_DAYS, uploaded or not: a looping video shows the same frames again,
+        # and a sample the hub has must not be captured (and counted) a second time.
+        self._db.execute("CREATE TABLE IF NOT EXISTS seen (sha256 TEXT PRIMARY KEY, day TEXT NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
 
     def day_usage(self, day: str) -> tuple[int, int]:
@@ -96,19 +100,20 @@ class Spool:
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
     def add(self, sha256: str, meta: SampleMeta, data: bytes) -> int | None:
-        """Spool a sample and count it against its day, in one transaction; None when it is spooled already,
-        else how many older samples were dropped to keep the bound."""
+        """Spool a sample and count it against its day, in one transaction; None when it was captured already
+        (module docstring), else how many older samples were dropped to keep the bound."""
         day = utc_day(meta.ts)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                cursor = self._db.execute(
-                    "INSERT OR IGNORE INTO samples (sha256, meta, data) VALUES (?, ?, ?)",
-                    (sha256, meta.model_dump_json(), data),
-                )
+                cursor = self._db.execute("INSERT OR IGNORE INTO seen (sha256, day) VALUES (?, ?)", (sha256, day))
                 if not cursor.rowcount:
                     self._db.execute("ROLLBACK")
                     return None
+                self._db.execute("DELETE FROM seen WHERE day < ?", (utc_day(meta.ts - SEEN_DAYS * 86_400),))
+                self._db.execute(
+                    "INSERT INTO samples (sha256, meta, data) VALUES (?, ?, ?)", (sha256, meta.model_dump_json(), data)
+                )
                 self._db.execute(
                     "INSERT INTO days (day, count, bytes) VALUES (?, 1, ?) ON CONFLICT (day) DO UPDATE"
                     " SET count = count + 1, bytes = bytes + excluded.bytes",

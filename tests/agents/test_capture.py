@@ -150,4 +150,5 @@ def test_the_spool_survives_kill_9_and_keeps_its_bound(tmp_path: Path) -> None:
     assert spool.oldest().sha256 == "1" * 64
     assert spool.remove("1" * 64, "uploaded") and not spool.remove("1" * 64, "uploaded")
     assert spool.stats().uploaded == 1
+    assert spool.add("1" * 64, _meta(), bytes(100)) is None, "an uploaded sample is not captured again"
     spool.close()
