@@ -145,10 +145,12 @@ class Configs:
             matching = [g for g in groups if target_filter(f"group:{g.selector}")(device)]
             self._forget_left(device.id, {g.selector for g in matching}, {s for d, s in given if d == device.id})
             for group in matching:
-                if given.get((device.id, group.selector)) != group.version:
+                had = given.get((device.id, group.selector))
+                if had != group.version:
                     sent = self._send(device, group.config, _given(group, device.id))
+                    why = "the device joined the group" if had is None else f"the device had version {had}"
                     self._audit("hub", target=device.id, group=group.selector, version=group.version,
-                                config=group.config, sent=[sent], why="the device joined the group")  # fmt: skip
+                                config=group.config, sent=[sent], why=why)  # fmt: skip
 
     def _store_group(self, selector: str, change: dict[str, Any], actor: str) -> GroupConfig:
         with self.sessions.begin() as session:
