@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from hub_helpers import devices, fleet, fleet_ids, wait_devices_reported, wait_until
+from reliability import record
 from sqlalchemy import func, select
 
 from edgekit.hub.auth import create_token
@@ -25,6 +26,7 @@ from edgekit.hub.rollouts import publish_desired
 from edgekit.protocol import DesiredState
 
 TIMEOUT_S = 90.0
+SCENARIO = "hub: device configuration"
 
 
 def _client(hub, token: str) -> httpx.Client:
@@ -83,6 +85,8 @@ def test_group_and_device_config_reach_agents_survive_deploys_and_follow_joins(m
 
         # Config, then deploy: the deploy keeps the configuration.
         _deploy(alice, hub, v2.id, "all")
+        lost = [d for d in north if _reported(hub, d)["thresholds"]["top_k"] != 3]
+        assert record(SCENARIO, "group members that lost the group's configuration in a deploy", len(lost), 0), lost
         for device_id in north:
             reported = _reported(hub, device_id)
             assert reported["bundle"]["id"] == v2.id and reported["thresholds"]["top_k"] == 3, reported
