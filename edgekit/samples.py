@@ -76,6 +76,27 @@ def resolve_preprocessing(preprocessing: Preprocessing, spec: TensorSpec) -> Pre
     return preprocessing.model_copy(update={"color": "gray" if channels == 1 else "rgb"})
 
 
+def image_input(image: np.ndarray, spec: TensorSpec, preprocessing: Preprocessing) -> np.ndarray:
+    """A BGR/gray uint8 image (a camera frame, a captured sample) as the model input `spec` at batch size 1, exactly as
+    compile's calibration transforms images; ValueError when the input is not image-shaped."""
+    # Here, not above: a values-only device (a serial sensor) may run without OpenCV.
+    import cv2
+
+    if spec.layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"an image frame cannot feed input '{spec.name}' {spec.shape} (layout {spec.layout})")
+    height, width = (spec.shape[2], spec.shape[3]) if spec.layout == "NCHW" else (spec.shape[1], spec.shape[2])
+    prep = resolve_preprocessing(preprocessing, spec)
+    if prep.color == "gray" and image.ndim == 3:
+        # Luma weights, as decoders' gray conversion uses; a plain channel mean would shift every pixel.
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    elif prep.color != "gray" and image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    item = preprocess_image(image, height, width, prep)
+    if spec.layout == "NCHW":
+        item = item.transpose(2, 0, 1)
+    return np.ascontiguousarray(item[None], dtype=spec.dtype)
+
+
 def preprocess_image(image: np.ndarray, height: int, width: int, preprocessing: Preprocessing) -> np.ndarray:
     """BGR/gray uint8 image (as OpenCV decodes it) → float32 HWC, resized, colour-ordered and normalised."""
     import cv2

@@ -171,26 +171,10 @@ def imread_flag(spec: TensorSpec) -> int:
 
 def to_feeds(frame: Frame, spec: TensorSpec, preprocessing) -> dict[str, np.ndarray]:
     """Turn a frame into the model's input exactly as compile's calibration did; ValueError when it cannot fit."""
-    from edgekit.samples import preprocess_image, resolve_preprocessing
+    from edgekit.samples import image_input
 
     if frame.kind == "image":
-        # Here, not above: a values-only device (a serial sensor) may run without OpenCV.
-        import cv2
-
-        if spec.layout not in ("NCHW", "NHWC"):
-            raise ValueError(f"an image frame cannot feed input '{spec.name}' {spec.shape} (layout {spec.layout})")
-        height, width = (spec.shape[2], spec.shape[3]) if spec.layout == "NCHW" else (spec.shape[1], spec.shape[2])
-        prep = resolve_preprocessing(preprocessing, spec)
-        image = frame.data
-        if prep.color == "gray" and image.ndim == 3:
-            # Luma weights, as decoders' gray conversion uses; a plain channel mean would shift every pixel.
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-        elif prep.color != "gray" and image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
-        item = preprocess_image(image, height, width, prep)
-        if spec.layout == "NCHW":
-            item = item.transpose(2, 0, 1)
-        return {spec.name: np.ascontiguousarray(item[None], dtype=spec.dtype)}
+        return {spec.name: image_input(frame.data, spec, preprocessing)}
     item_size = int(np.prod(spec.shape[1:]))
     if frame.data.size != item_size:
         raise ValueError(f"a window of {frame.data.size} values cannot feed input '{spec.name}' {spec.shape}")
