@@ -245,16 +245,15 @@ def _model_inputs(samples: list[DatasetSample], manifest: dict[str, Any]) -> dic
     """Each sample as the device fed it to the model: the first input's array, stacked on the batch axis."""
     import numpy as np
 
-    from edgekit.agents.sources import Frame, to_feeds
     from edgekit.manifest import Manifest
+    from edgekit.samples import image_input
 
     parsed = Manifest.model_validate(manifest)
     spec = parsed.inputs[0]
     items = []
     for sample in samples:
         if sample.format == "png":
-            frame = Frame(_decode_png(sample.data), "image")
-            items.append(to_feeds(frame, spec, parsed.preprocessing)[spec.name])
+            items.append(image_input(_decode_png(sample.data), spec, parsed.preprocessing))
         else:
             items.append(np.load(io.BytesIO(sample.data), allow_pickle=False).reshape(spec.shape))
     return {spec.name: np.concatenate(items, axis=spec.batch_axis or 0)}
