@@ -26,9 +26,15 @@ def _check_source(spec: str | dict[str, Any], runner: Runner, device_id: str) ->
         config = parse_source(spec)
     except EdgekitError as error:
         raise ConfigRefused(f"source: {error}") from None
-    if config == runner.source_config or runner.model is None:
-        return  # what runs already (a camera cannot be opened twice), or nothing to feed yet: opened when a model is
+    if _same_device(config, runner.source_config) or runner.model is None:
+        return  # open already (a camera cannot be opened twice), or nothing to feed yet: opened when a model is
     _probe(config, SourceContext(device_id, runner.model.bundle.manifest.inputs[0], _no_subscriptions))
+
+
+def _same_device(config: SourceConfig, running: SourceConfig | None) -> bool:
+    """Whether `config` reads what the running source reads (other options, e.g. a camera's width): it is there."""
+    identity = ("kind", "index", "path", "topic")
+    return running is not None and all(getattr(config, n, None) == getattr(running, n, None) for n in identity)
 
 
 def _probe(config: SourceConfig, context: SourceContext) -> None:
