@@ -18,6 +18,7 @@ from edgekit.agents.capture import Spool, utc_day
 from edgekit.agents.memory import MemoryLink
 from edgekit.protocol import (
     CapturePolicy,
+    DesiredShadow,
     Event,
     SampleAck,
     SampleMeta,
@@ -152,3 +153,36 @@ def test_the_spool_survives_kill_9_and_keeps_its_bound(tmp_path: Path) -> None:
     assert spool.stats().uploaded == 1
     assert spool.add("1" * 64, _meta(), bytes(100)) is None, "an uploaded sample is not captured again"
     spool.close()
+
+
+def test_a_shadow_that_disagrees_gets_its_inputs_captured_and_the_size_bounds_hold(
+    start_agent: Callable[..., Agent], link: MemoryLink, served_in_memory, small_cnn_model: Path,
+    small_cnn_calibration: Path, signing_keys: tuple[Path, Path], tmp_path: Path
+) -> None:  # fmt: skip
+    from helpers import compile_bundle, with_permuted_classes
+
+    v1 = compile_bundle(small_cnn_model, small_cnn_calibration, signing_keys[0], "1.0.0", tmp_path / "v1.ekb", "cnn")
+    damaged = with_permuted_classes(small_cnn_model, tmp_path / "damaged.onnx", classes=10)
+    shadow = compile_bundle(damaged, small_cnn_calibration, signing_keys[0], "1.1.0", tmp_path / "damaged.ekb", "cnn")
+    served_in_memory.add(shadow)
+    agent = start_agent(None, link=link, bundle=v1, source=SOURCE)
+    base = desired_for(v1, rev=1, version="1.0.0", name="cnn")
+    shadowed = DesiredShadow(bundle=desired_for(shadow, 1, "1.1.0", "cnn").bundle)
+    with_shadow = base.model_copy(update={"shadow": shadowed})
+
+    # Samples (32x32 PNGs of noise, about 3 KB) over max_sample_bytes are not kept.
+    policy = CapturePolicy(on_disagreement=True, max_sample_bytes=1024)
+    link.deliver(device_topic(DEVICE, Topic.DESIRED), signed(with_shadow.model_copy(update={"capture": policy})))
+    link.wait_for(lambda _: agent.runner.shadow is not None and agent.runner.shadow.stats().samples >= 10, TIMEOUT_S)
+    assert agent.capture.spool.stats().captured == 0
+
+    # The day's bytes bound: room for two of them.
+    day_bytes = 2 * 3072 + 2048
+    policy = CapturePolicy(on_disagreement=True, max_bytes_per_day=day_bytes)
+    link.deliver(device_topic(DEVICE, Topic.DESIRED),
+                 signed(with_shadow.model_copy(update={"rev": 2, "capture": policy})))  # fmt: skip
+    link.wait_for(lambda _: len(_captured_events(link)) >= 2, TIMEOUT_S)
+    _wait_inferences(link, agent, 30)
+    events = _captured_events(link)
+    assert {event.data["reason"] for event in events} == {"disagreement"}
+    assert sum(event.data["bytes"] for event in events) <= day_bytes and len(events) in (2, 3)
