@@ -55,6 +55,7 @@ SPOOL_MAX_BYTES = 64 * 1024**2
 OUTBOX_LOW = 10  # the uploader sends a chunk only while the outbox holds at most this many messages
 CHUNK_GAP_S = 0.02  # between two chunks: the link stays free for what the outbox gets meanwhile
 ACK_WAIT_S = 15.0  # after the last chunk: without the hub's ack by then, the sample is sent again
+ACK_WAIT_MAX_S = 600.0  # each wait that got no ack doubles the next, up to this: a hub that is away is not flooded
 SEEN_DAYS = 30  # how long a captured sample's sha256 is remembered, so that it is not captured again
 COUNTERS = ("captured", "uploaded", "refused", "dropped")
 
@@ -303,6 +304,7 @@ class Uploader:
         self._topic = device_topic(device_id, Topic.SAMPLES)
         self._ack_topic = device_topic(device_id, Topic.SAMPLES_ACK)
         self._answered = threading.Condition()
+        self._ack_wait = ACK_WAIT_S
         self._thread = threading.Thread(target=self._run, name="capture-upload", daemon=True)
 
     def start(self) -> None:
@@ -352,10 +354,12 @@ class Uploader:
         return self._link.connected and not self._stop.is_set()
 
     def _await_ack(self, sha256: str) -> None:
-        deadline = time.monotonic() + ACK_WAIT_S
+        deadline = time.monotonic() + self._ack_wait
         with self._answered:
             while not self._stop.is_set() and time.monotonic() < deadline and self._spooled(sha256):
                 self._answered.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+        acked = not self._spooled(sha256)
+        self._ack_wait = ACK_WAIT_S if acked else min(2 * self._ack_wait, ACK_WAIT_MAX_S)
 
     def _spooled(self, sha256: str) -> bool:
         oldest = self._spool.oldest()

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgekit.errors import BadInput
@@ -88,6 +89,9 @@ class SampleIngest:
         except PayloadRejected as error:
             log.debug("samples from %s: %s", device_id, error)
             return "samples: invalid"
+        except SQLAlchemyError as error:  # e.g. two hub replicas completing one sample at once: the device resends
+            log.warning("sample chunk from %s not stored: %s", device_id, error)
+            return "samples: not stored (database)"
         except SampleRefused as error:
             log.warning("sample from %s refused: %s", device_id, error)
             if error.reason == "samples: bad hash":
