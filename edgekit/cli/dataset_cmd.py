@@ -41,7 +41,8 @@ class DatasetClient(HubClient):
 @app.command("list")
 def list_datasets(hub_url: HubOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Every dataset: its samples, how many are labelled, its bytes and what retention dropped."""
-    with DatasetClient(hub_url, token) as client:
+    client = DatasetClient(hub_url, token)
+    with client:
         rows = client.datasets()
     if as_json:
         print_json(json.dumps(rows, indent=2))
@@ -65,7 +66,8 @@ def export(
     `labels` when every sample has one."""
     if out.suffix != ".npz":
         raise BadInput(f"--out {out}: expected a file name ending in .npz")
-    with DatasetClient(hub_url, token) as client:
+    client = DatasetClient(hub_url, token)
+    with client:
         data, count = client.export(name)
     out.write_bytes(data)
     console.print(f"{count} samples of {escape(name)} → {escape(str(out))} (edgekit compile MODEL --calibration "
@@ -82,6 +84,7 @@ def purge(
     """Delete a dataset and every sample's bytes from the hub (audited; operate scope)."""
     if not yes:
         raise BadInput(f"purging '{name}' deletes its samples for good: pass --yes to confirm")
-    with DatasetClient(hub_url, token) as client:
+    client = DatasetClient(hub_url, token)
+    with client:
         purged = client.purge(name)
     console.print(f"purged {escape(purged['dataset'])}: {purged['samples']} samples deleted", highlight=False)

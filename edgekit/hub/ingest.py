@@ -13,6 +13,9 @@ newly stored messages, so duplicates need no second query), and each device's ro
 with its newest values, not once per message. Under load a batch is everything that arrived while the previous one
 was written (up to `batch_size`); the bigger the batch, the cheaper each message (`benchmarks/hub_bench.py`).
 
+Sample chunks (`samples`, captured inputs) are handed to `edgekit.hub.datasets.SampleIngest` in the writer thread, in
+arrival order with the rest; it stores them in its own transactions and counts what it refuses in `stats.invalid`.
+
 A malformed message is counted in `stats.invalid` (by reason) and dropped; it never stops ingest and never costs
 the valid messages of its batch (see `Ingest._store`). That includes a `config/reported` whose rev is out of the
 protocol's bounds (`edgekit.protocol.MAX_REV`, "config/reported: invalid"): the rollout driver derives the next

@@ -4,6 +4,7 @@ retention limit, labels (operate scope, audited), the .npz export `edgekit compi
 
 import hashlib
 import io
+import json
 import time
 from pathlib import Path
 
@@ -209,3 +210,22 @@ def test_the_dashboard_shows_a_gallery_and_labels_a_sample(cnn_hub) -> None:
     with hub.sessions() as session:
         entry = session.scalars(select(AuditEntry).where(AuditEntry.action == "dataset.label")).one()
     assert entry.actor == "labeller" and entry.detail == {"dataset": "cnn", "sample": image.sha256, "label": 7}
+
+
+def test_the_cli_lists_exports_and_purges_and_refuses_bad_input(cnn_hub, cli, tmp_path: Path) -> None:
+    hub = cnn_hub
+    send(hub, list(chunks_of(image_sample(hub, 40))))
+    token = create_token(hub.sessions, "cli", "test", "operate")
+    at = ("--hub", hub.http_url, "--token", token)
+    listed = cli("dataset", "list", "--json", *at)
+    assert listed.exit_code == 0 and [row["name"] for row in json.loads(listed.stdout)] == ["cnn"]
+    assert cli("dataset", "export", "cnn", "-o", tmp_path / "cnn.txt", *at).exit_code == 2
+    exported = cli("dataset", "export", "cnn", "-o", tmp_path / "cnn.npz", *at)
+    assert exported.exit_code == 0 and np.load(tmp_path / "cnn.npz")["input"].shape == (1, 3, 32, 32)
+    for bad in ("../etc", "a..b", "nope"):
+        refused = cli("dataset", "purge", bad, "--yes", *at)
+        assert refused.exit_code == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert cli("dataset", "purge", "cnn", *at).exit_code == 2, "purge asks for --yes"
+    assert stored(hub), "nothing purged without --yes"
+    purged = cli("dataset", "purge", "cnn", "--yes", *at)
+    assert purged.exit_code == 0 and "1 samples deleted" in purged.stdout and stored(hub) == {}
