@@ -1,8 +1,8 @@
 """Field data back to the workstation, end to end (docs/datasets.md): a real hub with its embedded Mosquitto, a real
 `edgekit agent` process on a video, a capture policy set through the hub's configuration API. Captured samples reach
 the hub's dataset — as many as the agent's `sample.captured` events, each once — through an agent kill -9 and a
-broker (and hub) restart during the upload; then they are labelled, exported with `edgekit dataset export`, and
-`edgekit compile --calibration` takes the export and names it in its report."""
+broker (and hub) restart during the upload; then they are labelled in the dashboard (Chromium), exported with
+`edgekit dataset export`, and `edgekit compile --calibration` takes the export and names it in its report."""
 
 import json
 import os
@@ -16,6 +16,7 @@ import cv2
 import httpx
 import numpy as np
 from agent_helpers import agent_command
+from browser import chromium, open_logged_in, until
 from hub_helpers import device_url, wait_devices_reported, wait_until
 from reliability import record
 from sqlalchemy import select
@@ -114,11 +115,19 @@ def test_captured_samples_reach_the_dataset_through_a_kill_and_a_broker_restart_
     with hub.sessions() as session:
         assert session.get(Dataset, "cnn").samples == len(captured)
 
-    # Label every sample with the model's own answer, export with the CLI, compile on it.
-    for row in httpx.get(f"{hub.http_url}/api/datasets/cnn/samples", headers=headers, timeout=30).json():
-        label = {"label": row["output"]["top"][0]["label"]}
-        path = f"/api/datasets/cnn/samples/{row['sha256']}/label"
-        assert httpx.put(f"{hub.http_url}{path}", json=label, headers=headers, timeout=30).status_code == 200
+    # Label every sample with the model's own answer in the dashboard, export with the CLI, compile on it.
+    rows = httpx.get(f"{hub.http_url}/api/datasets/cnn/samples", headers=headers, timeout=30).json()
+    with chromium() as browser:
+        page = browser.new_page()
+        open_logged_in(page, f"{hub.http_url}/datasets/cnn", token, "dataset")
+        for row in rows:
+            form = f"figure[data-sample='{row['sha256']}'] form.label"
+            page.fill(f"{form} input", str(row["output"]["top"][0]["label"]))
+            page.click(f"{form} button")
+            until(page, f"document.querySelector(\"{form}\").dataset.saved === '{row['output']['top'][0]['label']}'")
+    with hub.sessions() as session:
+        labels = dict(session.execute(select(DatasetSample.sha256, DatasetSample.label)).all())
+    assert labels == {row["sha256"]: row["output"]["top"][0]["label"] for row in rows}
     exported = tmp_path / "exported.npz"
     done = cli("dataset", "export", "cnn", "-o", exported, "--hub", hub.http_url, "--token", token)
     assert done.exit_code == 0 and f"{len(captured)} samples of cnn" in done.stdout, done.stderr
