@@ -330,8 +330,15 @@ class Uploader:
             self._answered.notify_all()
 
     def _run(self) -> None:
+        was_connected = False
         while not self._stop.is_set():
-            sample = self._spool.oldest() if self._link.connected else None
+            connected = self._link.connected
+            if connected and not was_connected:
+                # Back from an outage: what went unanswered was likely lost with the link, not ignored by a hub
+                # that is away; the doubled wait starts over, so the spool drains as soon as the hub is back.
+                self._ack_wait = ACK_WAIT_S
+            was_connected = connected
+            sample = self._spool.oldest() if connected else None
             if sample is None:
                 self._stop.wait(0.5)
                 continue

@@ -84,9 +84,10 @@ def test_captured_samples_reach_the_dataset_through_a_kill_and_a_broker_restart_
         assert answer.status_code == 200, answer.text
 
         # kill -9 while samples wait in the spool (the upload under way), then start the agent again. Once the day's
-        # bound is reached: a kill between a capture and its event would leave a capture without its event.
-        wait_until(lambda: spool(data)[1] == BOUND and spool(data)[0] >= 1, TIMEOUT_S,
-                   "the day's samples captured, some still waiting for upload")  # fmt: skip
+        # bound is reached and the hub has every capture's event: a kill between a capture and its event (the last
+        # one queued a moment after its sample was spooled) would leave a capture without its event.
+        wait_until(lambda: spool(data)[1] == BOUND and len(captured_events(hub)) == BOUND and spool(data)[0] >= 1,
+                   TIMEOUT_S, "the day's samples captured and reported, some still waiting for upload")  # fmt: skip
         os.kill(agent.pid, signal.SIGKILL)
         agent.wait(10)
         waiting_at_kill, _ = spool(data)
@@ -98,8 +99,13 @@ def test_captured_samples_reach_the_dataset_through_a_kill_and_a_broker_restart_
         hub.stop()
         time.sleep(2)
         hub = make_hub(**settings)
-        wait_until(lambda: spool(data)[0] == 0 and len(captured_events(hub)) == spool(data)[1], TIMEOUT_S,
-                   "every captured sample uploaded, and every capture event stored")  # fmt: skip
+        try:
+            wait_until(lambda: spool(data)[0] == 0 and len(captured_events(hub)) == spool(data)[1], TIMEOUT_S,
+                       "every captured sample uploaded, and every capture event stored")  # fmt: skip
+        except AssertionError as error:
+            state = f"spool (waiting, captured) {spool(data)}, events {len(captured_events(hub))}, "
+            state += f"stored {len(dataset_samples(hub))}; agent log: {(tmp_path / 'agent.log').read_text()[-3000:]}"
+            raise AssertionError(f"{error}; {state}") from None
         wait_until(lambda: dataset_samples(hub) == captured_events(hub), TIMEOUT_S, "the dataset to hold them all")
     finally:
         agent.kill()
