@@ -55,8 +55,8 @@ def test_a_source_the_device_lacks_is_refused_and_the_previous_config_kept(broke
 
         # Still refused after a restart (the reported state survives it), and a good change applies again.
         agent.stop()
+        reports = len(sub.messages(REPORTED))  # counted before the start: its first report can come at once
         start_agent(broker, bundle=digits_bundle("1.0.0"), source="synthetic:?fps=50")
-        reports = len(sub.messages(REPORTED))
         again = ReportedState.model_validate_json(sub.wait_count(reports + 1, REPORTED)[-1][1])
         assert again.config is not None and (again.config.state, again.config.rev) == ("refused", 3)
         _send(broker, DesiredState(rev=4, source="synthetic:?fps=30", thresholds=Thresholds(top_k=2)))
