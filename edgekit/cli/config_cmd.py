@@ -11,9 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgekit.cli.console import console, print_json
-from edgekit.cli.hub_cmd import HubOpt, JsonOpt, TokenOpt
+from edgekit.cli.hub_cmd import HubOpt, JsonOpt, TokenOpt, _client
 from edgekit.errors import BadInput
-from edgekit.hub.client import HubClient
 
 app = typer.Typer(
     help="Configure devices from the hub: input source, task, thresholds, rates, capture (docs/hub.md).",
@@ -96,7 +95,7 @@ def set_config(
     (`edgekit config show DEVICE`)."""
     change = build_change(source, task, {"score": score, "top_k": top_k, "iou": iou},
                           {"telemetry_s": telemetry_s, "max_fps": max_fps}, capture)  # fmt: skip
-    with HubClient(hub_url, token) as client:
+    with _client(hub_url, token) as client:
         result = client.set_config(check_target(to), change)
     if as_json:
         print_json(json.dumps(result, indent=2))
@@ -119,7 +118,7 @@ def show_config(
     as_json: JsonOpt = False,
 ) -> None:
     """What the hub last sent a device, what it runs, and whether it refused the last change."""
-    with HubClient(hub_url, token) as client:
+    with _client(hub_url, token) as client:
         shown = client.device_config(device)
     if as_json:
         print_json(json.dumps(shown, indent=2))

@@ -3,45 +3,24 @@ docs/datasets.md). Like the other API commands it imports only httpx and rich.""
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
-from urllib.parse import quote
+from typing import Annotated
 
-import httpx
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from edgekit.cli.console import console, print_json
-from edgekit.cli.hub_cmd import HubOpt, JsonOpt, TokenOpt
-from edgekit.errors import BadInput, OperationFailed
-from edgekit.hub.client import HubClient, http_error
+from edgekit.cli.hub_cmd import HubOpt, JsonOpt, TokenOpt, _client
+from edgekit.errors import BadInput
 
 app = typer.Typer(help="Datasets of inputs captured on devices, in the hub (docs/datasets.md).", no_args_is_help=True)
 NameArg = Annotated[str, typer.Argument(help="The dataset: the name of the bundle its samples were captured with.")]
 
 
-class DatasetClient(HubClient):
-    def datasets(self) -> list[dict[str, Any]]:
-        return self._request("GET", "/api/datasets")
-
-    def purge(self, name: str) -> dict[str, Any]:
-        return self._request("DELETE", f"/api/datasets/{quote(name, safe='')}")
-
-    def export(self, name: str) -> tuple[bytes, int]:
-        """The dataset's .npz and how many samples it holds."""
-        try:
-            response = self._http.get(f"/api/datasets/{quote(name, safe='')}/export", timeout=600)
-        except httpx.HTTPError as error:
-            raise OperationFailed(f"exporting from the hub at {self.url}: {error}") from None
-        if not response.is_success:
-            raise http_error(response, self.url)
-        return response.content, int(response.headers.get("x-edgekit-samples", "0"))
-
-
 @app.command("list")
 def list_datasets(hub_url: HubOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Every dataset: its samples, how many are labelled, its bytes and what retention dropped."""
-    client = DatasetClient(hub_url, token)
+    client = _client(hub_url, token)
     with client:
         rows = client.datasets()
     if as_json:
@@ -66,7 +45,7 @@ def export(
     `labels` when every sample has one."""
     if out.suffix != ".npz":
         raise BadInput(f"--out {out}: expected a file name ending in .npz")
-    client = DatasetClient(hub_url, token)
+    client = _client(hub_url, token)
     with client:
         data, count = client.export(name)
     out.write_bytes(data)
@@ -84,7 +63,7 @@ def purge(
     """Delete a dataset and every sample's bytes from the hub (audited; operate scope)."""
     if not yes:
         raise BadInput(f"purging '{name}' deletes its samples for good: pass --yes to confirm")
-    client = DatasetClient(hub_url, token)
+    client = _client(hub_url, token)
     with client:
         purged = client.purge(name)
     console.print(f"purged {escape(purged['dataset'])}: {purged['samples']} samples deleted", highlight=False)

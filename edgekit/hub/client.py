@@ -102,6 +102,22 @@ class HubClient:
     def rotate_keys(self, hub_key: bool, bundle_keys: list[str] | None) -> dict[str, Any]:
         return self._request("POST", "/api/trust/rotate", json={"hub_key": hub_key, "bundle_keys": bundle_keys})
 
+    def datasets(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/api/datasets")
+
+    def purge(self, name: str) -> dict[str, Any]:
+        return self._request("DELETE", f"/api/datasets/{quote(name, safe='')}")
+
+    def export(self, name: str) -> tuple[bytes, int]:
+        """The dataset's .npz and how many samples it holds."""
+        try:
+            response = self._http.get(f"/api/datasets/{quote(name, safe='')}/export", timeout=600)
+        except httpx.HTTPError as error:
+            raise OperationFailed(f"exporting from the hub at {self.url}: {error}") from None
+        if not response.is_success:
+            raise http_error(response, self.url)
+        return response.content, int(response.headers.get("x-edgekit-samples", "0"))
+
     def halt(self, deployment_id: int, reason: str | None = None) -> dict[str, Any]:
         body = {"reason": reason} if reason else None
         return self._request("POST", f"/api/deployments/{deployment_id}/halt", json=body)
