@@ -51,3 +51,12 @@ def test_error_text_with_brackets_is_printed_verbatim():
     result = run("profiles", "show", "[bold]board")
     assert result.returncode == 2
     assert "unknown profile '[bold]board'" in result.stderr  # not swallowed as rich markup
+
+
+def test_the_agent_command_runs_without_the_hub_client_installed() -> None:
+    """`pip install edgekit[agent]` has no httpx: every CLI module must import it only when its command runs (the
+    emulated arm64 device caught `edgekit config` importing it at start-up, which broke `edgekit agent`)."""
+    code = ("import sys; sys.modules['httpx'] = None; from edgekit.cli import main; "
+            "sys.argv = ['edgekit', 'agent', '--help']; main()")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "--device-id" in done.stdout, done.stderr[-2000:]
