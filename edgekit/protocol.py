@@ -396,24 +396,35 @@ class ChunkHeader(Payload):
     delta_sha256: str | None = Field(None, pattern=SHA256, description="Of the whole delta, on a delta's chunks")
 
 
-def encode_chunk(header: ChunkHeader, data: bytes) -> bytes:
+def _encode_framed(magic: bytes, header: WireModel, data: bytes) -> bytes:
+    """The binary payloads' frame: 4 magic bytes, the JSON header's length (u32, big-endian), the header, the data."""
     head = header.model_dump_json(exclude_none=True).encode()
-    return CHUNK_MAGIC + struct.pack(">I", len(head)) + head + data
+    return magic + struct.pack(">I", len(head)) + head + data
+
+
+def _decode_framed(payload: bytes, magic: bytes, model: type[Any], what: str, header_name: str,
+                   max_header: int) -> tuple[Any, bytes]:  # fmt: skip
+    """Header and data of a `_encode_framed` payload; PayloadRejected naming `what` (e.g. "bundle chunk") and why."""
+    if len(payload) < 8 or payload[:4] != magic:
+        raise PayloadRejected(f"not a {what}: expected the {magic.decode()} magic and a header length")
+    (length,) = struct.unpack(">I", payload[4:8])
+    if length > min(len(payload) - 8, max_header):
+        raise PayloadRejected(f"{header_name} length {length} does not fit the {len(payload)}-byte payload")
+    try:
+        header = model.model_validate_json(payload[8 : 8 + length])
+    except ValidationError as error:
+        raise PayloadRejected(f"{header_name}: {describe_validation_error(error)}") from None
+    return header, payload[8 + length :]
+
+
+def encode_chunk(header: ChunkHeader, data: bytes) -> bytes:
+    return _encode_framed(CHUNK_MAGIC, header, data)
 
 
 def decode_chunk(payload: bytes, max_bytes: int) -> tuple[ChunkHeader, bytes]:
     if len(payload) > max_bytes:
         raise PayloadRejected(f"chunk of {len(payload)} bytes is over the {max_bytes}-byte maximum; not read")
-    if len(payload) < 8 or payload[:4] != CHUNK_MAGIC:
-        raise PayloadRejected("not a bundle chunk: expected the EKC1 magic and a header length")
-    (length,) = struct.unpack(">I", payload[4:8])
-    if length > min(len(payload) - 8, 4096):
-        raise PayloadRejected(f"chunk header length {length} does not fit the {len(payload)}-byte payload")
-    try:
-        header = ChunkHeader.model_validate_json(payload[8 : 8 + length])
-    except ValidationError as error:
-        raise PayloadRejected(f"chunk header: {describe_validation_error(error)}") from None
-    return header, payload[8 + length :]
+    return _decode_framed(payload, CHUNK_MAGIC, ChunkHeader, "bundle chunk", "chunk header", 4096)
 
 
 # ---- sample capture (docs/datasets.md): the agent's captured inputs, uploaded in chunks ------------------------------
@@ -478,24 +489,14 @@ class SampleAck(Payload):
 
 
 def encode_sample(header: SampleHeader, data: bytes) -> bytes:
-    head = header.model_dump_json(exclude_none=True).encode()
-    return SAMPLE_MAGIC + struct.pack(">I", len(head)) + head + data
+    return _encode_framed(SAMPLE_MAGIC, header, data)
 
 
 def decode_sample(payload: bytes) -> tuple[SampleHeader, bytes]:
     """A sample chunk's header and data; PayloadRejected (saying why) when it is not a valid one."""
     if len(payload) > SAMPLE_CHUNK_BYTES + MAX_SAMPLE_HEADER + 8:
         raise PayloadRejected(f"sample chunk of {len(payload)} bytes is over the maximum; not read")
-    if len(payload) < 8 or payload[:4] != SAMPLE_MAGIC:
-        raise PayloadRejected("not a sample chunk: expected the EKS1 magic and a header length")
-    (length,) = struct.unpack(">I", payload[4:8])
-    if length > min(len(payload) - 8, MAX_SAMPLE_HEADER):
-        raise PayloadRejected(f"sample header length {length} does not fit the {len(payload)}-byte payload")
-    try:
-        header = SampleHeader.model_validate_json(payload[8 : 8 + length])
-    except ValidationError as error:
-        raise PayloadRejected(f"sample header: {describe_validation_error(error)}") from None
-    return header, payload[8 + length :]
+    return _decode_framed(payload, SAMPLE_MAGIC, SampleHeader, "sample chunk", "sample header", MAX_SAMPLE_HEADER)
 
 
 Telemetry.model_rebuild()
