@@ -31,8 +31,9 @@ RECENT_DISAGREEMENTS = 8
 
 class Shadow:
     def __init__(self, model: LoadedModel, active: Manifest, active_id: str, task: Task, every_n: int,
-                 budget: float) -> None:  # fmt: skip
+                 budget: float, threads: int, active_threads: int) -> None:  # fmt: skip
         self.model = model
+        self.threads, self.active_threads = threads, active_threads
         self.active_id = active_id
         self.task = task
         self.every_n = every_n
@@ -105,7 +106,8 @@ class Shadow:
                 bundle=self.model.bundle.id, active=self.active_id, metric=METRICS[self.task], samples=self._samples,
                 agreement=round(self._agreement / self._samples, 6) if self._samples else None, errors=self._errors,
                 latency_p50_ms=p50, latency_p95_ms=p95, active_p50_ms=active_p50, active_p95_ms=active_p95,
-                budget_skipped=self._skipped, disagreements=list(self._recent),
+                budget_skipped=self._skipped, disagreements=list(self._recent), threads=self.threads,
+                active_threads=self.active_threads,
             )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ Every phase that fails leaves the device on a bundle it can run, says why in an 
 """
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -287,7 +288,7 @@ class Updater:
         self._keep_shadow(model.bundle.id)
         task = self.runner.task_of(active)
         self.runner.use_shadow(Shadow(model, active.bundle.manifest, active.bundle.id, task, wanted.every_n,
-                                      wanted.budget))  # fmt: skip
+                                      wanted.budget, SHADOW_THREADS, self._threads or os.cpu_count() or 1))  # fmt: skip
         self.shadow_state = ShadowState(state="running", bundle=ref, detail=f"compared with {active.bundle.label}")
         self._host.report("update.selftest", f"shadow {model.bundle.label} runs beside {active.bundle.label}",
                           bundle=model.bundle.id, passed=True, shadow=True)  # fmt: skip

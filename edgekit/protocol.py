@@ -148,6 +148,8 @@ class ShadowStats(WireModel):
     latency_p95_ms: float | None = None
     active_p50_ms: float | None = Field(None, description="The active bundle on the same samples")
     active_p95_ms: float | None = None
+    threads: int | None = Field(None, ge=1, description="Threads the shadow's runtime runs on")
+    active_threads: int | None = Field(None, ge=1, description="Threads the active bundle's runtime may use")
     budget_skipped: int = Field(0, ge=0, description="Inputs not shadowed because the CPU budget was spent")
     disagreements: list[Disagreement] = Field([], max_length=8, description="The most recent ones")
 

@@ -11,10 +11,16 @@ A gate is `METRIC OP THRESHOLD`, e.g. `agreement>=0.98` or `p95<=1.2x`:
   total variation distance (half the summed absolute difference of the two distributions: 0 same, 1 disjoint).
 A device counts once it has `min_samples` measured inputs. A wave's value is the sample-weighted mean (agreement,
 shift), the total (errors) or the median over devices (p95: one slow device is not the fleet); a gate with no
-device to measure it on (e.g. no baseline) passes, and says so. A p95 gate also passes when the median difference
-is at most `P95_NOISE_MS`: p95 over tens of samples is the slowest few, and scheduling on a busy device moves those
-by a millisecond or more (measured: a 0.2 ms model's p95 went to 1.0 ms with nothing changed but the load), so a
-sub-millisecond model would fail any factor.
+device to measure it on (e.g. no baseline) passes, and says so.
+
+A p95 over its factor fails only when the bundle, not the device, made it slower: p95 over tens of samples is the
+slowest few, and on a loaded device those are the scheduler's (measured: the same 0.3 ms model's p95 ranged from 2.9
+to 10.5 ms across five agents on a 2-core machine with two busy processes beside them, its p50 from 0.25 to 0.39 ms).
+So it also passes when the median p95 difference is at most `P95_NOISE_MS`, or when the median latency (p50) did not
+move with it: by at most the gate's factor or `P50_NOISE_MS`. In the shadow phase the factor is widened by the
+thread count the shadow lacks (it runs on one thread beside an active bundle that may use all cores: a shadow up to
+that many times slower may be as fast once active); after the switch, the canary's wave measures it again on the
+active's threads.
 """
 
 import re
@@ -33,6 +39,7 @@ GATE = re.compile(r"^\s*(agreement|p95|errors|shift)\s*(>=|<=)\s*(\d+(?:\.\d+)?)
 DEFAULT_GATES = ("agreement>=0.95", "p95<=1.5x", "errors<=0.01", "shift<=0.3")
 DEFAULT_MIN_SAMPLES = 50
 P95_NOISE_MS = 2.0
+P50_NOISE_MS = 0.5
 
 
 class Gate(BaseModel):
@@ -76,11 +83,16 @@ def parse_gates(texts: list[str] | None, shadow: bool) -> list[Gate]:
 # ---- per device ---------------------------------------------------------------------------------------------------
 
 
-def _latency(new: float | None, old: float | None) -> dict[str, Any]:
-    """The p95 ratio new/old and the difference in ms, None when either is unknown."""
-    if new is None or not old:
-        return {"p95": None, "p95_delta_ms": None}
-    return {"p95": round(new / old, 4), "p95_delta_ms": round(new - old, 3)}
+def _latency(new: dict[str, Any], old: dict[str, Any], p50: str, p95: str) -> dict[str, Any]:
+    """The new/old ratio and the difference in ms of the p95 and the p50 (`p50`, `p95`: the keys in `old`); None
+    where either is unknown."""
+    figures: dict[str, Any] = {}
+    for name, new_value, old_value in (("p95", new.get("latency_p95_ms"), old.get(p95)),
+                                       ("p50", new.get("latency_p50_ms"), old.get(p50))):  # fmt: skip
+        known = new_value is not None and bool(old_value)
+        figures[name] = round(new_value / old_value, 4) if known else None
+        figures[f"{name}_delta_ms"] = round(new_value - old_value, 3) if known else None
+    return figures
 
 
 def shadow_measurement(health: dict[str, Any] | None, bundle_id: str, min_samples: int) -> dict[str, Any] | None:
@@ -89,9 +101,11 @@ def shadow_measurement(health: dict[str, Any] | None, bundle_id: str, min_sample
     samples, errors = shadow.get("samples", 0), shadow.get("errors", 0)
     if shadow.get("bundle") != bundle_id or samples < max(min_samples, 1):
         return None
+    threads, active_threads = shadow.get("threads"), shadow.get("active_threads")
     return {"samples": samples, "agreement": shadow.get("agreement"), "errors": errors,
             "error_rate": round(errors / (samples + errors), 6),
-            **_latency(shadow.get("latency_p95_ms"), shadow.get("active_p95_ms"))}  # fmt: skip
+            **_latency(shadow, shadow, "active_p50_ms", "active_p95_ms"),
+            "thread_factor": max(active_threads / threads, 1.0) if threads and active_threads else 1.0}  # fmt: skip
 
 
 def model_measurement(health: dict[str, Any] | None, baseline: dict[str, Any] | None, bundle_id: str,
@@ -104,7 +118,7 @@ def model_measurement(health: dict[str, Any] | None, baseline: dict[str, Any] | 
         return None
     baseline = baseline or {}
     return {"samples": inferences, "errors": errors, "error_rate": round(errors / (inferences + errors), 6),
-            **_latency(model.get("latency_p95_ms"), baseline.get("latency_p95_ms")),
+            **_latency(model, baseline, "latency_p50_ms", "latency_p95_ms"),
             "shift": class_shift(model.get("classes"), baseline.get("classes"))}  # fmt: skip
 
 
@@ -145,16 +159,33 @@ def evaluate(gates: list[Gate], phase: str, wave: int, measured: list[dict[str, 
         passed, note = value is None or gate.passes(value), ""
         if value is None:
             note = "no device measured it (no baseline or no samples): not applied"
-        elif gate.metric == "p95" and not passed and _within_noise(measured):
-            passed, note = True, f"p95 within {P95_NOISE_MS:g} ms of the previous bundle's: scheduling noise"
+        elif gate.metric == "p95" and not passed:
+            note = _latency_noise(gate, measured)
+            passed = bool(note)
         results.append({"phase": phase, "wave": wave, "gate": str(gate), "metric": gate.metric, "value": value,
                          "threshold": gate.threshold, "passed": passed, "devices": devices, "note": note})  # fmt: skip
     return results
 
 
-def _within_noise(measured: list[dict[str, Any]]) -> bool:
-    deltas = [m["p95_delta_ms"] for m in measured if m.get("p95_delta_ms") is not None]
-    return bool(deltas) and statistics.median(deltas) <= P95_NOISE_MS
+def _latency_noise(gate: Gate, measured: list[dict[str, Any]]) -> str:
+    """Why a p95 over the gate's factor is the device's load rather than the bundle (module docstring); '' when
+    nothing explains it away."""
+
+    def median(key: str) -> float | None:
+        values = [m[key] for m in measured if m.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    p95_delta, p50, p50_delta = median("p95_delta_ms"), median("p50"), median("p50_delta_ms")
+    factor = gate.threshold * (median("thread_factor") or 1.0)
+    if p95_delta is not None and p95_delta <= P95_NOISE_MS:
+        return f"p95 within {P95_NOISE_MS:g} ms of the previous bundle's: scheduling noise"
+    if p50 is not None and p50_delta is not None and (p50 <= factor or p50_delta <= P50_NOISE_MS):
+        threads = f" (widened to {factor:g}x for the shadow's fewer threads)" if factor > gate.threshold else ""
+        return (
+            f"the median latency moved {p50:g}x ({p50_delta:+g} ms), within {gate.threshold:g}x{threads} or "
+            f"{P50_NOISE_MS:g} ms: the slow tail is the device's load, not the bundle"
+        )
+    return ""
 
 
 def failed_gates(results: list[dict[str, Any]]) -> str:

@@ -49,12 +49,13 @@ def test_defaults_apply_with_a_shadow_only_and_agreement_needs_one() -> None:
 
 def test_a_device_counts_once_it_measured_enough_of_the_right_bundle() -> None:
     shadow = {"bundle": BUNDLE, "samples": 40, "agreement": 0.9, "errors": 2, "latency_p95_ms": 6.0,
-              "active_p95_ms": 3.0}  # fmt: skip
+              "active_p95_ms": 3.0, "latency_p50_ms": 2.0, "active_p50_ms": 1.0, "threads": 1,
+              "active_threads": 4}  # fmt: skip
     assert shadow_measurement({"shadow": shadow}, BUNDLE, 50) is None
     assert shadow_measurement({"shadow": shadow}, "c" * 64, 10) is None
     measured = shadow_measurement({"shadow": shadow}, BUNDLE, 40)
     assert measured == {"samples": 40, "agreement": 0.9, "errors": 2, "error_rate": round(2 / 42, 6), "p95": 2.0,
-                        "p95_delta_ms": 3.0}  # fmt: skip
+                        "p95_delta_ms": 3.0, "p50": 2.0, "p50_delta_ms": 1.0, "thread_factor": 4.0}  # fmt: skip
     model = {"bundle": BUNDLE, "inferences": 100, "errors": 0, "latency_p95_ms": 4.0, "classes": {"1": 50, "2": 50}}
     baseline = {"latency_p95_ms": 2.0, "classes": {"1": 100}}
     measured = model_measurement({"model": model}, baseline, BUNDLE, 100)
@@ -92,8 +93,34 @@ def test_p95_within_the_noise_floor_passes_and_an_unmeasured_gate_says_so() -> N
     assert results["p95<=1.5x"]["passed"] and "scheduling noise" in results["p95<=1.5x"]["note"]
     assert results["shift<=0.3"]["value"] is None and results["shift<=0.3"]["passed"]
     assert "not applied" in results["shift<=0.3"]["note"]
-    slow = [{"samples": 50, "errors": 0, "p95": 4.0, "p95_delta_ms": 12.0, "shift": 0.0}]
+    slow = [{"samples": 50, "errors": 0, "p95": 4.0, "p95_delta_ms": 12.0, "p50": 3.0, "p50_delta_ms": 8.0,
+             "shift": 0.0}]  # fmt: skip
     assert (
         failed_gates(evaluate(gates, "waves", 1, slow))
         == "health gate in wave 1: p95<=1.5x failed: measured 4 on 1 devices"
     )
+
+
+def test_a_slow_tail_with_an_unmoved_median_is_the_load_not_the_bundle() -> None:
+    """Measured on five agents beside two busy processes: the same model's p95 went 3.5 -> 7.4 ms, its p50 did not
+    move; a slower bundle moves both."""
+    gates = parse_gates(["p95<=1.5x"], shadow=False)
+    loaded = [{"samples": 30, "errors": 0, "p95": 2.1, "p95_delta_ms": 3.9, "p50": 0.85, "p50_delta_ms": -0.05}]
+    result = evaluate(gates, "waves", 0, loaded)[0]
+    assert result["passed"] and "the device's load" in result["note"]
+    small_but_slower = [{"samples": 30, "errors": 0, "p95": 2.1, "p95_delta_ms": 3.9, "p50": 1.6, "p50_delta_ms": 0.4}]
+    assert evaluate(gates, "waves", 0, small_but_slower)[0]["passed"]  # +0.4 ms at the median: within 0.5 ms
+    slower = [{"samples": 30, "errors": 0, "p95": 2.1, "p95_delta_ms": 3.9, "p50": 1.6, "p50_delta_ms": 0.9}]
+    assert not evaluate(gates, "waves", 0, slower)[0]["passed"]
+
+
+def test_the_shadow_phase_allows_for_the_threads_the_shadow_lacks() -> None:
+    """The shadow runs on one thread beside an active bundle on four: 2.5x slower at the median may be as fast once
+    active (the canary's wave measures that); 5x may not."""
+    gates = parse_gates(["p95<=1.5x"], shadow=True)
+    same_model = [{"samples": 50, "errors": 0, "agreement": 1.0, "p95": 2.6, "p95_delta_ms": 16.0, "p50": 2.5,
+                   "p50_delta_ms": 15.0, "thread_factor": 4.0}]  # fmt: skip
+    result = evaluate(gates, "shadow", 0, same_model)[0]
+    assert result["passed"] and "widened to 6x" in result["note"], result
+    too_slow = [{**same_model[0], "p95": 7.0, "p50": 7.0, "p50_delta_ms": 60.0}]
+    assert not evaluate(gates, "shadow", 0, too_slow)[0]["passed"]
