@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 from pydantic import Field, model_validator
 
 from edgekit import __version__
+from edgekit.agents.bench import run_job
 from edgekit.agents.bundles import BundleStore, write_atomically
 from edgekit.agents.capture import Capture, Spool, Uploader
 from edgekit.agents.configure import ConfigRefused, check_config, keep_previous
@@ -59,7 +60,7 @@ from edgekit.protocol import (
     encode,
 )
 from edgekit.schema import StrictModel
-from edgekit.trust import Untrusted, decode_chain
+from edgekit.trust import BenchStatement, Untrusted, decode_chain
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class Agent:
         self._applied_rev = -1
         self._desired: DesiredState | None = None
         self._config: ConfigState | None = None  # what became of the last desired state's configuration
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._jobs: queue.Queue[_Job | BenchStatement | None] = queue.Queue()  # for the control thread
         self.trust = DeviceTrust(data, settings.hub_key, settings.trust_key, settings.trust_version)
         self._parked: bytes | None = None  # the last desired state signed by a key this device may learn next
         self._stop = threading.Event()
@@ -237,6 +238,16 @@ class Agent:
             return
         self._jobs.put(_Job(statement.desired, statement.expires))
 
+    def _on_bench(self, topic: str, payload: bytes) -> None:
+        try:
+            statement = self.trust.open_bench(payload, self.device_id, self.settings.max_payload)
+        except PayloadRejected as error:
+            self._reject(topic, str(error), len(payload))
+        except Untrusted as error:
+            self.report("bench.failed", f"benchmark job refused: {error}", level="error", reason=str(error))
+        else:
+            self._jobs.put(statement)
+
     def _on_trust(self, topic: str, payload: bytes) -> None:
         if not payload:
             return
@@ -260,6 +271,7 @@ class Agent:
         # may be signed by the key the newest root introduces.
         self.link.subscribe(self._topic(Topic.TRUST), self._on_trust)
         self.link.subscribe(self._topic(Topic.DESIRED), self._on_desired)
+        self.link.subscribe(self._topic(Topic.BENCH), self._on_bench)
         self.runner.start()
         self.uploader.start()
         self.link.start(self.outbox, on_connect=self.publish_state)
@@ -336,6 +348,9 @@ class Agent:
         if self._desired is not None and self._desired.rev == self._applied_rev:
             self._resume_shadow(self._desired)
         while (job := self._jobs.get()) is not None:
+            if isinstance(job, BenchStatement):
+                self._bench(job)
+                continue
             desired = job.desired
             if desired.rev == self._applied_rev:
                 # The hub sends a rev again when it saw no sign of it: the report it missed goes out once more.
@@ -368,6 +383,19 @@ class Agent:
         self._save_state()
         self.publish_state()
         self.report("config.applied", f"converged to rev {desired.rev}", rev=desired.rev)
+
+    def _bench(self, statement: BenchStatement) -> None:
+        job = statement.job
+        if time.time() > statement.expires:
+            self.report("bench.failed", f"benchmark job {job.id} expired at {_utc(statement.expires)}", level="error",
+                        job=job.id, bundle=job.bundle.id, reason="expired before the device took it")  # fmt: skip
+            return
+        try:
+            run_job(job, self.updater, self.runner, self.report)
+        except Exception as error:  # the control thread must survive anything a payload can cause
+            log.exception("benchmark job %s failed", job.id)
+            self.report("bench.failed", f"benchmark job {job.id}: {error}", level="error", job=job.id,
+                        bundle=job.bundle.id, reason=str(error))  # fmt: skip
 
     def _checked_config(self, desired: DesiredState) -> DesiredState:
         """`desired`, or, when its configuration cannot be applied here, `desired` with the configuration the device

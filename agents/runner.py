@@ -105,6 +105,7 @@ class Runner:
         self._shadow: Shadow | None = None
         self.drift = DriftMonitor(None)  # the active bundle's input drift (edgekit.agents.drift)
         self.capture: Capture | None = None  # keeps inputs the hub's capture policy asks for (agents/capture.py)
+        self.latency_tap: Callable[[float], None] | None = None  # sees each live latency (agents/bench.py)
 
     @property
     def model(self) -> LoadedModel | None:
@@ -269,6 +270,8 @@ class Runner:
         if not outputs_are_sane(outputs):
             return self._inference_failed(model, "the model produced NaN or infinite outputs")
         self.stats.record(latency)
+        if (tap := self.latency_tap) is not None:
+            tap(latency)
         task = self.task_of(model)
         result = {
             "frame_ts": frame.ts,

@@ -13,11 +13,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edgekit.agents.bundles import write_atomically
 from edgekit.signing import load_public_key
 from edgekit.trust import (
+    BenchStatement,
     DesiredStatement,
     Envelope,
     TrustChain,
     TrustRoot,
     Untrusted,
+    open_bench,
     open_desired,
     public_pem,
     root_of,
@@ -65,6 +67,10 @@ class DeviceTrust:
     def open_desired(self, payload: bytes, device_id: str, max_bytes: int) -> DesiredStatement:
         """PayloadRejected when it is not a signed envelope; Untrusted when it is one this device must not act on."""
         return open_desired(payload, self.root, device_id, max_bytes)
+
+    def open_bench(self, payload: bytes, device_id: str, max_bytes: int) -> BenchStatement:
+        """As `open_desired`, for a `bench/job` payload."""
+        return open_bench(payload, self.root, device_id, max_bytes)
 
     def accept(self, chain: TrustChain) -> TrustRoot | None:
         """Move to the newest root the chain leads to, and store it; None when it had nothing newer. Untrusted when

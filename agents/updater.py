@@ -159,6 +159,19 @@ class Updater:
         phase("testing", target.id)
         return self._self_test(candidate, threads)
 
+    @property
+    def threads(self) -> int | None:
+        return self._threads
+
+    def prepare_candidate(self, target: DesiredBundle, attempt: int) -> LoadedModel:
+        """`target` fetched, verified and self-tested like an update, and loaded, but not activated: a benchmark
+        job's candidate (edgekit.agents.bench). `release_candidates` removes it from the store again."""
+        return self._prepare(target, attempt, self.runner.model, lambda *_: None)
+
+    def release_candidates(self) -> None:
+        """Remove what `prepare_candidate` installed, unless it is the active, previous or shadow bundle."""
+        self.store.prune(self._kept_bundles())
+
     def _check_version(self, target: DesiredBundle, current: LoadedModel | None) -> None:
         if current is None or target.allow_downgrade:
             return

@@ -1,3 +1,3 @@
 """edgekit: take an ONNX model from the cloud to a verified, signed bundle running on edge devices."""
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"

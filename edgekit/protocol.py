@@ -48,6 +48,7 @@ class Topic:
     PROBE = "link/probe"  # the agent's own echo: its subscriptions still deliver (edgekit.agents.link)
     SAMPLES = "samples"  # captured inputs, in chunks (encode_sample; docs/datasets.md)
     SAMPLES_ACK = "samples/ack"  # hub → device: a sample is stored (or refused): the device may delete it
+    BENCH = "bench/job"  # hub → device, signed: measure a candidate bundle without activating it (docs/measure.md)
 
 
 def device_topic(device_id: str, name: str) -> str:
@@ -248,6 +249,8 @@ EventType = Literal[
     "trust.rejected",
     "sample.captured",
     "capture.dropped",
+    "bench.result",
+    "bench.failed",
 ]
 
 
@@ -281,6 +284,7 @@ DELTA_SHA256_HEADER = "X-Edgekit-Delta-Sha256"
 DOWNLOAD_LINKS_SINCE = (0, 2)
 SHADOW_SINCE = (0, 3)
 CAPTURE_SINCE = (0, 4)
+BENCH_SINCE = (0, 5)  # agents that take benchmark jobs (bench/job)
 
 
 def agent_takes(agent_version: str | None, since: tuple[int, int]) -> bool:
@@ -322,6 +326,41 @@ class DesiredState(Payload):
     shadow: DesiredShadow | None = None
     # Sent only to agents that take it (`agent_takes(version, CAPTURE_SINCE)`); None: capture off (the default).
     capture: "CapturePolicy | None" = None
+
+
+class BenchJob(WireModel):
+    """A candidate bundle for the device to verify like an update and time without activating it (`edgekit bench`,
+    `edgekit compile --measure-on`); the device answers with a `bench.result` or `bench.failed` event whose data
+    is a `BenchResult` or names the job and why."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    bundle: DesiredBundle
+    seconds: float = Field(5.0, gt=0, le=600, description="How long to time the candidate, after its warm-up runs")
+    warmup: int = Field(3, ge=0, le=1000)
+
+
+class BenchResult(WireModel):
+    """What a device measured of a candidate bundle: the `data` of its `bench.result` event."""
+
+    model_config = FINITE
+
+    job: str
+    bundle: str = Field(pattern=SHA256)
+    runs: int = Field(ge=1)
+    p50_ms: float
+    p95_ms: float
+    throughput: float = Field(description="Inferences per second over the timed runs, one after another")
+    threads: int | None = Field(None, description="The runtime threads the candidate ran on (the agent's)")
+    peak_rss_mib: float | None = Field(None, description="The agent's largest RSS while the candidate ran")
+    added_rss_mib: float | None = Field(None, description="Over the agent's RSS before the candidate was loaded")
+    machine: str = Field("", description="platform.machine(): aarch64, x86_64")
+    cpu: str = Field("", description="The CPU's model name (or part) and how many cores")
+    temperature_c: float | None = Field(None, description="The hottest thermal zone after the runs")
+    throttled: bool | None = Field(None, description="The firmware says the CPU is throttled (Raspberry Pi); None: "
+                                   "no such flag on this device")  # fmt: skip
+    live_p50_before_ms: float | None = Field(None, description="The live model's p50 before the job")
+    live_p50_during_ms: float | None = Field(None, description="... while the candidate ran (lower priority)")
+    live_p50_after_ms: float | None = None
 
 
 # The desired state's configuration, which the hub sets per device or group (edgekit.hub.config) and an agent takes

@@ -5,6 +5,7 @@ A device runs them after loading a bundle and before activating it; a mismatch m
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,14 +48,25 @@ class SelfTestResult:
     detail: str
 
 
-def run_selftest(session: Session, root: Path, manifest: Manifest) -> SelfTestResult:
-    """Run the bundle's vectors through a loaded session and compare within the manifest's tolerance."""
+class SelfTestVectors(NamedTuple):
+    feeds: list[dict[str, np.ndarray]]  # batches the model takes
+    expected: list[np.ndarray]  # its outputs over all of them
+    count: int  # items in all
+
+
+def selftest_vectors(root: Path, manifest: Manifest) -> SelfTestVectors:
+    """The bundle's self-test inputs as feeds the model takes, and the outputs expected of them."""
     with np.load(root / manifest.selftest.file, allow_pickle=False) as vectors:
         inputs = {key[len(INPUT_PREFIX) :]: vectors[key] for key in vectors.files if key.startswith(INPUT_PREFIX)}
         expected = [vectors[f"{OUTPUT_PREFIX}{i}"] for i in range(len(manifest.outputs))]
     samples = SampleSet(inputs, None, "self-test vectors", {spec.name: spec.batch_axis for spec in manifest.inputs})
-    got = run_batches(session, list(samples.batches(feed_size(manifest.inputs))))
-    count = len(samples)
+    return SelfTestVectors(list(samples.batches(feed_size(manifest.inputs))), expected, len(samples))
+
+
+def run_selftest(session: Session, root: Path, manifest: Manifest) -> SelfTestResult:
+    """Run the bundle's vectors through a loaded session and compare within the manifest's tolerance."""
+    feeds, expected, count = selftest_vectors(root, manifest)
+    got = run_batches(session, feeds)
     for index, (g, e) in enumerate(zip(got, expected, strict=False)):
         if g.shape != e.shape:
             return SelfTestResult(False, float("inf"), f"output {index} has shape {g.shape}, expected {e.shape}")

@@ -1,5 +1,5 @@
 """Signed control messages: which keys a device trusts (the trust root) and what the hub wants it to run (a signed
-desired state).
+desired state) or measure (a signed benchmark job).
 
 Both travel in a DSSE envelope (github.com/secure-systems-lab/dsse, the envelope in-toto and Sigstore use): the
 payload's bytes, a payload type, and Ed25519 signatures over `PAE(type, payload)`, so a signature for one kind of
@@ -14,17 +14,19 @@ one without re-enrolment, and a key left out of the newest root is no longer tru
 import base64
 import time
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from edgekit.protocol import DEVICE_ID, MAX_REV, DesiredState, Payload, PayloadRejected, decode
+from edgekit.protocol import DEVICE_ID, MAX_REV, BenchJob, DesiredState, Payload, PayloadRejected, decode
 from edgekit.schema import Model, WireModel, describe_validation_error, unknown
 from edgekit.signing import key_id, signature_matches
 
 ROOT_TYPE = "application/vnd.edgekit.root+json"
 DESIRED_TYPE = "application/vnd.edgekit.desired+json"
+BENCH_TYPE = "application/vnd.edgekit.bench+json"
 # A chain longer than this is refused unread; at one rotation a month it lasts five years.
 MAX_CHAIN = 64
 MAX_TRUST_PAYLOAD = MAX_CHAIN * 4096
@@ -82,13 +84,23 @@ class TrustChain(Payload):
     roots: list[Envelope] = Field(min_length=1, max_length=MAX_CHAIN)
 
 
-class DesiredStatement(WireModel):
-    """What the hub signs: the desired state, bound to one device and to a time window."""
+class SignedStatement(WireModel):
+    """What the hub signs for one device, for a time window: a desired state or a benchmark job."""
 
     device: str = Field(pattern=DEVICE_ID)
     issued: float
     expires: float
+
+
+class DesiredStatement(SignedStatement):
     desired: DesiredState
+
+
+class BenchStatement(SignedStatement):
+    job: BenchJob
+
+
+Statement = TypeVar("Statement", bound=SignedStatement)
 
 
 def public_key(pem: str) -> Ed25519PublicKey:
@@ -215,15 +227,30 @@ def open_desired(payload: bytes, root: TrustRoot | None, device_id: str, max_byt
     expiry is the caller's to check, after the rev (a repeat of an applied state is a no-op, expired or not).
 
     PayloadRejected for what is not an envelope at all; Untrusted for an envelope the device must not act on."""
+    return _open_statement(payload, root, device_id, max_bytes, DESIRED_TYPE, DesiredStatement, "desired state")
+
+
+def sign_bench(key: Ed25519PrivateKey, device_id: str, job: BenchJob, ttl_s: float) -> Envelope:
+    issued = time.time()
+    return seal(BENCH_TYPE, BenchStatement(device=device_id, issued=issued, expires=issued + ttl_s, job=job), [key])
+
+
+def open_bench(payload: bytes, root: TrustRoot | None, device_id: str, max_bytes: int) -> BenchStatement:
+    """The signed benchmark job in a `bench/job` payload, as `open_desired`; its expiry is the caller's to check."""
+    return _open_statement(payload, root, device_id, max_bytes, BENCH_TYPE, BenchStatement, "benchmark job")
+
+
+def _open_statement(payload: bytes, root: TrustRoot | None, device_id: str, max_bytes: int, payload_type: str,
+                    model: type[Statement], what: str) -> Statement:  # fmt: skip
     try:
         envelope = decode(Envelope, payload, max_bytes)
     except PayloadRejected as error:
-        raise PayloadRejected(f"not a signed desired state (a DSSE envelope): {error}") from None
+        raise PayloadRejected(f"not a signed {what} (a DSSE envelope): {error}") from None
     if root is None:
         raise Untrusted("no hub key to check it with (enrol the device, or pass --hub-key)")
-    data = _payload_bytes(envelope, DESIRED_TYPE)
+    data = _payload_bytes(envelope, payload_type)
     _signed_by(envelope, data, root.hub_public_keys(), f"a hub key of trust root v{root.version}")
-    statement = _parse(DesiredStatement, data, "signed desired state")
+    statement = _parse(model, data, f"signed {what}")
     if statement.device != device_id:
         raise Untrusted(f"signed for device {statement.device!r}, not this one ({device_id!r})")
     return statement

@@ -151,7 +151,7 @@ def make_hub(tmp_path: Path) -> Iterator[Callable[..., Hub]]:
 def cnn_bundles(
     small_cnn_model: Path, small_cnn_calibration: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
-    """The small generated CNN as cnn 1.0.0 and 2.0.0, signed by one key; and that key's public half."""
+    """The small generated CNN as cnn 1.0.0 and 2.0.0, signed by one key; that key (`key`) and its public half."""
     folder = tmp_path_factory.mktemp("cnn-bundles")
     key, public = signing_keys(folder / "key")
 
@@ -159,4 +159,4 @@ def cnn_bundles(
         return compile_bundle(small_cnn_model, small_cnn_calibration, key, version, folder / f"cnn-{version}.ekb",
                               name="cnn")  # fmt: skip
 
-    return {"public": public, "v1": build("1.0.0"), "v2": build("2.0.0")}
+    return {"key": key, "public": public, "v1": build("1.0.0"), "v2": build("2.0.0")}

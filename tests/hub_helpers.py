@@ -40,6 +40,7 @@ def fleet(
     source: str | dict[str, Any] | None = "synthetic:?fps=5",
     telemetry_s: float = 0.5,
     connect_timeout: float = TIMEOUT_S,
+    profile: str | None = None,
 ) -> Iterator[Fleet]:
     """`n` real agents (`<prefix>-<i>`), each enrolled on the hub's broker with its own login, started with `bundle`
     installed and a low-rate synthetic source; yields once all are connected, stops them on exit. Data goes to
@@ -47,7 +48,7 @@ def fleet(
     enrollments = hub.enroll(device_ids(prefix, n))
     broker = enrollments[0].broker  # as devices reach it, without a login: each device has its own in `brokers`
     settings = FleetSettings(count=n, broker=broker, data_dir=work_dir / prefix, trust_key=trust_key, bundle=bundle,
-                             source=source, prefix=prefix, telemetry_s=telemetry_s,
+                             source=source, prefix=prefix, telemetry_s=telemetry_s, profile=profile,
                              brokers={e.device_id: e.broker_url() for e in enrollments},
                              hub_key=hub.trust.public_key_file, trust_version=hub.trust.root.version)  # fmt: skip
     agents = Fleet(settings)

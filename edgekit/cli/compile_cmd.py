@@ -1,11 +1,19 @@
 """`edgekit compile`: the workstation step from ONNX model to signed bundle."""
 
+import contextlib
+import dataclasses
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from edgekit.cli.console import console, err_console, print_json
+
+if TYPE_CHECKING:
+    from edgekit.compile.pipeline import CompileRequest
+    from edgekit.compile.report import CompileReport
+    from edgekit.hub.client import FleetMeasurer
+    from edgekit.manifest import Manifest
 
 
 def _floats(flag: str, text: str | None) -> list[float] | None:
@@ -126,6 +134,24 @@ def compile_command(
             help="Also run aarch64 TVM builds under an emulated arm64 device (qemu-user; `make arm64-sysroot`).",
         ),
     ] = False,
+    measure_on: Annotated[
+        Optional[str],
+        typer.Option(
+            "--measure-on",
+            help="DEVICE or group:LABEL[=VALUE]: time every passing candidate on that fleet device (through the hub, "
+            "signed, not activated) and rank by its p50; falls back to the profile's order when it cannot "
+            "(docs/measure.md). Needs --hub/--token or EDGEKIT_HUB/EDGEKIT_TOKEN.",
+        ),
+    ] = None,
+    measure_seconds: Annotated[
+        float, typer.Option(help="With --measure-on: seconds the device times each candidate.", min=0.1, max=600)
+    ] = 5.0,
+    hub_url: Annotated[
+        Optional[str], typer.Option("--hub", envvar="EDGEKIT_HUB", help="With --measure-on: the hub's URL.")
+    ] = None,
+    token: Annotated[
+        Optional[str], typer.Option("--token", envvar="EDGEKIT_TOKEN", help="With --measure-on: an API token.")
+    ] = None,
     json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Build every candidate the profile lists, verify each against fp32, and bundle the best, signed.
@@ -137,11 +163,10 @@ def compile_command(
     """
     from edgekit.cli.render import compile_report
     from edgekit.compile.intake import parse_input_values, parse_shape_overrides
-    from edgekit.compile.pipeline import CompileFailed, CompileRequest, compile_model
+    from edgekit.compile.pipeline import CompileRequest
     from edgekit.compilers import parse_backend_options
     from edgekit.errors import BadInput
     from edgekit.profiles import Preprocessing, load_profile
-    from edgekit.progress import RichProgress
     from edgekit.schema import PRECISIONS, validate_file
 
     if precision is not None and precision not in PRECISIONS:
@@ -174,14 +199,11 @@ def compile_command(
         verify_emulated=verify_emulated,
         labels=labels,
     )
-    try:
-        with RichProgress() as progress:
-            report, manifest = compile_model(request, progress)
-    except CompileFailed as failure:
-        (err_console if json else console).print(compile_report(failure.report))
-        if json:
-            print_json(failure.report.model_dump_json(indent=2))
-        raise
+    with contextlib.ExitStack() as stack:
+        if measure_on:
+            request = dataclasses.replace(request, measurer=_fleet_measurer(stack, hub_url, token, measure_on,
+                                                                            measure_seconds))  # fmt: skip
+        report, manifest = _compile(request, json)
     if json:
         print_json(report.model_dump_json(indent=2))
         return
@@ -190,6 +212,29 @@ def compile_command(
         f"[bold green]wrote[/] {request.out}: {manifest.backend} {manifest.precision}, "
         f"signed by key {manifest.signing_key_id}"
     )
+
+
+def _fleet_measurer(stack: contextlib.ExitStack, hub_url: str | None, token: str | None, target: str,
+                    seconds: float) -> "FleetMeasurer":  # fmt: skip
+    from edgekit.hub.client import FleetMeasurer, HubClient
+
+    client = stack.enter_context(HubClient(hub_url, token))
+    return FleetMeasurer(client, target, seconds)
+
+
+def _compile(request: "CompileRequest", json: bool) -> tuple["CompileReport", "Manifest"]:
+    from edgekit.cli.render import compile_report
+    from edgekit.compile.pipeline import CompileFailed, compile_model
+    from edgekit.progress import RichProgress
+
+    try:
+        with RichProgress() as progress:
+            return compile_model(request, progress)
+    except CompileFailed as failure:
+        (err_console if json else console).print(compile_report(failure.report))
+        if json:
+            print_json(failure.report.model_dump_json(indent=2))
+        raise
 
 
 def _with_deprecated_flags(options: list[str], tune_trials: int | None) -> list[str]:

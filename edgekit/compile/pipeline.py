@@ -1,6 +1,7 @@
 """`edgekit compile`: model → checked fp32 model → candidates → verified against fp32 → signed bundle."""
 
 import contextlib
+import dataclasses
 import logging
 import re
 import shutil
@@ -18,6 +19,7 @@ from edgekit import __version__
 from edgekit.agents.runtimes import Session, get_runtime, run_batches
 from edgekit.bundle import file_entries, write_bundle
 from edgekit.compile.calibration import load_samples, synthetic_samples
+from edgekit.compile.device import DeviceMeasurements, DeviceMeasurer, measure_candidates
 from edgekit.compile.drift import drift_reference
 from edgekit.compile.intake import PreparedModel, prepare_model
 from edgekit.compile.labels import check_labels_fit, read_labels
@@ -74,6 +76,7 @@ class CompileRequest:
         False  # also run the device artifact under emulation where its backend can (Backend.emulate)
     )
     labels: Path | None = None  # class names (--labels), stored as Manifest.labels
+    measurer: DeviceMeasurer | None = None  # --measure-on: rank by what a fleet device measured (compile/device.py)
 
 
 class CompileFailed(OperationFailed):
@@ -512,11 +515,18 @@ def _remove_intermediates(artifacts: Path, entrypoint: Path) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _rank(built: list[_Built], profile: Profile) -> str:
-    """Rank the passing candidates (rank 1 is chosen), tell each loser why it lost, and return the basis."""
+def _rank(built: list[_Built], profile: Profile, measured: DeviceMeasurements | None = None) -> str:
+    """Rank the passing candidates (rank 1 is chosen), tell each loser why it lost, and return the basis: what a
+    fleet device measured when it measured them all, else the host's p50 where the host is the device's kind, else
+    the profile's order."""
     passed = [b for b in built if b.report.status == "passed"]
+    on_device = measured is not None and measured.measured_on is not None
     native = profile.runs_on_this_host() and profile.accelerator.kind == "none"
-    if native:
+    if on_device:
+        assert measured is not None and measured.measured_on is not None
+        passed.sort(key=lambda b: b.report.device.p50_ms if b.report.device else float("inf"))
+        basis = f"fastest p50 measured on {measured.measured_on.describe()} within the accuracy budget"
+    elif native:
         passed.sort(key=lambda b: b.report.metrics.latency_p50_ms)
         basis = "fastest host p50 within the accuracy budget (this host has the device's CPU architecture)"
     else:
@@ -526,18 +536,57 @@ def _rank(built: list[_Built], profile: Profile) -> str:
             f"profile order within the accuracy budget: this {host_arch()} host has no {hardware}, "
             "so device latency was not measured"
         )
+    if measured is not None and measured.failure:
+        basis = f"{basis}; measuring on the fleet failed ({measured.failure}), so this order decided"
     for rank, b in enumerate(passed, 1):
         update: dict = {"rank": rank, "status": "chosen" if rank == 1 else "passed"}
         if rank > 1:
-            winner = passed[0].report
-            update["reason"] = (
-                f"slower: p50 {b.report.metrics.latency_p50_ms:.3f} ms vs {winner.backend} {winner.precision} "
-                f"{winner.metrics.latency_p50_ms:.3f} ms"
-                if native
-                else f"after {winner.backend} {winner.precision} in the profile's order"
-            )
+            update["reason"] = _lost_because(b.report, passed[0].report, "device" if on_device else
+                                             "host" if native else "order")  # fmt: skip
         b.report = b.report.model_copy(update=update)
     return basis
+
+
+def _lost_because(loser: CandidateReport, winner: CandidateReport, basis: str) -> str:
+    who = f"{winner.backend} {winner.precision}"
+    if basis == "device" and loser.device and winner.device:
+        return f"slower on the device: p50 {loser.device.p50_ms:.3f} ms vs {who} {winner.device.p50_ms:.3f} ms"
+    if basis == "host" and loser.metrics and winner.metrics:
+        return f"slower: p50 {loser.metrics.latency_p50_ms:.3f} ms vs {who} {winner.metrics.latency_p50_ms:.3f} ms"
+    return f"after {who} in the profile's order"
+
+
+def _measure_on_device(
+    request: CompileRequest,
+    model: PreparedModel,
+    built: list[_Built],
+    verifier: _Verifier,
+    workdir: Path,
+    labels: list[str] | None,
+    progress: Progress,
+) -> DeviceMeasurements | None:
+    """With --measure-on: every passing candidate packaged as a signed bundle of its own and timed on the device;
+    each candidate's report gets the device's numbers."""
+    passed = [b for b in built if b.report.status == "passed"]
+    if request.measurer is None or not passed:
+        return None
+    bundles = []
+    base = request.version.split("+")[0]
+    for index, b in enumerate(passed):
+        version = f"{base}+bench.{index}.{b.plan.candidate.backend}.{b.plan.candidate.precision}"
+        candidate = dataclasses.replace(request, out=workdir / "measure" / f"{index}.ekb", version=version)
+        candidate.out.parent.mkdir(parents=True, exist_ok=True)
+        _package(candidate, model, b, verifier, None, workdir / "measure" / str(index), labels, None)
+        bundles.append(candidate.out)
+
+    def label(index: int) -> str:
+        return f"{passed[index].plan.candidate.backend} {passed[index].plan.candidate.precision}"
+
+    with progress.task(f"measuring {len(passed)} candidates on {request.measurer.target}", total=len(passed)) as step:
+        measured = measure_candidates(request.measurer, bundles, label, lambda: step(1))
+    for b, result in zip(passed, measured.results, strict=False):
+        b.report = b.report.model_copy(update={"device": result})
+    return measured
 
 
 def _package(
@@ -545,7 +594,7 @@ def _package(
     model: PreparedModel,
     chosen: _Built,
     verifier: _Verifier,
-    report: CompileReport,
+    report: CompileReport | None,
     workdir: Path,
     labels: list[str] | None,
     drift: DriftReference | None,
@@ -557,7 +606,8 @@ def _package(
     # Every feed adds the same number of rows to an output (run_batches joins them), so the first feeds' share is:
     expected = [o[: len(o) // len(verifier.feeds) * len(feeds)] for o in chosen.outputs]
     write_vectors(root / "selftest" / "vectors.npz", feeds, expected, model.inputs)
-    (root / "report.json").write_text(report.model_dump_json(indent=2))
+    if report is not None:  # a candidate measured on a device (--measure-on) carries none
+        (root / "report.json").write_text(report.model_dump_json(indent=2))
     atol, rtol = expected_tolerance(expected)
     key_path = request.sign_key
     if key_path is None:
@@ -619,7 +669,8 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
                 continue
             outcomes.append(candidates.build_and_verify(plan, index))
         built = [o for o in outcomes if isinstance(o, _Built)]
-        ranking = _rank(built, request.profile)
+        measured = _measure_on_device(request, model, built, verifier, workdir, labels, progress)
+        ranking = _rank(built, request.profile, measured)
         chosen = next((b for b in built if b.report.status == "chosen"), None)
         report = CompileReport(
             model=str(request.model),
@@ -627,6 +678,7 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
             host=f"{host_arch()}",
             data=_data_description(samples, request),
             ranking=ranking,
+            measured_on=measured.measured_on.__dict__ if measured and measured.measured_on else None,
             reference=verifier.reference,
             candidates=[o.report if isinstance(o, _Built) else o for o in outcomes],
             warnings=_warnings(model, samples, request),

@@ -5,6 +5,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from edgekit.manifest import Metrics
+from edgekit.protocol import BenchResult
 from edgekit.schema import Precision, StrictModel
 
 Status = Literal["chosen", "passed", "rejected", "failed", "skipped", "unverified"]
@@ -34,6 +35,7 @@ class CandidateReport(StrictModel):
     metrics: Metrics | None = None
     verdict: Verdict | None = None
     details: dict[str, Any] = Field(default_factory=dict, description="Backend facts, e.g. NPU/CPU op placement")
+    device: BenchResult | None = Field(None, description="What the --measure-on device measured of it")
 
 
 class ReferenceReport(StrictModel):
@@ -52,6 +54,9 @@ class CompileReport(StrictModel):
     host: str
     data: str
     ranking: str = Field("", description="How passing candidates were ranked, and what could not be measured")
+    measured_on: dict[str, str] | None = Field(
+        None, description="The fleet device the candidates were ranked on (--measure-on): device, machine, cpu"
+    )
     reference: ReferenceReport
     candidates: list[CandidateReport]
     warnings: list[str] = Field(default_factory=list, description="What the user should know about this verdict")

@@ -33,7 +33,7 @@ MIN_SHARE_GROUP = 16
 DEVICE_WRITES = (Topic.STATUS, Topic.TELEMETRY, Topic.RESULTS, Topic.EVENTS, Topic.REPORTED, Topic.TRANSFER_REQUEST,
                  Topic.PROBE, Topic.SAMPLES)  # fmt: skip
 DEVICE_READS = (Topic.DESIRED, Topic.TRUST, Topic.TRANSFER_CHUNK, Topic.INPUT, Topic.PROBE,
-                Topic.SAMPLES_ACK)  # fmt: skip
+                Topic.SAMPLES_ACK, Topic.BENCH)  # fmt: skip
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd writes for its $7$ (PBKDF2-SHA512) format
 
 

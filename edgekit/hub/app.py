@@ -24,6 +24,7 @@ from edgekit.hub.guard import WebGuard
 from edgekit.hub.live import FleetRelay, LiveFeed
 from edgekit.hub.metrics import hub_registry, metrics_router
 from edgekit.hub.routes import audit, bundles, deployments, devices, downloads, enrollment, session, tokens, trust
+from edgekit.hub.routes import bench as bench_routes
 from edgekit.hub.routes import config as config_routes
 from edgekit.hub.routes import datasets as dataset_routes
 from edgekit.hub.schemas import Health
@@ -97,6 +98,7 @@ def create_app(hub: "Hub") -> FastAPI:
                 "registry": hub.registry,
                 "deployments": hub.rollouts,
                 "configs": hub.configs,
+                "bench": hub.bench,
                 "link": hub.link,
                 "feed": feed,
                 "medians": medians,
@@ -118,7 +120,7 @@ def create_app(hub: "Hub") -> FastAPI:
         lifespan=lifespan,
     )
     api = APIRouter(prefix="/api", dependencies=[Depends(require_read)])
-    for routes in (devices, config_routes, bundles, deployments, audit, tokens, dataset_routes):
+    for routes in (devices, config_routes, bundles, deployments, audit, tokens, dataset_routes, bench_routes):
         api.include_router(routes.router)
     api.include_router(enrollment.router_for(hub.enroll))  # needs the hub's broker, not only its database
     api.include_router(trust.router_for(lambda: hub.trust.root, hub.rotate_keys))  # and its keys

@@ -5,6 +5,7 @@ Exit codes follow the CLI's rule: 2 when the caller can fix the request (bad tok
 """
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from urllib.parse import quote
 import httpx
 
 from edgekit.errors import BadInput, OperationFailed
+from edgekit.protocol import BenchResult
 
 DEFAULT_HUB = "http://127.0.0.1:8080"
 UPLOAD_CHUNK = 1024 * 1024
@@ -118,9 +120,40 @@ class HubClient:
             raise http_error(response, self.url)
         return response.content, int(response.headers.get("x-edgekit-samples", "0"))
 
+    def bench(self, bundle_id: str, target: str, seconds: float, timeout_s: float | None = None) -> dict[str, Any]:
+        body = {"bundle": bundle_id, "target": target, "seconds": seconds, "timeout_s": timeout_s}
+        return self._request("POST", "/api/bench", json={k: v for k, v in body.items() if v is not None})
+
+    def bench_job(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/api/bench/{quote(job_id, safe='')}")
+
+    def time_bundle(self, bundle: Path, target: str, seconds: float, poll_s: float = 0.5) -> dict[str, Any]:
+        """Push `bundle` (a no-op when the registry has it), have a device of `target` time it, and wait for the
+        job to end; the finished job. OperationFailed with the device's or the hub's reason when it failed."""
+        record = self.push(bundle)
+        job = self.bench(record["id"], target, seconds)
+        while job["state"] == "running":
+            time.sleep(poll_s)
+            job = self.bench_job(job["id"])
+        if job["state"] != "done":
+            raise OperationFailed(f"on {job['device_id']}: {job['reason']}")
+        return job
+
     def halt(self, deployment_id: int, reason: str | None = None) -> dict[str, Any]:
         body = {"reason": reason} if reason else None
         return self._request("POST", f"/api/deployments/{deployment_id}/halt", json=body)
+
+
+class FleetMeasurer:
+    """`edgekit compile --measure-on`: a candidate bundle timed on a device of `target` through the hub
+    (`edgekit.compile.device.DeviceMeasurer`)."""
+
+    def __init__(self, client: HubClient, target: str, seconds: float) -> None:
+        self.client, self.target, self.seconds = client, target, seconds
+
+    def measure(self, bundle: Path) -> tuple[str, BenchResult]:
+        job = self.client.time_bundle(bundle, self.target, self.seconds)
+        return job["device_id"], BenchResult.model_validate(job["result"])
 
 
 def _chunks(path: Path) -> Iterator[bytes]:

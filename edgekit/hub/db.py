@@ -285,6 +285,22 @@ class AuditEntry(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+class BenchJobRecord(Base):
+    """A candidate bundle sent to one device to be timed without activating it (edgekit.hub.bench)."""
+
+    __tablename__ = "bench_jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    bundle_id: Mapped[str] = mapped_column(String(64))
+    created: Mapped[float] = mapped_column(Float, default=time.time)
+    device_seq: Mapped[int] = mapped_column(BigInteger, comment="the device's last stored seq when it was sent")
+    expires: Mapped[float] = mapped_column(Float, comment="no answer by then: failed")
+    state: Mapped[str] = mapped_column(String(16), default="running", comment="running|done|failed")
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, comment="edgekit.protocol.BenchResult")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    actor: Mapped[str] = mapped_column(String(64))
+
+
 class Dataset(Base):
     """Inputs captured on devices (docs/datasets.md): one dataset per bundle name, with its retention limits."""
 

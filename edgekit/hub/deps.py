@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import sessionmaker
 
 from edgekit.hub.alerts import MedianCache
+from edgekit.hub.bench import BenchJobs
 from edgekit.hub.downloads import DownloadLinks
 from edgekit.hub.link import BrokerLink
 from edgekit.hub.live import LiveFeed
@@ -28,6 +29,7 @@ def _lifespan_state(name: str) -> Any:
 Sessions = Annotated[sessionmaker, _lifespan_state("sessions")]
 RegistryDep = Annotated[Registry, _lifespan_state("registry")]
 DeploymentsDep = Annotated[Deployments, _lifespan_state("deployments")]
+BenchJobsDep = Annotated[BenchJobs, _lifespan_state("bench")]
 Link = Annotated[BrokerLink, _lifespan_state("link")]
 Feed = Annotated[LiveFeed, _lifespan_state("feed")]
 Medians = Annotated[MedianCache, _lifespan_state("medians")]

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edgekit.enrollment import write_private
 from edgekit.errors import BadInput
-from edgekit.protocol import DesiredState, encode
+from edgekit.protocol import BenchJob, DesiredState, encode
 from edgekit.signing import key_id, load_private_key, load_public_key
 from edgekit.trust import (
     DEFAULT_DESIRED_TTL_S,
@@ -34,6 +34,7 @@ from edgekit.trust import (
     public_pem,
     root_of,
     seal,
+    sign_bench,
     sign_desired,
 )
 
@@ -140,6 +141,11 @@ class HubTrust:
         with self._lock:
             key = self._key
         return encode(sign_desired(key, device_id, desired, self.desired_ttl_s))
+
+    def sign_bench(self, device_id: str, job: BenchJob, ttl_s: float) -> bytes:
+        with self._lock:
+            key = self._key
+        return encode(sign_bench(key, device_id, job, ttl_s))
 
     def rotate(self, new_hub_key: bool, bundle_keys: list[str] | None) -> TrustRoot:
         """Issue the next root: a new hub key (signing it together with the old one) and/or a new list of bundle

@@ -27,6 +27,7 @@ from edgekit.errors import BadInput
 from edgekit.hub.acl import HUB_USER, BrokerUsers, check_share_group
 from edgekit.hub.app import create_app
 from edgekit.hub.auth import hub_secret
+from edgekit.hub.bench import BenchJobs
 from edgekit.hub.broker import EmbeddedBroker, MosquittoBroker, reload_broker, start_embedded_broker
 from edgekit.hub.config import Configs
 from edgekit.hub.datasets import SampleIngest
@@ -47,6 +48,7 @@ from edgekit.protocol import (
     CAPTURE_SINCE,
     DOWNLOAD_LINKS_SINCE,
     SHADOW_SINCE,
+    BenchJob,
     DesiredBundle,
     DesiredState,
     Topic,
@@ -128,6 +130,7 @@ class Hub:
             self.driver = RolloutDriver(self.sessions, self.send_desired, self.registry, lease)
         self.rollouts = Deployments(self.sessions, self.send_desired, self.registry, self.driver)
         self.configs = Configs(self.sessions, self.send_desired)  # device and group configuration (edgekit.hub.config)
+        self.bench = BenchJobs(self.sessions, self.send_bench)  # candidates timed on devices (edgekit.hub.bench)
         self.stopping = threading.Event()  # set by stop(): open live streams end, so the server can stop
         self.link: BrokerLink | None = None  # from start(), when the broker's address is known
         self.app: FastAPI | None = None
@@ -157,6 +160,13 @@ class Hub:
         if agent_takes(agent_version, DOWNLOAD_LINKS_SINCE):
             desired = self._with_links(desired, device_id, time.time() + self.settings.desired_ttl_s)
         self.publish(device_topic(device_id, Topic.DESIRED), self.trust.sign_desired(device_id, desired), True)
+
+    def send_bench(self, device_id: str, job: BenchJob, ttl_s: float) -> None:
+        """Sign `job` for the device, its bundle with download links that last as long as the job, and publish it
+        (not retained: a job the device does not take now fails, rather than running whenever it comes back)."""
+        bundle = job.bundle.model_copy(update={"urls": self.links.urls(job.bundle.id, device_id, time.time() + ttl_s)})
+        signed = self.trust.sign_bench(device_id, job.model_copy(update={"bundle": bundle}), ttl_s)
+        self.publish(device_topic(device_id, Topic.BENCH), signed)
 
     def _with_links(self, desired: DesiredState, device_id: str, expires: float) -> DesiredState:
         def linked(bundle: DesiredBundle) -> DesiredBundle:
