@@ -1,12 +1,16 @@
 """Benchmark jobs: a candidate bundle timed on this device without activating it (docs/measure.md).
 
-The hub signs a `BenchJob` for this device (`bench/job`). The control thread takes it between desired states, so a
-job never races an update for the bundle store. The candidate is fetched, verified and self-tested exactly like an
-update (`Updater.prepare_candidate`), then timed on its own self-test inputs in a thread at a lower scheduling
+The hub signs a `BenchJob` for this device (`bench/job`). The control thread takes it between desired states, so
+a job never races an update for the bundle store. The candidate is fetched, verified and self-tested exactly like
+an update (`Updater.prepare_candidate`), then timed on its own self-test inputs in a thread at a lower scheduling
 priority (nice +10) than the live model's, so the live model keeps its share of the CPU; the live model's p50
-before, during and after the job says how much it was disturbed all the same. The answer is a `bench.result` event
-(its data a `BenchResult`) or `bench.failed` with the reason; the candidate is removed from the store either way
-(unless it is also the active, previous or shadow bundle).
+before, during and after the job says how much it was disturbed all the same. The answer is a `bench.result`
+event (its data a `BenchResult`) or `bench.failed` with the reason; the candidate is removed from the store either
+way (unless it is also the active, previous or shadow bundle).
+
+A job of mode `tvm-trials` carries a bundle of TVM tuning trials instead of a model (`edgekit compile
+--measure-on` tuning for this device's CPU): each trial library is verified with the bundle, then timed as
+MetaSchedule's own runner would time it, and the answer is a `TrialResult`.
 """
 
 import logging
@@ -16,16 +20,19 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from edgekit.agents.runner import LoadedModel, Report, Runner
 from edgekit.agents.runtimes import Session
 from edgekit.agents.updater import UpdateFailed, Updater
-from edgekit.protocol import BenchJob, BenchResult
+from edgekit.manifest import Manifest
+from edgekit.protocol import TRIALS_KEY, BenchJob, BenchResult, TrialResult, TrialSpec, TrialTiming
 from edgekit.selftest import selftest_vectors
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NICE = 10  # added to the timing thread's niceness: the live model's inference thread stays at the agent's
 AFTER_S = 1.0  # how long the live model is watched after the candidate stopped
@@ -56,6 +63,9 @@ class LiveLatency:
 
 def run_job(job: BenchJob, updater: Updater, runner: Runner, report: Report) -> None:
     """Verify, time and remove `job`'s candidate; report the outcome as one event."""
+    if job.mode == "tvm-trials":
+        _run_trials(job, updater, report)
+        return
     before = runner.model_health.stats().latency_p50_ms if runner.model_health else None
     live = LiveLatency()
     try:
@@ -77,6 +87,56 @@ def run_job(job: BenchJob, updater: Updater, runner: Runner, report: Report) -> 
            f"{result.p95_ms:g} ms over {result.runs} runs", **result.model_dump())  # fmt: skip
 
 
+def _run_trials(job: BenchJob, updater: Updater, report: Report) -> None:
+    try:
+        installed = updater.install_candidate(job.bundle, attempt=int(time.time()))
+        specs = _trial_specs(installed.manifest)
+        timings = _Niced(lambda: time_trials(installed.root, specs, job)).run()
+    except UpdateFailed as error:
+        _failed(report, job, f"{error.phase}: {error}")
+        return
+    except Exception as error:  # a malformed trial list, or no TVM runtime: the job's failure, not the agent's
+        log.debug("trial job %s failed", job.id, exc_info=True)
+        _failed(report, job, f"{type(error).__name__}: {error}")
+        return
+    finally:
+        updater.release_candidates()
+    result = TrialResult(job=job.id, bundle=job.bundle.id, trials=timings, machine=platform.machine(),
+                         cpu=cpu_description())  # fmt: skip
+    timed = sum(t.secs is not None for t in timings)
+    report("bench.result", f"{job.bundle.name}@{job.bundle.version}: {timed} of {len(timings)} tuning trials timed",
+           **result.model_dump())  # fmt: skip
+
+
+def _trial_specs(manifest: Manifest) -> list[TrialSpec]:
+    """The trials a trial bundle lists; each must be one of the bundle's own (signed, hashed) files."""
+    files = {entry.path for entry in manifest.files}
+    specs = [TrialSpec.model_validate(spec) for spec in manifest.build_details.get(TRIALS_KEY, [])]
+    if unlisted := [spec.file for spec in specs if spec.file not in files]:
+        raise ValueError(f"trial libraries not among the bundle's files: {unlisted[:3]}")
+    return specs
+
+
+def time_trials(root: Path, specs: list[TrialSpec], job: BenchJob) -> list[TrialTiming]:
+    """Each MetaSchedule trial timed as MetaSchedule's own runner times it: random arguments, the module's entry
+    function under TVM's time evaluator. A trial that does not load or run is a failed trial, not a failed job; a
+    device without the TVM runtime fails the job (ModuleNotFoundError)."""
+    import tvm
+
+    device = tvm.cpu(0)
+    rng = np.random.default_rng(0)
+    timings = []
+    for spec in specs:
+        try:
+            module = tvm.runtime.load_module(str(root / spec.file))
+            args = [tvm.runtime.tensor(rng.uniform(-1, 1, shape).astype(t), device) for _, t, shape in spec.args]
+            evaluator = module.time_evaluator(module.entry_name, device, number=job.number, repeat=job.repeat)
+            timings.append(TrialTiming(secs=[float(s) for s in evaluator(*args).results]))
+        except Exception as error:  # TVM raises its own error types for schedules that do not run
+            timings.append(TrialTiming(error=f"{type(error).__name__}: {str(error)[:1500]}"))
+    return timings
+
+
 def _failed(report: Report, job: BenchJob, reason: str) -> None:
     report("bench.failed", f"benchmark job {job.id} ({job.bundle.name}@{job.bundle.version}): {reason}",
            level="error", job=job.id, bundle=job.bundle.id, reason=reason)  # fmt: skip
@@ -88,14 +148,10 @@ def _measure(job: BenchJob, model: LoadedModel, runner: Runner, live: LiveLatenc
     rss_before = _rss_mib()
     runner.latency_tap = live.add
     timing = _Timing(model.session, feeds, job)
-    worker = threading.Thread(target=timing.run, name="bench", daemon=True)
-    worker.start()
-    worker.join()
+    _Niced(timing.run).run()
     during = live.take_p50_ms()
     time.sleep(AFTER_S)
     after = live.take_p50_ms()
-    if timing.error is not None:
-        raise timing.error
     latencies = np.asarray(timing.latencies) * 1000
     p50, p95 = np.percentile(latencies, [50, 95])
     return BenchResult(
@@ -109,24 +165,15 @@ def _measure(job: BenchJob, model: LoadedModel, runner: Runner, live: LiveLatenc
 
 
 class _Timing:
-    """The candidate run on its feeds, round robin, for `job.seconds` after `job.warmup` runs, in the thread that
-    calls `run` (niced first)."""
+    """The candidate run on its feeds, round robin, for `job.seconds` after `job.warmup` runs."""
 
     def __init__(self, session: Session, feeds: list[dict[str, np.ndarray]], job: BenchJob) -> None:
         self.session, self.feeds, self.job = session, feeds, job
         self.latencies: list[float] = []
         self.elapsed = 0.0
         self.peak_rss_mib: float | None = None
-        self.error: Exception | None = None
 
     def run(self) -> None:
-        _lower_priority()
-        try:
-            self._time()
-        except Exception as error:  # handed to the control thread, which reports it
-            self.error = error
-
-    def _time(self) -> None:
         run: Callable[[int], None] = lambda i: self.session.run(self.feeds[i % len(self.feeds)])  # noqa: E731
         for i in range(self.job.warmup):
             run(i)
@@ -141,6 +188,31 @@ class _Timing:
                 self.peak_rss_mib = max(self.peak_rss_mib or 0.0, _rss_mib() or 0.0) or None
             i += 1
         self.elapsed = time.perf_counter() - started
+
+
+class _Niced(Generic[T]):
+    """`work` run to its end in a thread of its own at a lower priority than the live model's (nice +NICE: a thread
+    cannot lower its own niceness again, so the agent's threads are never touched); its exception re-raised."""
+
+    def __init__(self, work: Callable[[], T]) -> None:
+        self._work = work
+        self._outcome: list[Any] = []
+
+    def run(self) -> T:
+        worker = threading.Thread(target=self._run, name="bench", daemon=True)
+        worker.start()
+        worker.join()
+        value, error = self._outcome
+        if error is not None:
+            raise error
+        return value  # type: ignore[no-any-return]
+
+    def _run(self) -> None:
+        _lower_priority()
+        try:
+            self._outcome = [self._work(), None]
+        except Exception as error:  # handed to the calling thread
+            self._outcome = [None, error]
 
 
 def _lower_priority() -> None:

@@ -168,6 +168,12 @@ class Updater:
         job's candidate (edgekit.agents.bench). `release_candidates` removes it from the store again."""
         return self._prepare(target, attempt, self.runner.model, lambda *_: None)
 
+    def install_candidate(self, target: DesiredBundle, attempt: int) -> Installed:
+        """`target` fetched and verified (signature, hashes) into the store, not loaded: a bundle of TVM tuning
+        trials, which has no model to self-test. `release_candidates` removes it again."""
+        self._check_verifiable(target)
+        return self._verify(target, self._fetch(target, attempt, self.runner.model, lambda *_: None))
+
     def release_candidates(self) -> None:
         """Remove what `prepare_candidate` installed, unless it is the active, previous or shadow bundle."""
         self.store.prune(self._kept_bundles())

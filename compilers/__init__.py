@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import yaml
@@ -21,8 +21,20 @@ from edgekit.errors import BadInput
 from edgekit.plugins import discover, installed
 from edgekit.profiles import Profile
 from edgekit.progress import Progress
+from edgekit.protocol import TrialSpec, TrialTiming
 from edgekit.samples import SampleSet
 from edgekit.schema import Precision, StrictModel, describe_validation_error
+
+
+class TrialTimer(Protocol):
+    """Times TVM tuning trials on a fleet device of the profile's kind (`edgekit compile --measure-on`): what lets
+    a workstation tune for a CPU it is not (edgekit.compile.device.FleetTrialTimer)."""
+
+    target: str
+
+    def time_trials(self, trials: list[tuple[Path, TrialSpec]]) -> tuple[str, list[TrialTiming]]:
+        """(the device id, one timing per trial, in order) for (library, spec) pairs; EdgekitError when the device
+        could not time them at all."""
 
 
 class BackendOptions(StrictModel):
@@ -45,6 +57,7 @@ class BuildRequest:
     # quantizer also picks ops the ranking never saw (NNCF quantizes ReduceMean and LSTM inputs; ONNX Runtime's
     # QDQ does not) keeps those in float too, so that the ranking describes what it builds.
     int8_only: frozenset[str] | None = None
+    trial_timer: TrialTimer | None = None  # --measure-on: where tuning trials for a foreign CPU are timed
 
 
 @dataclass(frozen=True)

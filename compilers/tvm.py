@@ -1,10 +1,11 @@
 """Apache TVM backend: Relax import, targets from the profile (x86 / aarch64 CPUs, CUDA for Jetson), MetaSchedule
 tuning with a reusable per-profile database, and a shared library the device loads with only the TVM runtime.
 
-Tuning measures candidate schedules by running them, so it happens only when this host has the profile's CPU
-architecture; for a foreign target the database (filled by an earlier tuning run, or copied in) is applied and
-the report says what was not measured. CUDA builds are scheduled with dlight's GPU rules: no GPU is here to time.
-Foreign builds are verified through a host build of the same Relax module (the report says so).
+Tuning measures candidate schedules by running them: on this host when it has the profile's CPU architecture, else
+on a device of that kind in the user's fleet (`--measure-on`, compilers/_tvm_fleet.py); without one, the database
+(filled by an earlier tuning run, or copied in) is applied and the report says what was not measured. CUDA builds
+are scheduled with dlight's GPU rules: no GPU is here to time. Foreign builds are verified through a host build of
+the same Relax module (the report says so).
 
 Pinned to apache-tvm 0.25 with apache-tvm-ffi 0.1.12: with 0.27 and the ffi that pip picks (0.1.15) MetaSchedule
 segfaults, and with ffi 0.1.14 its MultiLevelTiling fails on every fused conv/matmul task (see docs/tvm.md).
@@ -22,6 +23,7 @@ import numpy as np
 from pydantic import Field
 
 from edgekit.compilers import Backend, BackendOptions, BuildRequest, BuildResult, HostStandIn
+from edgekit.compilers._tvm_fleet import FleetTiming, cross_export, fleet_runner
 from edgekit.errors import BadInput
 from edgekit.paths import edgekit_cache
 from edgekit.profiles import Profile, host_arch
@@ -91,7 +93,7 @@ class TvmBackend(Backend):
             details["tuning"] = "none: CUDA kernels use dlight's default GPU schedules (no GPU here to time them)"
             details["cuda_kernels"] = enable_cuda_binaries(profile.accelerator.arch)
         else:
-            details.update(tune_on_host(module, target, database, options, request))
+            details.update(tune(module, target, database, options, request))
             scheduled = apply_database(module, target, database)
         artifact = request.outdir / "model.so"
         with request.progress.task(f"tvm {request.precision}: compiling for {profile.cpu.arch}", total=1):
@@ -110,18 +112,25 @@ class TvmBackend(Backend):
     @staticmethod
     def _host_stand_in(imported, request: BuildRequest, database: Path) -> HostStandIn | None:
         profile = request.profile
-        if profile.runs_on_this_host() and profile.accelerator.kind == "none":
+        if profile.host_can_run() and profile.accelerator.kind == "none":
             return None
         stand_in = request.outdir.parent / "host" / "model.so"
         host = host_target()
         with request.progress.task("tvm: host build of the same module, for verification", total=1):
             module = lower(imported, request.precision, host)
             export(compile_module(apply_database(module, host, database), host), stand_in, host_arch())
-        what = "the CUDA kernels" if profile.accelerator.kind == "cuda" else f"the {profile.cpu.arch} .so"
         return HostStandIn(
             entrypoint=stand_in, runtime="tvm", target={"device": "cpu"},
-            note=f"an x86 CPU build of the same TVM module ({what} cannot run on this host)",
+            note=f"an x86 CPU build of the same TVM module ({_why_not_here(profile)})",
         )  # fmt: skip
+
+
+def _why_not_here(profile: Profile) -> str:
+    if profile.accelerator.kind == "cuda":
+        return "the CUDA kernels cannot run on this host"
+    if not profile.runs_on_this_host():
+        return f"the {profile.cpu.arch} .so cannot run on this host"
+    return f"the .so uses {', '.join(profile.isa_missing_here())}, which this host's CPU lacks"
 
 
 def import_onnx(path: Path):
@@ -320,8 +329,9 @@ def passing_on_failure(rule):
     return PassingOnFailure()
 
 
-def tune_on_host(module, target, database: Path, options: TvmOptions, request: BuildRequest) -> dict:
-    """Tune only the tasks the database has no record for, one progress step per task."""
+def tune(module, target, database: Path, options: TvmOptions, request: BuildRequest) -> dict:
+    """Tune only the tasks the database has no record for: on this host when it has the profile's CPU, else on a
+    fleet device of the profile through `request.trial_timer` (--measure-on; compilers/_tvm_fleet.py)."""
     from tvm.s_tir import meta_schedule as ms
 
     profile = request.profile
@@ -330,20 +340,23 @@ def tune_on_host(module, target, database: Path, options: TvmOptions, request: B
     tasks = ms.relax_integration.extract_tasks(module, target)
     missing = [t for t in tasks if db.query_tuning_record(t.dispatched[0], target, t.task_name) is None]
     facts: dict[str, Any] = {"tasks": len(tasks), "tuned_before": len(tasks) - len(missing)}
-    if not profile.runs_on_this_host():
+    on_host = profile.host_can_run()
+    if not on_host and request.trial_timer is None:
         facts["tuning"] = (
-            f"not on this {host_arch()} host, which cannot time {profile.cpu.arch} code; "
-            f"applied {facts['tuned_before']} of {len(tasks)} task records from the database"
+            f"not on this host ({_why_not_here(profile)}; --measure-on a device would time it); applied "
+            f"{facts['tuned_before']} of {len(tasks)} task records from the database"
         )
         return facts
     if not options.tune_trials or not missing:
         facts["tuning"] = f"none this run; {facts['tuned_before']} of {len(tasks)} tasks have database records"
         return facts
     trials = max(options.tune_trials, 8 * len(missing))
+    fleet = None if on_host else FleetTiming(request.trial_timer)  # type: ignore[arg-type]
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     # One tuning session for all missing tasks: its builder/runner worker pools start once, and the gradient
     # task scheduler spends the trials where latency improves most.
-    with request.progress.task(f"tvm: tuning {len(missing)} tasks, {trials} trials", total=1):
+    where = "on this host" if fleet is None else f"on {fleet.timer.target}"
+    with request.progress.task(f"tvm: tuning {len(missing)} tasks {where}, {trials} trials", total=1):
         contexts = [
             ms.TuneContext(
                 mod=task.dispatched[0], target=target, space_generator="post-order-apply",
@@ -353,22 +366,29 @@ def tune_on_host(module, target, database: Path, options: TvmOptions, request: B
         ]  # fmt: skip
         ms.tune_tasks(
             tasks=contexts, task_weights=[float(task.weight) for task in missing], work_dir=str(database),
-            builder=in_process_builder(),
+            builder=in_process_builder(None if fleet is None else cross_export(CROSS_LINKERS.get(profile.cpu.arch))),
+            runner="local" if fleet is None else fleet_runner(fleet),
             max_trials_global=trials, max_trials_per_task=options.trials_per_task,
             num_trials_per_iter=min(64, options.trials_per_task, max(8, trials // len(missing))), database=db,
         )  # fmt: skip
-    facts.update(tuning=f"tuned {len(missing)} tasks on this host, {trials} trials budget", trials=trials)
+    how = "on this host" if fleet is None else fleet.describe()
+    facts.update(tuning=f"tuned {len(missing)} tasks, {trials} trials budget: {how}", trials=trials)
+    if fleet is not None:
+        facts.update(tuned_on=fleet.device or None, fleet_batches=fleet.batches, fleet_trials_timed=fleet.timed)
     return facts
 
 
-def in_process_builder():
-    """Builds trial schedules in this process. MetaSchedule's LocalBuilder starts fresh worker processes for every
-    batch of trials (against a leak), and each spends ~10 s of CPU importing TVM (its tensor intrinsics parse
-    TVMScript through inspect.stack) before it builds anything: on 2 cores that was nearly all of the tuning time,
-    0 records in 14 minutes. This process has TVM loaded already."""
+def in_process_builder(export=None):
+    """Builds trial schedules in this process, exported by `export` (default: MetaSchedule's own). MetaSchedule's
+    LocalBuilder starts fresh worker processes for every batch of trials (against a leak), and each spends ~10 s
+    of CPU importing TVM (its tensor intrinsics parse TVMScript through inspect.stack) before it builds anything:
+    on 2 cores that was nearly all of the tuning time, 0 records in 14 minutes. This process has TVM loaded
+    already."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+    export = export or default_export
 
     @derived_object
     class InProcessBuilder(PyBuilder):
@@ -376,7 +396,7 @@ def in_process_builder():
             results = []
             for item in build_inputs:
                 try:
-                    results.append(BuilderResult(default_export(default_build(item.mod, item.target, None)), None))
+                    results.append(BuilderResult(export(default_build(item.mod, item.target, None)), None))
                 except Exception as error:  # a schedule that does not build is a failed trial, not a failed tuning
                     results.append(BuilderResult(None, f"build failed: {error}"))
             return results

@@ -73,8 +73,39 @@ class Profile(StrictModel):
     preprocessing: Preprocessing | None = None
 
     def runs_on_this_host(self) -> bool:
-        """True when the host's CPU can execute CPU code built for this profile (same architecture)."""
+        """True when the host's CPU has this profile's architecture (runtimes that pick their kernels when they
+        run, such as ONNX Runtime and OpenVINO, then run the device's artifact here)."""
         return host_arch() == self.cpu.arch
+
+    def isa_missing_here(self) -> list[str]:
+        """The profile's ISA extensions this host's CPU lacks ([] when it has them all, or cannot tell)."""
+        have = host_isa()
+        return [] if have is None else [name for name in self.cpu.isa if CPU_FLAGS.get(name, name) not in have]
+
+    def host_can_run(self) -> bool:
+        """True when code compiled for exactly this CPU (TVM's, built with its -mcpu and ISA) runs on this host:
+        the same architecture and every ISA extension the profile names (an AVX-512 build on a host without
+        AVX-512 dies of an illegal instruction)."""
+        return self.runs_on_this_host() and not self.isa_missing_here()
+
+
+# Profile ISA names that Linux's /proc/cpuinfo spells otherwise (x86 `flags`, ARM `Features`).
+CPU_FLAGS = {"sse4.2": "sse4_2", "avx512vnni": "avx512_vnni", "neon": "asimd", "dotprod": "asimddp",
+             "fp16": "asimdhp"}  # fmt: skip
+
+
+@cache
+def host_isa() -> frozenset[str] | None:
+    """The CPU flags Linux reports for this host; None where it does not say."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return None
 
 
 def host_arch() -> str:

@@ -335,8 +335,40 @@ class BenchJob(WireModel):
 
     id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     bundle: DesiredBundle
+    mode: Literal["bundle", "tvm-trials"] = Field(
+        "bundle", description="bundle: time the model; tvm-trials: time each TVM tuning trial library the bundle "
+        "lists (TRIALS_KEY in its build details), answered with a TrialResult"
+    )  # fmt: skip
     seconds: float = Field(5.0, gt=0, le=600, description="How long to time the candidate, after its warm-up runs")
     warmup: int = Field(3, ge=0, le=1000)
+    number: int = Field(3, ge=1, le=1000, description="tvm-trials: runs per timing")
+    repeat: int = Field(1, ge=1, le=100, description="tvm-trials: timings per trial")
+
+
+TRIALS_KEY = "tvm_trials"  # Manifest.build_details of a trial bundle: a list of TrialSpec
+
+
+class TrialSpec(WireModel):
+    """One MetaSchedule trial in a trial bundle: a TVM library (its entry function is the scheduled task) and its
+    arguments as MetaSchedule describes them, `["TENSOR", dtype, shape]`."""
+
+    file: str = Field(max_length=200)
+    args: list[tuple[Literal["TENSOR"], str, list[int]]] = Field(max_length=64)
+
+
+class TrialTiming(WireModel):
+    secs: list[float] | None = Field(None, max_length=100, description="Seconds per run, one per timing")
+    error: str | None = Field(None, max_length=2000)
+
+
+class TrialResult(WireModel):
+    """What a device measured of a trial bundle (`BenchJob.mode` tvm-trials): one timing per TrialSpec, in order."""
+
+    job: str
+    bundle: str = Field(pattern=SHA256)
+    trials: list[TrialTiming] = Field(max_length=4096)
+    machine: str = ""
+    cpu: str = ""
 
 
 class BenchResult(WireModel):

@@ -139,3 +139,20 @@ def test_deprecated_tune_trials_flag_is_the_tvm_option(cli, small_cnn_model):
     notice, error = result.stderr.strip().splitlines()
     assert "deprecated" in notice and "--option tvm.tune_trials" in notice
     assert error.startswith("error: --option: backend 'tvm': tune_trials") and "greater than or equal to 0" in error
+
+
+def test_code_built_for_an_isa_the_host_lacks_does_not_run_here(monkeypatch) -> None:
+    """An AVX-512 TVM build on a host without AVX-512 dies of an illegal instruction (seen on an AMD EPYC CI host):
+    such a profile is the host's architecture but not a CPU the host can run code compiled for."""
+    from edgekit import profiles
+
+    avx512 = load_profile("x86-64-avx512")
+    monkeypatch.setattr(profiles, "host_arch", lambda: "x86_64")
+    monkeypatch.setattr(profiles, "host_isa", lambda: frozenset({"sse4_2", "avx", "avx2", "fma"}))
+    assert avx512.runs_on_this_host() and not avx512.host_can_run()
+    assert avx512.isa_missing_here() == ["avx512f", "avx512bw", "avx512vl", "avx512vnni"]
+    monkeypatch.setattr(profiles, "host_isa", lambda: frozenset({"sse4_2", "avx", "avx2", "fma", "avx512f",
+                                                                 "avx512bw", "avx512vl", "avx512_vnni"}))  # fmt: skip
+    assert avx512.host_can_run()
+    monkeypatch.setattr(profiles, "host_isa", lambda: None)  # a host that does not say: taken as able
+    assert avx512.host_can_run()

@@ -146,7 +146,8 @@ def agent_command(agent_args: list[str], scratch: Path) -> tuple[list[str], dict
     python = root / "root" / "usr" / "bin" / "python3.11"
     # -P: the working directory must not shadow the unpacked edgekit (in a checkout it holds the source tree).
     command = [QEMU, "-L", str(root / "root"), str(python), "-P", "-m", "edgekit", "agent", *agent_args]
-    env = {**os.environ, "PYTHONPATH": f"{scratch / 'edgekit-site'}:{root / 'agent-site'}"}
+    # site/: the TVM runtime, as on a device that runs TVM bundles (and times TVM tuning trials).
+    env = {**os.environ, "PYTHONPATH": f"{scratch / 'edgekit-site'}:{root / 'agent-site'}:{root / 'site'}"}
     return command, env
 
 

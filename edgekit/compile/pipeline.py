@@ -14,12 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit import __version__
 from edgekit.agents.runtimes import Session, get_runtime, run_batches
 from edgekit.bundle import file_entries, write_bundle
 from edgekit.compile.calibration import load_samples, synthetic_samples
-from edgekit.compile.device import DeviceMeasurements, DeviceMeasurer, measure_candidates
+from edgekit.compile.device import (
+    DeviceMeasurements,
+    DeviceMeasurer,
+    FleetTrialTimer,
+    TrialBundles,
+    measure_candidates,
+)
 from edgekit.compile.drift import drift_reference
 from edgekit.compile.intake import PreparedModel, prepare_model
 from edgekit.compile.labels import check_labels_fit, read_labels
@@ -27,7 +34,7 @@ from edgekit.compile.measure import compare, like_reference, measure_latency, pe
 from edgekit.compile.mixed import compute_layers, keep_float_rounds, rank_sensitive_nodes
 from edgekit.compile.report import CandidateReport, CompileReport, ReferenceReport
 from edgekit.compile.verdict import Budget, Judgement, judge
-from edgekit.compilers import Backend, BackendOptions, BuildRequest, BuildResult, HostStandIn, backends
+from edgekit.compilers import Backend, BackendOptions, BuildRequest, BuildResult, HostStandIn, TrialTimer, backends
 from edgekit.drift import DriftReference
 from edgekit.errors import BadInput, OperationFailed
 from edgekit.manifest import Manifest, Metrics, SelfTest
@@ -309,9 +316,9 @@ class _Candidates:
     mixed precision. A failing backend or runtime becomes a failed candidate in the report; the others go on."""
 
     def __init__(self, request: CompileRequest, model: PreparedModel, samples: _Samples, verifier: _Verifier,
-                 workdir: Path, progress: Progress) -> None:  # fmt: skip
+                 workdir: Path, progress: Progress, trial_timer: TrialTimer | None = None) -> None:  # fmt: skip
         self.request, self.model, self.samples, self.verifier = request, model, samples, verifier
-        self.workdir, self.progress = workdir, progress
+        self.workdir, self.progress, self.trial_timer = workdir, progress, trial_timer
         self._ranking: list[str] | str | None = None  # layer names by sensitivity, or why they are unknown
         self._int8_passed = False
         self._mixed_spent = 0.0  # seconds of mixed-precision ranking and rebuilds so far
@@ -381,6 +388,7 @@ class _Candidates:
             progress=self.progress,
             keep_float=keep_float,
             int8_only=int8_only,
+            trial_timer=self.trial_timer,
         )
         # Libraries print their own progress; stdout is reserved for the report (--json).
         with contextlib.redirect_stdout(sys.stderr):
@@ -608,13 +616,10 @@ def _package(
     write_vectors(root / "selftest" / "vectors.npz", feeds, expected, model.inputs)
     if report is not None:  # a candidate measured on a device (--measure-on) carries none
         (root / "report.json").write_text(report.model_dump_json(indent=2))
-    atol, rtol = expected_tolerance(expected)
-    key_path = request.sign_key
-    if key_path is None:
-        key_path, created = default_signing_key()
-        if created:
-            log.warning("created a signing key at %s (public key beside it); pass --sign-key for your own", key_path)
-    private_key = load_private_key(key_path)
+    metrics = chosen.report.metrics
+    atol, rtol = expected_tolerance(expected, metrics.max_abs_error if metrics and chosen.plan.candidate.precision
+                                    == "int8" else None)  # fmt: skip
+    private_key = _signing_key(request)
     image_input = model.inputs[0].layout in ("NCHW", "NHWC")
     manifest = Manifest(
         name=_bundle_name(request),
@@ -642,6 +647,24 @@ def _package(
     return manifest
 
 
+def _signing_key(request: CompileRequest) -> Ed25519PrivateKey:
+    key_path = request.sign_key
+    if key_path is None:
+        key_path, created = default_signing_key()
+        if created:
+            log.warning("created a signing key at %s (public key beside it); pass --sign-key for your own", key_path)
+    return load_private_key(key_path)
+
+
+def _trial_timer(request: CompileRequest, model: PreparedModel, workdir: Path) -> FleetTrialTimer | None:
+    """With --measure-on: TVM tuning trials for a CPU this host is not are timed on that device."""
+    if request.measurer is None:
+        return None
+    bundles = TrialBundles(_bundle_name(request), request.profile.name, model.inputs, model.outputs,
+                           _signing_key(request), workdir / "trials")  # fmt: skip
+    return FleetTrialTimer(request.measurer, bundles)
+
+
 def compile_model(request: CompileRequest, progress: Progress | None = None) -> tuple[CompileReport, Manifest]:
     """Build every planned candidate, verify each against fp32, bundle the best. Raises CompileFailed if none pass."""
     progress = progress or NoProgress()
@@ -658,7 +681,8 @@ def compile_model(request: CompileRequest, progress: Progress | None = None) -> 
         samples = _load_samples(request, model)
         with progress.task("fp32 reference (onnxruntime)", total=1):
             verifier = _Verifier(request, model, samples.held_out, samples.data)
-        candidates = _Candidates(request, model, samples, verifier, workdir, progress)
+        candidates = _Candidates(request, model, samples, verifier, workdir, progress,
+                                 _trial_timer(request, model, workdir))  # fmt: skip
         outcomes: list[_Built | CandidateReport] = []
         for index, plan in enumerate(plans):
             if plan.skip:

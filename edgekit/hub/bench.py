@@ -12,6 +12,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from edgekit.errors import BadInput
 from edgekit.hub.db import BenchJobRecord, BundleRecord, Device, EventRecord
 from edgekit.hub.rollouts import target_filter
-from edgekit.protocol import BENCH_SINCE, BenchJob, BenchResult, DesiredBundle, agent_takes
+from edgekit.protocol import BENCH_SINCE, BenchJob, BenchResult, DesiredBundle, TrialResult, agent_takes
 
 BASE_TIMEOUT_S = 120.0  # fetching, verifying and self-testing a candidate, on top of its timed seconds
 SECONDS_PER_MIB = 1.0  # the download's share of a job's deadline
@@ -39,6 +40,7 @@ class BenchRequest:
     target: str  # a device id or group:LABEL[=VALUE]
     seconds: float = 5.0
     timeout_s: float | None = None  # None: BASE_TIMEOUT_S + seconds + the download's share
+    mode: Literal["bundle", "tvm-trials"] = "bundle"
 
 
 class BenchJobs:
@@ -65,7 +67,7 @@ class BenchJobs:
         with self.sessions.begin() as session:
             session.add(record)
         ref = DesiredBundle(id=bundle.id, name=bundle.name, version=bundle.version, size=bundle.size)
-        self._send(device.id, BenchJob(id=record.id, bundle=ref, seconds=request.seconds), timeout_s)
+        self._send(device.id, BenchJob(id=record.id, bundle=ref, seconds=request.seconds, mode=request.mode), timeout_s)
         return self.status(record.id)
 
     def status(self, job_id: str) -> BenchJobRecord:
@@ -109,7 +111,7 @@ def _settle(session: Session, record: BenchJobRecord) -> None:
     answer = _answer(session, record)
     if answer is not None:
         record.state = "done" if answer.type == "bench.result" else "failed"
-        record.result = BenchResult.model_validate(answer.data).model_dump() if answer.type == "bench.result" else None
+        record.result = _result(answer.data) if answer.type == "bench.result" else None
         record.reason = str(answer.data.get("reason", "")) if record.state == "failed" else ""
         return
     device = session.get(Device, record.device_id)
@@ -120,6 +122,12 @@ def _settle(session: Session, record: BenchJobRecord) -> None:
     elif time.time() > record.expires:
         record.state = "failed"
         record.reason = f"no answer from {record.device_id} within {record.expires - record.created:.0f} s"
+
+
+def _result(data: dict) -> dict:
+    """A device's answer, checked: a model's timing (BenchResult) or a trial bundle's (TrialResult)."""
+    model: type[BenchResult | TrialResult] = TrialResult if "trials" in data else BenchResult
+    return model.model_validate(data).model_dump()
 
 
 def _newest_events(session: Session, record: BenchJobRecord, types: tuple[str, ...]) -> list[EventRecord]:

@@ -14,7 +14,7 @@ from urllib.parse import quote
 import httpx
 
 from edgekit.errors import BadInput, OperationFailed
-from edgekit.protocol import BenchResult
+from edgekit.protocol import BenchResult, TrialResult
 
 DEFAULT_HUB = "http://127.0.0.1:8080"
 UPLOAD_CHUNK = 1024 * 1024
@@ -120,18 +120,20 @@ class HubClient:
             raise http_error(response, self.url)
         return response.content, int(response.headers.get("x-edgekit-samples", "0"))
 
-    def bench(self, bundle_id: str, target: str, seconds: float, timeout_s: float | None = None) -> dict[str, Any]:
-        body = {"bundle": bundle_id, "target": target, "seconds": seconds, "timeout_s": timeout_s}
+    def bench(self, bundle_id: str, target: str, seconds: float, timeout_s: float | None = None,
+              mode: str = "bundle") -> dict[str, Any]:  # fmt: skip
+        body = {"bundle": bundle_id, "target": target, "seconds": seconds, "timeout_s": timeout_s, "mode": mode}
         return self._request("POST", "/api/bench", json={k: v for k, v in body.items() if v is not None})
 
     def bench_job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/api/bench/{quote(job_id, safe='')}")
 
-    def time_bundle(self, bundle: Path, target: str, seconds: float, poll_s: float = 0.5) -> dict[str, Any]:
+    def time_bundle(self, bundle: Path, target: str, seconds: float, mode: str = "bundle",
+                    poll_s: float = 0.5) -> dict[str, Any]:  # fmt: skip
         """Push `bundle` (a no-op when the registry has it), have a device of `target` time it, and wait for the
         job to end; the finished job. OperationFailed with the device's or the hub's reason when it failed."""
         record = self.push(bundle)
-        job = self.bench(record["id"], target, seconds)
+        job = self.bench(record["id"], target, seconds, mode=mode)
         while job["state"] == "running":
             time.sleep(poll_s)
             job = self.bench_job(job["id"])
@@ -154,6 +156,10 @@ class FleetMeasurer:
     def measure(self, bundle: Path) -> tuple[str, BenchResult]:
         job = self.client.time_bundle(bundle, self.target, self.seconds)
         return job["device_id"], BenchResult.model_validate(job["result"])
+
+    def measure_trials(self, bundle: Path) -> tuple[str, TrialResult]:
+        job = self.client.time_bundle(bundle, self.target, self.seconds, mode="tvm-trials")
+        return job["device_id"], TrialResult.model_validate(job["result"])
 
 
 def _chunks(path: Path) -> Iterator[bytes]:

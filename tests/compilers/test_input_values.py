@@ -67,8 +67,9 @@ def test_frozen_model_quantizes_to_int8(cli, tmp_path):
     data = tmp_path / "d.npz"
     np.savez(data, x=np.random.default_rng(1).standard_normal((120, 8)).astype(np.float32),
              mode=np.full(120, 16000, np.int64))  # fmt: skip
-    args = compile_args(model, "x86-64-avx512", "--precision", "int8", "--backend", "onnxruntime",
-                        "--calibration", data, "--json", out=tmp_path / "m.ekb")  # fmt: skip
+    # Accuracy is not what this tests (the cosine below is): 50 held-out samples of a random model flip a few.
+    args = compile_args(model, "x86-64-avx512", "--precision", "int8", "--backend", "onnxruntime", "--calibration",
+                        data, "--max-accuracy-drop", "100", "--json", out=tmp_path / "m.ekb")  # fmt: skip
     assert_user_error(cli(*args), "int8 quantized nothing")  # ONNX Runtime's quantizer does not enter If branches
     result = cli(*args, "--input-value", "mode=16000")
     assert result.exit_code == 0, result.output

@@ -1,6 +1,6 @@
 """`/api/bench`: a bundle from the registry timed on a fleet device without activating it (`edgekit.hub.bench`)."""
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +23,7 @@ class BenchIn(BaseModel):
     seconds: float = Field(5.0, gt=0, le=600, description="How long the device times the bundle")
     timeout_s: float | None = Field(None, gt=0, le=7200, description="No answer by then: failed [default: from the "
                                     "bundle's size and `seconds`]")  # fmt: skip
+    mode: Literal["bundle", "tvm-trials"] = Field("bundle", description="tvm-trials: a bundle of TVM tuning trials")
 
 
 class BenchJobOut(BaseModel):
@@ -33,7 +34,8 @@ class BenchJobOut(BaseModel):
     created: float
     expires: float
     state: str = Field(description="running, done or failed")
-    result: dict[str, Any] | None = Field(None, description="edgekit.protocol.BenchResult, when done")
+    result: dict[str, Any] | None = Field(None, description="edgekit.protocol.BenchResult (TrialResult for "
+                                          "tvm-trials), when done")  # fmt: skip
     reason: str = Field("", description="Why it failed")
 
 
@@ -44,7 +46,7 @@ def _out(record: BenchJobRecord) -> BenchJobOut:
 @router.post("/bench", response_model=BenchJobOut, status_code=201, responses={422: {}})
 def start_bench(body: BenchIn, actor: Operator, jobs: BenchJobsDep, sessions: Sessions) -> BenchJobOut:
     try:
-        record = jobs.start(BenchRequest(body.bundle, body.target, body.seconds, body.timeout_s), actor)
+        record = jobs.start(BenchRequest(body.bundle, body.target, body.seconds, body.timeout_s, body.mode), actor)
     except BadInput as error:
         raise unprocessable(["body"], str(error)) from None
     audit(sessions, actor, "bench", job=record.id, bundle_id=record.bundle_id, device=record.device_id)
