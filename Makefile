@@ -68,8 +68,14 @@ lint: install
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 
+# Each prints its targets as ratios measured side by side in one run. TVM_TRIALS=2000 is the 30-minute tuning budget
+# of the TVM target; fewer trials finish sooner and say how far they got.
+TVM_TRIALS ?= 2000
 bench: install
 	$(BIN)/python benchmarks/compile_bench.py
+	$(BIN)/python benchmarks/agent_bench.py
+	$(BIN)/python benchmarks/hub_bench.py
+	$(BIN)/python benchmarks/tvm_bench.py --trials $(TVM_TRIALS)
 
 # The real-model conformance matrix: every corpus model x 5 profile families x float/int8, each compiled by the
 # real CLI (results in out/zoo/). Builds the corpus into .cache/zoo/ the first time.
