@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,6 +22,7 @@ from edgekit.errors import BadInput
 from edgekit.hub.db import BenchJobRecord, BundleRecord, Device, EventRecord
 from edgekit.hub.rollouts import target_filter
 from edgekit.protocol import BENCH_SINCE, BenchJob, BenchResult, DesiredBundle, TrialResult, agent_takes
+from edgekit.schema import describe_validation_error
 
 BASE_TIMEOUT_S = 120.0  # fetching, verifying and self-testing a candidate, on top of its timed seconds
 SECONDS_PER_MIB = 1.0  # the download's share of a job's deadline
@@ -109,10 +111,15 @@ def _unfit(device: Device, bundle: BundleRecord) -> str:
 
 def _settle(session: Session, record: BenchJobRecord) -> None:
     answer = _answer(session, record)
+    if answer is not None and answer.type == "bench.failed":
+        record.state, record.reason = "failed", str(answer.data.get("reason", ""))[:2000] or answer.message
+        return
     if answer is not None:
-        record.state = "done" if answer.type == "bench.result" else "failed"
-        record.result = _result(answer.data) if answer.type == "bench.result" else None
-        record.reason = str(answer.data.get("reason", "")) if record.state == "failed" else ""
+        try:
+            record.result, record.state = _result(answer.data), "done"
+        except ValidationError as error:  # what a device sends is untrusted: a bad answer fails its job, nothing more
+            record.state = "failed"
+            record.reason = f"the answer from {record.device_id} is malformed: {describe_validation_error(error)}"
         return
     device = session.get(Device, record.device_id)
     if device is not None and not device.online:
