@@ -165,3 +165,30 @@ def test_without_a_hub_key_every_desired_state_is_refused(mosquitto, start_agent
     messages = [Event.model_validate_json(p).message for _, p in events]
     assert any("no hub key" in m for m in messages), messages
     assert device.runner.model.bundle.manifest.version == "2.0.0"
+
+
+def _bench_attack(name: str, payload: bytes, mosquitto, refusal: str) -> None:
+    """A benchmark job (edgekit.agents.bench) on the device's bench/job topic: refused by name, nothing fetched."""
+    with Subscriber(mosquitto.url, EVENTS) as watch:
+        publish(mosquitto.url, device_topic(DEVICE, Topic.BENCH), payload)
+        watch.wait_for(lambda _: any(refusal in e.message for e in _events(watch)), TIMEOUT_S, EVENTS)
+        time.sleep(0.5)  # anything it would have started after refusing would show by now
+        events = _events(watch)
+    fetched = [e for e in events if e.type in ("update.downloaded", "update.selftest", "bench.result")]
+    record(AREA, f"benchmark job {name}: bundles fetched or run", len(fetched), 0)
+    assert not fetched, f"{name}: the device acted on it ({[e.message for e in fetched]})"
+
+
+@pytest.mark.parametrize("how", ["unsigned", "signed by another key"])
+def test_a_forged_benchmark_job_is_refused(mosquitto, device, cnn_bundles, tmp_path, how: str) -> None:
+    from edgekit.protocol import BenchJob, DesiredBundle
+    from edgekit.trust import sign_bench
+
+    bundle = DesiredBundle(id=sha256_file(cnn_bundles["v1"]), name="cnn", version="1.0.0",
+                           size=cnn_bundles["v1"].stat().st_size)  # fmt: skip
+    job = BenchJob(id="attack", bundle=bundle, seconds=1)
+    if how == "unsigned":
+        _bench_attack(how, job.model_dump_json().encode(), mosquitto, "not a signed benchmark job")
+    else:
+        forged = encode(sign_bench(HubSigner(tmp_path / "attacker").key, DEVICE, job, 600))
+        _bench_attack(how, forged, mosquitto, "not signed by a hub key")
