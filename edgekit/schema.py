@@ -1,10 +1,11 @@
 """Pydantic base and helpers shared by every schema (profiles, manifests, payloads)."""
 
+import functools
 import logging
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -33,13 +34,36 @@ class WireModel(BaseModel):
 
 def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
     """Dotted paths of the fields `model` (and the models in it) did not know."""
-    found = [prefix + name for name in model.model_extra or {}]
-    for name in type(model).model_fields:
+    extra = model.__pydantic_extra__
+    found = [prefix + name for name in extra] if extra else []
+    for name in _fields_with_models(type(model)):
         value = getattr(model, name)
         for item in value if isinstance(value, list) else (value,):
             if isinstance(item, BaseModel):
                 found += unknown_fields(item, f"{prefix}{name}.")
     return found
+
+
+@functools.cache
+def _fields_with_models(model_type: type[BaseModel]) -> tuple[str, ...]:
+    """The fields whose values may be models or lists of them: the only ones `unknown_fields` looks into. Worked out
+    once per type: the hub walks every payload it receives, most of whose fields are numbers."""
+    return tuple(name for name, field in model_type.model_fields.items() if _may_hold_model(field.annotation))
+
+
+def _may_hold_model(annotation: object) -> bool:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return False
+    if origin is Annotated:
+        return _may_hold_model(get_args(annotation)[0])
+    if annotation is Any:
+        return True
+    if args := get_args(annotation):
+        return any(_may_hold_model(arg) for arg in args)
+    if isinstance(annotation, type):
+        return issubclass(annotation, (BaseModel, list, tuple, set, frozenset, dict))  # a bare list may hold any
+    return True  # a forward reference, a type variable: it may be anything
 
 
 class UnknownFields:
