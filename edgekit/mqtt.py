@@ -110,9 +110,11 @@ def new_client(
     tls_files: TlsFiles | None = None,
     protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv311,
     clean_session: bool | None = None,
+    client_type: type[mqtt.Client] = mqtt.Client,
 ) -> mqtt.Client:
-    """A paho client with the address's credentials and TLS applied; callbacks are the caller's."""
-    client = mqtt.Client(
+    """A paho client (`client_type`: paho's or a subclass) with the address's credentials and TLS applied; callbacks
+    are the caller's."""
+    client = client_type(
         CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, clean_session=clean_session
     )
     if address.username:

@@ -34,7 +34,7 @@ from edgekit.hub.db import (
     open_database,
 )
 from edgekit.hub.ingest import MAX_PAYLOAD, Ingest, subscriptions
-from edgekit.hub.link import InOrderAcks, Receipt, connect_properties
+from edgekit.hub.link import BulkClient, InOrderAcks, Receipt, connect_properties
 from edgekit.hub.retention import Retention, downsample
 from edgekit.protocol import (
     BundleRef,
@@ -397,7 +397,7 @@ class AckWatch:
     (`InOrderAcks`) and the PUBACKs paho sends, read from paho's own log."""
 
     def __init__(self, broker_url: str, client_id: str) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self.client = BulkClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         self.client.manual_ack_set(True)
         self.acks = InOrderAcks(self.client)
         self.received: list[tuple[bytes, Receipt | None]] = []
@@ -414,8 +414,8 @@ class AckWatch:
         assert subscribed.wait(TIMEOUT_S), "not subscribed"
 
     def _on_log(self, client, userdata, level, text: str) -> None:
-        if text.startswith("Sending PUBACK"):
-            self.pubacks.append(int(text.split("Mid: ")[1].rstrip(")")))
+        if text.startswith("Sending PUBACK (Mids: "):
+            self.pubacks += json.loads(text.removeprefix("Sending PUBACK (Mids: ").removesuffix(")"))
 
     def wait_received(self, count: int) -> list[Receipt | None]:
         wait_until(lambda: len(self.received) >= count, TIMEOUT_S, f"{count} messages")
