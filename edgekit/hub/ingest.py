@@ -28,6 +28,7 @@ on is not: the broker delivers it again, and de-duplication absorbs what had bee
 between receipt and commit loses nothing.
 """
 
+import gc
 import json
 import logging
 import math
@@ -77,6 +78,9 @@ ROWS_PER_STATEMENT = 500  # 500 × 14 telemetry columns stays under SQLite's 32,
 WRITE_ATTEMPTS = 3  # a deadlock between two hub processes or a busy SQLite file is retried, then the batch is lost
 MAX_SEQ = 2**63 - 1
 TOPIC_CACHE = 100_000
+# Python's cyclic garbage collector, for the whole process: (allocations before a young collection, young collections
+# before a middle one, middle ones before a full one). See `_collect_less_often`.
+GC_THRESHOLDS = (50_000, 20, 20)
 _DEVICE_ID = re.compile(DEVICE_ID)
 
 
@@ -157,6 +161,7 @@ class Ingest:
         self._eager = max(1, min(self.batch_size, acks.window // 2))
 
     def start(self) -> None:
+        _collect_less_often()
         self._writer.start()
 
     def stop(self) -> None:
@@ -193,7 +198,7 @@ class Ingest:
             time.sleep(0.01)
         inbox.append((topic, payload, receipt))
         self._queued += 1
-        if len(inbox) >= self._eager:
+        if len(inbox) >= self._eager and not self._wake.is_set():  # set() takes a lock: not once per message
             self._wake.set()
 
     def pending(self) -> int:
@@ -354,6 +359,14 @@ class Ingest:
         return stored + [(d, k, m) for (d, k), m in states.items()]
 
 
+def _collect_less_often() -> None:
+    """Raise the collector's thresholds to at least GC_THRESHOLDS. Messages wait in the inbox and the batch long
+    enough to outlive young collections; with Python's defaults (700, 10, 10) each batch's hundred thousand objects
+    reach the oldest generation and set off full collections, each a walk over every object of the process: a third
+    of ingest's CPU time (benchmarks/hub_bench.py). Cycles are still collected, less often."""
+    gc.set_threshold(*(max(now, ours) for now, ours in zip(gc.get_threshold(), GC_THRESHOLDS, strict=True)))
+
+
 def _in_range(kind: str, model: Any) -> bool:
     """Valid JSON for the model, but is it storable: a seq must fit its BIGINT key, and a time must be a time (an
     infinite `ts` in a retained state would hold the device's last_seen forever). Revs are bounded by the model."""
@@ -477,15 +490,20 @@ def _insert(connection: Connection, kind: str, kind_rows: list[tuple[str, Any]])
     first: dict[tuple[str, int], tuple[str, Any]] = {}
     for d, m in kind_rows:
         first.setdefault((d, m.seq), (d, m))
-    unique = {key: first[key] for key in sorted(first)}
-    values = [to_row(d, m) for d, m in unique.values()]
-    inserted: set[tuple[str, int]] = set()
+    unique = sorted(first.items(), key=itemgetter(0))
+    values = [to_row(d, m) for _, (d, m) in unique]
+    stored: list[tuple[str, str, Any]] = []
     for start in range(0, len(values), ROWS_PER_STATEMENT):
         chunk = values[start : start + ROWS_PER_STATEMENT]
         sql = _insert_sql(connection, table, columns, len(chunk))
-        result = connection.exec_driver_sql(sql, tuple(chain.from_iterable(chunk)))
-        inserted.update((d, s) for d, s in result.fetchall())
-    return [(d, kind, m) for key, (d, m) in unique.items() if key in inserted]
+        inserted = connection.exec_driver_sql(sql, tuple(chain.from_iterable(chunk))).fetchall()
+        messages = unique[start : start + ROWS_PER_STATEMENT]
+        if len(inserted) == len(chunk):  # the usual case: none was there yet
+            stored += [(d, kind, m) for _, (d, m) in messages]
+        else:
+            keys = {(d, s) for d, s in inserted}
+            stored += [(d, kind, m) for key, (d, m) in messages if key in keys]
+    return stored
 
 
 # ---- device rows -------------------------------------------------------------------------------------------------
