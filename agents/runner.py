@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from edgekit.agents.bundles import Installed
 from edgekit.agents.drift import DriftMonitor
 from edgekit.agents.postprocess import Task, infer_task, outputs_are_sane, postprocess
-from edgekit.agents.runtimes import Session
+from edgekit.agents.runtimes import Session, release_freed_memory
 from edgekit.agents.sources import (
     Frame,
     SourceConfig,
@@ -87,6 +87,7 @@ class Runner:
         self.dropped = 0
         self._lock = threading.Lock()
         self._model: LoadedModel | None = None
+        self._settled: LoadedModel | None = None  # the model whose first inference freed what loading it left
         self._health: HealthCheck | None = None
         self._task_setting = "auto"
         self._thresholds = Thresholds()
@@ -257,6 +258,11 @@ class Runner:
             failure = self._infer(model, frame)
             if health:
                 health.record(failure)
+            if model is not self._settled:
+                self._settled = model
+                # Once its first run sized the runtime's buffers: what loading it, its self-test and the model
+                # before it freed goes back to the OS instead of staying resident for as long as it runs.
+                release_freed_memory()
 
     def _infer(self, model: LoadedModel, frame: Frame) -> str | None:
         manifest = model.bundle.manifest
