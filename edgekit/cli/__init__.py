@@ -65,7 +65,6 @@ def _root(
 def _register() -> None:
     from edgekit.cli import (
         agent_cmd,
-        bench_cmd,
         bundle_cmds,
         compile_cmd,
         config_cmd,
@@ -78,7 +77,6 @@ def _register() -> None:
 
     compile_cmd.register(app)
     bundle_cmds.register(app)
-    bench_cmd.register(app)
     app.add_typer(profiles_cmd.app, name="profiles")
     app.add_typer(keys_cmd.app, name="keys")
     agent_cmd.register(app)

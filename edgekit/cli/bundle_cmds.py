@@ -5,7 +5,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from edgekit.cli.bench_cmd import ON_HELP
 from edgekit.cli.console import console, print_json
+from edgekit.cli.hub_cmd import HubOpt, TokenOpt
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 LABELS_SHOWN = 8
@@ -74,10 +76,24 @@ def bench_command(
     input_shape: Annotated[
         Optional[list[str]], typer.Option("--input-shape", help="For models with dynamic inputs: NAME:1x3x224x224.")
     ] = None,
+    on: Annotated[Optional[str], typer.Option("--on", help=ON_HELP)] = None,
+    hub_url: HubOpt = None,
+    token: TokenOpt = None,
     json: JsonFlag = False,
 ) -> None:
-    """Latency p50/p95 and throughput on this host. A bundle runs through its own runtime after its self-test."""
+    """Latency p50/p95 and throughput on this host. A bundle runs through its own runtime after its self-test.
+
+    With --on, a bundle is timed on a fleet device instead, through the hub and without activating it: the device
+    verifies it like an update, runs it at a lower priority than its live model, and reports p50/p95, throughput,
+    RSS, temperature and the live model's latency before, during and after (docs/measure.md). Exit 1 when the
+    device could not (offline, refused, no answer)."""
     from rich.table import Table
+
+    if on:
+        from edgekit.cli.bench_cmd import bench_on_device
+
+        bench_on_device(subject, on, seconds, hub_url, token, json)
+        return
 
     from edgekit.compile.benchmark import bench
     from edgekit.compile.intake import parse_shape_overrides

@@ -304,6 +304,7 @@ def test_the_data_dir_is_the_owners_only_also_when_an_older_hub_left_it_open(tmp
                          "ALTER TABLE deployment_devices DROP COLUMN active; DROP TABLE bundle_parts")  # fmt: skip
         db.executescript("DROP TABLE group_configs; DROP TABLE group_config_devices")  # added by 0005
         db.executescript("DROP TABLE sample_chunks; DROP TABLE dataset_samples; DROP TABLE datasets")  # added by 0006
+        db.executescript("DROP TABLE bench_jobs")  # added by 0007
         added_by_0004 = {
             "devices": ["health"],
             "telemetry": ["drift_score"],
