@@ -38,6 +38,8 @@ def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
     found = [prefix + name for name in extra] if extra else []
     for name in _fields_with_models(type(model)):
         value = getattr(model, name)
+        if value is None:  # the usual case, and isinstance against a model class is slow
+            continue
         for item in value if isinstance(value, list) else (value,):
             if isinstance(item, BaseModel):
                 found += unknown_fields(item, f"{prefix}{name}.")

@@ -51,10 +51,12 @@ DEFAULT_SESSION_EXPIRY_S = 86_400
 MAX_SESSION_EXPIRY_S = 2**32 - 1  # MQTT 5: the session never expires
 CLIENT_ID_FILE = "mqtt-client-id"
 READ_SIZE = 64 * 1024  # bytes asked of the socket at once: a few hundred telemetry messages
-# Packets read in one go before paho's loop gets to write (PUBACKs, pings) and to check the keepalive.
-READ_BURST = 5_000
+# Packets read in one go before paho's loop gets to write (PUBACKs, desired states, chunks, pings) and to check the
+# keepalive: a few reads' worth, some milliseconds.
+READ_BURST = 1_000
 PUBACK = 0x40
-_PUBACK = struct.Struct("!BBH")  # MQTT 3.1.1 and 5 alike: type, remaining length 2, packet id (5: reason success)
+# A PUBACK as a 32-bit word: type, remaining length 2, then the packet id (MQTT 3.1.1 and 5 alike: 5's success)
+_PUBACK_HEAD = PUBACK << 24 | 2 << 16
 
 
 def hub_client_id(data_dir: Path) -> str:
@@ -124,6 +126,18 @@ class _BufferedSocket:
         return getattr(self._sock, name)
 
 
+class _Received(mqtt.MQTTMessage):
+    """A QoS 1 message `BulkClient` took itself: paho's MQTTMessage, without the MQTTMessageInfo (and its Condition)
+    that paho makes for every message received and that only messages sent use."""
+
+    __slots__ = ()
+
+    def __init__(self, header: int, topic: bytes, mid: int, payload: bytes) -> None:
+        self._topic, self.mid, self.payload = topic, mid, payload
+        self.qos, self.dup, self.retain = 1, bool(header & 0x08), bool(header & 0x01)
+        self.state, self.timestamp, self.info, self.properties = mqtt.mqtt_ms_invalid, 0.0, None, None
+
+
 class BulkClient(mqtt.Client):
     """paho for a client that receives many small QoS 1 messages and acknowledges them itself (the hub):
     - it reads through `_BufferedSocket`, and on until the socket has no more (paho reads one packet per wait when
@@ -164,14 +178,12 @@ class BulkClient(mqtt.Client):
 
     def _deliver(self, header: int, topic: bytes, mid: int, payload: bytes) -> None:
         """on_message as paho calls it, for a PUBLISH that `_BufferedSocket.take_publish` took."""
-        message = mqtt.MQTTMessage(mid, topic)
-        message.qos, message.dup, message.retain, message.payload = 1, bool(header & 0x08), bool(header & 0x01), payload
         on_message = self.on_message
         if on_message is None:
             return
         with self._in_callback_mutex:
             try:
-                on_message(self, self._userdata, message)
+                on_message(self, self._userdata, _Received(header, topic, mid, payload))
             except Exception as err:
                 self._easy_log(MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
                 if not self.suppress_exceptions:
@@ -184,7 +196,8 @@ class BulkClient(mqtt.Client):
         """PUBACK each of `mids` (QoS 1 packet ids), in this order, in one write."""
         if mids:
             self._easy_log(MQTT_LOG_DEBUG, "Sending PUBACK (Mids: %s)", mids)
-            self._packet_queue(PUBACK, b"".join([_PUBACK.pack(PUBACK, 2, mid) for mid in mids]), 0, 0)
+            packets = struct.pack(f"!{len(mids)}I", *[_PUBACK_HEAD | mid for mid in mids])
+            self._packet_queue(PUBACK, packets, 0, 0)
 
 
 @dataclass(eq=False, slots=True)
