@@ -30,7 +30,7 @@ from edgekit.agents.link import Link, MqttLink
 from edgekit.agents.runner import Runner
 from edgekit.agents.runtimes import runtimes
 from edgekit.agents.sources import parse_source
-from edgekit.agents.store import Outbox, StoreFull
+from edgekit.agents.store import Outbox, StoreClosed, StoreFull
 from edgekit.agents.telemetry import TelemetryLoop
 from edgekit.agents.transfer import (
     DEADLINE_BASE_S,
@@ -158,6 +158,9 @@ class Agent:
             seq, dropped = self.outbox.append(kind, self._topic(kind), qos, build)
         except StoreFull as error:  # a full disk must not stop the inference or telemetry thread
             log.error("%s", error)
+            return 0
+        except StoreClosed:  # a thread still finishing while the agent stops: the log has the message
+            log.debug("agent stopped: %s message not queued", kind)
             return 0
         if dropped:
             log.warning("outbox full: dropped %d oldest messages", dropped)
@@ -390,6 +393,9 @@ class Agent:
             self.report("bench.failed", f"benchmark job {job.id} expired at {_utc(statement.expires)}", level="error",
                         job=job.id, bundle=job.bundle.id, reason="expired before the device took it")  # fmt: skip
             return
+        # The hub judges a restart against this event: an agent.started after it means the job's run is gone.
+        self.report("bench.started", f"benchmark job {job.id} ({job.bundle.name}@{job.bundle.version}) taken",
+                    job=job.id, bundle=job.bundle.id)  # fmt: skip
         try:
             run_job(job, self.updater, self.runner, self.report)
         except Exception as error:  # the control thread must survive anything a payload can cause

@@ -28,6 +28,10 @@ class StoreFull(Exception):
     """The disk stayed full after dropping old messages: this message was not queued."""
 
 
+class StoreClosed(Exception):
+    """The outbox was closed (the agent stopped): this message was not queued."""
+
+
 def _is_full(error: sqlite3.OperationalError) -> bool:
     return getattr(error, "sqlite_errorcode", None) == SQLITE_FULL or "disk is full" in str(error)
 
@@ -55,6 +59,7 @@ class Outbox:
         self.path = path
         self.max_messages = max_messages
         self._lock = threading.Lock()
+        self._closed = False
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -91,6 +96,8 @@ class Outbox:
         messages are dropped in DROP_ORDER (counted in `dropped` and `overflows`) and the append is retried once;
         if it still does not fit, StoreFull is raised and the message was not queued (it has no seq)."""
         with self._lock:
+            if self._closed:
+                raise StoreClosed(f"outbox {self.path}: closed, {kind} message not queued")
             try:
                 return self._append(kind, topic, qos, make_payload)
             except sqlite3.OperationalError as error:
@@ -235,4 +242,5 @@ class Outbox:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._db.close()

@@ -249,6 +249,7 @@ EventType = Literal[
     "trust.rejected",
     "sample.captured",
     "capture.dropped",
+    "bench.started",
     "bench.result",
     "bench.failed",
 ]

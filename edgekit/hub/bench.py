@@ -138,15 +138,23 @@ def _result(data: dict) -> dict:
 
 
 def _newest_events(session: Session, record: BenchJobRecord, types: tuple[str, ...]) -> list[EventRecord]:
-    query = (select(EventRecord).where(EventRecord.device_id == record.device_id, EventRecord.type.in_(types))
+    query = (select(EventRecord).where(EventRecord.device_id == record.device_id, EventRecord.type.in_(types),
+                                       EventRecord.seq > record.device_seq)
              .order_by(EventRecord.seq.desc()).limit(RECENT_EVENTS))  # fmt: skip
     return list(session.scalars(query))
 
 
+def _job_event(session: Session, record: BenchJobRecord, types: tuple[str, ...]) -> EventRecord | None:
+    return next((e for e in _newest_events(session, record, types) if e.data.get("job") == record.id), None)
+
+
 def _answer(session: Session, record: BenchJobRecord) -> EventRecord | None:
-    return next((e for e in _newest_events(session, record, ANSWERS) if e.data.get("job") == record.id), None)
+    return _job_event(session, record, ANSWERS)
 
 
 def _restarted(session: Session, record: BenchJobRecord) -> bool:
-    """An `agent.started` stored after the job was sent (by seq: the device's clock is not the hub's)."""
-    return any(e.seq > record.device_seq for e in _newest_events(session, record, ("agent.started",))[:1])
+    """An `agent.started` after the device's `bench.started` for this job (by seq: the device's clock is not the
+    hub's). Not judged before the device took the job: the `agent.started` of the run that takes it may still be on
+    its way when the job is sent."""
+    taken = _job_event(session, record, ("bench.started",))
+    return taken is not None and any(e.seq > taken.seq for e in _newest_events(session, record, ("agent.started",))[:1])

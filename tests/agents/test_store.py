@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekit.agents.store import Outbox
+from edgekit.agents.store import Outbox, StoreClosed
 
 KINDS = {"E": "events", "R": "results", "T": "telemetry"}
 
@@ -48,6 +48,18 @@ def test_seqs_increase_and_survive_reopen_even_when_all_were_acked(path):
 
     outbox = Outbox(path)  # empty queue: the next seq still comes from the persisted counter, not MAX(seq)
     assert put(outbox, "telemetry")[0] == 5
+    outbox.close()
+
+
+def test_an_append_after_close_is_refused_by_name_and_uses_no_seq(path):
+    """A thread still finishing a job while the agent stops gets StoreClosed (the agent logs it), not sqlite's error."""
+    outbox = Outbox(path)
+    put(outbox, "events")
+    outbox.close()
+    with pytest.raises(StoreClosed, match="closed, events message not queued"):
+        put(outbox, "events")
+    outbox = Outbox(path)
+    assert put(outbox, "events")[0] == 2
     outbox.close()
 
 
@@ -174,7 +186,7 @@ def test_concurrent_appends_get_unique_contiguous_seqs(path):
 WRITER = """
 import json, sys
 from pathlib import Path
-from edgekit.agents.store import Outbox
+from edgekit.agents.store import Outbox, StoreClosed
 
 outbox = Outbox(Path(sys.argv[1]))
 kinds = ("telemetry", "results", "events")

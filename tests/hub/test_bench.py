@@ -86,7 +86,11 @@ def test_a_job_ends_with_the_answer_its_device_gives(jobs) -> None:
 def test_a_job_fails_when_its_device_goes_away_restarts_or_never_answers(jobs) -> None:
     bench, _, sessions = jobs
     restarted = bench.start(BenchRequest(BUNDLE, "pi-1"), "alice")
-    _answer(sessions, "pi-1", 20, "agent.started")
+    _answer(sessions, "pi-1", 20, "agent.started")  # the run that takes the job: its start may arrive after the job
+    assert bench.status(restarted.id).state == "running"
+    _answer(sessions, "pi-1", 21, "bench.started", job=restarted.id)
+    assert bench.status(restarted.id).state == "running"
+    _answer(sessions, "pi-1", 22, "agent.started")
     assert "restarted before answering" in bench.status(restarted.id).reason
 
     silent = bench.start(BenchRequest(BUNDLE, "pi-1", timeout_s=0.05), "alice")
