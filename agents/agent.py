@@ -356,8 +356,9 @@ class Agent:
                 continue
             desired = job.desired
             if desired.rev == self._applied_rev:
-                # The hub sends a rev again when it saw no sign of it: the report it missed goes out once more.
-                self.publish_state()
+                # The hub sends a rev again when it saw no sign of it: the report it missed goes out once more. Not
+                # the status: a hub signs the desired state again for a device that says `online`.
+                self.publish_reported()
                 continue
             if desired.rev < self._applied_rev:
                 continue  # a stale reorder or a replay: already converged

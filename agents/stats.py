@@ -104,6 +104,8 @@ class HostVitals:
         self._process = psutil.Process()
         self._process.cpu_percent()  # the first call only starts the measurement window
         self._psutil = psutil
+        # psutil globs /sys/class/hwmon on every call; a machine without sensors stays without them.
+        self._sensors = hasattr(psutil, "sensors_temperatures")
 
     def cpu_percent(self) -> float:
         return round(self._process.cpu_percent(), 1)
@@ -112,8 +114,8 @@ class HostVitals:
         return round(self._process.memory_info().rss / 2**20, 1)
 
     def temperature_c(self) -> float | None:
-        reader = getattr(self._psutil, "sensors_temperatures", None)
-        readings = reader() if reader else {}
+        readings = self._psutil.sensors_temperatures() if self._sensors else {}
+        self._sensors = bool(readings)
         for entries in readings.values():
             for entry in entries:
                 if entry.current:

@@ -121,6 +121,9 @@ class Hub:
         self.ingest = Ingest(self.sessions, on_stored=self._on_stored)
         self.ingest.samples = SampleIngest(self.sessions, self.publish)  # captured inputs (edgekit.hub.datasets)
         self.listeners: list = []  # callables(stored) for live views (the dashboard's SSE feed)
+        # Devices whose `online` this process has answered since their last `offline`: a device says `online` again
+        # with every state it reports, and each answer (its desired state signed again) made it report once more.
+        self._answered_online: set[str] = set()
         # Run where the driver runs: raw telemetry for a day, then per-minute rollups for 90 days.
         # Replicas on one database all run them; leases let one at a time do the work (edgekit.hub.leases).
         self.retention = Retention(self.sessions, replica=self.replica) if settings.controller else None
@@ -138,12 +141,26 @@ class Hub:
         self._http_thread: threading.Thread | None = None
 
     def _on_stored(self, stored: list[Message]) -> None:
-        online = [device_id for device_id, kind, m in stored if kind == Topic.STATUS and m.state == "online"]
+        online = self._came_online(stored)
         if online and self.settings.controller:  # replicas that may drive rollouts sign; --no-controller ones never
             self._refresh_devices(online)
             self.configs.follow_groups(online)  # enrolled, or away, since a group it is in was configured
         for listener in list(self.listeners):
             listener(stored)
+
+    def _came_online(self, stored: list[Message]) -> list[str]:
+        """The devices whose stored statuses say they (re)connected: `online` after `offline`, or first seen by this
+        process."""
+        came = []
+        for device_id, kind, message in stored:
+            if kind != Topic.STATUS:
+                continue
+            if message.state == "offline":
+                self._answered_online.discard(device_id)
+            elif device_id not in self._answered_online:
+                self._answered_online.add(device_id)
+                came.append(device_id)
+        return came
 
     # ---- signed control messages ------------------------------------------------------------------------------
 

@@ -377,3 +377,28 @@ def test_a_desired_state_the_device_shows_no_sign_of_is_sent_again(hub, bundles)
         wait_until(lambda: hub.driver.ticks >= ticks + 6, TIMEOUT_S, "3 s of driver ticks")
         assert len(copies()) == seen  # the device shows it is on it: nothing more sent
     assert deployment_members(hub, deployment.id)["deaf-1"].rev == rev
+
+
+def test_a_device_gets_its_desired_state_signed_again_once_per_connection(hub, bundles, tmp_path):
+    """The hub signs a device's desired state again when it comes online (so a device away past the expiry still
+    takes it), once per connection. A device says `online` with every state it reports, and a device that gets its
+    rev again reports again: answering every `online` made a loop (about 200 copies per device in the 100-device
+    scale test)."""
+    record, _ = hub.registry.add(bundles["v2_a"], "test")
+    (device,) = fleet_ids("once", 1)
+    statements = lambda: [desired_of(payload) for _, payload in sub.messages(DESIRED)]  # noqa: E731
+    with Subscriber(watcher_url(hub), DESIRED) as sub:
+        with fleet(hub, 1, tmp_path, bundles["public_a"], bundles["v1_a"], prefix="once"):
+            wait_devices_reported(hub, [device])
+            deployment = hub.rollouts.create(record.id, "all", wave_timeout_s=60, actor="test", health_checks=1)
+            _wait_state(hub, deployment.id, {"completed"})
+            time.sleep(1)  # the last copy on its way to the watcher
+            settled = len(statements())
+            time.sleep(5)
+            assert len(statements()) == settled, [(s.desired.rev, s.issued) for s in statements()[settled - 1 :]]
+        with fleet(hub, 1, tmp_path, bundles["public_a"], bundles["v1_a"], prefix="once"):  # back online
+            wait_until(lambda: len(statements()) > settled, TIMEOUT_S, "the desired state signed again")
+            time.sleep(3)
+            *_, before, again = statements()
+            assert len(statements()) == settled + 1
+            assert again.desired.rev == before.desired.rev and again.issued > before.issued
