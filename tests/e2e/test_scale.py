@@ -1,5 +1,5 @@
 """Two hub replicas carry a 100-device fleet through a rollout while parts of the system die (issue #16; `-m slow`,
-`make test-all` runs them alone after the rest, with the soak: about 40 s on Mosquitto, 4-5 minutes on NATS).
+`make test-all` runs them alone after the rest, with the soak: about 4 minutes on Mosquitto, 6 on NATS).
 
 Two `edgekit hub` processes on one PostgreSQL, 100 real agents (in one process, as `edgekit fleet simulate` runs
 them), on either broker shape of docs/scaling.md:
