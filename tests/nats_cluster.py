@@ -40,6 +40,9 @@ def available() -> bool:
     return os.access(BINARY, os.X_OK)
 
 
+START_ATTEMPTS = 3  # starts of a cluster whose ports another process took first
+
+
 @dataclass
 class Node:
     name: str
@@ -227,8 +230,23 @@ def started_nats_cluster(size: int = 3, mqtt_ack_wait: str | None = None) -> Ite
     """Generator for fixtures: a started cluster of `size` nodes, stopped afterwards; skips without nats-server."""
     if not available():
         pytest.skip(MISSING)
-    cluster = NatsCluster(size, mqtt_ack_wait).start()
+    cluster = _start_on_free_ports(size, mqtt_ack_wait)
     try:
         yield cluster
     finally:
         cluster.stop()
+
+
+def _start_on_free_ports(size: int, mqtt_ack_wait: str | None) -> NatsCluster:
+    """A started cluster; on other ports when a node finds one of its ports taken (they are picked free, then bound
+    by nats-server: another test process may take one in between, as once in CI)."""
+    attempt = 1
+    while True:
+        cluster = NatsCluster(size, mqtt_ack_wait)
+        try:
+            return cluster.start()
+        except RuntimeError as error:
+            cluster.stop()
+            if "address already in use" not in str(error) or attempt == START_ATTEMPTS:
+                raise
+            attempt += 1
