@@ -186,7 +186,7 @@ def test_concurrent_appends_get_unique_contiguous_seqs(path):
 WRITER = """
 import json, sys
 from pathlib import Path
-from edgekit.agents.store import Outbox, StoreClosed
+from edgekit.agents.store import Outbox
 
 outbox = Outbox(Path(sys.argv[1]))
 kinds = ("telemetry", "results", "events")

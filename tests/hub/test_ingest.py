@@ -632,10 +632,6 @@ def test_retention_runner_works_in_the_background(tmp_path: Path) -> None:
     engine.dispose()
 
 
-if __name__ == "__main__":
-    _worker(*sys.argv[1:])
-
-
 def test_replicas_writing_the_same_devices_at_once_never_deadlock(pg_cluster: PostgresCluster) -> None:
     """Hub replicas all take every state message and each its share of telemetry, so two batches update the same
     device rows at once: one telemetry first for the high ids and states for the low, the other the other way round.
@@ -669,3 +665,7 @@ def test_replicas_writing_the_same_devices_at_once_never_deadlock(pg_cluster: Po
     assert deadlocks == []
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(TelemetrySample)) == rounds * len(ids)
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:])
